@@ -33,3 +33,69 @@ impl HostKind {
         }
     }
 }
+
+/// Guest kernel parameters a PVM host needs (see `shared/PLATFORM.md`).
+///
+/// PVM forces CPUID leaves 0x1, 0x7 and 0xD to host values, so features
+/// whose instructions its CPL0 emulator cannot run must be switched off on
+/// the command line; the `ember_*` switches enable our kernel patch.
+const PVM_GUEST_PARAMS: &[&str] = &[
+    // XSAVE/XRSTOR/XGETBV are not emulated; FXSAVE is.
+    "noxsave",
+    // POPCNT, CLAC/STAC and INVPCID are not emulated; without ERMS/FSRM
+    // the kernel copies with `rep movsq`, ~8x cheaper than `rep movsb` here.
+    "clearcpuid=popcnt,smap,erms,fsrm,invpcid",
+    // Paranoid entry with FSGSBASE uses LSL/RDPID.
+    "nofsgsbase",
+    // A restored clone would replay every TSC-deadline tick it missed.
+    "lapic=notscdeadline",
+    // Restoring the async-PF MSR injects an expensive "wake all".
+    "no-kvmapf",
+    // The three behaviours our kernel patch fixes (kernel-config/).
+    "ember_skip_int3_selftest",
+    "ember_syscall_fault",
+    "ember_skip_fpu_fwait",
+];
+
+impl HostKind {
+    /// Extra guest kernel parameters this host needs; none on hardware KVM.
+    pub fn guest_params(self) -> &'static [&'static str] {
+        match self {
+            HostKind::Kvm => &[],
+            HostKind::Pvm => PVM_GUEST_PARAMS,
+        }
+    }
+}
+
+impl std::fmt::Display for HostKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostKind::Kvm => "hardware KVM",
+            HostKind::Pvm => "PVM (nested, emulated guest kernel mode)",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_pvm_from_its_module() {
+        let dir = std::env::temp_dir().join(format!("ember-host-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("kvm")).unwrap();
+        assert_eq!(HostKind::from_sysfs(&dir), HostKind::Kvm);
+        std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
+        assert_eq!(HostKind::from_sysfs(&dir), HostKind::Pvm);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hardware_kvm_needs_no_parameters() {
+        assert!(HostKind::Kvm.guest_params().is_empty());
+        assert!(HostKind::Pvm.guest_params().contains(&"noxsave"));
+        assert!(HostKind::Pvm
+            .guest_params()
+            .contains(&"ember_syscall_fault"));
+    }
+}

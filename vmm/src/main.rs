@@ -1,1 +1,214 @@
-fn main() {}
+//! The `ember` command line: parse, call the library, print.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use ember::bench;
+use ember::config::{ConsoleOutput, VmConfig};
+use ember::{paths, Machine};
+
+#[derive(Parser)]
+#[command(
+    name = "ember",
+    version,
+    about = "A minimal KVM VMM for snapshot-restored sandboxes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM, stream its console, exit when the guest powers off.
+    Boot(BootArgs),
+    /// Measure ember.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Cold boots: process start to agent ready.
+    Boot(BenchBootArgs),
+}
+
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// Guest kernel (ELF vmlinux or bzImage) [default: the one built by setup]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (newc cpio) [default: the one built by setup]
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = VmConfig::DEFAULT_VCPUS)]
+    vcpus: u8,
+    /// Guest memory in MiB
+    #[arg(long, default_value_t = VmConfig::DEFAULT_MEM_MIB)]
+    mem_mib: u32,
+    /// Appended to the guest kernel command line
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    cmdline_extra: String,
+}
+
+#[derive(Args)]
+struct BootArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Write the guest console to this file instead of stdout
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Say what ember does: host kind, guest command line, timings
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+struct BenchBootArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Number of boots
+    #[arg(long, default_value_t = 3)]
+    iterations: u32,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+impl VmArgs {
+    fn to_config(&self) -> Result<VmConfig> {
+        let kernel = self.kernel.clone().unwrap_or_else(paths::default_kernel);
+        let initrd = self.initrd.clone().unwrap_or_else(paths::default_initrd);
+        if self.kernel.is_none() && !kernel.exists() {
+            bail!(
+                "no default kernel at {}: run kernel-config/build.sh (or pass --kernel)",
+                kernel.display()
+            );
+        }
+        if self.initrd.is_none() && !initrd.exists() {
+            bail!(
+                "no default initramfs at {}: run rootfs/build-initramfs.sh (or pass --initrd)",
+                initrd.display()
+            );
+        }
+        let mut config = VmConfig::new(kernel, Some(initrd));
+        config.vcpus = self.vcpus;
+        config.mem_mib = self.mem_mib;
+        config.cmdline_extra = self.cmdline_extra.clone();
+        Ok(config)
+    }
+}
+
+fn boot(args: BootArgs) -> Result<ExitCode> {
+    let mut config = args.vm.to_config()?;
+    if let Some(path) = args.console {
+        config.console = ConsoleOutput::File(path);
+    }
+    config.interactive = config.console == ConsoleOutput::Stdout;
+    let mut machine = Machine::boot(&config)?;
+    log::info!("host: {}", machine.host());
+    log::info!("guest command line: {}", machine.cmdline());
+    if args.verbose {
+        report_readiness(&machine);
+    }
+    let exit = machine.wait();
+    if std::env::var_os(bench::TIMINGS_ENV).is_some() {
+        let ready = machine.agent_ready().seen().map(|(at, _)| at);
+        eprintln!(
+            "{}",
+            bench::timings_line(machine.times().first_run.get().copied(), ready)
+        );
+    }
+    if let Some(setup) = machine.times().vmm_setup() {
+        log::info!("VMM setup (request to first KVM_RUN): {:.2} ms", ms(setup));
+    }
+    if exit.is_clean() {
+        log::info!("{exit}");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!("{exit}")
+    }
+}
+
+/// Prints when the agent reports ready, from a watcher thread, so the line
+/// shows while the guest keeps running.
+fn report_readiness(machine: &Machine) {
+    let watch = machine.agent_ready_watch();
+    let start = machine.times().requested;
+    std::thread::spawn(move || {
+        if let Some((at, line)) = watch.wait(Duration::from_secs(24 * 3600)) {
+            let after = at.saturating_duration_since(start);
+            log::info!(
+                "agent ready {:.0} ms after boot request ({line})",
+                ms(after)
+            );
+        }
+    });
+}
+
+fn bench_boot(args: BenchBootArgs) -> Result<ExitCode> {
+    let config = args.vm.to_config()?;
+    let exe = std::env::current_exe().context("cannot find the ember binary")?;
+    let report = bench::boot(&exe, &config, args.iterations).context("boot benchmark failed")?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Logs to stderr as `ember: message`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            match record.level() {
+                log::Level::Info => eprintln!("ember: {}", record.args()),
+                level => eprintln!(
+                    "ember: {}: {}",
+                    level.as_str().to_lowercase(),
+                    record.args()
+                ),
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = matches!(&cli.command, Command::Boot(args) if args.verbose);
+    let _ = log::set_logger(&StderrLogger);
+    log::set_max_level(if verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    });
+    let result = match cli.command {
+        Command::Boot(args) => boot(args),
+        Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ember: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

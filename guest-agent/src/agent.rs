@@ -1,0 +1,146 @@
+//! The agent's life as PID 1: set up, report ready, then serve signals and
+//! reap until told to power off.
+
+use crate::cmdline::{self, AgentMode};
+use crate::reaper::{self, Event, Signals};
+use crate::{
+    console, init, power, shell, sys, uptime, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY,
+};
+
+/// Runs the agent. As PID 1 it never returns.
+///
+/// Run as any other PID it refuses, prints why and returns a non-zero exit
+/// status: the agent mounts over `/dev`, `/proc`, ..., sets the hostname and
+/// finally `kill(-1, SIGKILL)`s and reboots, none of which may happen to the
+/// host it was started on by mistake. (Inside a fresh PID, mount and UTS
+/// namespace, as in `unshare -fpmu`, it is PID 1 and all of that stays in
+/// the namespaces.)
+pub fn run() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } != 1 {
+        console::warn(&"not PID 1, refusing to run (the agent is the guest's /init)");
+        return 2;
+    }
+    run_as_init()
+}
+
+fn run_as_init() -> ! {
+    // First, so that a signal sent during setup waits for us.
+    let signals = Signals::block();
+
+    // Errors are reported only after setup, which makes sure the console
+    // is open.
+    for err in init::setup() {
+        console::error(&err);
+    }
+    let signals = match signals {
+        Ok(signals) => signals,
+        Err(err) => {
+            console::error(&err);
+            fallback_reaper();
+        }
+    };
+
+    let mode = match cmdline::read() {
+        Ok(cmdline) => {
+            for warning in &cmdline.warnings {
+                console::warn(warning);
+            }
+            cmdline.mode
+        }
+        Err(err) => {
+            console::error(&err);
+            AgentMode::default()
+        }
+    };
+
+    let uptime_ms = uptime::read_uptime_ms()
+        .map_err(|err| console::error(&err))
+        .ok();
+    console::raw(&ready_line(uptime_ms, sys::online_cpus()));
+
+    let mut shell_pid = None;
+    match mode {
+        AgentMode::Wait => {}
+        AgentMode::PowerOff => power_off(),
+        AgentMode::Shell => match shell::spawn() {
+            Ok(pid) => shell_pid = Some(pid),
+            Err(err) => {
+                console::error(&err);
+                power_off();
+            }
+        },
+    }
+
+    loop {
+        match signals.wait() {
+            Ok(Event::Child) => {
+                let mut shell_done = false;
+                let reaped = reaper::reap(|pid, status| {
+                    if Some(pid) == shell_pid {
+                        console::info(format_args!(
+                            "{} exited ({})",
+                            shell::SHELL,
+                            sys::describe_wait_status(status)
+                        ));
+                        shell_done = true;
+                    }
+                });
+                if let Err(err) = reaped {
+                    console::error(&err);
+                }
+                if shell_done {
+                    power_off();
+                }
+            }
+            Ok(Event::PowerOff(signo)) => {
+                console::info(format_args!(
+                    "{} received, powering off",
+                    sys::signal_name(signo)
+                ));
+                power_off();
+            }
+            // Not expected (sigwaitinfo only fails on bad arguments); keep
+            // PID 1 alive and fall back to reaping without signals.
+            Err(err) => {
+                console::error(&err);
+                fallback_reaper();
+            }
+        }
+    }
+}
+
+/// The readiness line, as printed on the console.
+pub(crate) fn ready_line(uptime_ms: Option<u64>, cpus: Option<u32>) -> String {
+    let mut line = READY_LINE.to_owned();
+    if let Some(ms) = uptime_ms {
+        line.push_str(&format!(" {READY_UPTIME_KEY}={ms}"));
+    }
+    if let Some(cpus) = cpus {
+        line.push_str(&format!(" {READY_CPUS_KEY}={cpus}"));
+    }
+    line
+}
+
+/// Powers off; if the reset fails, says so and falls back to reaping
+/// forever, since PID 1 must not exit.
+fn power_off() -> ! {
+    let err = power::power_off();
+    console::error(&err);
+    fallback_reaper();
+}
+
+/// Last resort when signals cannot be used: reap children with a blocking
+/// `waitpid`, and when there are none, sleep until a signal that is never
+/// delivered (PID 1 ignores every signal it has no handler for).
+fn fallback_reaper() -> ! {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid place for the wait status.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid < 0 && sys::errno() == libc::ECHILD {
+            // SAFETY: pause has no preconditions; it just blocks.
+            unsafe { libc::pause() };
+        }
+    }
+}

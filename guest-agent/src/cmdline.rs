@@ -1,0 +1,296 @@
+//! The agent's settings on the kernel command line.
+//!
+//! The kernel does not hand parameters with a dot in their name to init
+//! (it takes them for module parameters), so the agent reads them from
+//! `/proc/cmdline`. Its keys all start with [`CMDLINE_PREFIX`].
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use crate::sys;
+
+/// Prefix of every kernel command line key that belongs to the agent.
+pub const CMDLINE_PREFIX: &str = "ember.";
+
+/// Key that selects what the agent does once it is ready: one of
+/// [`AGENT_MODE_WAIT`], [`AGENT_MODE_POWEROFF`], [`AGENT_MODE_SHELL`].
+pub const CMDLINE_AGENT: &str = "ember.agent";
+
+/// `ember.agent=wait`: stay up and wait (the default).
+pub const AGENT_MODE_WAIT: &str = "wait";
+
+/// `ember.agent=poweroff`: power off right after reporting ready.
+pub const AGENT_MODE_POWEROFF: &str = "poweroff";
+
+/// `ember.agent=shell`: run an interactive `/bin/sh` on the console after
+/// reporting ready, and power off when it exits.
+pub const AGENT_MODE_SHELL: &str = "shell";
+
+/// Where `/proc/cmdline` is read from.
+const PROC_CMDLINE: &std::ffi::CStr = c"/proc/cmdline";
+
+/// x86's COMMAND_LINE_SIZE is 2048; leave room for other architectures.
+const CMDLINE_MAX: usize = 4096;
+
+/// What the agent does after it reported ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentMode {
+    /// Stay up, reap orphans and wait for a power-off signal.
+    #[default]
+    Wait,
+    /// Power off right away.
+    PowerOff,
+    /// Run `/bin/sh` on the console; power off when it exits.
+    Shell,
+}
+
+impl AgentMode {
+    /// The value of [`CMDLINE_AGENT`] that selects this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentMode::Wait => AGENT_MODE_WAIT,
+            AgentMode::PowerOff => AGENT_MODE_POWEROFF,
+            AgentMode::Shell => AGENT_MODE_SHELL,
+        }
+    }
+
+    /// The kernel command line parameter that selects this mode, e.g.
+    /// `ember.agent=shell`, for the VMM to append to the guest's cmdline.
+    pub fn cmdline_param(self) -> String {
+        format!("{CMDLINE_AGENT}={}", self.as_str())
+    }
+}
+
+impl fmt::Display for AgentMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The value given is not a known agent mode.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown agent mode {0:?}")]
+pub struct UnknownMode(pub String);
+
+impl FromStr for AgentMode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            AGENT_MODE_WAIT => Ok(AgentMode::Wait),
+            AGENT_MODE_POWEROFF => Ok(AgentMode::PowerOff),
+            AGENT_MODE_SHELL => Ok(AgentMode::Shell),
+            other => Err(UnknownMode(other.to_owned())),
+        }
+    }
+}
+
+/// Something on the command line the agent ignored; it keeps going.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CmdlineWarning {
+    /// `ember.agent=<value>` with a value the agent does not know.
+    #[error(
+        "ignoring {CMDLINE_AGENT}={value}: unknown mode (expected \
+         {AGENT_MODE_WAIT}, {AGENT_MODE_POWEROFF} or {AGENT_MODE_SHELL})"
+    )]
+    UnknownMode {
+        /// The value as written.
+        value: String,
+    },
+    /// An agent key without `=value`.
+    #[error("ignoring {key}: it needs a value ({key}=...)")]
+    MissingValue {
+        /// The key as written.
+        key: String,
+    },
+    /// A key with the agent's prefix that this agent does not know.
+    #[error("ignoring unknown parameter {param}")]
+    UnknownKey {
+        /// The whole parameter as written.
+        param: String,
+    },
+}
+
+/// Reading the command line failed.
+#[derive(Debug, Error)]
+pub enum CmdlineError {
+    /// `/proc/cmdline` could not be read.
+    #[error("read /proc/cmdline: {source}")]
+    Read {
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// The agent's settings, parsed from a kernel command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    /// What to do after reporting ready.
+    pub mode: AgentMode,
+    /// What was ignored, in command line order.
+    pub warnings: Vec<CmdlineWarning>,
+}
+
+/// Parses the agent's keys out of a whole kernel command line.
+///
+/// Like the kernel, a later occurrence of a key overrides an earlier one, and
+/// double quotes group words (`ember.agent="shell"` is `ember.agent=shell`).
+pub fn parse(text: &str) -> Cmdline {
+    let mut cmdline = Cmdline::default();
+    for param in split_params(text) {
+        if !param.starts_with(CMDLINE_PREFIX) {
+            continue;
+        }
+        let (key, value) = match param.split_once('=') {
+            Some((key, value)) => (key, Some(value)),
+            None => (param.as_str(), None),
+        };
+        match (key, value) {
+            (CMDLINE_AGENT, Some(value)) => match value.parse() {
+                Ok(mode) => cmdline.mode = mode,
+                Err(UnknownMode(value)) => {
+                    cmdline.warnings.push(CmdlineWarning::UnknownMode { value })
+                }
+            },
+            (CMDLINE_AGENT, None) => cmdline.warnings.push(CmdlineWarning::MissingValue {
+                key: key.to_owned(),
+            }),
+            _ => cmdline.warnings.push(CmdlineWarning::UnknownKey {
+                param: param.clone(),
+            }),
+        }
+    }
+    cmdline
+}
+
+/// Splits a command line into parameters the way the kernel's `next_arg`
+/// does for the cases that matter: whitespace separates, double quotes keep
+/// whitespace inside a parameter and are dropped.
+fn split_params(text: &str) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut current = String::new();
+    let mut in_quotes = false;
+    let mut started = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                started = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if started {
+                    params.push(std::mem::take(&mut current));
+                    started = false;
+                }
+            }
+            c => {
+                current.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        params.push(current);
+    }
+    params
+}
+
+/// Reads and parses `/proc/cmdline` (procfs must be mounted).
+pub fn read() -> Result<Cmdline, CmdlineError> {
+    let mut buf = [0u8; CMDLINE_MAX];
+    let bytes = sys::read_proc_file(PROC_CMDLINE, &mut buf)
+        .map_err(|source| CmdlineError::Read { source })?;
+    Ok(parse(&String::from_utf8_lossy(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_wait() {
+        let c = parse("console=ttyS0 reboot=k panic=-1 quiet\n");
+        assert_eq!(c.mode, AgentMode::Wait);
+        assert!(c.warnings.is_empty());
+        assert_eq!(parse("").mode, AgentMode::Wait);
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse("ember.agent=poweroff").mode, AgentMode::PowerOff);
+        assert_eq!(parse("a ember.agent=shell b\n").mode, AgentMode::Shell);
+        assert_eq!(parse("ember.agent=wait").mode, AgentMode::Wait);
+    }
+
+    #[test]
+    fn last_one_wins() {
+        let c = parse("ember.agent=shell ember.agent=poweroff");
+        assert_eq!(c.mode, AgentMode::PowerOff);
+    }
+
+    #[test]
+    fn quotes_are_dropped() {
+        assert_eq!(parse("ember.agent=\"shell\"").mode, AgentMode::Shell);
+        assert_eq!(parse("\"ember.agent=shell\"").mode, AgentMode::Shell);
+        let c = parse("x=\"a b ember.agent=shell\" y");
+        assert_eq!(c.mode, AgentMode::Wait);
+    }
+
+    #[test]
+    fn unknown_value_warns_and_keeps_previous() {
+        let c = parse("ember.agent=shell ember.agent=dance");
+        assert_eq!(c.mode, AgentMode::Shell);
+        assert_eq!(
+            c.warnings,
+            vec![CmdlineWarning::UnknownMode {
+                value: "dance".into()
+            }]
+        );
+        assert!(c.warnings[0].to_string().contains("ember.agent=dance"));
+    }
+
+    #[test]
+    fn missing_value_and_unknown_key_warn() {
+        let c = parse("ember.agent ember.colour=blue ember.agent= other.agent=shell");
+        assert_eq!(c.mode, AgentMode::Wait);
+        assert_eq!(
+            c.warnings,
+            vec![
+                CmdlineWarning::MissingValue {
+                    key: "ember.agent".into()
+                },
+                CmdlineWarning::UnknownKey {
+                    param: "ember.colour=blue".into()
+                },
+                CmdlineWarning::UnknownMode { value: "".into() },
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_are_exact() {
+        let c = parse("ember.agentx=shell xember.agent=shell");
+        assert_eq!(c.mode, AgentMode::Wait);
+        assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn split_handles_whitespace_and_quotes() {
+        assert_eq!(split_params("  a\tb\n c  "), vec!["a", "b", "c"]);
+        assert_eq!(split_params("k=\"x y\" z"), vec!["k=x y", "z"]);
+        assert_eq!(split_params("\"\""), vec![""]);
+        assert!(split_params(" \n").is_empty());
+    }
+
+    #[test]
+    fn mode_round_trips() {
+        for mode in [AgentMode::Wait, AgentMode::PowerOff, AgentMode::Shell] {
+            assert_eq!(mode.as_str().parse::<AgentMode>(), Ok(mode));
+            assert_eq!(parse(&mode.cmdline_param()).mode, mode);
+        }
+        assert_eq!(AgentMode::Shell.cmdline_param(), "ember.agent=shell");
+    }
+}

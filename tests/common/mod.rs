@@ -1,0 +1,51 @@
+//! Helpers shared by the integration tests.
+//!
+//! Every test here boots or starts a real `ember`, so they need `/dev/kvm`
+//! and the guest kernel and initramfs that `scripts/setup` builds into the
+//! cache. A boot takes tens of seconds on PVM hosts: tests wait on events
+//! (a console line, the guest's exit) with generous timeouts, never sleeps.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+/// Upper bound for one cold boot to finish; the PVM hosts this project
+/// tests on take ~30 s, hardware KVM well under a second.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The guest kernel and initramfs built by `scripts/setup`.
+pub fn guest_artifacts() -> (PathBuf, PathBuf) {
+    let kernel = ember::paths::default_kernel();
+    let initrd = ember::paths::default_initrd();
+    for path in [&kernel, &initrd] {
+        assert!(
+            path.exists(),
+            "{} is missing: run scripts/setup first",
+            path.display()
+        );
+    }
+    (kernel, initrd)
+}
+
+/// The `ember` binary under test.
+pub fn ember() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+}
+
+/// Runs `ember` with `args`, killing it after `timeout`.
+pub fn run_ember(args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("--signal=KILL")
+        .arg(timeout.as_secs().to_string())
+        .arg(env!("CARGO_BIN_EXE_ember"))
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    cmd.output().expect("cannot run ember")
+}
+
+/// A fresh temporary file path for this test process.
+pub fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()))
+}

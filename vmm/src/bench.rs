@@ -1,0 +1,268 @@
+//! Benchmarks that print figures: cold boot for now.
+//!
+//! A boot is measured from the moment a fresh `ember` process is spawned,
+//! so process start, dynamic loading and VMM setup are all counted. The
+//! child reports its own timestamps on stderr as CLOCK_MONOTONIC
+//! nanoseconds, which both processes share.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::VmConfig;
+
+/// Environment variable that makes `ember boot` print [`TIMINGS_PREFIX`].
+pub const TIMINGS_ENV: &str = "EMBER_BENCH_TIMINGS";
+/// Start of the stderr line carrying a boot's timestamps.
+pub const TIMINGS_PREFIX: &str = "ember-timings:";
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// An `Instant` of this process as CLOCK_MONOTONIC nanoseconds (Rust's
+/// `Instant` is CLOCK_MONOTONIC on Linux).
+pub fn instant_ns(at: Instant) -> u64 {
+    let ago = Instant::now().saturating_duration_since(at);
+    monotonic_ns().saturating_sub(u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The line `ember boot` prints for the benchmark.
+pub fn timings_line(first_run: Option<Instant>, ready: Option<Instant>) -> String {
+    let ns = |t: Option<Instant>| t.map(instant_ns).unwrap_or(0);
+    format!(
+        "{TIMINGS_PREFIX} first_run_ns={} ready_ns={}",
+        ns(first_run),
+        ns(ready)
+    )
+}
+
+fn parse_timings(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix(TIMINGS_PREFIX)?;
+    let field = |key: &str| -> Option<u64> {
+        rest.split_whitespace()
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    Some((field("first_run_ns")?, field("ready_ns")?))
+}
+
+/// One cold boot.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BootSample {
+    /// Spawn of the `ember` process until the agent's ready line.
+    pub ready_ms: f64,
+    /// Spawn until the first KVM_RUN: the VMM's own share.
+    pub vmm_ms: f64,
+}
+
+/// Minimum, median and maximum of a series.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Summary {
+    /// Smallest value.
+    pub min: f64,
+    /// Median.
+    pub p50: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Summary {
+    /// Summarises `values` (empty gives zeros).
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.into_iter().collect();
+        v.sort_by(f64::total_cmp);
+        match (v.first(), v.last()) {
+            (Some(&min), Some(&max)) => Summary {
+                min,
+                p50: v[v.len() / 2],
+                max,
+            },
+            _ => Summary {
+                min: 0.0,
+                p50: 0.0,
+                max: 0.0,
+            },
+        }
+    }
+}
+
+/// The result of `ember bench boot`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootReport {
+    /// Boots measured.
+    pub iterations: usize,
+    /// vCPUs per VM.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub mem_mib: u32,
+    /// Process spawn to agent ready.
+    pub ready_ms: Summary,
+    /// Process spawn to first KVM_RUN.
+    pub vmm_ms: Summary,
+    /// The guest's share: first KVM_RUN to agent ready.
+    pub guest_ms: Summary,
+    /// Every sample.
+    pub samples: Vec<BootSample>,
+}
+
+impl BootReport {
+    fn new(config: &VmConfig, samples: Vec<BootSample>) -> Self {
+        BootReport {
+            iterations: samples.len(),
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            ready_ms: Summary::of(samples.iter().map(|s| s.ready_ms)),
+            vmm_ms: Summary::of(samples.iter().map(|s| s.vmm_ms)),
+            guest_ms: Summary::of(samples.iter().map(|s| s.ready_ms - s.vmm_ms)),
+            samples,
+        }
+    }
+
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// A human-readable table.
+    pub fn to_table(&self) -> String {
+        let row = |name: &str, s: &Summary| {
+            format!(
+                "{name:<34} {:>10.2} {:>10.2} {:>10.2}\n",
+                s.min, s.p50, s.max
+            )
+        };
+        let vmm_share = if self.ready_ms.p50 > 0.0 {
+            100.0 * self.vmm_ms.p50 / self.ready_ms.p50
+        } else {
+            0.0
+        };
+        format!(
+            "cold boot, {} iterations, {} vCPU(s), {} MiB\n{:<34} {:>10} {:>10} {:>10}\n{}{}{}VMM share of boot (p50): {vmm_share:.3}%\n",
+            self.iterations,
+            self.vcpus,
+            self.mem_mib,
+            "(ms)",
+            "min",
+            "p50",
+            "max",
+            row("process start -> agent ready", &self.ready_ms),
+            row("process start -> first KVM_RUN", &self.vmm_ms),
+            row("first KVM_RUN -> agent ready", &self.guest_ms),
+        )
+    }
+}
+
+/// Boots `config` `iterations` times, each in a fresh `exe boot` process
+/// whose agent powers off as soon as it is ready.
+pub fn boot(exe: &Path, config: &VmConfig, iterations: u32) -> Result<BootReport, BenchError> {
+    let mut samples = Vec::new();
+    for i in 0..iterations {
+        let sample = boot_once(exe, config)?;
+        log::info!("boot {}: ready after {:.1} ms", i + 1, sample.ready_ms);
+        samples.push(sample);
+    }
+    Ok(BootReport::new(config, samples))
+}
+
+fn boot_once(exe: &Path, config: &VmConfig) -> Result<BootSample, BenchError> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("boot")
+        .arg("--kernel")
+        .arg(&config.kernel)
+        .args(["--vcpus", &config.vcpus.to_string()])
+        .args(["--mem-mib", &config.mem_mib.to_string()])
+        .args(["--console", "/dev/null"])
+        .arg(format!(
+            "--cmdline-extra={} {}",
+            config.cmdline_extra,
+            ember_agent::AgentMode::PowerOff.cmdline_param()
+        ))
+        .env(TIMINGS_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(initrd) = &config.initrd {
+        cmd.arg("--initrd").arg(initrd);
+    }
+    let spawned_ns = monotonic_ns();
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(BenchError::Spawn)?;
+    let mut timings = None;
+    let mut stderr_tail = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(t) = parse_timings(&line) {
+                timings = Some(t);
+            } else {
+                stderr_tail.push(line);
+            }
+        }
+    }
+    let status = child.wait().map_err(BenchError::Spawn)?;
+    let elapsed = started.elapsed();
+    let (first_run_ns, ready_ns) = match timings {
+        Some((f, r)) if status.success() && f > 0 && r > 0 => (f, r),
+        _ => {
+            return Err(BenchError::Boot(format!(
+                "{status} after {elapsed:?}: {}",
+                stderr_tail.join(" / ")
+            )))
+        }
+    };
+    let ms = |ns: u64| Duration::from_nanos(ns.saturating_sub(spawned_ns)).as_secs_f64() * 1e3;
+    Ok(BootSample {
+        ready_ms: ms(ready_ns),
+        vmm_ms: ms(first_run_ns),
+    })
+}
+
+/// A benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The `ember` child could not be started or waited for.
+    #[error("cannot run ember: {0}")]
+    Spawn(std::io::Error),
+    /// The child did not boot to agent ready and power off.
+    #[error("boot did not reach the agent: {0}")]
+    Boot(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_samples() {
+        let s = Summary::of([3.0, 1.0, 2.0]);
+        assert_eq!(
+            s,
+            Summary {
+                min: 1.0,
+                p50: 2.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(Summary::of([]).p50, 0.0);
+    }
+
+    #[test]
+    fn timings_round_trip() {
+        let now = Instant::now();
+        let line = timings_line(Some(now), None);
+        let (first, ready) = parse_timings(&line).unwrap();
+        assert!(first > 0);
+        assert_eq!(ready, 0);
+        assert!(parse_timings("something else").is_none());
+    }
+}

@@ -1,0 +1,119 @@
+//! The 16550A UART at COM1, the guest's console.
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::console::ConsoleSink;
+use crate::devices::bus::BusDevice;
+
+/// COM1's base port.
+pub const COM1_PORT: u16 = 0x3f8;
+/// COM1's register span.
+pub const COM1_PORT_LEN: u16 = 8;
+/// COM1's legacy IRQ line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt through an irqfd registered with KVM.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the input forwarder that the guest drained the receive FIFO, so
+/// it can resume reading host input it paused on a full FIFO.
+#[derive(Debug)]
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // Failing to wake the forwarder only delays input; it is not lost.
+        let _ = self.0.write(1);
+    }
+}
+
+/// The UART on the PIO bus.
+#[derive(Debug)]
+pub struct Serial {
+    inner: vm_superio::Serial<IrqTrigger, InputDrained, ConsoleSink>,
+}
+
+impl Serial {
+    /// A UART interrupting through `irq`, writing to `sink`, and signalling
+    /// `drained` when the guest empties its input FIFO.
+    pub fn new(irq: EventFd, drained: EventFd, sink: ConsoleSink) -> Self {
+        Serial {
+            inner: vm_superio::Serial::with_events(IrqTrigger(irq), InputDrained(drained), sink),
+        }
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit (0 when
+    /// the FIFO is full: retry after the drained event).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        if self.inner.fifo_capacity() == 0 {
+            return 0;
+        }
+        self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Free room in the input FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.inner.fifo_capacity()
+    }
+
+    /// Flushes the console writer (at VM exit).
+    pub fn flush(&mut self) {
+        use std::io::Write;
+        let _ = self.inner.writer_mut().flush();
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (data.len(), u8::try_from(offset)) {
+            (1, Ok(offset)) => data[0] = self.inner.read(offset),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let ([value], Ok(offset)) = (data, u8::try_from(offset)) {
+            if let Err(e) = self.inner.write(offset, *value) {
+                log::warn!("serial: {e:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn output_reaches_the_sink_and_input_is_bounded() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = ConsoleSink::new(Box::new(std::io::sink()), vec![]);
+        let mut serial = Serial::new(irq.try_clone().unwrap(), drained, sink);
+        serial.write(0, b"A");
+        let accepted = serial.enqueue_input(&[b'x'; 1000]);
+        assert!(accepted > 0 && accepted < 1000);
+        assert_eq!(serial.enqueue_input(b"y"), 0);
+        let mut byte = [0];
+        serial.read(0, &mut byte);
+        assert_eq!(byte, [b'x']);
+        let mut wide = [0u8; 2];
+        serial.read(0, &mut wide);
+        assert_eq!(wide, [0xff, 0xff]);
+    }
+}

@@ -1,0 +1,7 @@
+//! Device models and the buses that route guest accesses to them.
+
+pub mod bus;
+pub mod legacy;
+pub mod stdin;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,98 @@
+//! The thread that runs device backends: one epoll loop (event-manager)
+//! for every fd a device waits on, so vCPU threads never block on I/O.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// A backend that can run on the event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the loop so it notices it must stop.
+#[derive(Debug)]
+struct StopListener {
+    event: EventFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for StopListener {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            log::error!("event loop cannot watch its stop event: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.event.read();
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A running event loop thread.
+#[derive(Debug)]
+pub struct EventLoop {
+    stop_event: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EventLoop {
+    /// Starts the loop with `subscribers` registered.
+    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+        let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Create)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_event = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
+        manager.add_subscriber(Arc::new(Mutex::new(StopListener {
+            event: stop_event.try_clone().map_err(EventLoopError::EventFd)?,
+            stop: stop.clone(),
+        })));
+        for subscriber in subscribers {
+            manager.add_subscriber(subscriber);
+        }
+        let thread = std::thread::Builder::new()
+            .name("ember-events".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Err(e) = manager.run() {
+                        log::error!("event loop: {e}");
+                        break;
+                    }
+                }
+            })
+            .map_err(EventLoopError::Spawn)?;
+        Ok(EventLoop {
+            stop_event,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and waits for its thread.
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop_event.write(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for EventLoop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The event loop could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    /// epoll could not be created.
+    #[error("cannot create the event loop: {0}")]
+    Create(event_manager::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The thread could not be spawned.
+    #[error("cannot spawn the event loop thread: {0}")]
+    Spawn(std::io::Error),
+}

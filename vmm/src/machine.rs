@@ -1,0 +1,152 @@
+//! A running microVM: its vCPU threads, device event loop and exit signal.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use vm_memory::GuestMemoryMmap;
+
+use crate::devices::bus::lock;
+use crate::devices::legacy::{LineWatch, Serial};
+use crate::event_loop::EventLoop;
+use crate::exit::{ExitSignal, VmExit};
+use crate::host::HostKind;
+use crate::vstate::{VcpuHandle, Vm};
+
+/// Timestamps of a boot, for benchmarks and `--verbose`.
+#[derive(Debug, Clone)]
+pub struct BootTimes {
+    /// When `Machine::boot` was called.
+    pub requested: Instant,
+    /// When the first vCPU entered KVM_RUN (shared with the vCPU threads).
+    pub first_run: Arc<OnceLock<Instant>>,
+}
+
+impl BootTimes {
+    /// Time the VMM spent before the guest first ran, once it has.
+    pub fn vmm_setup(&self) -> Option<Duration> {
+        self.first_run
+            .get()
+            .map(|t| t.saturating_duration_since(self.requested))
+    }
+}
+
+/// A booted microVM. Dropping it stops the guest and joins every thread.
+#[derive(Debug)]
+pub struct Machine {
+    // Field order is drop order: threads stop before the VM fd closes, and
+    // the VM fd closes before guest memory is unmapped.
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) event_loop: EventLoop,
+    pub(crate) vm: Vm,
+    pub(crate) memory: GuestMemoryMmap,
+    pub(crate) exit: Arc<ExitSignal>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) agent_ready: Arc<LineWatch>,
+    pub(crate) kernel_panic: Arc<LineWatch>,
+    pub(crate) host: HostKind,
+    pub(crate) times: BootTimes,
+    pub(crate) cmdline: String,
+}
+
+impl Machine {
+    /// Blocks until the guest stops, and returns why.
+    pub fn wait(&mut self) -> VmExit {
+        loop {
+            if let Some(exit) = self.wait_timeout(Duration::from_secs(3600)) {
+                return exit;
+            }
+        }
+    }
+
+    /// Blocks until the guest stops or `timeout` passes.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<VmExit> {
+        if self.exit.reason().is_none() {
+            let mut pollfd = libc::pollfd {
+                fd: self.exit.event().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: `pollfd` is a valid, initialised array of one entry
+            // that outlives the call.
+            let _ = unsafe { libc::poll(&mut pollfd, 1, ms) };
+        }
+        let exit = self.exit.reason()?;
+        self.halt();
+        Some(self.classify(exit))
+    }
+
+    /// Stops the guest now (if it still runs) and returns why it stopped.
+    pub fn stop(&mut self) -> VmExit {
+        self.exit.report(VmExit::Stopped);
+        self.halt();
+        let exit = self.exit.reason().unwrap_or(VmExit::Stopped);
+        self.classify(exit)
+    }
+
+    /// A guest kernel panic reboots through the i8042 like a power-off
+    /// does (`panic=1 reboot=k`); the console tells them apart.
+    fn classify(&self, exit: VmExit) -> VmExit {
+        match (&exit, self.kernel_panic.seen()) {
+            (VmExit::Reset, Some((_, line))) => VmExit::Failed {
+                vcpu: 0,
+                message: format!("guest kernel panic: {}", line.trim()),
+            },
+            _ => exit,
+        }
+    }
+
+    fn halt(&mut self) {
+        for vcpu in &self.vcpus {
+            vcpu.kick();
+        }
+        for vcpu in &mut self.vcpus {
+            vcpu.stop();
+        }
+        self.event_loop.stop();
+        lock(&self.serial).flush();
+    }
+
+    /// The console line the agent prints when it is ready.
+    pub fn agent_ready(&self) -> &LineWatch {
+        &self.agent_ready
+    }
+
+    /// A shared handle on [`Machine::agent_ready`], for another thread.
+    pub fn agent_ready_watch(&self) -> Arc<LineWatch> {
+        self.agent_ready.clone()
+    }
+
+    /// Boot timestamps.
+    pub fn times(&self) -> &BootTimes {
+        &self.times
+    }
+
+    /// The host kind the VM was set up for.
+    pub fn host(&self) -> HostKind {
+        self.host
+    }
+
+    /// The kernel command line the guest was booted with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.exit.report(VmExit::Stopped);
+        self.halt();
+    }
+}

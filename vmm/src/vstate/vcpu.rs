@@ -1,0 +1,247 @@
+//! vCPU threads: one per vCPU, each looping on KVM_RUN and dispatching
+//! port I/O and MMIO exits to the buses.
+//!
+//! Stopping a vCPU must be race-free: the owner sets a flag and sends the
+//! thread a signal whose handler sets `immediate_exit` in the thread's
+//! `kvm_run`. A signal that lands before KVM_RUN makes the next KVM_RUN
+//! return at once; one that lands inside it interrupts it. Either way the
+//! loop sees the flag.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::Bus;
+use crate::exit::{ExitSignal, VmExit};
+
+thread_local! {
+    // Const-initialised and without destructor, so the signal handler can
+    // read it without lazy initialisation.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set by
+        // the vCPU loop while the VcpuFd (which owns the mapping) is alive
+        // and cleared before it is dropped. The handler runs on that thread.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALL: Once = Once::new();
+    static RESULT: OnceLock<Result<(), i32>> = OnceLock::new();
+    INSTALL.call_once(|| {
+        let result = register_signal_handler(kick_signal(), kick_handler).map_err(|e| e.errno());
+        let _ = RESULT.set(result);
+    });
+    match RESULT.get() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(errno)) => Err(VcpuError::Signal(std::io::Error::from_raw_os_error(*errno))),
+        None => Err(VcpuError::Signal(std::io::Error::other(
+            "handler not installed",
+        ))),
+    }
+}
+
+/// A configured vCPU, ready to run on its own thread.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    first_run: Arc<OnceLock<Instant>>,
+}
+
+/// What the run loop does after an exit.
+enum Next {
+    Continue,
+    Stop(VmExit),
+    /// KVM_EXIT_INTERNAL_ERROR: described once the exit's borrow ends.
+    InternalError,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU fd. `first_run` records when any vCPU of the
+    /// VM first entered KVM_RUN.
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+        first_run: Arc<OnceLock<Instant>>,
+    ) -> Self {
+        Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            exit,
+            first_run,
+        }
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("ember-vcpu{id}"))
+            .spawn(move || self.run(&thread_stop))
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle {
+            id,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
+        self.first_run.get_or_init(Instant::now);
+        while !stop.load(Ordering::SeqCst) {
+            match self.run_once() {
+                Next::Continue | Next::InternalError => {}
+                Next::Stop(reason) => {
+                    self.exit.report(reason);
+                    break;
+                }
+            }
+        }
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run_once(&mut self) -> Next {
+        let (id, pio, mmio) = (self.id, &self.pio, &self.mmio);
+        let next = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                Next::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                pio.write(u64::from(port), data);
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                Next::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                Next::Continue
+            }
+            // With the in-kernel irqchip KVM handles HLT itself; should one
+            // reach us anyway, running again is the right answer.
+            Ok(VcpuExit::Hlt) => Next::Continue,
+            Ok(VcpuExit::Shutdown) => Next::Stop(VmExit::TripleFault { vcpu: id }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Next::Stop(VmExit::SystemEvent { kind }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Next::Stop(VmExit::Failed {
+                vcpu: id,
+                message: format!("KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"),
+            }),
+            Ok(VcpuExit::InternalError) => Next::InternalError,
+            Ok(other) => Next::Stop(VmExit::Failed {
+                vcpu: id,
+                message: format!("unexpected KVM exit {other:?}"),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Stop(VmExit::Failed {
+                vcpu: id,
+                message: format!("KVM_RUN: {e}"),
+            }),
+        };
+        match next {
+            Next::InternalError => Next::Stop(VmExit::Failed {
+                vcpu: id,
+                message: self.describe_internal_error(),
+            }),
+            next => next,
+        }
+    }
+
+    /// Says where the guest was when KVM gave up on it: on PVM hosts this is
+    /// usually an instruction the emulator cannot execute at CPL0.
+    fn describe_internal_error(&mut self) -> String {
+        // SAFETY: reading the `internal` member of the exit union is valid
+        // right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        format!("KVM internal error (suberror {suberror}) at guest rip {rip}")
+    }
+}
+
+/// The owner's handle on a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Asks the vCPU to leave KVM_RUN and end its thread (without waiting).
+    pub fn kick(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = &self.thread {
+            if let Err(e) = thread.kill(kick_signal()) {
+                log::warn!("cannot signal vCPU {}: {e}", self.id);
+            }
+        }
+    }
+
+    /// Stops the vCPU and waits for its thread.
+    pub fn stop(&mut self) {
+        self.kick();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("vCPU {} thread panicked", self.id);
+            }
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A vCPU thread could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(std::io::Error),
+    /// The thread could not be spawned.
+    #[error("cannot spawn a vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
