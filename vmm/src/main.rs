@@ -109,7 +109,10 @@ fn boot(args: BootArgs) -> Result<ExitCode> {
     if let Some(path) = args.console {
         config.console = ConsoleOutput::File(path);
     }
-    config.interactive = config.console == ConsoleOutput::Stdout;
+    // Only a terminal makes sense as the guest's keyboard.
+    // SAFETY: isatty has no memory-safety preconditions.
+    let stdin_is_tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    config.interactive = config.console == ConsoleOutput::Stdout && stdin_is_tty;
     let mut machine = Machine::boot(&config)?;
     log::info!("host: {}", machine.host());
     log::info!("guest command line: {}", machine.cmdline());

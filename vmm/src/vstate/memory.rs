@@ -31,7 +31,7 @@ pub enum MemoryError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
     #[test]
     fn size_is_exact_around_the_gap() {
