@@ -12,12 +12,21 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::x86_64::{self as arch, boot::configure_boot, mptable::setup_mptable};
+use kvm_ioctls::IoEventAddress;
+use vm_memory::{Address, GuestMemoryMmap};
+
+use crate::arch::x86_64::{self as arch, boot::configure_boot, layout, mptable::setup_mptable};
 use crate::config::{ConfigError, ConsoleOutput, VmConfig};
 use crate::devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use crate::devices::legacy::{ConsoleSink, LineWatch, Serial, I8042};
 use crate::devices::stdin::StdinForwarder;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::backend::{
+    InProcessBackend, UdsBackend, VsockBackend, VsockHub,
+};
+use crate::devices::virtio::vsock::{Vsock, VsockEvents};
+use crate::devices::virtio::Interrupt;
 use crate::devices::{Bus, BusError};
 use crate::event_loop::{EventLoop, EventLoopError, Subscriber};
 use crate::exit::ExitSignal;
@@ -55,7 +64,10 @@ impl Machine {
             .as_deref()
             .map(|path| loader::load_initrd(&memory, path, kernel.end))
             .transpose()?;
-        let cmdline = kernel_cmdline::build(host, &config.cmdline_extra)?;
+        let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
+        let mut mmio = Bus::new();
+        let vsock = attach_vsock(&vm, &memory, &mut mmio, config)?;
+        let cmdline = kernel_cmdline::build(host, &[vsock.cmdline.clone()], &config.cmdline_extra)?;
         configure_boot(
             &memory,
             &kernel.entry,
@@ -66,7 +78,6 @@ impl Machine {
         .map_err(|e| BuildError::Arch(e.to_string()))?;
         setup_mptable(&memory, config.vcpus).map_err(|e| BuildError::Arch(e.to_string()))?;
 
-        let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
         let agent_ready = LineWatch::containing(ember_agent::READY_LINE);
         let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
         let sink = ConsoleSink::new(
@@ -94,9 +105,10 @@ impl Machine {
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
         )?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mmio = Arc::new(mmio);
 
-        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut subscribers: Vec<Subscriber> =
+            vec![Arc::new(Mutex::new(VsockEvents::new(vsock.device.clone())))];
         if config.interactive {
             subscribers.push(Arc::new(Mutex::new(StdinForwarder::new(
                 host_stdin()?,
@@ -154,6 +166,8 @@ impl Machine {
                 first_run,
             },
             cmdline,
+            vsock: vsock.device,
+            vsock_connector: vsock.connector,
         };
         // Pushed one by one so that a failure stops the vCPUs already
         // running when `machine` is dropped.
@@ -162,6 +176,73 @@ impl Machine {
         }
         Ok(machine)
     }
+}
+
+/// The vsock device as attached to a VM.
+struct AttachedVsock {
+    device: Arc<Mutex<Vsock>>,
+    connector: InProcessBackend,
+    /// Its `virtio_mmio.device=` kernel parameter.
+    cmdline: String,
+}
+
+/// Puts a vsock device in the first virtio-mmio slot: interrupt through an
+/// irqfd, queue notifications through ioeventfds.
+fn attach_vsock(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    config: &VmConfig,
+) -> Result<AttachedVsock, BuildError> {
+    const SLOT: usize = 0;
+    let (Some(addr), Some(irq)) = (
+        layout::virtio_mmio_addr(SLOT),
+        layout::virtio_mmio_irq(SLOT),
+    ) else {
+        return Err(BuildError::Arch("no virtio-mmio slot left".into()));
+    };
+    let interrupt = Arc::new(Interrupt::new(
+        EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?,
+    ));
+    vm.register_irqfd(interrupt.irqfd(), irq)?;
+
+    let hub = VsockHub::new().map_err(BuildError::EventFd)?;
+    let (backend, connector): (Box<dyn VsockBackend>, InProcessBackend) = match &config.vsock_uds {
+        Some(path) => {
+            let uds =
+                UdsBackend::start(path, hub.clone()).map_err(|source| BuildError::VsockUds {
+                    path: path.clone(),
+                    source,
+                })?;
+            let connector = uds.in_process().clone();
+            (Box::new(uds), connector)
+        }
+        None => {
+            let in_process = InProcessBackend::new(hub.clone());
+            (Box::new(in_process.clone()), in_process)
+        }
+    };
+    let device = Vsock::new(config.vsock_cid, interrupt.clone(), backend, hub)
+        .map_err(BuildError::EventFd)?;
+    let notify = IoEventAddress::Mmio(addr.raw_value() + QUEUE_NOTIFY_OFFSET);
+    for (index, event) in device.queue_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(event, &notify, index as u32)
+            .map_err(BuildError::Kvm)?;
+    }
+    let device = Arc::new(Mutex::new(device));
+    let transport = MmioTransport::new(device.clone(), memory.clone(), interrupt)
+        .map_err(|e| BuildError::Arch(format!("virtio queue: {e}")))?;
+    mmio.insert(
+        addr.raw_value(),
+        MMIO_WINDOW_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    Ok(AttachedVsock {
+        device,
+        connector,
+        cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
+    })
 }
 
 fn console_writer(console: &ConsoleOutput) -> Result<Box<dyn std::io::Write + Send>, BuildError> {
@@ -252,4 +333,12 @@ pub enum BuildError {
     /// A vCPU thread could not start.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The vsock Unix socket cannot be created.
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    VsockUds {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }

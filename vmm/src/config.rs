@@ -37,6 +37,11 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Forward the host's stdin to the guest console.
     pub interactive: bool,
+    /// The guest's vsock context ID (3 or more).
+    pub vsock_cid: u64,
+    /// Also expose vsock on this Unix socket path, Firecracker style
+    /// (`CONNECT <port>` in; guest connections to port P go to `<path>_P`).
+    pub vsock_uds: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -55,6 +60,8 @@ impl VmConfig {
             cmdline_extra: String::new(),
             console: ConsoleOutput::default(),
             interactive: false,
+            vsock_cid: crate::devices::virtio::vsock::DEFAULT_GUEST_CID,
+            vsock_uds: None,
         }
     }
 
@@ -96,6 +103,10 @@ impl VmConfig {
         }
         if !self.cmdline_extra.is_ascii() || self.cmdline_extra.contains('\0') {
             return Err(ConfigError::CmdlineNotAscii);
+        }
+        // 0-2 are reserved (hypervisor, local, host); u32::MAX means "any".
+        if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
+            return Err(ConfigError::VsockCid(self.vsock_cid));
         }
         Ok(())
     }
@@ -172,6 +183,9 @@ pub enum ConfigError {
     /// Extra command line with bytes the kernel cannot take.
     #[error("extra kernel command line must be printable ASCII")]
     CmdlineNotAscii,
+    /// A reserved or out-of-range vsock context ID.
+    #[error("vsock CID must be between 3 and 4294967294, got {0}")]
+    VsockCid(u64),
 }
 
 #[cfg(test)]
@@ -268,6 +282,18 @@ mod tests {
             config.validate(8, 24 * GIB),
             Err(ConfigError::NotAFile { what: "initrd", .. })
         ));
+    }
+
+    #[test]
+    fn vsock_cid_checked() {
+        let (mut config, _k) = config_with_files();
+        for cid in [0, 2, u64::from(u32::MAX)] {
+            config.vsock_cid = cid;
+            assert!(matches!(
+                config.validate(8, 24 * GIB),
+                Err(ConfigError::VsockCid(_))
+            ));
+        }
     }
 
     #[test]

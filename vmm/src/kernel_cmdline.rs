@@ -22,12 +22,16 @@ const BASE_PARAMS: &[&str] = &[
     "quiet",
 ];
 
-/// Builds the command line for `host` with the user's `extra` appended
-/// last, so it can override ember's choices (e.g. `loglevel=7`).
-pub fn build(host: HostKind, extra: &str) -> Result<Cmdline, CmdlineError> {
+/// Builds the command line for `host`, declaring `devices` (e.g.
+/// `virtio_mmio.device=4K@0xd0000000:5`), with the user's `extra` appended
+/// last so it can override ember's choices (e.g. `loglevel=7`).
+pub fn build(host: HostKind, devices: &[String], extra: &str) -> Result<Cmdline, CmdlineError> {
     let mut cmdline = Cmdline::new(KERNEL_CMDLINE_MAX).map_err(CmdlineError::from)?;
     for param in BASE_PARAMS.iter().chain(host.guest_params()) {
         cmdline.insert_str(param)?;
+    }
+    for device in devices {
+        cmdline.insert_str(device)?;
     }
     let extra = extra.trim();
     if !extra.is_empty() {
@@ -54,7 +58,7 @@ mod tests {
 
     #[test]
     fn hardware_kvm_gets_no_pvm_params() {
-        let c = text(&build(HostKind::Kvm, "").unwrap());
+        let c = text(&build(HostKind::Kvm, &[], "").unwrap());
         assert!(c.starts_with("console=ttyS0 reboot=k"));
         assert!(!c.contains("noxsave"));
         assert!(!c.contains("ember_"));
@@ -62,15 +66,25 @@ mod tests {
 
     #[test]
     fn pvm_params_then_extra_last() {
-        let c = text(&build(HostKind::Pvm, " loglevel=7 ").unwrap());
+        let c = text(
+            &build(
+                HostKind::Pvm,
+                &["virtio_mmio.device=4K@0xd0000000:5".into()],
+                " loglevel=7 ",
+            )
+            .unwrap(),
+        );
         assert!(c.contains(" noxsave "));
         assert!(c.contains("ember_syscall_fault"));
-        assert!(c.ends_with(" loglevel=7"), "{c}");
+        assert!(
+            c.ends_with(" virtio_mmio.device=4K@0xd0000000:5 loglevel=7"),
+            "{c}"
+        );
     }
 
     #[test]
     fn overlong_extra_is_an_error() {
         let extra = "x".repeat(KERNEL_CMDLINE_MAX);
-        assert!(build(HostKind::Kvm, &extra).is_err());
+        assert!(build(HostKind::Kvm, &[], &extra).is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! A running microVM: its vCPU threads, device event loop and exit signal.
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -8,6 +10,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::devices::bus::lock;
 use crate::devices::legacy::{LineWatch, Serial};
+use crate::devices::virtio::vsock::backend::InProcessBackend;
+use crate::devices::virtio::vsock::Vsock;
 use crate::event_loop::EventLoop;
 use crate::exit::{ExitSignal, VmExit};
 use crate::host::HostKind;
@@ -47,6 +51,8 @@ pub struct Machine {
     pub(crate) host: HostKind,
     pub(crate) times: BootTimes,
     pub(crate) cmdline: String,
+    pub(crate) vsock: Arc<Mutex<Vsock>>,
+    pub(crate) vsock_connector: InProcessBackend,
 }
 
 impl Machine {
@@ -141,6 +147,22 @@ impl Machine {
     /// The KVM VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// Opens a stream connection to `port` in the guest over vsock. The
+    /// stream works at once; it reads end-of-file if the guest refuses.
+    pub fn connect_vsock(&self, port: u32) -> std::io::Result<UnixStream> {
+        self.vsock_connector.connect(port)
+    }
+
+    /// Accepts the guest's connections to host port `port`.
+    pub fn listen_vsock(&self, port: u32) -> Receiver<UnixStream> {
+        self.vsock_connector.listen(port)
+    }
+
+    /// The guest's vsock context ID.
+    pub fn vsock_cid(&self) -> u64 {
+        lock(&self.vsock).cid()
     }
 }
 

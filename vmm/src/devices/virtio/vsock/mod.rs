@@ -1,0 +1,396 @@
+//! virtio-vsock: stream sockets between the guest and the host.
+//!
+//! Three queues: receive (host to guest), transmit (guest to host) and
+//! events. The device runs on the event loop: ioeventfds wake it when the
+//! guest posts buffers or packets, host sockets wake it (edge-triggered)
+//! when they have data or room, and the hub wakes it for new host-initiated
+//! connections.
+
+pub mod backend;
+pub mod muxer;
+pub mod packet;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::backend::{VsockBackend, VsockHub};
+use self::muxer::Muxer;
+use self::packet::{Header, EVENT_TRANSPORT_RESET};
+use super::{
+    read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING,
+    VIRTIO_F_VERSION_1,
+};
+use crate::devices::bus::lock;
+
+/// The virtio device ID of vsock.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+/// The guest's context ID unless configured otherwise.
+pub const DEFAULT_GUEST_CID: u64 = 3;
+/// Largest packet payload accepted or produced (Linux uses 64 KiB).
+pub const MAX_PKT_DATA: u32 = 64 * 1024;
+
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
+
+/// Event tags for the event loop (queue indices, then the hub).
+const HUB_EVENT: u32 = 3;
+const STREAM_EVENT: u32 = 4;
+
+/// The vsock device model.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    acked_features: u64,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    hub: Arc<VsockHub>,
+    muxer: Muxer,
+    active: Option<(GuestMemoryMmap, Vec<Queue>)>,
+    /// Reused buffers, so the data path does not allocate per packet.
+    scratch: Vec<u8>,
+}
+
+impl Vsock {
+    /// A device for a guest with context ID `cid`, interrupting through
+    /// `interrupt`, with `backend` for guest-initiated connections and
+    /// `hub` delivering host-initiated ones.
+    pub fn new(
+        cid: u64,
+        interrupt: Arc<Interrupt>,
+        backend: Box<dyn VsockBackend>,
+        hub: Arc<VsockHub>,
+    ) -> std::io::Result<Self> {
+        let queue_events = QUEUE_SIZES
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vsock {
+            cid,
+            acked_features: 0,
+            interrupt,
+            queue_events,
+            hub,
+            muxer: Muxer::new(cid, backend),
+            active: None,
+            scratch: vec![0u8; MAX_PKT_DATA as usize],
+        })
+    }
+
+    /// The guest's context ID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// The ioeventfds the guest's queue notifications should trigger, in
+    /// queue order (register each with KVM at the notify register, with
+    /// the queue index as datamatch).
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// Drops every connection and tells the guest to do the same (after a
+    /// snapshot restore, connections the guest remembers no longer exist).
+    pub fn send_transport_reset(&mut self) {
+        self.muxer.reset();
+        let Some((mem, queues)) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = queues.get_mut(EVENT_QUEUE) else {
+            return;
+        };
+        let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+            log::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writable()
+            .next()
+            .filter(|d| d.len() >= 4)
+            .and_then(|d| mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr()).ok())
+            .map_or(0, |()| 4);
+        if queue.add_used(&*mem, head, written).is_ok() {
+            self.interrupt.trigger(INT_VRING);
+        }
+    }
+
+    /// Takes packets from the transmit queue while the muxer accepts them.
+    fn process_tx(&mut self) {
+        let Some((mem, queues)) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = queues.get_mut(TX_QUEUE) else {
+            return;
+        };
+        let mut used = false;
+        while !self.muxer.tx_blocked() {
+            let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => {
+                    let hdr = header_of(&pkt);
+                    let data = match pkt.data_slice() {
+                        Some(slice) if hdr.len > 0 => {
+                            let len = (hdr.len as usize).min(slice.len()).min(self.scratch.len());
+                            match slice.copy_to(&mut self.scratch[..len]) {
+                                n if n == len => &self.scratch[..len],
+                                _ => &[][..],
+                            }
+                        }
+                        _ => &[][..],
+                    };
+                    if data.len() as u32 == hdr.len {
+                        self.muxer.recv_from_guest(&hdr, data);
+                    } else {
+                        // A length that does not match its buffer: refuse
+                        // the packet as a whole.
+                        let mut bad = hdr;
+                        bad.op = u16::MAX;
+                        self.muxer.recv_from_guest(&bad, &[]);
+                    }
+                }
+                Err(e) => log::debug!("vsock: malformed tx packet: {e}"),
+            }
+            if let Err(e) = queue.add_used(&*mem, head, 0) {
+                log::warn!("vsock: tx used ring: {e}");
+            }
+            used = true;
+        }
+        if used {
+            notify_if_needed(queue, mem, &self.interrupt);
+        }
+    }
+
+    /// Fills receive buffers with whatever the muxer has for the guest.
+    fn process_rx(&mut self) {
+        let Some((mem, queues)) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = queues.get_mut(RX_QUEUE) else {
+            return;
+        };
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
+                // No buffers: resume when the guest posts some.
+                break;
+            };
+            let head = chain.head_index();
+            let mut pkt = match VsockPacket::from_rx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
+                Ok(pkt) => pkt,
+                Err(e) => {
+                    log::debug!("vsock: malformed rx buffer: {e}");
+                    let _ = queue.add_used(&*mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let room = pkt
+                .data_slice()
+                .map_or(0, |s| s.len())
+                .min(self.scratch.len());
+            let Some((hdr, n)) = self.muxer.next_for_guest(&mut self.scratch[..room]) else {
+                // Nothing after all (a socket had no data): give the
+                // buffer back.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break;
+            };
+            set_header(&mut pkt, &hdr);
+            if n > 0 {
+                if let Some(slice) = pkt.data_slice() {
+                    slice.copy_from(&self.scratch[..n]);
+                }
+            }
+            let len = pkt.header_slice().len() as u32 + n as u32;
+            if let Err(e) = queue.add_used(&*mem, head, len) {
+                log::warn!("vsock: rx used ring: {e}");
+            }
+            used = true;
+        }
+        if used {
+            notify_if_needed(queue, mem, &self.interrupt);
+        }
+    }
+
+    /// Moves data both ways until neither side can progress.
+    fn run_queues(&mut self) {
+        loop {
+            self.process_tx();
+            let blocked = self.muxer.tx_blocked();
+            self.process_rx();
+            // Backpressure stopped the transmit side and the receive side
+            // has since drained it: take more guest packets.
+            if !(blocked && !self.muxer.tx_blocked()) {
+                break;
+            }
+        }
+    }
+
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for stream in self.muxer.take_closed() {
+            // Deregister before the fd closes, so a new socket that reuses
+            // the number is not mistaken for it.
+            let _ = ops.remove(Events::empty(&stream));
+        }
+        for fd in self.muxer.take_added_fds() {
+            let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, STREAM_EVENT, set)) {
+                log::warn!("vsock: cannot watch a host socket: {e}");
+            }
+        }
+    }
+}
+
+fn header_of<B: vm_memory::bitmap::BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Header {
+    Header {
+        src_cid: pkt.src_cid(),
+        dst_cid: pkt.dst_cid(),
+        src_port: pkt.src_port(),
+        dst_port: pkt.dst_port(),
+        len: pkt.len(),
+        type_: pkt.type_(),
+        op: pkt.op(),
+        flags: pkt.flags(),
+        buf_alloc: pkt.buf_alloc(),
+        fwd_cnt: pkt.fwd_cnt(),
+    }
+}
+
+fn set_header<B: vm_memory::bitmap::BitmapSlice>(pkt: &mut VsockPacket<'_, B>, h: &Header) {
+    pkt.set_src_cid(h.src_cid)
+        .set_dst_cid(h.dst_cid)
+        .set_src_port(h.src_port)
+        .set_dst_port(h.dst_port)
+        .set_len(h.len)
+        .set_type(h.type_)
+        .set_op(h.op)
+        .set_flags(h.flags)
+        .set_buf_alloc(h.buf_alloc)
+        .set_fwd_cnt(h.fwd_cnt);
+}
+
+fn notify_if_needed(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        // When in doubt, interrupt: a spurious interrupt is harmless.
+        Ok(true) | Err(_) => interrupt.trigger(INT_VRING),
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        log::debug!("vsock: guest wrote read-only config at {offset:#x}");
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if activation.queues.len() != QUEUE_SIZES.len() {
+            return Err(ActivateError::QueueCount {
+                got: activation.queues.len(),
+                need: QUEUE_SIZES.len(),
+            });
+        }
+        self.active = Some((activation.memory, activation.queues));
+        // Host connections may have queued up before the driver was ready.
+        let _ = self.hub.wake_event().write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.muxer.reset();
+    }
+}
+
+/// Runs a [`Vsock`] device on the event loop.
+#[derive(Debug)]
+pub struct VsockEvents {
+    device: Arc<Mutex<Vsock>>,
+    /// Raw fds of the queue events and the hub, captured at creation.
+    queue_fds: Vec<RawFd>,
+    hub_fd: RawFd,
+}
+
+impl VsockEvents {
+    /// The event-loop side of `device`.
+    pub fn new(device: Arc<Mutex<Vsock>>) -> Self {
+        let (queue_fds, hub_fd) = {
+            let dev = lock(&device);
+            (
+                dev.queue_events.iter().map(AsRawFd::as_raw_fd).collect(),
+                dev.hub.wake_event().as_raw_fd(),
+            )
+        };
+        VsockEvents {
+            device,
+            queue_fds,
+            hub_fd,
+        }
+    }
+}
+
+impl MutEventSubscriber for VsockEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, fd) in self.queue_fds.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data_raw(*fd, i as u32, EventSet::IN)) {
+                log::error!("vsock: cannot watch queue {i}: {e}");
+            }
+        }
+        if let Err(e) = ops.add(Events::with_data_raw(self.hub_fd, HUB_EVENT, EventSet::IN)) {
+            log::error!("vsock: cannot watch the connection hub: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut dev = lock(&self.device);
+        match events.data() {
+            tag @ 0..=2 => {
+                if let Some(evt) = dev.queue_events.get(tag as usize) {
+                    let _ = evt.read();
+                }
+            }
+            HUB_EVENT => {
+                // Before the driver is up, the requests wait in the muxer.
+                let connects = dev.hub.drain();
+                dev.muxer.connect_from_host(connects);
+            }
+            _ => {
+                let set = events.event_set();
+                let readable = set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
+                let writable = set.intersects(EventSet::OUT | EventSet::ERROR);
+                dev.muxer.host_event(events.fd(), readable, writable);
+            }
+        }
+        dev.run_queues();
+        dev.sync_registrations(ops);
+    }
+}
