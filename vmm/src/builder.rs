@@ -67,7 +67,11 @@ impl Machine {
         let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
         let mut mmio = Bus::new();
         let vsock = attach_vsock(&vm, &memory, &mut mmio, config)?;
-        let cmdline = kernel_cmdline::build(host, &[vsock.cmdline.clone()], &config.cmdline_extra)?;
+        let cmdline = kernel_cmdline::build(
+            host,
+            std::slice::from_ref(&vsock.cmdline),
+            &config.cmdline_extra,
+        )?;
         configure_boot(
             &memory,
             &kernel.entry,

@@ -230,7 +230,7 @@ impl Vsock {
             self.process_rx();
             // Backpressure stopped the transmit side and the receive side
             // has since drained it: take more guest packets.
-            if !(blocked && !self.muxer.tx_blocked()) {
+            if !blocked || self.muxer.tx_blocked() {
                 break;
             }
         }
