@@ -84,6 +84,7 @@ impl Machine {
 
         let agent_ready = LineWatch::containing(ember_agent::READY_LINE);
         let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
+        exit.close_on_exit(agent_ready.clone());
         let sink = ConsoleSink::new(
             console_writer(&config.console)?,
             vec![agent_ready.clone(), kernel_panic.clone()],

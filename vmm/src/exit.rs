@@ -4,9 +4,12 @@
 //! owner blocks on an eventfd until one arrives. Later reports are dropped:
 //! the first cause is the one worth telling.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::devices::bus::lock;
+use crate::devices::legacy::LineWatch;
 
 /// The reason a microVM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +65,9 @@ impl std::fmt::Display for VmExit {
 pub struct ExitSignal {
     reason: Mutex<Option<VmExit>>,
     event: EventFd,
+    /// Console watches to close when the VM stops, so nobody waits for a
+    /// line that cannot come.
+    watches: Mutex<Vec<Arc<LineWatch>>>,
 }
 
 impl ExitSignal {
@@ -70,24 +76,33 @@ impl ExitSignal {
         Ok(ExitSignal {
             reason: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK)?,
+            watches: Mutex::new(Vec::new()),
         })
     }
 
     /// Records `exit` unless a reason was already recorded, and wakes the
     /// owner.
     pub fn report(&self, exit: VmExit) {
-        let mut reason = crate::devices::bus::lock(&self.reason);
+        let mut reason = lock(&self.reason);
         if reason.is_none() {
             *reason = Some(exit);
             // An eventfd write fails only when the counter would overflow,
             // which a single writer cannot cause.
             let _ = self.event.write(1);
+            for watch in lock(&self.watches).iter() {
+                watch.close();
+            }
         }
+    }
+
+    /// Closes `watch` when the VM stops.
+    pub fn close_on_exit(&self, watch: Arc<LineWatch>) {
+        lock(&self.watches).push(watch);
     }
 
     /// The recorded reason, if any.
     pub fn reason(&self) -> Option<VmExit> {
-        crate::devices::bus::lock(&self.reason).clone()
+        lock(&self.reason).clone()
     }
 
     /// The eventfd that becomes readable once a reason is recorded.

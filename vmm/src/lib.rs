@@ -15,6 +15,7 @@
 //! # Ok::<(), ember::BuildError>(())
 //! ```
 
+pub mod agent;
 pub mod arch;
 pub mod bench;
 pub mod builder;
@@ -27,6 +28,7 @@ pub mod kernel_cmdline;
 pub mod loader;
 pub mod machine;
 pub mod paths;
+pub mod sandbox;
 pub mod vstate;
 
 pub use builder::BuildError;
@@ -34,3 +36,4 @@ pub use config::{ConsoleOutput, VmConfig};
 pub use exit::VmExit;
 pub use host::HostKind;
 pub use machine::Machine;
+pub use sandbox::{Invocation, Outcome, Sandbox, SandboxError};

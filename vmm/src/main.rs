@@ -7,9 +7,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use std::io::{Read, Write};
+
+use ember::agent::OutputStream;
 use ember::bench;
 use ember::config::{ConsoleOutput, VmConfig};
-use ember::{paths, Machine};
+use ember::sandbox::ExitStatus;
+use ember::{paths, Invocation, Machine, Outcome, Sandbox};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +30,8 @@ struct Cli {
 enum Command {
     /// Boot a microVM, stream its console, exit when the guest powers off.
     Boot(BootArgs),
+    /// Run one command in a fresh microVM and exit with its status.
+    Run(RunArgs),
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -66,6 +72,34 @@ struct BootArgs {
     /// Say what ember does: host kind, guest command line, timings
     #[arg(long, short)]
     verbose: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Kill the command after this many milliseconds (exit status 124)
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Environment variable for the command (repeatable); the command
+    /// gets no other environment
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Feed this file (or - for our stdin) to the command's stdin
+    #[arg(long)]
+    stdin_file: Option<PathBuf>,
+    /// Cap on the command's stdout plus stderr, in bytes
+    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: u64,
+    /// Print one JSON object with the outcome instead of streaming output
+    #[arg(long)]
+    json: bool,
+    /// Say where the time went
+    #[arg(long, short)]
+    verbose: bool,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -154,6 +188,97 @@ fn report_readiness(machine: &Machine) {
     });
 }
 
+fn invocation(args: &RunArgs) -> Result<Invocation> {
+    let mut inv = Invocation::new(args.command.iter().cloned());
+    for pair in &args.env {
+        let Some((key, value)) = pair.split_once('=') else {
+            bail!("--env takes KEY=VALUE, got {pair:?}");
+        };
+        inv.env.retain(|(k, _)| k != key);
+        inv.env.push((key.to_string(), value.to_string()));
+    }
+    inv.timeout_ms = args.timeout_ms;
+    inv.max_output_bytes = args.max_output_bytes;
+    inv.stdin = match &args.stdin_file {
+        None => Vec::new(),
+        Some(path) if path.as_os_str() == "-" => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("cannot read stdin")?;
+            buf
+        }
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+    };
+    Ok(inv)
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let mut config = args.vm.to_config()?;
+    config.console = ConsoleOutput::Sink;
+    let inv = invocation(&args)?;
+    let mut sandbox = Sandbox::boot(&config)?;
+    let ready = sandbox.ready_timings();
+    let outcome = if args.json {
+        sandbox.invoke(&inv)?
+    } else {
+        let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+        sandbox.invoke_streaming(&inv, |stream, chunk| {
+            // A closed stdout must not abort the sandbox; the outcome
+            // still reports the exit.
+            let _ = match stream {
+                OutputStream::Stdout => out.write_all(chunk).and_then(|()| out.flush()),
+                OutputStream::Stderr => err.write_all(chunk),
+            };
+        })?
+    };
+    if args.json {
+        println!("{}", outcome_json(&outcome));
+    }
+    if args.verbose {
+        eprintln!(
+            "ember: boot {:.1} ms, connect {:.1} ms, invoke {:.1} ms (guest wall {} ms), teardown {:.1} ms",
+            ms(ready.start),
+            ms(ready.connect),
+            ms(outcome.timings.invoke),
+            outcome.usage.wall_ms,
+            ms(outcome.timings.teardown)
+        );
+    }
+    Ok(ExitCode::from(outcome.shell_exit_code().clamp(0, 255) as u8))
+}
+
+/// The outcome as one JSON object (file contents in base64).
+fn outcome_json(o: &Outcome) -> serde_json::Value {
+    use base64::Engine;
+    let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
+    let (code, signal) = match o.status {
+        ExitStatus::Code(c) => (Some(c), None),
+        ExitStatus::Signal(s) => (None, Some(s)),
+    };
+    serde_json::json!({
+        "exit_code": code,
+        "signal": signal,
+        "timed_out": o.timed_out,
+        "output_truncated": o.output_truncated,
+        "stdout": String::from_utf8_lossy(&o.stdout),
+        "stderr": String::from_utf8_lossy(&o.stderr),
+        "usage": {
+            "wall_ms": o.usage.wall_ms,
+            "cpu_user_ms": o.usage.cpu_user_ms,
+            "cpu_sys_ms": o.usage.cpu_sys_ms,
+            "max_rss_kib": o.usage.max_rss_kib,
+        },
+        "files_out": o.files_out.iter().map(|f| serde_json::json!({
+            "path": f.path,
+            "data_b64": f.data.as_deref().map(b64),
+            "error": f.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 fn bench_boot(args: BenchBootArgs) -> Result<ExitCode> {
     let config = args.vm.to_config()?;
     let exe = std::env::current_exe().context("cannot find the ember binary")?;
@@ -205,6 +330,7 @@ fn main() -> ExitCode {
     });
     let result = match cli.command {
         Command::Boot(args) => boot(args),
+        Command::Run(args) => run(args),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
     };
     match result {

@@ -114,7 +114,7 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self, stop: &AtomicBool) -> Vcpu {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run()));
         self.first_run.get_or_init(Instant::now);
         while !stop.load(Ordering::SeqCst) {
@@ -127,6 +127,32 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        self.complete_pending_io();
+        self
+    }
+
+    /// An IN or MMIO read we just answered only lands in the guest's
+    /// registers on the next KVM_RUN: enter once more with `immediate_exit`
+    /// set, which completes it and returns at once, so the vCPU's state is
+    /// whole (a snapshot taken now resumes correctly).
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => log::debug!("vCPU {}: final KVM_RUN: {e}", self.id),
+            Ok(exit) => log::debug!("vCPU {}: final KVM_RUN exited with {exit:?}", self.id),
+        }
+        self.fd.set_kvm_immediate_exit(0);
+    }
+
+    /// The vCPU's KVM fd (for state save and restore).
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU's index.
+    pub fn id(&self) -> u8 {
+        self.id
     }
 
     fn run_once(&mut self) -> Next {
@@ -204,7 +230,7 @@ impl Vcpu {
 pub struct VcpuHandle {
     id: u8,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vcpu>>,
 }
 
 impl VcpuHandle {
@@ -218,12 +244,16 @@ impl VcpuHandle {
         }
     }
 
-    /// Stops the vCPU and waits for its thread.
-    pub fn stop(&mut self) {
+    /// Stops the vCPU, waits for its thread and returns the vCPU (paused,
+    /// with any pending I/O completed), or `None` if it was already stopped.
+    pub fn stop(&mut self) -> Option<Vcpu> {
         self.kick();
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
+        let thread = self.thread.take()?;
+        match thread.join() {
+            Ok(vcpu) => Some(vcpu),
+            Err(_) => {
                 log::error!("vCPU {} thread panicked", self.id);
+                None
             }
         }
     }

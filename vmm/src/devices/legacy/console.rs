@@ -20,8 +20,15 @@ const MAX_LINE: usize = 4096;
 pub struct LineWatch {
     pattern: String,
     anywhere: bool,
-    seen: Mutex<Option<(Instant, String)>>,
+    seen: Mutex<Watched>,
     cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Watched {
+    line: Option<(Instant, String)>,
+    /// No line will come anymore (the VM stopped).
+    closed: bool,
 }
 
 impl LineWatch {
@@ -40,7 +47,7 @@ impl LineWatch {
         Arc::new(LineWatch {
             pattern,
             anywhere,
-            seen: Mutex::new(None),
+            seen: Mutex::new(Watched::default()),
             cond: Condvar::new(),
         })
     }
@@ -59,26 +66,32 @@ impl LineWatch {
             return;
         }
         let mut seen = lock(&self.seen);
-        if seen.is_none() {
-            *seen = Some((Instant::now(), String::from_utf8_lossy(line).into_owned()));
+        if seen.line.is_none() {
+            seen.line = Some((Instant::now(), String::from_utf8_lossy(line).into_owned()));
             self.cond.notify_all();
         }
     }
 
-    /// Blocks until the line arrives or `timeout` passes; returns when it
-    /// was seen and the whole line.
+    /// Wakes every waiter: the line will not come (the VM stopped).
+    pub fn close(&self) {
+        lock(&self.seen).closed = true;
+        self.cond.notify_all();
+    }
+
+    /// Blocks until the line arrives, the watch is closed, or `timeout`
+    /// passes; returns when the line was seen and the whole line.
     pub fn wait(&self, timeout: Duration) -> Option<(Instant, String)> {
         let seen = lock(&self.seen);
         let (seen, _) = self
             .cond
-            .wait_timeout_while(seen, timeout, |s| s.is_none())
+            .wait_timeout_while(seen, timeout, |s| s.line.is_none() && !s.closed)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        seen.clone()
+        seen.line.clone()
     }
 
     /// When the line was seen, without waiting.
     pub fn seen(&self) -> Option<(Instant, String)> {
-        lock(&self.seen).clone()
+        lock(&self.seen).line.clone()
     }
 }
 
@@ -190,6 +203,15 @@ mod tests {
         sink.write_all(b"[ 1.0] Kernel panic - not syncing: x\n")
             .unwrap();
         assert!(watch.seen().is_some());
+    }
+
+    #[test]
+    fn close_wakes_waiters() {
+        let watch = LineWatch::prefix("never");
+        let w = watch.clone();
+        let t = std::thread::spawn(move || w.wait(Duration::from_secs(600)));
+        watch.close();
+        assert!(t.join().unwrap().is_none());
     }
 
     #[test]

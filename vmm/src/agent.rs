@@ -1,0 +1,204 @@
+//! The host side of the agent protocol: one connection to the guest agent
+//! over vsock, frames in and out, every wait bounded by a deadline.
+//!
+//! The agent is guest code, so its answers are untrusted like everything
+//! else from the guest: frames are bounded by the protocol reader, output
+//! beyond the caller's cap is dropped here too, and an agent that stops
+//! answering costs a timeout, never a hang.
+
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use ember_agent::protocol::{
+    self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, Hello, HostMessage, Invoke,
+    ProtocolError, Refresh,
+};
+
+use crate::machine::Machine;
+
+/// Which stream a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The function's standard output.
+    Stdout,
+    /// The function's standard error.
+    Stderr,
+}
+
+/// A connection to the guest agent.
+#[derive(Debug)]
+pub struct AgentClient {
+    writer: UnixStream,
+    reader: FrameReader<UnixStream>,
+    hello: Hello,
+}
+
+impl AgentClient {
+    /// Connects to the agent in `machine` and waits for its greeting.
+    pub fn connect(machine: &Machine, deadline: Instant) -> Result<Self, AgentError> {
+        let stream = machine
+            .connect_vsock(protocol::AGENT_VSOCK_PORT)
+            .map_err(AgentError::Connect)?;
+        Self::handshake(stream, deadline)
+    }
+
+    /// Runs the greeting on an already connected stream.
+    pub fn handshake(stream: UnixStream, deadline: Instant) -> Result<Self, AgentError> {
+        let writer = stream.try_clone().map_err(AgentError::Connect)?;
+        let mut client = AgentClient {
+            writer,
+            reader: FrameReader::new(stream),
+            hello: Hello {
+                protocol_version: 0,
+                agent_version: String::new(),
+            },
+        };
+        match client.recv(deadline)? {
+            AgentMessage::Hello(hello) if hello.protocol_version == protocol::PROTOCOL_VERSION => {
+                client.hello = hello;
+                Ok(client)
+            }
+            AgentMessage::Hello(hello) => Err(AgentError::Version(hello.protocol_version)),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// What the agent said when the connection opened.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    fn send(&mut self, msg: &HostMessage) -> Result<(), AgentError> {
+        protocol::write_frame(&mut self.writer, FrameKind::Host, msg).map_err(AgentError::Protocol)
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Result<AgentMessage, AgentError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(AgentError::Timeout);
+        }
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(AgentError::Connect)?;
+        match self.reader.read_frame(FrameKind::Agent) {
+            Ok(Some(AgentMessage::Error(reply))) => Err(AgentError::Agent(reply)),
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) => Err(AgentError::Closed),
+            Err(ProtocolError::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                Err(AgentError::Timeout)
+            }
+            Err(e) => Err(AgentError::Protocol(e)),
+        }
+    }
+
+    /// Round trip, to check the agent is alive.
+    pub fn ping(&mut self, nonce: u64, deadline: Instant) -> Result<(), AgentError> {
+        self.send(&HostMessage::Ping(nonce))?;
+        match self.recv(deadline)? {
+            AgentMessage::Pong(n) if n == nonce => Ok(()),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// Gives the guest fresh entropy and the host's wall clock.
+    pub fn refresh(&mut self, refresh: Refresh, deadline: Instant) -> Result<(), AgentError> {
+        self.send(&HostMessage::Refresh(refresh))?;
+        match self.recv(deadline)? {
+            AgentMessage::Refreshed => Ok(()),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// Runs `invoke`, handing output chunks to `on_output` as they come
+    /// (at most `invoke.max_output_bytes` in all), until the agent reports
+    /// the exit or `deadline` passes.
+    pub fn invoke(
+        &mut self,
+        invoke: &Invoke,
+        deadline: Instant,
+        mut on_output: impl FnMut(OutputStream, &[u8]),
+    ) -> Result<Exit, AgentError> {
+        invoke.validate().map_err(AgentError::BadRequest)?;
+        self.send(&HostMessage::Invoke(invoke.clone()))?;
+        let mut budget = invoke.max_output_bytes;
+        let mut truncated = false;
+        loop {
+            let (stream, chunk) = match self.recv(deadline)? {
+                AgentMessage::Stdout(chunk) => (OutputStream::Stdout, chunk),
+                AgentMessage::Stderr(chunk) => (OutputStream::Stderr, chunk),
+                AgentMessage::Exit(mut exit) => {
+                    exit.output_truncated |= truncated;
+                    return Ok(exit);
+                }
+                other => return Err(AgentError::Unexpected(describe(&other))),
+            };
+            // The agent caps output too; the host does not rely on it.
+            let take = chunk
+                .len()
+                .min(usize::try_from(budget).unwrap_or(usize::MAX));
+            if take < chunk.len() {
+                truncated = true;
+            }
+            if take > 0 {
+                on_output(stream, &chunk[..take]);
+                budget -= take as u64;
+            }
+        }
+    }
+}
+
+fn describe(msg: &AgentMessage) -> String {
+    match msg {
+        AgentMessage::Hello(_) => "Hello".into(),
+        AgentMessage::Pong(_) => "Pong".into(),
+        AgentMessage::Refreshed => "Refreshed".into(),
+        AgentMessage::Stdout(_) => "Stdout".into(),
+        AgentMessage::Stderr(_) => "Stderr".into(),
+        AgentMessage::Exit(_) => "Exit".into(),
+        AgentMessage::Error(e) => format!("Error({:?}: {})", e.kind, e.message),
+    }
+}
+
+/// How long to give the agent beyond an invocation's own timeout: the agent
+/// needs time to kill the function, collect files and report.
+pub fn invoke_grace(host: crate::host::HostKind) -> Duration {
+    match host {
+        crate::host::HostKind::Kvm => Duration::from_secs(5),
+        // Every guest syscall is emulated there: killing and reaping a
+        // process group alone can take seconds.
+        crate::host::HostKind::Pvm => Duration::from_secs(30),
+    }
+}
+
+/// Talking to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The vsock connection could not be made or configured.
+    #[error("cannot connect to the guest agent: {0}")]
+    Connect(std::io::Error),
+    /// The agent closed the connection (or the guest refused it).
+    #[error("the guest agent closed the connection")]
+    Closed,
+    /// No answer before the deadline.
+    #[error("the guest agent did not answer in time")]
+    Timeout,
+    /// A frame that does not decode.
+    #[error("agent protocol: {0}")]
+    Protocol(ProtocolError),
+    /// The agent speaks another protocol version.
+    #[error("the guest agent speaks protocol version {0}, ember speaks {ours}", ours = protocol::PROTOCOL_VERSION)]
+    Version(u8),
+    /// A well-formed message out of place.
+    #[error("unexpected message from the guest agent: {0}")]
+    Unexpected(String),
+    /// The agent refused the request.
+    #[error("the guest agent refused: {kind:?}: {message}", kind = .0.kind, message = .0.message)]
+    Agent(ErrorReply),
+    /// The request is invalid; nothing was sent.
+    #[error("invalid invocation: {0}")]
+    BadRequest(String),
+}
