@@ -171,3 +171,44 @@ fn boot_two_vcpus_to_agent_and_power_off() {
     assert!(log.contains(ember_agent::POWER_OFF_LINE), "console:\n{log}");
     std::fs::remove_file(console).unwrap();
 }
+
+/// `ember run` streams the command's output to the right streams and exits
+/// with its status.
+#[test]
+fn run_streams_output_and_exit_code() {
+    let out = run_ember(
+        &[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; echo out2; exit 7",
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"out\nout2\n");
+    assert_eq!(out.stderr, b"err\n");
+}
+
+#[test]
+fn run_json_reports_a_timeout() {
+    let out = run_ember(
+        &["run", "--json", "--timeout-ms", "2000", "--", "sleep", "30"],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["timed_out"], true);
+    assert!(json["usage"]["wall_ms"].as_u64().unwrap() >= 1900);
+}

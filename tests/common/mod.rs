@@ -49,3 +49,16 @@ pub fn run_ember(args: &[&str], timeout: Duration) -> Output {
 pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()))
 }
+
+/// A cold-booted sandbox from the default artifacts, console discarded.
+pub fn sandbox() -> ember::Sandbox {
+    let (kernel, initrd) = guest_artifacts();
+    let mut config = ember::VmConfig::new(kernel, Some(initrd));
+    config.console = ember::ConsoleOutput::Sink;
+    ember::Sandbox::boot(&config).expect("sandbox boots")
+}
+
+/// An invocation of `sh -c script`.
+pub fn sh(script: &str) -> ember::Invocation {
+    ember::Invocation::new(["sh", "-c", script])
+}
