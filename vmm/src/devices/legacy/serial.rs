@@ -1,6 +1,7 @@
 //! The 16550A UART at COM1, the guest's console.
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -41,6 +42,22 @@ impl SerialEvents for InputDrained {
     }
 }
 
+/// The UART's registers in a snapshot (vm-superio's `SerialState`, made
+/// serializable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 /// The UART on the PIO bus.
 #[derive(Debug)]
 pub struct Serial {
@@ -53,6 +70,49 @@ impl Serial {
     pub fn new(irq: EventFd, drained: EventFd, sink: ConsoleSink) -> Self {
         Serial {
             inner: vm_superio::Serial::with_events(IrqTrigger(irq), InputDrained(drained), sink),
+        }
+    }
+
+    /// A UART restored from `state`; errors if the state is inconsistent
+    /// (its input FIFO holds more than a UART can).
+    pub fn restore(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        drained: EventFd,
+        sink: ConsoleSink,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let inner =
+            vm_superio::Serial::from_state(&state, IrqTrigger(irq), InputDrained(drained), sink)
+                .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Serial { inner })
+    }
+
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -115,5 +175,21 @@ mod tests {
         let mut wide = [0u8; 2];
         serial.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let ev = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = || ConsoleSink::new(Box::new(std::io::sink()), vec![]);
+        let mut serial = Serial::new(ev(), ev(), sink());
+        serial.write(3, &[0x80]); // DLAB on
+        serial.write(0, &[0x0c]);
+        serial.enqueue_input(b"ab");
+        let state = serial.state();
+        let restored = Serial::restore(&state, ev(), ev(), sink()).unwrap();
+        assert_eq!(restored.state(), state);
+        let mut bad = state;
+        bad.in_buffer = vec![0; 1000];
+        assert!(Serial::restore(&bad, ev(), ev(), sink()).is_err());
     }
 }

@@ -16,7 +16,12 @@ use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Activation, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    ActivateError, Activation, Interrupt, QueueSnapshot, VirtioDevice, INT_CONFIG,
+    VIRTIO_F_VERSION_1,
+};
 use crate::devices::bus::{lock, BusDevice};
 
 /// "virt", little endian.
@@ -29,6 +34,28 @@ const VENDOR_ID: u32 = 0x5242_4d45;
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 /// Offset of the queue-notify register, where ioeventfds are attached.
 pub const QUEUE_NOTIFY_OFFSET: u64 = reg::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+
+/// A transport's registers and queues in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioTransportState {
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// Selector registers.
+    pub queue_select: u32,
+    /// Selector registers.
+    pub device_features_select: u32,
+    /// Selector registers.
+    pub driver_features_select: u32,
+    /// Config generation counter.
+    pub config_generation: u32,
+    /// Interrupt status register.
+    pub interrupt_status: u32,
+    /// The queues: the running device's when it runs (with its ring
+    /// positions), else as configured.
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// One virtio device's register window.
 pub struct MmioTransport {
@@ -83,6 +110,89 @@ impl MmioTransport {
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
+    }
+
+    /// Captures the transport (the device must be quiescent: no vCPU and
+    /// no event-loop activity).
+    pub fn state(&self) -> MmioTransportState {
+        let device = lock(&self.device);
+        let queues = match device.active_queues() {
+            Some(live) => live.iter().map(QueueSnapshot::of).collect(),
+            None => self.queues.iter().map(QueueSnapshot::of).collect(),
+        };
+        MmioTransportState {
+            status: self.status,
+            acked_features: self.acked_features,
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues,
+        }
+    }
+
+    /// Recreates a transport from `state`, re-activating `device` with the
+    /// saved queues if it was running. The state comes from a file: queue
+    /// counts, sizes and addresses are validated against the device and
+    /// `memory`.
+    pub fn restore(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        memory: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        state: &MmioTransportState,
+    ) -> Result<Self, RestoreError> {
+        let mut transport = Self::new(device, memory, interrupt).map_err(RestoreError::Queue)?;
+        if state.queues.len() != transport.queues.len() {
+            return Err(RestoreError::QueueCount {
+                saved: state.queues.len(),
+                device: transport.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(&transport.queues)
+            .map(|(saved, fresh)| {
+                if saved.max_size != fresh.max_size() {
+                    return Err(RestoreError::Queue(virtio_queue::Error::InvalidSize));
+                }
+                saved
+                    .to_queue(&transport.memory)
+                    .map_err(RestoreError::Queue)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        transport.status = state.status;
+        transport.acked_features = state.acked_features;
+        transport.queue_select = state.queue_select;
+        transport.device_features_select = state.device_features_select;
+        transport.driver_features_select = state.driver_features_select;
+        transport.config_generation = state.config_generation;
+        transport.interrupt.set_status(state.interrupt_status);
+        let running = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && state.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
+        {
+            let mut device = lock(&transport.device);
+            if state.acked_features & !device.features() != 0 {
+                return Err(RestoreError::Features(state.acked_features));
+            }
+            device.ack_features(state.acked_features);
+            if running {
+                let live = queues
+                    .iter()
+                    .map(|q| Queue::try_from(q.state()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(RestoreError::Queue)?;
+                device
+                    .activate(Activation {
+                        memory: transport.memory.clone(),
+                        queues: live,
+                    })
+                    .map_err(RestoreError::Activate)?;
+            }
+        }
+        transport.queues = queues;
+        Ok(transport)
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -283,6 +393,28 @@ impl MmioTransport {
     }
 }
 
+/// A transport cannot be restored from a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A saved queue is inconsistent or outside guest memory.
+    #[error("virtio queue in snapshot is invalid: {0}")]
+    Queue(virtio_queue::Error),
+    /// The snapshot has another number of queues than the device.
+    #[error("snapshot has {saved} virtio queues, the device has {device}")]
+    QueueCount {
+        /// Queues in the snapshot.
+        saved: usize,
+        /// Queues of the device.
+        device: usize,
+    },
+    /// Features the device does not offer.
+    #[error("snapshot acked virtio features {0:#x} the device does not offer")]
+    Features(u64),
+    /// The device refused the saved queues.
+    #[error("cannot restart the virtio device: {0}")]
+    Activate(ActivateError),
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let config = u64::from(reg::VIRTIO_MMIO_CONFIG);
@@ -319,7 +451,6 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::ActivateError;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -354,6 +485,9 @@ mod tests {
         fn reset(&mut self) {
             self.resets += 1;
             self.activated = None;
+        }
+        fn active_queues(&self) -> Option<&[Queue]> {
+            None
         }
     }
 

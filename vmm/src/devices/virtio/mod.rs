@@ -11,7 +11,8 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -66,6 +67,73 @@ impl Interrupt {
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
     }
+
+    /// Restores the status register (snapshot restore).
+    pub fn set_status(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+}
+
+/// A virtqueue's state in a snapshot. Read from a file, so untrusted:
+/// [`QueueSnapshot::to_queue`] validates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// The driver enabled the queue.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+    /// Next available-ring index the device will read.
+    pub next_avail: u16,
+    /// Next used-ring index the device will write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX was negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl QueueSnapshot {
+    /// Captures `queue`.
+    pub fn of(queue: &Queue) -> Self {
+        let s = queue.state();
+        QueueSnapshot {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+            event_idx_enabled: s.event_idx_enabled,
+        }
+    }
+
+    /// A queue in this state, if the state is self-consistent and (when
+    /// ready) lies inside `memory`.
+    pub fn to_queue(&self, memory: &GuestMemoryMmap) -> Result<Queue, virtio_queue::Error> {
+        let queue = Queue::try_from(QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })?;
+        if queue.ready() && !queue.is_valid(memory) {
+            return Err(virtio_queue::Error::InvalidSize);
+        }
+        Ok(queue)
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -95,6 +163,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops the data path and forgets queue state (driver reset).
     fn reset(&mut self);
+    /// The live queues, while the device runs (for snapshots).
+    fn active_queues(&self) -> Option<&[Queue]>;
 }
 
 /// Copies `config[offset..]` into `data`, reading 0 past its end.

@@ -329,6 +329,10 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.muxer.reset();
     }
+
+    fn active_queues(&self) -> Option<&[Queue]> {
+        self.active.as_ref().map(|(_, queues)| queues.as_slice())
+    }
 }
 
 /// Runs a [`Vsock`] device on the event loop.
