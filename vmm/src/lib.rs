@@ -29,6 +29,7 @@ pub mod loader;
 pub mod machine;
 pub mod paths;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::BuildError;

@@ -3,17 +3,16 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::bus::lock;
-use crate::devices::legacy::{LineWatch, Serial};
-use crate::devices::virtio::vsock::backend::InProcessBackend;
-use crate::devices::virtio::vsock::Vsock;
+use crate::devices::legacy::LineWatch;
+use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
-use crate::exit::{ExitSignal, VmExit};
+use crate::exit::VmExit;
 use crate::host::HostKind;
 use crate::vstate::{VcpuHandle, Vm};
 
@@ -44,15 +43,10 @@ pub struct Machine {
     pub(crate) event_loop: EventLoop,
     pub(crate) vm: Vm,
     pub(crate) memory: GuestMemoryMmap,
-    pub(crate) exit: Arc<ExitSignal>,
-    pub(crate) serial: Arc<Mutex<Serial>>,
-    pub(crate) agent_ready: Arc<LineWatch>,
-    pub(crate) kernel_panic: Arc<LineWatch>,
+    pub(crate) devices: DeviceSet,
     pub(crate) host: HostKind,
     pub(crate) times: BootTimes,
     pub(crate) cmdline: String,
-    pub(crate) vsock: Arc<Mutex<Vsock>>,
-    pub(crate) vsock_connector: InProcessBackend,
 }
 
 impl Machine {
@@ -67,9 +61,9 @@ impl Machine {
 
     /// Blocks until the guest stops or `timeout` passes.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<VmExit> {
-        if self.exit.reason().is_none() {
+        if self.devices.exit.reason().is_none() {
             let mut pollfd = libc::pollfd {
-                fd: self.exit.event().as_raw_fd(),
+                fd: self.devices.exit.event().as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -78,23 +72,23 @@ impl Machine {
             // that outlives the call.
             let _ = unsafe { libc::poll(&mut pollfd, 1, ms) };
         }
-        let exit = self.exit.reason()?;
+        let exit = self.devices.exit.reason()?;
         self.halt();
         Some(self.classify(exit))
     }
 
     /// Stops the guest now (if it still runs) and returns why it stopped.
     pub fn stop(&mut self) -> VmExit {
-        self.exit.report(VmExit::Stopped);
+        self.devices.exit.report(VmExit::Stopped);
         self.halt();
-        let exit = self.exit.reason().unwrap_or(VmExit::Stopped);
+        let exit = self.devices.exit.reason().unwrap_or(VmExit::Stopped);
         self.classify(exit)
     }
 
     /// A guest kernel panic reboots through the i8042 like a power-off
     /// does (`panic=1 reboot=k`); the console tells them apart.
     fn classify(&self, exit: VmExit) -> VmExit {
-        match (&exit, self.kernel_panic.seen()) {
+        match (&exit, self.devices.kernel_panic.seen()) {
             (VmExit::Reset, Some((_, line))) => VmExit::Failed {
                 vcpu: 0,
                 message: format!("guest kernel panic: {}", line.trim()),
@@ -111,17 +105,17 @@ impl Machine {
             vcpu.stop();
         }
         self.event_loop.stop();
-        lock(&self.serial).flush();
+        lock(&self.devices.serial).flush();
     }
 
     /// The console line the agent prints when it is ready.
     pub fn agent_ready(&self) -> &LineWatch {
-        &self.agent_ready
+        &self.devices.agent_ready
     }
 
     /// A shared handle on [`Machine::agent_ready`], for another thread.
     pub fn agent_ready_watch(&self) -> Arc<LineWatch> {
-        self.agent_ready.clone()
+        self.devices.agent_ready.clone()
     }
 
     /// Boot timestamps.
@@ -152,23 +146,23 @@ impl Machine {
     /// Opens a stream connection to `port` in the guest over vsock. The
     /// stream works at once; it reads end-of-file if the guest refuses.
     pub fn connect_vsock(&self, port: u32) -> std::io::Result<UnixStream> {
-        self.vsock_connector.connect(port)
+        self.devices.vsock_connector.connect(port)
     }
 
     /// Accepts the guest's connections to host port `port`.
     pub fn listen_vsock(&self, port: u32) -> Receiver<UnixStream> {
-        self.vsock_connector.listen(port)
+        self.devices.vsock_connector.listen(port)
     }
 
     /// The guest's vsock context ID.
     pub fn vsock_cid(&self) -> u64 {
-        lock(&self.vsock).cid()
+        lock(&self.devices.vsock).cid()
     }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        self.exit.report(VmExit::Stopped);
+        self.devices.exit.report(VmExit::Stopped);
         self.halt();
     }
 }

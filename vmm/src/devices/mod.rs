@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod set;
 pub mod stdin;
 pub mod virtio;
 

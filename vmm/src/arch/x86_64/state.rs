@@ -39,11 +39,12 @@ pub enum StateError {
         source: kvm_ioctls::Error,
     },
     /// A list does not fit KVM's flexible-array structure.
-    #[error("cannot build the {what} list for KVM: {source:?}")]
+    #[error("cannot build the {what} list for KVM: {source}")]
     Fam {
         /// `MSR` or `CPUID`.
         what: &'static str,
         /// Why it does not fit.
+        #[source]
         source: vmm_sys_util::fam::Error,
     },
     /// `KVM_SET_MSRS` stopped before the end of the list.
@@ -163,6 +164,19 @@ const EXCLUDED_MSRS: &[(u32, u32, &str)] = &[
     (0x4000_0000, 0x4000_00ff, "Hyper-V"),
 ];
 
+/// MSRs saved although `KVM_GET_MSR_INDEX_LIST` does not list them: the
+/// MTRRs (KVM emulates them but lists none, and ember's boot code sets
+/// `IA32_MTRR_DEF_TYPE`, so a fresh vCPU would differ): default type, the
+/// eleven fixed-range MTRRs and KVM's eight variable-range pairs. Those a
+/// vCPU without the MTRR CPUID bit cannot read are dropped by [`save_vcpu`].
+const EXTRA_MSRS: &[u32] = &[
+    0x2ff, // IA32_MTRR_DEF_TYPE
+    0x250, 0x258, 0x259, // fixed 64K, 16K
+    0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // fixed 4K
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable 0-3
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f, // variable 4-7
+];
+
 fn excluded(index: u32) -> bool {
     EXCLUDED_MSRS
         .iter()
@@ -191,8 +205,8 @@ fn order_for_restore<T>(items: &mut [T], index: impl Fn(&T) -> u32) {
 
 /// The MSRs a snapshot saves: `KVM_GET_MSR_INDEX_LIST` less those listed in
 /// `EXCLUDED_MSRS` (legacy kvm-clock duplicates, write-only commands, VMX
-/// capabilities, x2APIC registers, Hyper-V), in restore order (`IA32_TSC`
-/// first, `IA32_TSC_DEADLINE` last).
+/// capabilities, x2APIC registers, Hyper-V), plus the MTRRs (`EXTRA_MSRS`),
+/// in restore order (`IA32_TSC` first, `IA32_TSC_DEADLINE` last).
 ///
 /// Some listed MSRs exist only with CPUID features the vCPU lacks (PMU,
 /// MCE control, ...); [`save_vcpu`] drops those when KVM will not read them.
@@ -212,6 +226,11 @@ pub fn saveable_msrs(kvm: &Kvm) -> Result<Vec<u32>, StateError> {
         .copied()
         .filter(|&index| !excluded(index))
         .collect();
+    for &extra in EXTRA_MSRS {
+        if !msrs.contains(&extra) {
+            msrs.push(extra);
+        }
+    }
     order_for_restore(&mut msrs, |&index| index);
     // A racing thread may have filled the cache; both lists are the same.
     Ok(CACHE.get_or_init(|| msrs).clone())
@@ -235,8 +254,10 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateErr
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|source| StateError::Fam { what: "MSR", source })?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| StateError::Fam {
+            what: "MSR",
+            source,
+        })?;
         let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         let read = read.min(rest.len());
         out.extend(
@@ -328,8 +349,10 @@ fn restorable(index: u32, value: u64) -> bool {
 /// 8. vCPU events last, so no earlier call clears or overrides a pending
 ///    exception, NMI or interrupt.
 pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
-    let cpuid = CpuId::from_entries(&state.cpuid)
-        .map_err(|source| StateError::Fam { what: "CPUID", source })?;
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| StateError::Fam {
+        what: "CPUID",
+        source,
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
 
     if let Some(saved) = state.tsc_khz {
@@ -351,7 +374,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> 
 
     vcpu.set_mp_state(state.mp_state)
         .map_err(kvm_err("KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    vcpu.set_regs(&state.regs)
+        .map_err(kvm_err("KVM_SET_REGS"))?;
     vcpu.set_sregs(&state.sregs)
         .map_err(kvm_err("KVM_SET_SREGS"))?;
 
@@ -365,7 +389,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> 
     // need arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM); ember never requests them,
     // so KVM reads exactly this struct.
     unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-    vcpu.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+    vcpu.set_xcrs(&state.xcrs)
+        .map_err(kvm_err("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debug_regs)
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&state.lapic)
@@ -384,8 +409,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> 
     // Saved lists are already in this order; a state file written by other
     // code may not be.
     order_for_restore(&mut entries, |entry| entry.index);
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|source| StateError::Fam { what: "MSR", source })?;
+    let msrs = Msrs::from_entries(&entries).map_err(|source| StateError::Fam {
+        what: "MSR",
+        source,
+    })?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if set != entries.len() {
         let refused = entries.get(set).copied().unwrap_or_default();
@@ -517,6 +544,7 @@ mod tests {
         }
         assert!(msrs.iter().all(|&m| !excluded(m)));
         assert!(msrs.contains(&MSR_KVM_SYSTEM_TIME_NEW));
+        assert!(msrs.contains(&crate::arch::x86_64::msr::MSR_MTRR_DEF_TYPE));
         // Cached: the same list again.
         assert_eq!(saveable_msrs(&kvm).unwrap(), msrs);
         let all = kvm.get_msr_index_list().unwrap();
@@ -559,12 +587,22 @@ mod tests {
             data: 0xffff_ffff_8100_0000,
             ..Default::default()
         };
-        assert_eq!(a.vcpu.set_msrs(&Msrs::from_entries(&[lstar]).unwrap()).unwrap(), 1);
+        assert_eq!(
+            a.vcpu
+                .set_msrs(&Msrs::from_entries(&[lstar]).unwrap())
+                .unwrap(),
+            1
+        );
 
         let vm_state = save_vm(&a.vm).unwrap();
         let saved = save_vcpu(&a.vcpu, &msr_list).unwrap();
         assert_eq!(saved.regs.rax, 0x1234_5678_9abc_def0);
         assert_eq!(msr_value(&saved, lstar.index), Some(lstar.data));
+        // Set at boot by setup_msrs, not listed by KVM: saved all the same.
+        assert_eq!(
+            msr_value(&saved, crate::arch::x86_64::msr::MSR_MTRR_DEF_TYPE),
+            Some(0x806)
+        );
         println!(
             "saved {} of {} MSRs; not readable: {:?}",
             saved.msrs.len(),
@@ -623,7 +661,10 @@ mod tests {
         );
         println!("IA32_TSC saved {tsc0}, after restore {tsc1}");
 
-        assert_eq!(vm_again.pit.channels, vm_state.pit.channels);
+        for (x, y) in vm_again.pit.channels.iter().zip(&vm_state.pit.channels) {
+            // count_load_time is host ktime at load; KVM rebases it on restore.
+            assert_eq!((x.count, x.mode, x.gate), (y.count, y.mode, y.gate));
+        }
         // SAFETY: `pic` is the union member for the PIC chip ids.
         unsafe {
             assert_eq!(
@@ -650,7 +691,10 @@ mod tests {
         let b = test_vm(&kvm);
         let fresh = b.vm.get_pit2().unwrap();
         restore_vm(&b.vm, &state, false).unwrap();
-        assert_eq!(b.vm.get_pit2().unwrap().channels[0].mode, fresh.channels[0].mode);
+        assert_eq!(
+            b.vm.get_pit2().unwrap().channels[0].mode,
+            fresh.channels[0].mode
+        );
         let c = test_vm(&kvm);
         restore_vm(&c.vm, &state, true).unwrap();
         assert_eq!(c.vm.get_pit2().unwrap().channels[0].mode, 2);

@@ -1,0 +1,301 @@
+//! The devices of an ember microVM, wired to its VM: COM1, the i8042 reset
+//! line and a vsock device on the first virtio-mmio slot. Created fresh for
+//! a boot, or from saved state for a snapshot restore.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::IoEventAddress;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Address, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::bus::lock;
+use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+use super::legacy::serial::{SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
+use super::stdin::StdinForwarder;
+use super::virtio::mmio::{
+    MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use super::virtio::vsock::backend::{InProcessBackend, UdsBackend, VsockBackend, VsockHub};
+use super::virtio::vsock::{Vsock, VsockEvents};
+use super::virtio::Interrupt;
+use super::{Bus, BusError};
+use crate::arch::x86_64::layout;
+use crate::config::ConsoleOutput;
+use crate::event_loop::Subscriber;
+use crate::exit::ExitSignal;
+use crate::vstate::vm::VmError;
+use crate::vstate::Vm;
+
+/// The console line that marks a guest kernel panic.
+const KERNEL_PANIC_LINE: &str = "Kernel panic - not syncing";
+/// The virtio-mmio slot of the vsock device.
+const VSOCK_SLOT: usize = 0;
+
+/// How the devices connect to the host.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Where the console goes.
+    pub console: ConsoleOutput,
+    /// Whether the host's stdin feeds the console.
+    pub interactive: bool,
+    /// The guest's vsock context ID.
+    pub vsock_cid: u64,
+    /// Firecracker-style vsock Unix socket, if wanted.
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// Every device's state, for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: SerialSnapshot,
+    /// The vsock device's transport and queues.
+    pub vsock: MmioTransportState,
+}
+
+/// The devices of one microVM.
+pub struct DeviceSet {
+    pub(crate) exit: Arc<ExitSignal>,
+    pub(crate) agent_ready: Arc<LineWatch>,
+    pub(crate) kernel_panic: Arc<LineWatch>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) vsock: Arc<Mutex<Vsock>>,
+    pub(crate) vsock_transport: Arc<Mutex<MmioTransport>>,
+    pub(crate) vsock_connector: InProcessBackend,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    /// Kernel parameters declaring the virtio-mmio devices.
+    pub(crate) cmdline_params: Vec<String>,
+    /// The event-loop backends; taken once when the loop starts.
+    pub(crate) subscribers: Vec<Subscriber>,
+}
+
+impl std::fmt::Debug for DeviceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSet")
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .field("cmdline_params", &self.cmdline_params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceSet {
+    /// Creates the devices and wires them to `vm` (irqfds, ioeventfds);
+    /// with `saved`, they start in that state instead of power-on state.
+    pub fn create(
+        vm: &Vm,
+        memory: &GuestMemoryMmap,
+        options: &DeviceOptions,
+        saved: Option<&DeviceStates>,
+    ) -> Result<Self, DeviceError> {
+        let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
+        let agent_ready = LineWatch::containing(ember_agent::READY_LINE);
+        let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
+        exit.close_on_exit(agent_ready.clone());
+
+        let sink = ConsoleSink::new(
+            console_writer(&options.console)?,
+            vec![agent_ready.clone(), kernel_panic.clone()],
+        );
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let input_drained = eventfd()?;
+        let drained_for_serial = input_drained.try_clone().map_err(DeviceError::EventFd)?;
+        let serial = match saved {
+            Some(state) => Serial::restore(&state.serial, serial_irq, drained_for_serial, sink)
+                .map_err(DeviceError::SerialState)?,
+            None => Serial::new(serial_irq, drained_for_serial, sink),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+
+        let mut pio = Bus::new();
+        pio.insert(
+            u64::from(COM1_PORT),
+            u64::from(COM1_PORT_LEN),
+            serial.clone(),
+        )?;
+        pio.insert(
+            u64::from(I8042_PORT_BASE),
+            u64::from(I8042_PORT_LEN),
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+
+        let mut mmio = Bus::new();
+        let vsock = attach_vsock(vm, memory, &mut mmio, options, saved.map(|s| &s.vsock))?;
+
+        let mut subscribers: Vec<Subscriber> =
+            vec![Arc::new(Mutex::new(VsockEvents::new(vsock.device.clone())))];
+        if options.interactive {
+            subscribers.push(Arc::new(Mutex::new(StdinForwarder::new(
+                dup_fd(libc::STDIN_FILENO)?,
+                input_drained,
+                serial.clone(),
+            ))));
+        }
+        Ok(DeviceSet {
+            exit,
+            agent_ready,
+            kernel_panic,
+            serial,
+            vsock: vsock.device,
+            vsock_transport: vsock.transport,
+            vsock_connector: vsock.connector,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            cmdline_params: vec![vsock.cmdline],
+            subscribers,
+        })
+    }
+
+    /// Every device's state. Only meaningful while nothing runs: vCPUs
+    /// paused and the event loop stopped.
+    pub fn state(&self) -> DeviceStates {
+        DeviceStates {
+            serial: lock(&self.serial).state(),
+            vsock: lock(&self.vsock_transport).state(),
+        }
+    }
+}
+
+/// The vsock device as attached to a VM.
+struct AttachedVsock {
+    device: Arc<Mutex<Vsock>>,
+    transport: Arc<Mutex<MmioTransport>>,
+    connector: InProcessBackend,
+    cmdline: String,
+}
+
+/// Puts a vsock device in its virtio-mmio slot: interrupt through an irqfd,
+/// queue notifications through ioeventfds.
+fn attach_vsock(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    options: &DeviceOptions,
+    saved: Option<&MmioTransportState>,
+) -> Result<AttachedVsock, DeviceError> {
+    let (Some(addr), Some(irq)) = (
+        layout::virtio_mmio_addr(VSOCK_SLOT),
+        layout::virtio_mmio_irq(VSOCK_SLOT),
+    ) else {
+        return Err(DeviceError::NoSlot);
+    };
+    let interrupt = Arc::new(Interrupt::new(eventfd()?));
+    vm.register_irqfd(interrupt.irqfd(), irq)?;
+
+    let hub = VsockHub::new().map_err(DeviceError::EventFd)?;
+    let (backend, connector): (Box<dyn VsockBackend>, InProcessBackend) = match &options.vsock_uds {
+        Some(path) => {
+            let uds =
+                UdsBackend::start(path, hub.clone()).map_err(|source| DeviceError::VsockUds {
+                    path: path.clone(),
+                    source,
+                })?;
+            let connector = uds.in_process().clone();
+            (Box::new(uds), connector)
+        }
+        None => {
+            let in_process = InProcessBackend::new(hub.clone());
+            (Box::new(in_process.clone()), in_process)
+        }
+    };
+    let device = Vsock::new(options.vsock_cid, interrupt.clone(), backend, hub)
+        .map_err(DeviceError::EventFd)?;
+    let notify = IoEventAddress::Mmio(addr.raw_value() + QUEUE_NOTIFY_OFFSET);
+    for (index, event) in device.queue_events().iter().enumerate() {
+        vm.fd()
+            .register_ioevent(event, &notify, index as u32)
+            .map_err(DeviceError::Ioevent)?;
+    }
+    let device = Arc::new(Mutex::new(device));
+    let transport = match saved {
+        Some(state) => MmioTransport::restore(device.clone(), memory.clone(), interrupt, state)?,
+        None => MmioTransport::new(device.clone(), memory.clone(), interrupt)
+            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(addr.raw_value(), MMIO_WINDOW_SIZE, transport.clone())?;
+    Ok(AttachedVsock {
+        device,
+        transport,
+        connector,
+        cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
+    })
+}
+
+fn eventfd() -> Result<EventFd, DeviceError> {
+    EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)
+}
+
+fn console_writer(console: &ConsoleOutput) -> Result<Box<dyn std::io::Write + Send>, DeviceError> {
+    Ok(match console {
+        ConsoleOutput::Stdout => Box::new(dup_fd(libc::STDOUT_FILENO)?),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| DeviceError::Console {
+                path: path.clone(),
+                source,
+            })?)
+        }
+        ConsoleOutput::Sink => Box::new(std::io::sink()),
+    })
+}
+
+/// An unbuffered `File` on a duplicate of one of our standard fds.
+fn dup_fd(fd: i32) -> Result<File, DeviceError> {
+    // SAFETY: dup() on a standard fd number has no memory-safety
+    // preconditions; the result is checked below.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(DeviceError::EventFd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `dup` is a freshly duplicated fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(dup) })
+}
+
+/// The devices could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An eventfd or fd duplicate could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// Registering an interrupt with KVM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Registering a queue notification with KVM failed.
+    #[error("cannot register a virtio queue notification: {0}")]
+    Ioevent(kvm_ioctls::Error),
+    /// Device ranges collide.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// No virtio-mmio slot is left.
+    #[error("no virtio-mmio slot left")]
+    NoSlot,
+    /// The console file cannot be created.
+    #[error("cannot create console file {path}: {source}")]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The vsock Unix socket cannot be created.
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    VsockUds {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Saved serial state is inconsistent.
+    #[error("{0}")]
+    SerialState(String),
+    /// Saved virtio state is inconsistent.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+}

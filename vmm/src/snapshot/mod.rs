@@ -1,0 +1,142 @@
+//! Snapshots: the files a paused microVM is saved to and restored from.
+//!
+//! A snapshot is a directory with two files:
+//!
+//! - `state`: everything but guest RAM (vCPU, VM and device state), one
+//!   serde value in a versioned, checksummed container ([`format`](mod@format)).
+//! - `memory`: guest RAM, the regions back to back, as a sparse file in
+//!   which pages the guest never touched (or left zero) are holes
+//!   ([`memory`](mod@memory)). The region layout is part of the state.
+//!
+//! Restoring maps `memory` privately (copy-on-write), so a restore reads
+//! nothing up front and all clones of one snapshot share the page cache;
+//! the vCPU and VM state come from [`crate::arch::x86_64::state`].
+//!
+//! Both files are written to a temporary name, fsynced and renamed, so a
+//! crash never leaves a half-written file under the final name. A snapshot
+//! must not be modified while clones map its `memory`: a clone would see
+//! the change in pages it has not copied yet, and a shrunk file makes its
+//! accesses fault.
+
+pub mod format;
+pub mod memory;
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use format::{read_state, write_state, FormatError, FORMAT_VERSION, MAX_STATE_LEN};
+pub use memory::{
+    dump_memory, dump_memory_with_stats, map_memory, DumpStats, MemoryFileError, MemoryRegionLayout,
+};
+
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Name of the guest memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// An I/O operation on a snapshot file failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot {op}: {source}", path.display())]
+pub struct FileError {
+    /// The file or directory.
+    pub path: PathBuf,
+    /// What was being done, e.g. "read the header".
+    pub op: &'static str,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl FileError {
+    /// An error doing `op` on `path`.
+    pub fn new(path: &Path, op: &'static str, source: io::Error) -> Self {
+        FileError {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}
+
+/// The temporary name `path` is written under before the rename: hidden,
+/// in the same directory (a rename cannot cross filesystems), unique per
+/// process so two writers do not write into one file.
+fn temporary_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// Creates a temporary file next to `path`, lets `fill` write it (given the
+/// file and its temporary path, for errors), fsyncs it, renames it to
+/// `path` and fsyncs the directory, so that `path` holds the old or the
+/// whole new content, never a part. The temporary file is removed if
+/// anything fails.
+pub(crate) fn write_atomically<R, E>(
+    path: &Path,
+    fill: impl FnOnce(&File, &Path) -> Result<R, E>,
+) -> Result<R, E>
+where
+    E: From<FileError>,
+{
+    let tmp = temporary_path(path);
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| FileError::new(&tmp, "create", e))?;
+    let result = fill(&file, &tmp).and_then(|value| {
+        file.sync_all()
+            .map_err(|e| FileError::new(&tmp, "fsync", e))?;
+        fs::rename(&tmp, path).map_err(|e| FileError::new(path, "rename a new file to", e))?;
+        Ok(value)
+    });
+    if result.is_err() {
+        // Best effort: the error being returned matters more.
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    // The rename is durable only once the directory is synced.
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| FileError::new(dir, "fsync the directory", e))?;
+    result
+}
+
+#[cfg(test)]
+pub(crate) mod test_dir {
+    use std::path::{Path, PathBuf};
+
+    /// A fresh directory under the system temporary directory, removed on
+    /// drop.
+    pub struct TestDir(PathBuf);
+
+    impl TestDir {
+        /// Creates `ember-<name>-<pid>`, emptied first.
+        pub fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("ember-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            TestDir(path)
+        }
+
+        /// The directory.
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
