@@ -742,20 +742,3 @@ mod tests {
         );
     }
 }
-#[cfg(test)]
-mod tmp_dump_timing {
-    use super::*;
-    use vm_memory::Bytes;
-    #[test]
-    fn dump_timing() {
-        let dir = crate::snapshot::test_dir::TestDir::new("tmp-dump-timing");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 128 << 20)]).unwrap();
-        for i in 0..(16u64 << 20) / 4096 {
-            mem.write_obj(i as u8 | 1, GuestAddress(i * 4096 * 8 % (128 << 20)))
-                .unwrap();
-        }
-        let t = std::time::Instant::now();
-        let (_, s) = dump_memory_with_stats(&mem, &dir.path().join("m")).unwrap();
-        println!("dump 128 MiB: {:?} {s:?}", t.elapsed());
-    }
-}
