@@ -32,6 +32,7 @@ pub struct AgentClient {
     writer: UnixStream,
     reader: FrameReader<UnixStream>,
     hello: Hello,
+    hello_at: Instant,
 }
 
 impl AgentClient {
@@ -40,11 +41,35 @@ impl AgentClient {
         let stream = machine
             .connect_vsock(protocol::AGENT_VSOCK_PORT)
             .map_err(AgentError::Connect)?;
-        Self::handshake(stream, deadline)
+        Self::handshake(stream, None, deadline)
     }
 
-    /// Runs the greeting on an already connected stream.
-    pub fn handshake(stream: UnixStream, deadline: Instant) -> Result<Self, AgentError> {
+    /// Connects to the agent of a freshly restored clone: `refresh` (new
+    /// entropy and the wall clock) goes out with the connection, before the
+    /// greeting arrives, so the clone's first work is reseeding itself and
+    /// the two exchanges cost one round trip.
+    pub fn connect_refreshed(
+        machine: &Machine,
+        refresh: Refresh,
+        deadline: Instant,
+    ) -> Result<Self, AgentError> {
+        let stream = machine
+            .connect_vsock(protocol::AGENT_VSOCK_PORT)
+            .map_err(AgentError::Connect)?;
+        let mut client = Self::handshake(stream, Some(&HostMessage::Refresh(refresh)), deadline)?;
+        match client.recv(deadline)? {
+            AgentMessage::Refreshed => Ok(client),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// Sends `first` (if any) on a connected stream, then waits for the
+    /// agent's greeting.
+    pub fn handshake(
+        stream: UnixStream,
+        first: Option<&HostMessage>,
+        deadline: Instant,
+    ) -> Result<Self, AgentError> {
         let writer = stream.try_clone().map_err(AgentError::Connect)?;
         let mut client = AgentClient {
             writer,
@@ -53,15 +78,25 @@ impl AgentClient {
                 protocol_version: 0,
                 agent_version: String::new(),
             },
+            hello_at: Instant::now(),
         };
+        if let Some(first) = first {
+            client.send(first)?;
+        }
         match client.recv(deadline)? {
             AgentMessage::Hello(hello) if hello.protocol_version == protocol::PROTOCOL_VERSION => {
                 client.hello = hello;
+                client.hello_at = Instant::now();
                 Ok(client)
             }
             AgentMessage::Hello(hello) => Err(AgentError::Version(hello.protocol_version)),
             other => Err(AgentError::Unexpected(describe(&other))),
         }
+    }
+
+    /// When the greeting arrived: the agent's first sign of life.
+    pub fn hello_at(&self) -> Instant {
+        self.hello_at
     }
 
     /// What the agent said when the connection opened.

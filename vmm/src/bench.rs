@@ -1,4 +1,4 @@
-//! Benchmarks that print figures: cold boot for now.
+//! Benchmarks that print figures: cold boot and snapshot restore.
 //!
 //! A boot is measured from the moment a fresh `ember` process is spawned,
 //! so process start, dynamic loading and VMM setup are all counted. The
@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::VmConfig;
+use crate::sandbox::{Invocation, Sandbox};
+use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// Environment variable that makes `ember boot` print [`TIMINGS_PREFIX`].
 pub const TIMINGS_ENV: &str = "EMBER_BENCH_TIMINGS";
@@ -265,4 +267,225 @@ mod tests {
         assert_eq!(ready, 0);
         assert!(parse_timings("something else").is_none());
     }
+}
+
+/// Percentiles of a series, for the restore benchmark.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Percentiles {
+    /// Smallest value.
+    pub min: f64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `values` (nearest rank; empty gives zeros).
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = values.into_iter().collect();
+        v.sort_by(f64::total_cmp);
+        let rank = |q: f64| -> f64 {
+            if v.is_empty() {
+                return 0.0;
+            }
+            let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i]
+        };
+        Percentiles {
+            min: rank(0.0),
+            p50: rank(0.5),
+            p99: rank(0.99),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The result of `ember bench restore`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The snapshot restored.
+    pub snapshot: String,
+    /// Guest memory of each clone.
+    pub mem_mib: u32,
+    /// vCPUs of each clone.
+    pub vcpus: u8,
+    /// Clones measured.
+    pub iterations: usize,
+    /// Clones alive at once.
+    pub concurrency: usize,
+    /// Restore request until the restored vCPUs run.
+    pub restore_ms: Percentiles,
+    /// Restore request until the agent's first frame.
+    pub agent_ms: Percentiles,
+    /// Restore request until `true` has run and the clone is torn down.
+    pub e2e_ms: Percentiles,
+    /// Host memory (PSS) per live clone beyond what the process had before,
+    /// with `concurrency` clones connected and idle.
+    pub pss_kib_per_clone: f64,
+    /// Baseline measured in the same run: opening `/dev/kvm`, creating an
+    /// empty VM and one vCPU, and closing them (what every restore must at
+    /// least pay).
+    pub baseline_create_vm_ms: Percentiles,
+}
+
+impl RestoreReport {
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// A human-readable table.
+    pub fn to_table(&self) -> String {
+        let row = |name: &str, p: &Percentiles| {
+            format!(
+                "{name:<36} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
+                p.min, p.p50, p.p99, p.max
+            )
+        };
+        let ratio = if self.baseline_create_vm_ms.p50 > 0.0 {
+            self.restore_ms.p50 / self.baseline_create_vm_ms.p50
+        } else {
+            0.0
+        };
+        format!(
+            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}PSS per live clone: {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\n",
+            self.snapshot,
+            self.iterations,
+            self.concurrency,
+            self.vcpus,
+            self.mem_mib,
+            "(ms)",
+            "min",
+            "p50",
+            "p99",
+            "max",
+            row("restore (request -> vCPUs run)", &self.restore_ms),
+            row("agent (request -> first frame)", &self.agent_ms),
+            row("end to end (`true`, teardown)", &self.e2e_ms),
+            row("baseline: create VM + vCPU", &self.baseline_create_vm_ms),
+            self.pss_kib_per_clone,
+        )
+    }
+}
+
+/// This process's proportional set size, in KiB.
+pub fn own_pss_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// One clone's figures.
+struct CloneSample {
+    restore_ms: f64,
+    agent_ms: f64,
+    e2e_ms: f64,
+}
+
+/// Restores `snapshot` `iterations` times, `concurrency` clones at a time
+/// (each on its own thread, all connected before any invokes), runs `true`
+/// in each and tears it down.
+pub fn restore(
+    snapshot: &Snapshot,
+    iterations: usize,
+    concurrency: usize,
+) -> Result<RestoreReport, BenchError> {
+    let concurrency = concurrency.clamp(1, iterations.max(1));
+    let baseline = (0..iterations.clamp(5, 50))
+        .map(|_| create_vm_baseline())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samples = Vec::with_capacity(iterations);
+    let mut pss_per_clone = Vec::new();
+    let mut left = iterations;
+    while left > 0 {
+        let batch = left.min(concurrency);
+        left -= batch;
+        let before = own_pss_kib();
+        let barrier = std::sync::Barrier::new(batch + 1);
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..batch)
+                .map(|_| scope.spawn(|| restore_once(snapshot, &barrier)))
+                .collect();
+            barrier.wait();
+            // Every clone is restored and connected (or has failed): this
+            // is the memory of `batch` idle clones.
+            let during = own_pss_kib();
+            barrier.wait();
+            if let (Some(b), Some(d)) = (before, during) {
+                pss_per_clone.push(d.saturating_sub(b) as f64 / batch as f64);
+            }
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(BenchError::Boot("clone thread panicked".into())))
+                })
+                .collect::<Vec<_>>()
+        });
+        for result in results {
+            samples.push(result?);
+        }
+    }
+    Ok(RestoreReport {
+        snapshot: snapshot.dir().display().to_string(),
+        mem_mib: snapshot.mem_mib(),
+        vcpus: snapshot.vcpus(),
+        iterations: samples.len(),
+        concurrency,
+        restore_ms: Percentiles::of(samples.iter().map(|s| s.restore_ms)),
+        agent_ms: Percentiles::of(samples.iter().map(|s| s.agent_ms)),
+        e2e_ms: Percentiles::of(samples.iter().map(|s| s.e2e_ms)),
+        pss_kib_per_clone: Summary::of(pss_per_clone).p50,
+        baseline_create_vm_ms: Percentiles::of(baseline),
+    })
+}
+
+fn restore_once(
+    snapshot: &Snapshot,
+    barrier: &std::sync::Barrier,
+) -> Result<CloneSample, BenchError> {
+    let sandbox = Sandbox::restore(snapshot, &RestoreOptions::default());
+    // Both barrier waits happen whatever the outcome, so no thread hangs.
+    barrier.wait();
+    barrier.wait();
+    let mut sandbox = sandbox.map_err(|e| BenchError::Boot(e.to_string()))?;
+    let ready = sandbox.ready_timings();
+    let invoke_started = Instant::now();
+    let outcome = sandbox
+        .invoke(&Invocation::new(["true"]))
+        .map_err(|e| BenchError::Boot(e.to_string()))?;
+    if outcome.status != crate::sandbox::ExitStatus::Code(0) {
+        return Err(BenchError::Boot(format!(
+            "`true` ended with {:?}",
+            outcome.status
+        )));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // The wait at the barriers is not the clone's time.
+    let e2e = ready.ready + invoke_started.elapsed();
+    Ok(CloneSample {
+        restore_ms: ms(ready.start),
+        agent_ms: ms(ready.agent),
+        e2e_ms: ms(e2e),
+    })
+}
+
+/// Creates and destroys an empty VM with one vCPU: the floor under any
+/// restore, measured on the same host in the same run.
+fn create_vm_baseline() -> Result<f64, BenchError> {
+    let started = Instant::now();
+    let kvm = crate::vstate::kvm().map_err(|e| BenchError::Boot(e.to_string()))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| BenchError::Boot(e.to_string()))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| BenchError::Boot(e.to_string()))?;
+    drop(vcpu);
+    drop(vm);
+    Ok(started.elapsed().as_secs_f64() * 1e3)
 }

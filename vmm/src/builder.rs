@@ -7,7 +7,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{self as arch, boot::configure_boot, mptable::setup_mptable};
@@ -29,12 +29,12 @@ impl Machine {
     /// it to power off.
     pub fn boot(config: &VmConfig) -> Result<Machine, BuildError> {
         let requested = Instant::now();
-        let kvm = Kvm::new().map_err(BuildError::KvmOpen)?;
+        let kvm = crate::vstate::kvm().map_err(BuildError::KvmOpen)?;
         let host = HostKind::detect();
         config.validate(kvm.get_max_vcpus(), host_memory_bytes())?;
         log::debug!("host: {host}, KVM max vCPUs {}", kvm.get_max_vcpus());
 
-        let vm = Vm::new(&kvm)?;
+        let vm = Vm::new(kvm)?;
         let memory = create_guest_memory(config.mem_bytes())?;
         vm.register_memory(&memory)?;
         vm.create_irqchip()?;

@@ -9,15 +9,21 @@ use std::path::{Path, PathBuf};
 use crate::arch::x86_64::layout;
 
 /// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleOutput {
     /// The VMM's standard output.
-    #[default]
     Stdout,
     /// A file, created or truncated.
     File(PathBuf),
     /// Discarded (still scanned for the agent's readiness line).
     Sink,
+}
+
+/// A library user rarely wants a guest writing to its stdout.
+impl Default for ConsoleOutput {
+    fn default() -> Self {
+        ConsoleOutput::Sink
+    }
 }
 
 /// Everything needed to boot one microVM.
@@ -58,7 +64,7 @@ impl VmConfig {
             kernel: kernel.into(),
             initrd,
             cmdline_extra: String::new(),
-            console: ConsoleOutput::default(),
+            console: ConsoleOutput::Stdout,
             interactive: false,
             vsock_cid: crate::devices::virtio::vsock::DEFAULT_GUEST_CID,
             vsock_uds: None,

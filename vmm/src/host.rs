@@ -9,7 +9,7 @@
 use std::path::Path;
 
 /// The flavour of KVM behind `/dev/kvm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HostKind {
     /// Hardware-assisted KVM (Intel VMX or AMD SVM).
     Kvm,

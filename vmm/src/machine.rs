@@ -14,7 +14,7 @@ use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
 use crate::exit::VmExit;
 use crate::host::HostKind;
-use crate::vstate::{VcpuHandle, Vm};
+use crate::vstate::{Vcpu, VcpuHandle, Vm};
 
 /// Timestamps of a boot, for benchmarks and `--verbose`.
 #[derive(Debug, Clone)]
@@ -98,14 +98,20 @@ impl Machine {
     }
 
     fn halt(&mut self) {
+        self.pause();
+    }
+
+    /// Stops every vCPU (completing in-flight I/O) and the device event
+    /// loop, and returns the vCPUs, so their state can be saved. The
+    /// machine does not run again.
+    pub(crate) fn pause(&mut self) -> Vec<Vcpu> {
         for vcpu in &self.vcpus {
             vcpu.kick();
         }
-        for vcpu in &mut self.vcpus {
-            vcpu.stop();
-        }
+        let vcpus = self.vcpus.iter_mut().filter_map(VcpuHandle::stop).collect();
         self.event_loop.stop();
         lock(&self.devices.serial).flush();
+        vcpus
     }
 
     /// The console line the agent prints when it is ready.
@@ -116,6 +122,11 @@ impl Machine {
     /// A shared handle on [`Machine::agent_ready`], for another thread.
     pub fn agent_ready_watch(&self) -> Arc<LineWatch> {
         self.devices.agent_ready.clone()
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
     }
 
     /// Boot timestamps.

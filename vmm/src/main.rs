@@ -1,18 +1,18 @@
 //! The `ember` command line: parse, call the library, print.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use std::io::{Read, Write};
-
 use ember::agent::OutputStream;
 use ember::bench;
 use ember::config::{ConsoleOutput, VmConfig};
-use ember::sandbox::ExitStatus;
+use ember::sandbox::{ExitStatus, ReadyTimings};
+use ember::snapshot::{self, RestoreOptions, Snapshot};
 use ember::{paths, Invocation, Machine, Outcome, Sandbox};
 
 #[derive(Parser)]
@@ -32,15 +32,26 @@ enum Command {
     Boot(BootArgs),
     /// Run one command in a fresh microVM and exit with its status.
     Run(RunArgs),
+    /// Create snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
 #[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Boot, wait for the agent (and an optional warm-up), save to DIR.
+    Create(SnapshotCreateArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Cold boots: process start to agent ready.
     Boot(BenchBootArgs),
+    /// Snapshot restores: restore, run `true`, tear down.
+    Restore(BenchRestoreArgs),
 }
 
 #[derive(Args, Clone)]
@@ -51,12 +62,12 @@ struct VmArgs {
     /// Initramfs (newc cpio) [default: the one built by setup]
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Number of vCPUs
-    #[arg(long, default_value_t = VmConfig::DEFAULT_VCPUS)]
-    vcpus: u8,
-    /// Guest memory in MiB
-    #[arg(long, default_value_t = VmConfig::DEFAULT_MEM_MIB)]
-    mem_mib: u32,
+    /// Number of vCPUs [default: 1, or the snapshot's]
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB [default: 128, or the snapshot's]
+    #[arg(long)]
+    mem_mib: Option<u32>,
     /// Appended to the guest kernel command line
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline_extra: String,
@@ -78,8 +89,13 @@ struct BootArgs {
 struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// Restore this snapshot instead of booting [default: a cached snapshot
+    /// of the default kernel and initramfs, created on first use; a cold
+    /// boot when --kernel or --initrd is given]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline_extra"])]
+    snapshot: Option<PathBuf>,
     /// Kill the command after this many milliseconds (exit status 124)
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_TIMEOUT_MS)]
     timeout_ms: u64,
     /// Environment variable for the command (repeatable); the command
     /// gets no other environment
@@ -103,12 +119,40 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+struct SnapshotCreateArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Shell command run once in the guest before the snapshot (must exit 0)
+    #[arg(long, value_name = "CMD")]
+    warmup: Option<String>,
+    /// Directory to write `state` and `memory` into
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct BenchBootArgs {
     #[command(flatten)]
     vm: VmArgs,
     /// Number of boots
     #[arg(long, default_value_t = 3)]
     iterations: u32,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchRestoreArgs {
+    /// Snapshot to restore [default: the cached default snapshot]
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// Number of clones to restore
+    #[arg(long, default_value_t = 20)]
+    iterations: usize,
+    /// Clones alive at once
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -131,18 +175,23 @@ impl VmArgs {
             );
         }
         let mut config = VmConfig::new(kernel, Some(initrd));
-        config.vcpus = self.vcpus;
-        config.mem_mib = self.mem_mib;
+        config.vcpus = self.vcpus.unwrap_or(VmConfig::DEFAULT_VCPUS);
+        config.mem_mib = self.mem_mib.unwrap_or(VmConfig::DEFAULT_MEM_MIB);
         config.cmdline_extra = self.cmdline_extra.clone();
         Ok(config)
+    }
+
+    fn cold_boot_requested(&self) -> bool {
+        self.kernel.is_some() || self.initrd.is_some()
     }
 }
 
 fn boot(args: BootArgs) -> Result<ExitCode> {
     let mut config = args.vm.to_config()?;
-    if let Some(path) = args.console {
-        config.console = ConsoleOutput::File(path);
-    }
+    config.console = match args.console {
+        Some(path) => ConsoleOutput::File(path),
+        None => ConsoleOutput::Stdout,
+    };
     // Only a terminal makes sense as the guest's keyboard.
     // SAFETY: isatty has no memory-safety preconditions.
     let stdin_is_tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
@@ -188,6 +237,27 @@ fn report_readiness(machine: &Machine) {
     });
 }
 
+/// Opens the snapshot `run` should restore: the one given, or the cached
+/// default one (created on first use).
+fn open_snapshot(explicit: Option<&Path>, vm: &VmArgs) -> Result<Snapshot> {
+    let dir = match explicit {
+        Some(dir) => dir.to_path_buf(),
+        None => {
+            let config = vm.to_config()?;
+            snapshot::ensure_cached_snapshot(&config, |dir| {
+                eprintln!(
+                    "ember: creating the default snapshot in {} (one cold boot, about 30 s on emulated-KVM hosts)...",
+                    dir.display()
+                );
+            })?
+        }
+    };
+    let snapshot =
+        Snapshot::open(&dir).with_context(|| format!("cannot use snapshot {}", dir.display()))?;
+    snapshot.check_shape(vm.vcpus, vm.mem_mib)?;
+    Ok(snapshot)
+}
+
 fn invocation(args: &RunArgs) -> Result<Invocation> {
     let mut inv = Invocation::new(args.command.iter().cloned());
     for pair in &args.env {
@@ -212,14 +282,20 @@ fn invocation(args: &RunArgs) -> Result<Invocation> {
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
         }
     };
+    inv.validate().map_err(anyhow::Error::msg)?;
     Ok(inv)
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let mut config = args.vm.to_config()?;
-    config.console = ConsoleOutput::Sink;
     let inv = invocation(&args)?;
-    let mut sandbox = Sandbox::boot(&config)?;
+    let mut sandbox = if args.vm.cold_boot_requested() {
+        let mut config = args.vm.to_config()?;
+        config.console = ConsoleOutput::Sink;
+        Sandbox::boot(&config)?
+    } else {
+        let snapshot = open_snapshot(args.snapshot.as_deref(), &args.vm)?;
+        Sandbox::restore(&snapshot, &RestoreOptions::default())?
+    };
     let ready = sandbox.ready_timings();
     let outcome = if args.json {
         sandbox.invoke(&inv)?
@@ -235,13 +311,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         })?
     };
     if args.json {
-        println!("{}", outcome_json(&outcome));
+        println!("{}", outcome_json(&outcome, &ready));
     }
     if args.verbose {
         eprintln!(
-            "ember: boot {:.1} ms, connect {:.1} ms, invoke {:.1} ms (guest wall {} ms), teardown {:.1} ms",
+            "ember: start {:.1} ms, agent greeting {:.1} ms, ready {:.1} ms, invoke {:.1} ms (guest wall {} ms), teardown {:.1} ms",
             ms(ready.start),
-            ms(ready.connect),
+            ms(ready.agent),
+            ms(ready.ready),
             ms(outcome.timings.invoke),
             outcome.usage.wall_ms,
             ms(outcome.timings.teardown)
@@ -251,7 +328,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 /// The outcome as one JSON object (file contents in base64).
-fn outcome_json(o: &Outcome) -> serde_json::Value {
+fn outcome_json(o: &Outcome, ready: &ReadyTimings) -> serde_json::Value {
     use base64::Engine;
     let b64 = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(d);
     let (code, signal) = match o.status {
@@ -276,13 +353,57 @@ fn outcome_json(o: &Outcome) -> serde_json::Value {
             "data_b64": f.data.as_deref().map(b64),
             "error": f.error,
         })).collect::<Vec<_>>(),
+        "host": {
+            "start_ms": ms(ready.start),
+            "agent_ms": ms(ready.agent),
+            "invoke_ms": ms(o.timings.invoke),
+            "teardown_ms": ms(o.timings.teardown),
+        },
     })
+}
+
+fn snapshot_create(args: SnapshotCreateArgs) -> Result<ExitCode> {
+    let mut config = args.vm.to_config()?;
+    config.console = ConsoleOutput::Sink;
+    let warmup = args
+        .warmup
+        .as_deref()
+        .map(|cmd| Invocation::new(["sh", "-c", cmd]));
+    eprintln!("ember: booting the template (about 30 s on emulated-KVM hosts)...");
+    let info = snapshot::create(&config, warmup.as_ref(), &args.out)?;
+    eprintln!(
+        "ember: snapshot in {} (boot {:.1} s, save {:.0} ms, {} KiB of memory written)",
+        info.dir.display(),
+        info.boot.as_secs_f64(),
+        ms(info.save),
+        info.memory_written >> 10
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench_boot(args: BenchBootArgs) -> Result<ExitCode> {
     let config = args.vm.to_config()?;
     let exe = std::env::current_exe().context("cannot find the ember binary")?;
     let report = bench::boot(&exe, &config, args.iterations).context("boot benchmark failed")?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
+    let vm = VmArgs {
+        kernel: None,
+        initrd: None,
+        vcpus: None,
+        mem_mib: None,
+        cmdline_extra: String::new(),
+    };
+    let snapshot = open_snapshot(args.snapshot.as_deref(), &vm)?;
+    let report = bench::restore(&snapshot, args.iterations, args.concurrency)
+        .context("restore benchmark failed")?;
     if args.json {
         println!("{}", report.to_json());
     } else {
@@ -331,7 +452,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Boot(args) => boot(args),
         Command::Run(args) => run(args),
+        Command::Snapshot(SnapshotCommand::Create(args)) => snapshot_create(args),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
+        Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
     };
     match result {
         Ok(code) => code,

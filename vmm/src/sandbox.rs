@@ -4,13 +4,16 @@
 //! waiting. It serves exactly one [`Invocation`] and is destroyed after it:
 //! nothing one invocation leaves behind can be seen by another.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ember_agent::protocol::Refresh;
 
 use crate::agent::{invoke_grace, AgentClient, AgentError, OutputStream};
 use crate::builder::BuildError;
 use crate::config::VmConfig;
 use crate::exit::VmExit;
 use crate::machine::Machine;
+use crate::snapshot::{RestoreOptions, Snapshot, SnapshotError};
 
 /// What to run, with what limits: the agent protocol's request.
 pub use ember_agent::protocol::Invoke as Invocation;
@@ -18,6 +21,37 @@ pub use ember_agent::protocol::{ExitStatus, FileIn, FileOut, Usage};
 
 /// How long a cold boot may take before the agent must be ready.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a restored clone's agent may take to answer (seconds of
+/// emulated guest-kernel work on PVM hosts, microseconds on hardware).
+pub const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Fresh entropy from the host's kernel and the host's wall clock.
+fn fresh_refresh() -> Refresh {
+    let mut entropy = vec![0u8; 64];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of
+        // `entropy`, which outlives the call.
+        let n = unsafe {
+            libc::getrandom(
+                entropy[filled..].as_mut_ptr().cast(),
+                entropy.len() - filled,
+                0,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            // EINTR: try again; getrandom(2) cannot otherwise fail here.
+            Err(_) => continue,
+        }
+    }
+    Refresh {
+        entropy,
+        unix_time_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    }
+}
 
 /// How an invocation ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,10 +86,14 @@ pub struct InvokeTimings {
 /// Where the host's time went before a sandbox was ready.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadyTimings {
-    /// From the request until the agent said it was ready.
+    /// From the request until the guest ran: for a boot, until the agent
+    /// announced itself on the console; for a restore, until the restored
+    /// vCPUs entered KVM_RUN.
     pub start: Duration,
-    /// Connecting to the agent and receiving its greeting.
-    pub connect: Duration,
+    /// From the request until the agent's greeting (its first frame).
+    pub agent: Duration,
+    /// From the request until the sandbox was ready for an invocation.
+    pub ready: Duration,
 }
 
 impl Outcome {
@@ -100,7 +138,35 @@ impl Sandbox {
         };
         let ready = ReadyTimings {
             start: ready_at.saturating_duration_since(started),
-            connect: ready_at.elapsed(),
+            agent: agent.hello_at().saturating_duration_since(started),
+            ready: started.elapsed(),
+        };
+        Ok(Sandbox {
+            machine,
+            agent,
+            used: false,
+            ready,
+        })
+    }
+
+    /// Restores a clone of `snapshot` and connects to its agent, which gets
+    /// fresh entropy and the host's clock before anything else: no two
+    /// clones share random state, and each one's clock is right.
+    pub fn restore(snapshot: &Snapshot, options: &RestoreOptions) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let mut machine = snapshot.restore(options)?;
+        let deadline = started + RESTORE_CONNECT_TIMEOUT;
+        let agent = match AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline) {
+            Ok(agent) => agent,
+            Err(e) => {
+                machine.stop();
+                return Err(e.into());
+            }
+        };
+        let ready = ReadyTimings {
+            start: machine.times().vmm_setup().unwrap_or_default(),
+            agent: agent.hello_at().saturating_duration_since(started),
+            ready: started.elapsed(),
         };
         Ok(Sandbox {
             machine,
@@ -180,6 +246,9 @@ pub enum SandboxError {
     /// Talking to the agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The sandbox already served its invocation.
     #[error("a sandbox serves one invocation; create a new one")]
     AlreadyUsed,

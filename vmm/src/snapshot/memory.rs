@@ -372,7 +372,10 @@ impl RegionDumper<'_> {
 
 /// Checks a layout read from a snapshot against the memory file's length
 /// and returns the total guest memory size.
-fn validate_layout(layout: &[MemoryRegionLayout], file_len: u64) -> Result<u64, MemoryFileError> {
+pub fn validate_layout(
+    layout: &[MemoryRegionLayout],
+    file_len: u64,
+) -> Result<u64, MemoryFileError> {
     if layout.is_empty() {
         return Err(MemoryFileError::EmptyLayout);
     }

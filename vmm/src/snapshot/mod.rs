@@ -18,17 +18,82 @@
 //! the change in pages it has not copied yet, and a shrunk file makes its
 //! accesses fault.
 
+pub mod cache;
+pub mod contents;
+pub mod create;
 pub mod format;
 pub mod memory;
+pub mod restore;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use cache::{cached_snapshot_dir, ensure_cached_snapshot};
+pub use create::{create, SnapshotInfo};
 pub use format::{read_state, write_state, FormatError, FORMAT_VERSION, MAX_STATE_LEN};
 pub use memory::{
-    dump_memory, dump_memory_with_stats, map_memory, DumpStats, MemoryFileError, MemoryRegionLayout,
+    dump_memory, dump_memory_with_stats, map_memory, open_memory_file, DumpStats, MemoryFileError,
+    MemoryRegionLayout,
 };
+pub use restore::{RestoreOptions, Snapshot};
+
+use crate::agent::AgentError;
+use crate::arch::x86_64::state::StateError;
+use crate::builder::BuildError;
+use crate::devices::set::DeviceError;
+use crate::exit::VmExit;
+use crate::vstate::vm::VmError;
+
+/// A snapshot could not be created or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The `state` file is unreadable, corrupt or of another version.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// The `memory` file is missing, short, or does not match the layout.
+    #[error(transparent)]
+    Memory(#[from] MemoryFileError),
+    /// The state contradicts itself.
+    #[error("snapshot state is inconsistent: {0}")]
+    Invalid(String),
+    /// The snapshot does not fit the request or this host.
+    #[error("snapshot mismatch: {0}")]
+    Mismatch(String),
+    /// Booting the template failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The template's agent never became ready.
+    #[error("the guest agent never became ready ({0})")]
+    NotReady(VmExit),
+    /// Talking to the template's agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The warm-up invocation failed.
+    #[error("the warm-up invocation failed: {0}")]
+    Warmup(String),
+    /// The guest did not close the agent connection before the snapshot.
+    #[error("the guest did not close its vsock connections in time")]
+    Quiesce,
+    /// A vCPU could not be paused.
+    #[error("cannot pause every vCPU")]
+    Pause,
+    /// A KVM ioctl failed.
+    #[error("KVM: {0}")]
+    Kvm(kvm_ioctls::Error),
+    /// Saving or restoring vCPU/VM state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Setting up the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The devices could not be restored.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// A snapshot directory operation failed.
+    #[error("{path}: {source}", path = .0.display(), source = .1)]
+    Io(PathBuf, io::Error),
+}
 
 /// Name of the state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";

@@ -6,3 +6,18 @@ pub mod vm;
 
 pub use vcpu::{Vcpu, VcpuHandle};
 pub use vm::Vm;
+
+use std::sync::OnceLock;
+
+use kvm_ioctls::Kvm;
+
+/// This process's handle on `/dev/kvm`, opened once: every VM is created
+/// from it, so a restore does not pay for opening the device again.
+pub fn kvm() -> Result<&'static Kvm, kvm_ioctls::Error> {
+    static KVM: OnceLock<Kvm> = OnceLock::new();
+    if let Some(kvm) = KVM.get() {
+        return Ok(kvm);
+    }
+    let kvm = Kvm::new()?;
+    Ok(KVM.get_or_init(|| kvm))
+}

@@ -44,6 +44,34 @@ const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 const HUB_EVENT: u32 = 3;
 const STREAM_EVENT: u32 = 4;
 
+/// Tells waiters when the device has no connection left.
+#[derive(Debug, Default)]
+pub struct IdleSignal {
+    idle: Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl IdleSignal {
+    fn set(&self, idle: bool) {
+        let mut state = lock(&self.idle);
+        if *state != idle {
+            *state = idle;
+            self.cond.notify_all();
+        }
+    }
+
+    /// Waits until no connection is open, at most `timeout`; returns whether
+    /// that happened.
+    pub fn wait(&self, timeout: std::time::Duration) -> bool {
+        let idle = lock(&self.idle);
+        let (idle, _) = self
+            .cond
+            .wait_timeout_while(idle, timeout, |idle| !*idle)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *idle
+    }
+}
+
 /// The vsock device model.
 #[derive(Debug)]
 pub struct Vsock {
@@ -56,6 +84,11 @@ pub struct Vsock {
     active: Option<(GuestMemoryMmap, Vec<Queue>)>,
     /// Reused buffers, so the data path does not allocate per packet.
     scratch: Vec<u8>,
+    idle: Arc<IdleSignal>,
+    /// A transport reset was sent and the guest has not yet handed the
+    /// event buffer back: until it does, it may still reset any connection,
+    /// so nothing new is offered to it.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -81,7 +114,18 @@ impl Vsock {
             muxer: Muxer::new(cid, backend),
             active: None,
             scratch: vec![0u8; MAX_PKT_DATA as usize],
+            idle: Arc::new(IdleSignal {
+                idle: Mutex::new(true),
+                cond: std::sync::Condvar::new(),
+            }),
+            reset_pending: false,
         })
+    }
+
+    /// Signals when the last connection closes (to quiesce before a
+    /// snapshot).
+    pub fn idle_signal(&self) -> Arc<IdleSignal> {
+        self.idle.clone()
     }
 
     /// The guest's context ID.
@@ -118,6 +162,9 @@ impl Vsock {
             .and_then(|d| mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr()).ok())
             .map_or(0, |()| 4);
         if queue.add_used(&*mem, head, written).is_ok() {
+            // Linux re-posts the buffer and notifies the event queue only
+            // after it has reset its sockets.
+            self.reset_pending = true;
             self.interrupt.trigger(INT_VRING);
         }
     }
@@ -173,6 +220,9 @@ impl Vsock {
 
     /// Fills receive buffers with whatever the muxer has for the guest.
     fn process_rx(&mut self) {
+        if self.reset_pending {
+            return;
+        }
         let Some((mem, queues)) = self.active.as_mut() else {
             return;
         };
@@ -327,6 +377,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_pending = false;
         self.muxer.reset();
     }
 
@@ -381,6 +432,9 @@ impl MutEventSubscriber for VsockEvents {
                 if let Some(evt) = dev.queue_events.get(tag as usize) {
                     let _ = evt.read();
                 }
+                if tag as usize == EVENT_QUEUE {
+                    dev.reset_pending = false;
+                }
             }
             HUB_EVENT => {
                 // Before the driver is up, the requests wait in the muxer.
@@ -396,5 +450,6 @@ impl MutEventSubscriber for VsockEvents {
         }
         dev.run_queues();
         dev.sync_registrations(ops);
+        dev.idle.set(dev.muxer.connection_count() == 0);
     }
 }

@@ -1,0 +1,74 @@
+//! The default snapshot: one per (kernel, initramfs, vCPUs, memory, host),
+//! created on first use and cached next to the guest artifacts.
+
+use std::path::PathBuf;
+
+use super::{create, SnapshotError, FORMAT_VERSION, STATE_FILE};
+use crate::config::{ConsoleOutput, VmConfig};
+use crate::host::HostKind;
+use crate::paths;
+
+/// Where the default snapshot for `config` lives. The key covers what the
+/// snapshot depends on; the kernel and initramfs paths resolve to their
+/// content-addressed cache entries, so a rebuilt image gets a new snapshot.
+pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
+    let resolve = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    let key = format!(
+        "{}|{}|{}|{}|{}|{:?}|{}|{}",
+        resolve(&config.kernel).display(),
+        config
+            .initrd
+            .as_ref()
+            .map(|p| resolve(p).display().to_string())
+            .unwrap_or_default(),
+        config.vcpus,
+        config.mem_mib,
+        config.cmdline_extra,
+        HostKind::detect(),
+        FORMAT_VERSION,
+        env!("CARGO_PKG_VERSION"),
+    );
+    paths::cache_dir().join(format!("snapshot-{:08x}", crc32fast::hash(key.as_bytes())))
+}
+
+/// The default snapshot for `config`, created first if it does not exist
+/// (`on_create` is told, since that takes a cold boot). Concurrent callers
+/// may each build one; the first to finish wins and the others use it.
+pub fn ensure_cached_snapshot(
+    config: &VmConfig,
+    on_create: impl FnOnce(&std::path::Path),
+) -> Result<PathBuf, SnapshotError> {
+    let dir = cached_snapshot_dir(config);
+    if dir.join(STATE_FILE).exists() {
+        return Ok(dir);
+    }
+    on_create(&dir);
+    let parent = paths::cache_dir();
+    std::fs::create_dir_all(&parent).map_err(|e| SnapshotError::Io(parent.clone(), e))?;
+    let building = parent.join(format!(
+        ".{}.building.{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let mut template = config.clone();
+    template.console = ConsoleOutput::Sink;
+    template.interactive = false;
+    let result = create(&template, None, &building);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&building);
+        return Err(e);
+    }
+    if std::fs::rename(&building, &dir).is_err() {
+        // Somebody else finished first: theirs is as good as ours.
+        let _ = std::fs::remove_dir_all(&building);
+        if !dir.join(STATE_FILE).exists() {
+            return Err(SnapshotError::Io(
+                dir,
+                std::io::Error::other("cannot install the new snapshot"),
+            ));
+        }
+    }
+    Ok(dir)
+}

@@ -1,0 +1,111 @@
+//! Taking a snapshot: boot, wait for the agent, optionally warm up, pause,
+//! save.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::contents::SnapshotState;
+use super::{dump_memory_with_stats, write_state, SnapshotError, MEMORY_FILE, STATE_FILE};
+use crate::agent::AgentClient;
+use crate::arch::x86_64::state::{save_vcpu, save_vm, saveable_msrs};
+use crate::config::VmConfig;
+use crate::devices::bus::lock;
+use crate::machine::Machine;
+use crate::sandbox::ExitStatus;
+use crate::sandbox::{Invocation, BOOT_TIMEOUT};
+
+/// How long the guest may take to close the agent connection before the
+/// snapshot (one emulated vsock round trip on PVM hosts, microseconds on
+/// hardware KVM).
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What was created.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Time from the boot request to the agent's greeting.
+    pub boot: Duration,
+    /// Time to pause the guest and write both files.
+    pub save: Duration,
+    /// Bytes of guest memory written (the rest are holes).
+    pub memory_written: u64,
+}
+
+/// Boots `config`, waits until the agent is ready (and has run `warmup`,
+/// if given, which must exit 0), and saves the paused microVM into `out`
+/// (created if missing; existing snapshot files are replaced).
+pub fn create(
+    config: &VmConfig,
+    warmup: Option<&Invocation>,
+    out: &Path,
+) -> Result<SnapshotInfo, SnapshotError> {
+    std::fs::create_dir_all(out).map_err(|e| SnapshotError::Io(out.to_path_buf(), e))?;
+    let started = Instant::now();
+    let mut machine = Machine::boot(config)?;
+    if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
+        return Err(SnapshotError::NotReady(machine.stop()));
+    }
+    let mut agent = AgentClient::connect(&machine, started + BOOT_TIMEOUT)?;
+    let boot = started.elapsed();
+    if let Some(warmup) = warmup {
+        let deadline = Instant::now() + Duration::from_millis(warmup.timeout_ms) + QUIESCE_TIMEOUT;
+        let exit = agent.invoke(warmup, deadline, |_, _| {})?;
+        if exit.timed_out || exit.status != ExitStatus::Code(0) {
+            return Err(SnapshotError::Warmup(format!(
+                "{:?}{}",
+                exit.status,
+                if exit.timed_out { ", timed out" } else { "" }
+            )));
+        }
+    }
+    // The snapshot must hold no connection: the agent goes back to waiting
+    // for the next one, which is where every clone starts.
+    let idle = lock(&machine.devices.vsock).idle_signal();
+    drop(agent);
+    if !idle.wait(QUIESCE_TIMEOUT) {
+        return Err(SnapshotError::Quiesce);
+    }
+    let saving = Instant::now();
+    let memory_written = save(&mut machine, out)?;
+    Ok(SnapshotInfo {
+        dir: out.to_path_buf(),
+        boot,
+        save: saving.elapsed(),
+        memory_written,
+    })
+}
+
+/// Pauses `machine` for good and writes its snapshot into `dir`; returns
+/// the bytes of guest memory written.
+fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotError> {
+    let vcpus = machine.pause();
+    if vcpus.len() != machine.vcpu_count() {
+        return Err(SnapshotError::Pause);
+    }
+    let kvm = crate::vstate::kvm().map_err(SnapshotError::Kvm)?;
+    let msrs = saveable_msrs(kvm)?;
+    let vm = save_vm(machine.vm.fd())?;
+    let vcpu_states = vcpus
+        .iter()
+        .map(|vcpu| save_vcpu(vcpu.fd(), &msrs))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (memory, stats) = dump_memory_with_stats(&machine.memory, &dir.join(MEMORY_FILE))?;
+    let state = SnapshotState {
+        host: machine.host,
+        vcpus: u8::try_from(vcpus.len()).map_err(|_| SnapshotError::Pause)?,
+        mem_mib: u32::try_from(memory.iter().map(|r| r.size).sum::<u64>() >> 20)
+            .map_err(|_| SnapshotError::Pause)?,
+        vsock_cid: machine.vsock_cid(),
+        kernel_cmdline: machine.cmdline.clone(),
+        memory,
+        vm,
+        vcpu_states,
+        devices: machine.devices.state(),
+        created_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    };
+    write_state(&dir.join(STATE_FILE), &state)?;
+    Ok(stats.written)
+}

@@ -1,0 +1,167 @@
+//! Restoring a snapshot into a running microVM.
+//!
+//! [`Snapshot::open`] reads and checks the state file once; every
+//! [`Snapshot::restore`] after that builds a clone from it. A restore does
+//! no work proportional to guest memory: the `memory` file is mapped
+//! copy-on-write and pages come in as the guest touches them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::contents::SnapshotState;
+use super::memory::validate_layout;
+use super::{map_memory, open_memory_file, read_state, SnapshotError, MEMORY_FILE, STATE_FILE};
+use crate::arch::x86_64::state::{restore_vcpu, restore_vm};
+use crate::builder::host_memory_bytes;
+use crate::config::ConsoleOutput;
+use crate::devices::bus::lock;
+use crate::devices::set::{DeviceOptions, DeviceSet};
+use crate::host::HostKind;
+use crate::machine::Machine;
+use crate::vstate::Vm;
+
+/// How a clone connects to the host.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Where the clone's console goes (discarded by default).
+    pub console: ConsoleOutput,
+    /// Firecracker-style vsock Unix socket for the clone, if wanted.
+    pub vsock_uds: Option<PathBuf>,
+}
+
+/// An opened, validated snapshot, ready to be restored any number of
+/// times.
+#[derive(Debug)]
+pub struct Snapshot {
+    dir: PathBuf,
+    state: SnapshotState,
+    memory: File,
+}
+
+impl Snapshot {
+    /// Reads `dir/state`, checks it (format, version, checksum, internal
+    /// consistency) and that `dir/memory` is large enough for its layout.
+    pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let state: SnapshotState = read_state(&dir.join(STATE_FILE))?;
+        state.validate().map_err(SnapshotError::Invalid)?;
+        let memory = open_memory_file(&dir.join(MEMORY_FILE))?;
+        let len = memory
+            .metadata()
+            .map_err(|e| SnapshotError::Io(dir.join(MEMORY_FILE), e))?
+            .len();
+        validate_layout(&state.memory, len)?;
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            state,
+            memory,
+        })
+    }
+
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of vCPUs of every clone.
+    pub fn vcpus(&self) -> u8 {
+        self.state.vcpus
+    }
+
+    /// Guest RAM of every clone, in MiB.
+    pub fn mem_mib(&self) -> u32 {
+        self.state.mem_mib
+    }
+
+    /// The guest kernel's command line.
+    pub fn kernel_cmdline(&self) -> &str {
+        &self.state.kernel_cmdline
+    }
+
+    /// Refuses a restore whose requested shape differs from the
+    /// snapshot's: a clone's vCPUs and memory are fixed by it.
+    pub fn check_shape(
+        &self,
+        vcpus: Option<u8>,
+        mem_mib: Option<u32>,
+    ) -> Result<(), SnapshotError> {
+        let mismatch = |what: &str, asked: u64, has: u64| {
+            SnapshotError::Mismatch(format!(
+                "the snapshot has {has} {what}, {asked} were asked for"
+            ))
+        };
+        if let Some(v) = vcpus.filter(|v| *v != self.state.vcpus) {
+            return Err(mismatch("vCPUs", v.into(), self.state.vcpus.into()));
+        }
+        if let Some(m) = mem_mib.filter(|m| *m != self.state.mem_mib) {
+            return Err(mismatch(
+                "MiB of memory",
+                m.into(),
+                self.state.mem_mib.into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds and starts a clone. Returns once its vCPUs run.
+    pub fn restore(&self, options: &RestoreOptions) -> Result<Machine, SnapshotError> {
+        let requested = Instant::now();
+        let state = &self.state;
+        let host = HostKind::detect();
+        if host != state.host {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot was taken on {}, this host is {host}",
+                state.host
+            )));
+        }
+        if u64::from(state.mem_mib) << 20 > host_memory_bytes() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot needs {} MiB of memory, more than this host has",
+                state.mem_mib
+            )));
+        }
+        let kvm = crate::vstate::kvm().map_err(SnapshotError::Kvm)?;
+        if usize::from(state.vcpus) > kvm.get_max_vcpus() {
+            return Err(SnapshotError::Mismatch(format!(
+                "the snapshot has {} vCPUs, KVM allows {}",
+                state.vcpus,
+                kvm.get_max_vcpus()
+            )));
+        }
+        let vm = Vm::new(kvm)?;
+        // Memory before the irqchip (PLATFORM.md): the other order costs
+        // ~7 ms per slot on PVM hosts.
+        let memory = map_memory(&self.memory, &state.memory)?;
+        vm.register_memory(&memory)?;
+        vm.create_irqchip()?;
+        // A clone keeps time with kvm-clock and the LAPIC; a re-armed PIT
+        // would only cost emulated interrupt work (PLATFORM.md).
+        restore_vm(vm.fd(), &state.vm, false)?;
+
+        let options = DeviceOptions {
+            console: options.console.clone(),
+            interactive: false,
+            vsock_cid: state.vsock_cid,
+            vsock_uds: options.vsock_uds.clone(),
+        };
+        let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;
+        // Connections the guest remembers do not exist on this host.
+        lock(&devices.vsock).send_transport_reset();
+
+        let mut vcpus = Vec::with_capacity(state.vcpu_states.len());
+        for (id, vcpu_state) in state.vcpu_states.iter().enumerate() {
+            let fd = vm.fd().create_vcpu(id as u64).map_err(SnapshotError::Kvm)?;
+            restore_vcpu(&fd, vcpu_state)?;
+            vcpus.push(fd);
+        }
+        Ok(Machine::start(
+            vm,
+            memory,
+            devices,
+            vcpus,
+            host,
+            requested,
+            state.kernel_cmdline.clone(),
+        )?)
+    }
+}
