@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{sandbox, sh, BOOT_TIMEOUT};
+use common::{sandbox, sh};
 use ember::sandbox::{ExitStatus, FileIn};
 use ember_agent::protocol::{
     self, AgentMessage, ErrorKind, FrameKind, FrameReader, HostMessage, HEADER_LEN,
@@ -119,11 +119,9 @@ fn next(reader: &mut FrameReader<std::os::unix::net::UnixStream>) -> Option<Agen
 
 #[test]
 fn malformed_and_oversized_frames_are_rejected_and_the_agent_survives() {
-    let (kernel, initrd) = common::guest_artifacts();
-    let mut config = ember::VmConfig::new(kernel, Some(initrd));
-    config.console = ember::ConsoleOutput::Sink;
-    let mut vm = ember::Machine::boot(&config).unwrap();
-    vm.agent_ready().wait(BOOT_TIMEOUT).expect("agent ready");
+    let mut vm = common::shared_snapshot()
+        .restore(&Default::default())
+        .expect("restore");
     let connect = |vm: &ember::Machine| {
         let stream = vm.connect_vsock(protocol::AGENT_VSOCK_PORT).unwrap();
         stream

@@ -50,12 +50,36 @@ pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()))
 }
 
-/// A cold-booted sandbox from the default artifacts, console discarded.
-pub fn sandbox() -> ember::Sandbox {
+/// The default config: default artifacts, 1 vCPU, console discarded.
+pub fn default_config() -> ember::VmConfig {
     let (kernel, initrd) = guest_artifacts();
     let mut config = ember::VmConfig::new(kernel, Some(initrd));
     config.console = ember::ConsoleOutput::Sink;
-    ember::Sandbox::boot(&config).expect("sandbox boots")
+    config
+}
+
+/// The suite's shared snapshot of the default config: created once (the
+/// cached default snapshot, so later test binaries and runs reuse it) and
+/// opened once per test binary.
+pub fn shared_snapshot() -> &'static ember::snapshot::Snapshot {
+    static SNAPSHOT: std::sync::OnceLock<ember::snapshot::Snapshot> = std::sync::OnceLock::new();
+    SNAPSHOT.get_or_init(|| {
+        let dir = ember::snapshot::ensure_cached_snapshot(&default_config(), |dir| {
+            eprintln!("creating the suite's snapshot in {}", dir.display())
+        })
+        .expect("shared snapshot");
+        ember::snapshot::Snapshot::open(&dir).expect("shared snapshot opens")
+    })
+}
+
+/// A sandbox restored from the shared snapshot.
+pub fn sandbox() -> ember::Sandbox {
+    ember::Sandbox::restore(shared_snapshot(), &Default::default()).expect("sandbox restores")
+}
+
+/// A cold-booted sandbox from the default artifacts.
+pub fn cold_sandbox() -> ember::Sandbox {
+    ember::Sandbox::boot(&default_config()).expect("sandbox boots")
 }
 
 /// An invocation of `sh -c script`.

@@ -329,6 +329,8 @@ pub struct RestoreReport {
     /// empty VM and one vCPU, and closing them (what every restore must at
     /// least pay).
     pub baseline_create_vm_ms: Percentiles,
+    /// Median time of each restore step, in order (where `restore_ms` goes).
+    pub restore_steps_p50_ms: Vec<(String, f64)>,
 }
 
 impl RestoreReport {
@@ -350,8 +352,13 @@ impl RestoreReport {
         } else {
             0.0
         };
+        let steps: String = self
+            .restore_steps_p50_ms
+            .iter()
+            .map(|(name, ms)| format!("  {name:<34} {ms:>9.3}\n"))
+            .collect();
         format!(
-            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}PSS per live clone: {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\n",
+            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}PSS per live clone: {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
             self.snapshot,
             self.iterations,
             self.concurrency,
@@ -384,6 +391,7 @@ struct CloneSample {
     restore_ms: f64,
     agent_ms: f64,
     e2e_ms: f64,
+    steps: Vec<(&'static str, Duration)>,
 }
 
 /// Restores `snapshot` `iterations` times, `concurrency` clones at a time
@@ -441,6 +449,7 @@ pub fn restore(
         e2e_ms: Percentiles::of(samples.iter().map(|s| s.e2e_ms)),
         pss_kib_per_clone: Summary::of(pss_per_clone).p50,
         baseline_create_vm_ms: Percentiles::of(baseline),
+        restore_steps_p50_ms: step_medians(&samples),
     })
 }
 
@@ -454,6 +463,7 @@ fn restore_once(
     barrier.wait();
     let mut sandbox = sandbox.map_err(|e| BenchError::Boot(e.to_string()))?;
     let ready = sandbox.ready_timings();
+    let steps = sandbox.machine().times().steps.clone();
     let invoke_started = Instant::now();
     let outcome = sandbox
         .invoke(&Invocation::new(["true"]))
@@ -471,7 +481,32 @@ fn restore_once(
         restore_ms: ms(ready.start),
         agent_ms: ms(ready.agent),
         e2e_ms: ms(e2e),
+        steps,
     })
+}
+
+/// The median of each named step across samples, in first-seen order.
+fn step_medians(samples: &[CloneSample]) -> Vec<(String, f64)> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for (name, _) in samples.iter().flat_map(|s| &s.steps) {
+        if !names.contains(name) {
+            names.push(name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            // A step that repeats (one per vCPU) counts as its total.
+            let per_sample = samples.iter().map(|s| {
+                s.steps
+                    .iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, d)| d.as_secs_f64() * 1e3)
+                    .sum::<f64>()
+            });
+            (name.to_string(), Percentiles::of(per_sample).p50)
+        })
+        .collect()
 }
 
 /// Creates and destroys an empty VM with one vCPU: the floor under any

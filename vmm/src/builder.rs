@@ -17,7 +17,7 @@ use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host::HostKind;
 use crate::kernel_cmdline::{self, CmdlineError};
 use crate::loader::{self, LoaderError};
-use crate::machine::{BootTimes, Machine};
+use crate::machine::{BootTimes, Machine, StepClock};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::VmError;
@@ -82,7 +82,15 @@ impl Machine {
             .as_cstring()
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Machine::start(vm, memory, devices, vcpus, host, requested, cmdline)
+        Machine::start(
+            vm,
+            memory,
+            devices,
+            vcpus,
+            host,
+            StepClock::start(requested),
+            cmdline,
+        )
     }
 
     /// Starts a built VM: the device event loop, then one thread per vCPU.
@@ -92,10 +100,12 @@ impl Machine {
         mut devices: DeviceSet,
         vcpus: Vec<VcpuFd>,
         host: HostKind,
-        requested: Instant,
+        mut clock: StepClock,
         cmdline: String,
     ) -> Result<Machine, BuildError> {
+        let requested = clock.started();
         let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers))?;
+        clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
         let vcpus: Vec<Vcpu> = vcpus
             .into_iter()
@@ -121,6 +131,7 @@ impl Machine {
             times: BootTimes {
                 requested,
                 first_run,
+                steps: Vec::new(),
             },
             cmdline,
         };
@@ -129,6 +140,8 @@ impl Machine {
         for vcpu in vcpus {
             machine.vcpus.push(vcpu.start()?);
         }
+        clock.step("start vCPU threads");
+        machine.times.steps = clock.into_steps();
         Ok(machine)
     }
 }

@@ -20,9 +20,11 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    /// Detects the host kind from the loaded kernel modules.
+    /// Detects the host kind from the loaded kernel modules (once per
+    /// process: modules do not change under a running VMM's feet).
     pub fn detect() -> Self {
-        Self::from_sysfs(Path::new("/sys/module"))
+        static KIND: std::sync::OnceLock<HostKind> = std::sync::OnceLock::new();
+        *KIND.get_or_init(|| Self::from_sysfs(Path::new("/sys/module")))
     }
 
     fn from_sysfs(modules: &Path) -> Self {

@@ -16,13 +16,48 @@ use crate::exit::VmExit;
 use crate::host::HostKind;
 use crate::vstate::{Vcpu, VcpuHandle, Vm};
 
-/// Timestamps of a boot, for benchmarks and `--verbose`.
+/// Timestamps of a boot or restore, for benchmarks and `--verbose`.
 #[derive(Debug, Clone)]
 pub struct BootTimes {
-    /// When `Machine::boot` was called.
+    /// When `Machine::boot` (or the restore) was called.
     pub requested: Instant,
     /// When the first vCPU entered KVM_RUN (shared with the vCPU threads).
     pub first_run: Arc<OnceLock<Instant>>,
+    /// How long each step of building the VM took, in order.
+    pub steps: Vec<(&'static str, Duration)>,
+}
+
+/// Records how long each step of a build takes.
+#[derive(Debug)]
+pub(crate) struct StepClock {
+    started: Instant,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl StepClock {
+    pub(crate) fn start(at: Instant) -> Self {
+        StepClock {
+            started: at,
+            last: at,
+            steps: Vec::with_capacity(16),
+        }
+    }
+
+    /// Ends the step called `name`.
+    pub(crate) fn step(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now.saturating_duration_since(self.last)));
+        self.last = now;
+    }
+
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub(crate) fn into_steps(self) -> Vec<(&'static str, Duration)> {
+        self.steps
+    }
 }
 
 impl BootTimes {
