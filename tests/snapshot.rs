@@ -50,7 +50,11 @@ fn flipped_byte_in_state_is_rejected() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x40;
     std::fs::write(copy.state(), bytes).unwrap();
-    assert!(open_err(&copy.0).contains("checksum"), "{}", open_err(&copy.0));
+    assert!(
+        open_err(&copy.0).contains("checksum"),
+        "{}",
+        open_err(&copy.0)
+    );
 }
 
 #[test]
@@ -60,7 +64,10 @@ fn truncated_state_is_rejected() {
     for len in [0, 10, 30, bytes.len() - 1] {
         std::fs::write(copy.state(), &bytes[..len]).unwrap();
         let err = open_err(&copy.0);
-        assert!(err.contains("truncated") || err.contains("short") || err.contains("empty"), "{len}: {err}");
+        assert!(
+            err.contains("truncated") || err.contains("short") || err.contains("empty"),
+            "{len}: {err}"
+        );
     }
 }
 
@@ -70,14 +77,22 @@ fn wrong_version_is_rejected() {
     let mut bytes = std::fs::read(copy.state()).unwrap();
     bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(copy.state(), bytes).unwrap();
-    assert!(open_err(&copy.0).contains("version 99"), "{}", open_err(&copy.0));
+    assert!(
+        open_err(&copy.0).contains("version 99"),
+        "{}",
+        open_err(&copy.0)
+    );
 }
 
 #[test]
 fn missing_or_short_memory_is_rejected() {
     let copy = SnapshotCopy::new("memory");
     std::fs::remove_file(copy.0.join("memory")).unwrap();
-    assert!(open_err(&copy.0).contains("memory"), "{}", open_err(&copy.0));
+    assert!(
+        open_err(&copy.0).contains("memory"),
+        "{}",
+        open_err(&copy.0)
+    );
     std::fs::write(copy.0.join("memory"), vec![0u8; 4096]).unwrap();
     let err = open_err(&copy.0);
     assert!(err.contains("4096"), "{err}");
@@ -103,7 +118,9 @@ fn eight_concurrent_clones_run_and_see_distinct_entropy() {
                     let mut sandbox =
                         Sandbox::restore(snapshot, &RestoreOptions::default()).expect("restore");
                     let outcome = sandbox
-                        .invoke(&sh(&format!("echo clone {i}; head -c 16 /dev/urandom | od -An -tx1")))
+                        .invoke(&sh(&format!(
+                            "echo clone {i}; head -c 16 /dev/urandom | od -An -tx1"
+                        )))
                         .expect("invoke");
                     assert_eq!(outcome.status, ExitStatus::Code(0));
                     String::from_utf8(outcome.stdout).unwrap()
@@ -115,19 +132,35 @@ fn eight_concurrent_clones_run_and_see_distinct_entropy() {
     for (i, out) in outputs.iter().enumerate() {
         assert!(out.starts_with(&format!("clone {i}\n")), "{out}");
     }
-    let random: HashSet<&str> = outputs.iter().map(|o| o.lines().nth(1).unwrap_or("")).collect();
-    assert_eq!(random.len(), 8, "clones must not share entropy: {outputs:?}");
+    let random: HashSet<&str> = outputs
+        .iter()
+        .map(|o| o.lines().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        random.len(),
+        8,
+        "clones must not share entropy: {outputs:?}"
+    );
 }
 
 #[test]
 fn clone_clock_is_the_hosts() {
-    let outcome = common::sandbox().invoke(&ember::Invocation::new(["date", "+%s"])).unwrap();
-    let guest: i64 = String::from_utf8(outcome.stdout).unwrap().trim().parse().unwrap();
+    let outcome = common::sandbox()
+        .invoke(&ember::Invocation::new(["date", "+%s"]))
+        .unwrap();
+    let guest: i64 = String::from_utf8(outcome.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let host = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    assert!((host - guest).abs() < 60, "guest clock {guest}, host {host}");
+    assert!(
+        (host - guest).abs() < 60,
+        "guest clock {guest}, host {host}"
+    );
 }
 
 /// A snapshot taken after a warm-up keeps the guest's tmpfs and the
@@ -150,7 +183,12 @@ fn two_vcpu_snapshot_keeps_files_memory_and_both_cpus() {
         ))
         .unwrap();
     let stdout = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    assert_eq!(outcome.status, ExitStatus::Code(0), "{stdout} {}", String::from_utf8_lossy(&outcome.stderr));
+    assert_eq!(
+        outcome.status,
+        ExitStatus::Code(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&outcome.stderr)
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "persisted");
     let warmup_cwd = lines[1];

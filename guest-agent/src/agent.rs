@@ -1,10 +1,11 @@
-//! The agent's life as PID 1: set up, report ready, then serve signals and
-//! reap until told to power off.
+//! The agent's life as PID 1: set up, report ready, then serve the host
+//! (and signals, and orphans) until told to power off.
 
 use crate::cmdline::{self, AgentMode};
 use crate::reaper::{self, Event, Signals};
+use crate::server::{ServeOptions, Server};
 use crate::{
-    console, init, power, shell, sys, uptime, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY,
+    console, init, junk, power, shell, sys, uptime, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY,
 };
 
 /// Runs the agent. As PID 1 it never returns.
@@ -14,10 +15,16 @@ use crate::{
 /// finally `kill(-1, SIGKILL)`s and reboots, none of which may happen to the
 /// host it was started on by mistake. (Inside a fresh PID, mount and UTS
 /// namespace, as in `unshare -fpmu`, it is PID 1 and all of that stays in
-/// the namespaces.)
+/// the namespaces.) The exception are the test tools of `junk`
+/// (`ember-agent vsock-junk ...`, `ember-agent protocol-junk`), which touch
+/// nothing but a socket or stdout.
 pub fn run() -> i32 {
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        if let Some(status) = junk::run_tool(&args) {
+            return status;
+        }
         console::warn(&"not PID 1, refusing to run (the agent is the guest's /init)");
         return 2;
     }
@@ -54,6 +61,22 @@ fn run_as_init() -> ! {
         }
     };
 
+    // Listening before the ready line, so that a host that saw the line can
+    // connect at once.
+    let mut server = None;
+    if mode == AgentMode::Wait {
+        let (opts, warning) = ServeOptions::from_env();
+        if let Some(warning) = warning {
+            console::warn(&warning);
+        }
+        match Server::new(&signals, &opts) {
+            Ok(s) => server = Some(s),
+            // Still report ready and keep reaping: a guest that cannot serve
+            // is worth debugging on its console.
+            Err(err) => console::error(&err),
+        }
+    }
+
     let uptime_ms = uptime::read_uptime_ms()
         .map_err(|err| console::error(&err))
         .ok();
@@ -61,7 +84,22 @@ fn run_as_init() -> ! {
 
     let mut shell_pid = None;
     match mode {
-        AgentMode::Wait => {}
+        AgentMode::Wait => {
+            if let Some(mut server) = server {
+                match server.run() {
+                    Ok(signo) => {
+                        console::info(format_args!(
+                            "{} received, powering off",
+                            sys::signal_name(signo)
+                        ));
+                        power_off();
+                    }
+                    // Fall back to the signal loop below: reaping and
+                    // power-off keep working.
+                    Err(err) => console::error(&err),
+                }
+            }
+        }
         AgentMode::PowerOff => power_off(),
         AgentMode::Shell => match shell::spawn() {
             Ok(pid) => shell_pid = Some(pid),

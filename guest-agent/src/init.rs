@@ -43,7 +43,7 @@ struct Mount {
 
 /// In order: `/dev` first, because the later ones live under it and the
 /// console may have to be opened from it.
-const MOUNTS: [Mount; 6] = [
+const MOUNTS: [Mount; 7] = [
     Mount {
         source: c"devtmpfs",
         target: c"/dev",
@@ -64,6 +64,16 @@ const MOUNTS: [Mount; 6] = [
         source: c"sysfs",
         target: c"/sys",
         fstype: c"sysfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        data: c"",
+        mkdir_first: false,
+    },
+    // After sysfs, which provides the mount point (with CONFIG_CGROUPS).
+    // Invocations each get a group in it (see cgroup.rs).
+    Mount {
+        source: c"cgroup2",
+        target: c"/sys/fs/cgroup",
+        fstype: c"cgroup2",
         flags: libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         data: c"",
         mkdir_first: false,

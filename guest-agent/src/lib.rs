@@ -1,15 +1,19 @@
 //! ember's in-guest agent: PID 1 of every ember microVM.
 //!
 //! The host VMM depends on this crate for the contract between the two sides:
-//! the console lines the agent prints ([`READY_LINE`], [`POWER_OFF_LINE`]),
-//! the kernel command line keys it reads ([`cmdline`]) and the guest's user
+//! the wire protocol ([`protocol`], its main items re-exported here), the
+//! console lines the agent prints ([`READY_LINE`], [`POWER_OFF_LINE`]), the
+//! kernel command line keys it reads ([`cmdline`]) and the guest's user
 //! accounts. The agent itself is [`run`], called from the `ember-agent`
-//! binary, which the initramfs installs as `/init`.
+//! binary, which the initramfs installs as `/init`: once set up it serves
+//! the host over vsock, running one invocation at a time as the sandbox
+//! user in a cgroup of its own.
 //!
 //! In ember's test guests every system call costs about half a millisecond
 //! and every fork+exec about half a second (guest kernel mode is emulated),
-//! so the agent's boot path is written to make as few system calls as it can
-//! and to start no process.
+//! so the agent's boot and invocation paths are written to make as few
+//! system calls as they can, and to start no process but the invoked one
+//! (without a fork).
 
 // PID 1 exiting, for a panic too, panics the guest kernel: outside tests,
 // forbid the usual panicking shortcuts.
@@ -24,14 +28,20 @@
 )]
 
 pub mod cmdline;
+pub mod protocol;
 pub mod uptime;
 
 mod agent;
+mod cgroup;
 mod console;
 mod init;
+mod invoke;
+mod junk;
 mod power;
 mod reaper;
+mod server;
 mod shell;
+mod spawn;
 mod sys;
 
 pub use agent::run;
@@ -39,6 +49,13 @@ pub use cmdline::{
     AgentMode, AGENT_MODE_POWEROFF, AGENT_MODE_SHELL, AGENT_MODE_WAIT, CMDLINE_AGENT,
     CMDLINE_PREFIX,
 };
+pub use protocol::{
+    decode_frame, encode_frame, encode_frame_into, write_frame, AgentMessage, ErrorKind,
+    ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, Hello, HostMessage,
+    Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, MAX_CHUNK, MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
+};
+pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
 
 /// Start of the line the agent prints on the console once the guest is set
 /// up (file systems mounted, hostname set). The full line is

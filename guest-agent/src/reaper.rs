@@ -1,12 +1,13 @@
 //! Signals to PID 1 and reaping of every process that ends up its child.
 //!
-//! The signals the agent acts on are blocked and taken synchronously with
-//! `sigwaitinfo`: no handler runs in the middle of other code, nothing polls,
-//! and unlike signalfd it needs no optional kernel feature
-//! (`CONFIG_SIGNALFD`) and no extra descriptor.
+//! The signals the agent acts on are blocked and taken synchronously: with
+//! `sigwaitinfo` when there is nothing else to wait for, and through a
+//! signalfd in the server's event loop. Either way no handler runs in the
+//! middle of other code and nothing polls.
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -27,6 +28,8 @@ pub(crate) enum ReaperError {
     Wait { source: io::Error },
     #[error("reap children: {source}")]
     Reap { source: io::Error },
+    #[error("signalfd: {source}")]
+    SignalFd { source: io::Error },
 }
 
 /// What woke the agent up.
@@ -62,6 +65,16 @@ impl Signals {
         Ok(Signals { set })
     }
 
+    /// A non-blocking signalfd that reads the agent's signals, for an event
+    /// loop. The signals stay blocked, so `wait` and the power-off path
+    /// keep working alongside it.
+    pub(crate) fn signalfd(&self) -> Result<OwnedFd, ReaperError> {
+        // SAFETY: `self.set` is an initialised signal set; -1 asks for a new
+        // descriptor.
+        let fd = unsafe { libc::signalfd(-1, &self.set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        sys::owned(fd).map_err(|source| ReaperError::SignalFd { source })
+    }
+
     /// Blocks until one of the agent's signals is pending and takes it.
     pub(crate) fn wait(&self) -> Result<Event, ReaperError> {
         loop {
@@ -93,19 +106,71 @@ pub(crate) enum Children {
     None,
 }
 
+/// Takes every pending signal from a signalfd made by
+/// [`Signals::signalfd`]: whether SIGCHLD was among them, and the first
+/// power-off signal, if any.
+pub(crate) fn read_signalfd(fd: &OwnedFd) -> Result<(bool, Option<libc::c_int>), ReaperError> {
+    // SAFETY: signalfd_siginfo is plain integers; all-zero is valid.
+    let mut infos: [libc::signalfd_siginfo; 8] = unsafe { std::mem::zeroed() };
+    let mut child = false;
+    let mut power_off = None;
+    loop {
+        // SAFETY: `infos` is writable for its whole size.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                infos.as_mut_ptr().cast(),
+                std::mem::size_of_val(&infos),
+            )
+        };
+        if n < 0 {
+            return match sys::errno() {
+                libc::EINTR => continue,
+                libc::EAGAIN => Ok((child, power_off)),
+                _ => Err(ReaperError::Wait {
+                    source: sys::last_error(),
+                }),
+            };
+        }
+        let count = n.unsigned_abs() / std::mem::size_of::<libc::signalfd_siginfo>();
+        for info in infos.iter().take(count) {
+            let signo = libc::c_int::try_from(info.ssi_signo).unwrap_or(0);
+            if signo == libc::SIGCHLD {
+                child = true;
+            } else if POWER_OFF_SIGNALS.contains(&signo) && power_off.is_none() {
+                power_off = Some(signo);
+            }
+        }
+        // A short read means the queue is empty: save the EAGAIN call.
+        if count < infos.len() {
+            return Ok((child, power_off));
+        }
+    }
+}
+
 /// Reaps every child that has exited, without blocking, and calls
 /// `on_exit(pid, wait_status)` for each.
 pub(crate) fn reap(
     mut on_exit: impl FnMut(libc::pid_t, libc::c_int),
 ) -> Result<Children, ReaperError> {
+    reap_with_usage(|pid, status, _| on_exit(pid, status))
+}
+
+/// [`reap`], also handing over each child's resource usage (`wait4`, the
+/// same one system call as `waitpid`).
+pub(crate) fn reap_with_usage(
+    mut on_exit: impl FnMut(libc::pid_t, libc::c_int, &libc::rusage),
+) -> Result<Children, ReaperError> {
     loop {
         let mut status = 0;
-        // SAFETY: `status` is a valid place for the kernel to store the
-        // wait status; WNOHANG keeps the call from blocking.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        // SAFETY: rusage is plain integers; all-zero is valid.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `usage` are valid places for the kernel to
+        // store into; WNOHANG keeps the call from blocking.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
         match pid {
             0 => return Ok(Children::Running),
-            pid if pid > 0 => on_exit(pid, status),
+            pid if pid > 0 => on_exit(pid, status, &usage),
             _ => {
                 return match sys::errno() {
                     libc::ECHILD => Ok(Children::None),

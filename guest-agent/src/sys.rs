@@ -3,8 +3,9 @@
 //! calls (`statx` for a size hint, a second `read` to see EOF) that cost
 //! half a millisecond each in the guest.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// Reads a small procfs file such as `/proc/cmdline` into `buf` with one
 /// `open`, as few `read`s as it takes and one `close`.
@@ -49,6 +50,73 @@ pub(crate) fn read_proc_file<'a>(path: &CStr, buf: &'a mut [u8]) -> io::Result<&
     // close of a read-only procfs file loses nothing.
     unsafe { libc::close(fd) };
     result.map(|()| buf.get(..len).unwrap_or_default())
+}
+
+/// Turns a libc return value into a `Result`: negative means `errno`.
+pub(crate) fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(last_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Takes ownership of a descriptor a system call just returned (or its
+/// error).
+pub(crate) fn owned(rc: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = cvt(rc)?;
+    // SAFETY: `fd` was just returned by the kernel as a new descriptor that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `open(2)`; `O_CLOEXEC` is always added, so no descriptor of the agent
+/// leaks into the programs it runs.
+pub(crate) fn open(path: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: `path` is NUL-terminated; the kernel keeps no reference to it.
+    owned(unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode) })
+}
+
+/// Writes all of `data` to `fd`, retrying short writes and EINTR.
+pub(crate) fn write_all(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is valid for reads of `data.len()` bytes.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n < 0 {
+            let err = last_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        data = data
+            .get(n.unsigned_abs()..)
+            .filter(|_| n > 0)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::WriteZero))?;
+    }
+    Ok(())
+}
+
+/// A pipe as (read end, write end), both close-on-exec.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 stores.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    let [read, write] = fds;
+    // SAFETY: both were just created by pipe2 and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(read), OwnedFd::from_raw_fd(write)) })
+}
+
+/// Sets `O_NONBLOCK` on a descriptor that has no other flags worth keeping
+/// (a fresh pipe end): one `fcntl` instead of a get and a set.
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFL only changes the file status flags of `fd`.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) }).map(drop)
+}
+
+/// A C string of `s`, or `InvalidInput` if it holds a NUL byte.
+pub(crate) fn cstring(s: impl Into<Vec<u8>>) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in string"))
 }
 
 /// The calling thread's `errno` as an [`io::Error`].

@@ -1,19 +1,23 @@
 //! ember: a minimal KVM virtual machine monitor for snapshot-restored
 //! sandboxes.
 //!
-//! Boot a microVM from a kernel and an initramfs whose `/init` is
-//! `ember-agent`:
+//! Boot a guest once, snapshot it with its agent waiting, then restore a
+//! fresh clone for every invocation:
 //!
 //! ```no_run
-//! use ember::{paths, Machine, VmConfig};
+//! use ember::snapshot::{ensure_cached_snapshot, Snapshot};
+//! use ember::{paths, Invocation, Sandbox, VmConfig};
 //!
-//! let mut config = VmConfig::new(paths::default_kernel(), Some(paths::default_initrd()));
-//! config.vcpus = 2;
-//! let mut vm = Machine::boot(&config)?;
-//! let exit = vm.wait();
-//! assert!(exit.is_clean());
-//! # Ok::<(), ember::BuildError>(())
+//! let config = VmConfig::new(paths::default_kernel(), Some(paths::default_initrd()));
+//! let snapshot = Snapshot::open(&ensure_cached_snapshot(&config, |_| {})?)?;
+//! let mut sandbox = Sandbox::restore(&snapshot, &Default::default())?;
+//! let outcome = sandbox.invoke(&Invocation::new(["echo", "hello"]))?;
+//! assert_eq!(outcome.stdout, b"hello\n");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! [`Machine`] is the lower layer: a running microVM without an agent
+//! connection ([`Machine::boot`], [`snapshot::Snapshot::restore`]).
 
 pub mod agent;
 pub mod arch;

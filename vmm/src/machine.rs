@@ -47,7 +47,8 @@ impl StepClock {
     /// Ends the step called `name`.
     pub(crate) fn step(&mut self, name: &'static str) {
         let now = Instant::now();
-        self.steps.push((name, now.saturating_duration_since(self.last)));
+        self.steps
+            .push((name, now.saturating_duration_since(self.last)));
         self.last = now;
     }
 
