@@ -201,3 +201,59 @@ fn function_output_cannot_forge_frames() {
         "forged frames arrive as plain stdout"
     );
 }
+
+/// The Firecracker-compatible Unix socket: `CONNECT <port>` reaches the
+/// agent; a guest connection to host port P reaches `<uds>_P`.
+#[test]
+fn vsock_unix_socket_backend() {
+    let uds = common::temp_path("vsock.sock");
+    let _ = std::fs::remove_file(&uds);
+    let guest_side =
+        std::os::unix::net::UnixListener::bind(format!("{}_6000", uds.display())).unwrap();
+    let options = ember::snapshot::RestoreOptions {
+        vsock_uds: Some(uds.clone()),
+        ..Default::default()
+    };
+    let mut vm = common::shared_snapshot().restore(&options).unwrap();
+
+    let mut stream = std::os::unix::net::UnixStream::connect(&uds).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    stream.write_all(b"CONNECT 1024\n").unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        stream.read_exact(&mut byte).unwrap();
+        line.push(byte[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    assert!(
+        line.starts_with("OK ") && line.trim_end()[3..].parse::<u32>().is_ok(),
+        "{line:?}"
+    );
+    let mut reader = FrameReader::new(stream.try_clone().unwrap());
+    assert!(matches!(next(&mut reader), Some(AgentMessage::Hello(_))));
+
+    // Use this connection to make the guest connect back to port 6000.
+    let mut inv = sh("/init vsock-junk 6000 4096");
+    inv.timeout_ms = 60_000;
+    protocol::write_frame(&mut stream, FrameKind::Host, &HostMessage::Invoke(inv)).unwrap();
+    let (mut back, _) = guest_side.accept().unwrap();
+    let mut got = Vec::new();
+    back.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), 4096);
+    loop {
+        match next(&mut reader) {
+            Some(AgentMessage::Exit(exit)) => {
+                assert_eq!(exit.status, ExitStatus::Code(0));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("connection closed before Exit"),
+        }
+    }
+    vm.stop();
+    let _ = std::fs::remove_file(&uds);
+    let _ = std::fs::remove_file(format!("{}_6000", uds.display()));
+}

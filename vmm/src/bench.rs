@@ -323,8 +323,13 @@ pub struct RestoreReport {
     /// Restore request until `true` has run and the clone is torn down.
     pub e2e_ms: Percentiles,
     /// Host memory (PSS) per live clone beyond what the process had before,
-    /// with `concurrency` clones connected and idle.
+    /// with `concurrency` clones connected and idle. Shared snapshot pages
+    /// count once, divided among the clones mapping them.
     pub pss_kib_per_clone: f64,
+    /// Private memory per live clone (anonymous pages: guest pages the
+    /// clone wrote, VMM heap and stacks): its cost beyond the shared
+    /// snapshot pages.
+    pub private_kib_per_clone: f64,
     /// Baseline measured in the same run: opening `/dev/kvm`, creating an
     /// empty VM and one vCPU, and closing them (what every restore must at
     /// least pay).
@@ -358,7 +363,7 @@ impl RestoreReport {
             .map(|(name, ms)| format!("  {name:<34} {ms:>9.3}\n"))
             .collect();
         format!(
-            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}PSS per live clone: {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
+            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}per live clone: PSS {:.0} KiB, private {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
             self.snapshot,
             self.iterations,
             self.concurrency,
@@ -374,16 +379,20 @@ impl RestoreReport {
             row("end to end (`true`, teardown)", &self.e2e_ms),
             row("baseline: create VM + vCPU", &self.baseline_create_vm_ms),
             self.pss_kib_per_clone,
+            self.private_kib_per_clone,
         )
     }
 }
 
-/// This process's proportional set size, in KiB.
-pub fn own_pss_kib() -> Option<u64> {
+/// This process's memory: (PSS, anonymous), in KiB.
+pub fn own_memory_kib() -> Option<(u64, u64)> {
     let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some((field("Pss:")?, field("Anonymous:")?))
 }
 
 /// One clone's figures.
@@ -408,11 +417,12 @@ pub fn restore(
         .collect::<Result<Vec<_>, _>>()?;
     let mut samples = Vec::with_capacity(iterations);
     let mut pss_per_clone = Vec::new();
+    let mut private_per_clone = Vec::new();
     let mut left = iterations;
     while left > 0 {
         let batch = left.min(concurrency);
         left -= batch;
-        let before = own_pss_kib();
+        let before = own_memory_kib();
         let barrier = std::sync::Barrier::new(batch + 1);
         let results = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..batch)
@@ -421,10 +431,11 @@ pub fn restore(
             barrier.wait();
             // Every clone is restored and connected (or has failed): this
             // is the memory of `batch` idle clones.
-            let during = own_pss_kib();
+            let during = own_memory_kib();
             barrier.wait();
             if let (Some(b), Some(d)) = (before, during) {
-                pss_per_clone.push(d.saturating_sub(b) as f64 / batch as f64);
+                pss_per_clone.push(d.0.saturating_sub(b.0) as f64 / batch as f64);
+                private_per_clone.push(d.1.saturating_sub(b.1) as f64 / batch as f64);
             }
             handles
                 .into_iter()
@@ -448,6 +459,7 @@ pub fn restore(
         agent_ms: Percentiles::of(samples.iter().map(|s| s.agent_ms)),
         e2e_ms: Percentiles::of(samples.iter().map(|s| s.e2e_ms)),
         pss_kib_per_clone: Summary::of(pss_per_clone).p50,
+        private_kib_per_clone: Summary::of(private_per_clone).p50,
         baseline_create_vm_ms: Percentiles::of(baseline),
         restore_steps_p50_ms: step_medians(&samples),
     })

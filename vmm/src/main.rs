@@ -71,6 +71,14 @@ struct VmArgs {
     /// Appended to the guest kernel command line
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline_extra: String,
+    /// The guest's vsock context ID (a snapshot keeps the one it was taken with)
+    #[arg(long, default_value_t = ember::devices::virtio::vsock::DEFAULT_GUEST_CID)]
+    vsock_cid: u64,
+    /// Also expose vsock on this Unix socket, Firecracker style: host
+    /// programs connect and send `CONNECT <port>`; guest connections to
+    /// host port P go to `<PATH>_P`
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -178,6 +186,8 @@ impl VmArgs {
         config.vcpus = self.vcpus.unwrap_or(VmConfig::DEFAULT_VCPUS);
         config.mem_mib = self.mem_mib.unwrap_or(VmConfig::DEFAULT_MEM_MIB);
         config.cmdline_extra = self.cmdline_extra.clone();
+        config.vsock_cid = self.vsock_cid;
+        config.vsock_uds = self.vsock_uds.clone();
         Ok(config)
     }
 
@@ -294,7 +304,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Sandbox::boot(&config)?
     } else {
         let snapshot = open_snapshot(args.snapshot.as_deref(), &args.vm)?;
-        Sandbox::restore(&snapshot, &RestoreOptions::default())?
+        let options = RestoreOptions {
+            vsock_uds: args.vm.vsock_uds.clone(),
+            ..RestoreOptions::default()
+        };
+        Sandbox::restore(&snapshot, &options)?
     };
     let ready = sandbox.ready_timings();
     let outcome = if args.json {
@@ -400,6 +414,8 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
         vcpus: None,
         mem_mib: None,
         cmdline_extra: String::new(),
+        vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
+        vsock_uds: None,
     };
     let snapshot = open_snapshot(args.snapshot.as_deref(), &vm)?;
     let report = bench::restore(&snapshot, args.iterations, args.concurrency)

@@ -14,7 +14,7 @@ use crate::paths;
 pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
     let resolve = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
     let key = format!(
-        "{}|{}|{}|{}|{}|{:?}|{}|{}",
+        "{}|{}|{}|{}|{}|{}|{:?}|{}|{}",
         resolve(&config.kernel).display(),
         config
             .initrd
@@ -24,6 +24,7 @@ pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
         config.vcpus,
         config.mem_mib,
         config.cmdline_extra,
+        config.vsock_cid,
         HostKind::detect(),
         FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
@@ -55,6 +56,8 @@ pub fn ensure_cached_snapshot(
     let mut template = config.clone();
     template.console = ConsoleOutput::Sink;
     template.interactive = false;
+    // The template's own socket would outlive nothing: clones get theirs.
+    template.vsock_uds = None;
     let result = create(&template, None, &building);
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&building);
