@@ -94,6 +94,28 @@ impl AgentClient {
         }
     }
 
+    /// A client on a stream whose greeting `hello` was already received
+    /// (by a worker process that relays the connection).
+    pub fn attach(stream: UnixStream, hello: Hello) -> Result<Self, AgentError> {
+        Ok(AgentClient {
+            writer: stream.try_clone().map_err(AgentError::Connect)?,
+            reader: FrameReader::new(stream),
+            hello,
+            hello_at: Instant::now(),
+        })
+    }
+
+    /// The underlying stream (to relay it elsewhere). No byte beyond the
+    /// frames read so far has been consumed.
+    pub fn into_stream(self) -> UnixStream {
+        self.reader.into_inner()
+    }
+
+    /// Closes the connection both ways.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        self.writer.shutdown(std::net::Shutdown::Both)
+    }
+
     /// When the greeting arrived: the agent's first sign of life.
     pub fn hello_at(&self) -> Instant {
         self.hello_at

@@ -316,6 +316,8 @@ pub struct RestoreReport {
     pub iterations: usize,
     /// Clones alive at once.
     pub concurrency: usize,
+    /// Each clone ran in its own jailed worker process.
+    pub isolated: bool,
     /// Restore request until the restored vCPUs run.
     pub restore_ms: Percentiles,
     /// Restore request until the agent's first frame.
@@ -363,8 +365,9 @@ impl RestoreReport {
             .map(|(name, ms)| format!("  {name:<34} {ms:>9.3}\n"))
             .collect();
         format!(
-            "restore {}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}per live clone: PSS {:.0} KiB, private {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
+            "restore {}{}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}per live clone: PSS {:.0} KiB, private {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
             self.snapshot,
+            if self.isolated { " (isolated workers)" } else { "" },
             self.iterations,
             self.concurrency,
             self.vcpus,
@@ -386,7 +389,12 @@ impl RestoreReport {
 
 /// This process's memory: (PSS, anonymous), in KiB.
 pub fn own_memory_kib() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    process_memory_kib("self")
+}
+
+/// A process's memory (`pid` or `self`): (PSS, anonymous), in KiB.
+fn process_memory_kib(pid: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
@@ -397,6 +405,8 @@ pub fn own_memory_kib() -> Option<(u64, u64)> {
 
 /// One clone's figures.
 struct CloneSample {
+    /// An isolated clone's worker memory (PSS, anonymous) while idle.
+    worker_memory: Option<(u64, u64)>,
     restore_ms: f64,
     agent_ms: f64,
     e2e_ms: f64,
@@ -408,6 +418,7 @@ struct CloneSample {
 /// in each and tears it down.
 pub fn restore(
     snapshot: &Snapshot,
+    options: &RestoreOptions,
     iterations: usize,
     concurrency: usize,
 ) -> Result<RestoreReport, BenchError> {
@@ -426,24 +437,36 @@ pub fn restore(
         let barrier = std::sync::Barrier::new(batch + 1);
         let results = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..batch)
-                .map(|_| scope.spawn(|| restore_once(snapshot, &barrier)))
+                .map(|_| scope.spawn(|| restore_once(snapshot, options, &barrier)))
                 .collect();
             barrier.wait();
             // Every clone is restored and connected (or has failed): this
             // is the memory of `batch` idle clones.
             let during = own_memory_kib();
             barrier.wait();
-            if let (Some(b), Some(d)) = (before, during) {
-                pss_per_clone.push(d.0.saturating_sub(b.0) as f64 / batch as f64);
-                private_per_clone.push(d.1.saturating_sub(b.1) as f64 / batch as f64);
-            }
-            handles
+            let results = handles
                 .into_iter()
                 .map(|h| {
                     h.join()
                         .unwrap_or_else(|_| Err(BenchError::Boot("clone thread panicked".into())))
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            // In-process clones grow this process; isolated ones are
+            // measured in their workers (where PSS divides the shared
+            // snapshot pages among the workers mapping them).
+            let workers: Vec<(u64, u64)> = results
+                .iter()
+                .filter_map(|r| r.as_ref().ok().and_then(|s| s.worker_memory))
+                .collect();
+            if !workers.is_empty() {
+                let n = workers.len() as f64;
+                pss_per_clone.push(workers.iter().map(|w| w.0 as f64).sum::<f64>() / n);
+                private_per_clone.push(workers.iter().map(|w| w.1 as f64).sum::<f64>() / n);
+            } else if let (Some(b), Some(d)) = (before, during) {
+                pss_per_clone.push(d.0.saturating_sub(b.0) as f64 / batch as f64);
+                private_per_clone.push(d.1.saturating_sub(b.1) as f64 / batch as f64);
+            }
+            results
         });
         for result in results {
             samples.push(result?);
@@ -455,6 +478,7 @@ pub fn restore(
         vcpus: snapshot.vcpus(),
         iterations: samples.len(),
         concurrency,
+        isolated: options.isolation.is_some(),
         restore_ms: Percentiles::of(samples.iter().map(|s| s.restore_ms)),
         agent_ms: Percentiles::of(samples.iter().map(|s| s.agent_ms)),
         e2e_ms: Percentiles::of(samples.iter().map(|s| s.e2e_ms)),
@@ -467,15 +491,24 @@ pub fn restore(
 
 fn restore_once(
     snapshot: &Snapshot,
+    options: &RestoreOptions,
     barrier: &std::sync::Barrier,
 ) -> Result<CloneSample, BenchError> {
-    let sandbox = Sandbox::restore(snapshot, &RestoreOptions::default());
+    let sandbox = Sandbox::restore(snapshot, options);
     // Both barrier waits happen whatever the outcome, so no thread hangs.
     barrier.wait();
+    let worker_memory = sandbox
+        .as_ref()
+        .ok()
+        .and_then(Sandbox::worker_pid)
+        .and_then(|pid| process_memory_kib(&pid.to_string()));
     barrier.wait();
     let mut sandbox = sandbox.map_err(|e| BenchError::Boot(e.to_string()))?;
     let ready = sandbox.ready_timings();
-    let steps = sandbox.machine().times().steps.clone();
+    let steps = sandbox
+        .machine()
+        .map(|m| m.times().steps.clone())
+        .unwrap_or_default();
     let invoke_started = Instant::now();
     let outcome = sandbox
         .invoke(&Invocation::new(["true"]))
@@ -490,6 +523,7 @@ fn restore_once(
     // The wait at the barriers is not the clone's time.
     let e2e = ready.ready + invoke_started.elapsed();
     Ok(CloneSample {
+        worker_memory,
         restore_ms: ms(ready.start),
         agent_ms: ms(ready.agent),
         e2e_ms: ms(e2e),

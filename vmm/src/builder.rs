@@ -90,10 +90,14 @@ impl Machine {
             host,
             StepClock::start(requested),
             cmdline,
+            config.seccomp,
         )
     }
 
-    /// Starts a built VM: the device event loop, then one thread per vCPU.
+    /// Starts a built VM: the device event loop, then one thread per vCPU;
+    /// with `seccomp`, each thread is filtered before it serves the guest
+    /// ([`crate::seccomp`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         vm: Vm,
         memory: GuestMemoryMmap,
@@ -102,9 +106,10 @@ impl Machine {
         host: HostKind,
         mut clock: StepClock,
         cmdline: String,
+        seccomp: bool,
     ) -> Result<Machine, BuildError> {
         let requested = clock.started();
-        let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers))?;
+        let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), seccomp)?;
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
         let vcpus: Vec<Vcpu> = vcpus
@@ -138,7 +143,7 @@ impl Machine {
         // Started one by one so that a failure stops the vCPUs already
         // running when `machine` is dropped.
         for vcpu in vcpus {
-            machine.vcpus.push(vcpu.start()?);
+            machine.vcpus.push(vcpu.start(seccomp)?);
         }
         clock.step("start vCPU threads");
         machine.times.steps = clock.into_steps();

@@ -48,6 +48,9 @@ pub struct VmConfig {
     /// Also expose vsock on this Unix socket path, Firecracker style
     /// (`CONNECT <port>` in; guest connections to port P go to `<path>_P`).
     pub vsock_uds: Option<PathBuf>,
+    /// Filter the vCPU and event-loop threads with seccomp
+    /// ([`crate::seccomp`]); on by default.
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -68,6 +71,7 @@ impl VmConfig {
             interactive: false,
             vsock_cid: crate::devices::virtio::vsock::DEFAULT_GUEST_CID,
             vsock_uds: None,
+            seccomp: true,
         }
     }
 

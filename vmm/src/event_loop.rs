@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::seccomp::{Filter, SeccompError};
+
 /// A backend that can run on the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -39,8 +41,17 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop with `subscribers` registered.
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
+    /// Starts the loop with `subscribers` registered. With `seccomp`, the
+    /// thread installs the event-loop filter before it handles any event,
+    /// and this returns once it has (an error if it could not).
+    pub fn start(subscribers: Vec<Subscriber>, seccomp: bool) -> Result<Self, EventLoopError> {
+        // --- seccomp: compiled (once per process) before the thread starts.
+        let filter = seccomp.then_some(Filter::EventLoop);
+        if let Some(filter) = filter {
+            filter.program().map_err(EventLoopError::Seccomp)?;
+        }
+        let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
+        // --- end seccomp
         let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Create)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_event = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
@@ -54,6 +65,16 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("ember-events".into())
             .spawn(move || {
+                // --- seccomp: installed before the first event.
+                if let Some(filter) = filter {
+                    let result = filter.install();
+                    let failed = result.is_err();
+                    let _ = installed_tx.send(result);
+                    if failed {
+                        return;
+                    }
+                }
+                // --- end seccomp
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e}");
@@ -62,6 +83,21 @@ impl EventLoop {
                 }
             })
             .map_err(EventLoopError::Spawn)?;
+        // --- seccomp: wait for the thread's verdict.
+        if filter.is_some() {
+            let error = match installed.recv() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(EventLoopError::Seccomp(e)),
+                Err(_) => Some(EventLoopError::Spawn(std::io::Error::other(
+                    "the event loop thread ended before it ran",
+                ))),
+            };
+            if let Some(error) = error {
+                let _ = thread.join();
+                return Err(error);
+            }
+        }
+        // --- end seccomp
         Ok(EventLoop {
             stop_event,
             thread: Some(thread),
@@ -95,4 +131,7 @@ pub enum EventLoopError {
     /// The thread could not be spawned.
     #[error("cannot spawn the event loop thread: {0}")]
     Spawn(std::io::Error),
+    /// The event-loop seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(SeccompError),
 }

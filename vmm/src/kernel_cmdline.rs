@@ -20,7 +20,21 @@ const BASE_PARAMS: &[&str] = &[
     "8250.nr_uarts=1",
     // Each console byte is a VM exit: keep the boot log to warnings.
     "quiet",
+    // A restored clone's clock jumps by the snapshot's age; RCU would
+    // report that as a stall and print stack dumps on every restore.
+    "rcupdate.rcu_cpu_stall_suppress=1",
 ];
+
+/// Identifies the parameters ember adds, so that snapshots taken with
+/// other ones are not mistaken for current ones.
+pub fn fingerprint(host: HostKind) -> String {
+    BASE_PARAMS
+        .iter()
+        .chain(host.guest_params())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// Builds the command line for `host`, declaring `devices` (e.g.
 /// `virtio_mmio.device=4K@0xd0000000:5`), with the user's `extra` appended

@@ -13,6 +13,7 @@ use ember::bench;
 use ember::config::{ConsoleOutput, VmConfig};
 use ember::sandbox::{ExitStatus, ReadyTimings};
 use ember::snapshot::{self, RestoreOptions, Snapshot};
+use ember::worker::{Isolation, WORKER_SUBCOMMAND};
 use ember::{paths, Invocation, Machine, Outcome, Sandbox};
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
     /// Measure ember.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve invocations over HTTP from a pool of warm sandboxes.
+    Serve(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -52,6 +55,9 @@ enum BenchCommand {
     Boot(BenchBootArgs),
     /// Snapshot restores: restore, run `true`, tear down.
     Restore(BenchRestoreArgs),
+    /// Load-test a local `ember serve`: invocations of `true` from C
+    /// connections for S seconds.
+    Http(BenchHttpArgs),
 }
 
 #[derive(Args, Clone)]
@@ -161,6 +167,57 @@ struct BenchRestoreArgs {
     /// Clones alive at once
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+    /// Run each clone in its own jailed worker process
+    #[arg(long)]
+    isolate: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Snapshot to restore [default: the cached default snapshot]
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// ADDR:PORT or unix:PATH
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: ember::server::ListenAddr,
+    /// Sandboxes kept restored and ready
+    #[arg(long, default_value_t = 2)]
+    warm: usize,
+    /// Most sandboxes alive at once (warm + restoring + running)
+    #[arg(long, default_value_t = 8)]
+    max_live: usize,
+    /// Most requests waiting for a sandbox; more get 429
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest timeout_ms a request may ask for
+    #[arg(long, default_value_t = 300_000)]
+    max_timeout_ms: u64,
+    /// Largest max_output_bytes a request may ask for
+    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: u64,
+    /// On SIGTERM/SIGINT, how long running invocations may go on
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_s: u64,
+    /// Run sandboxes in this process instead of one jailed worker process
+    /// each (only for trusted code)
+    #[arg(long)]
+    in_process: bool,
+}
+
+#[derive(Args)]
+struct BenchHttpArgs {
+    /// The server: http://127.0.0.1:PORT or unix:PATH (loopback only)
+    #[arg(long)]
+    url: String,
+    /// Connections, each with one request in flight
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Seconds to send requests for
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -418,7 +475,11 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
         vsock_uds: None,
     };
     let snapshot = open_snapshot(args.snapshot.as_deref(), &vm)?;
-    let report = bench::restore(&snapshot, args.iterations, args.concurrency)
+    let options = RestoreOptions {
+        isolation: args.isolate.then(isolation).transpose()?,
+        ..RestoreOptions::default()
+    };
+    let report = bench::restore(&snapshot, &options, args.iterations, args.concurrency)
         .context("restore benchmark failed")?;
     if args.json {
         println!("{}", report.to_json());
@@ -426,6 +487,64 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
         print!("{}", report.to_table());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    use ember::server::{self, api::Limits, ServerConfig};
+    server::init_logging();
+    let vm = VmArgs {
+        kernel: None,
+        initrd: None,
+        vcpus: None,
+        mem_mib: None,
+        cmdline_extra: String::new(),
+        vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
+        vsock_uds: None,
+    };
+    let snapshot = std::sync::Arc::new(open_snapshot(args.snapshot.as_deref(), &vm)?);
+    let config = ember::PoolConfig {
+        warm: args.warm,
+        max_live: args.max_live,
+        max_queue: args.max_queue,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        restore_options: RestoreOptions {
+            isolation: (!args.in_process).then(isolation).transpose()?,
+            ..RestoreOptions::default()
+        },
+        ..ember::PoolConfig::default()
+    };
+    let pool = ember::Pool::new(snapshot, config)?;
+    let limits = Limits {
+        max_timeout_ms: args.max_timeout_ms,
+        max_output_bytes: args.max_output_bytes,
+        ..Limits::default()
+    };
+    server::run(&args.listen, pool, ServerConfig { limits })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_http(args: BenchHttpArgs) -> Result<ExitCode> {
+    use ember::server::loadtest::{self, LoadConfig};
+    let config = LoadConfig {
+        target: args.url.parse()?,
+        concurrency: args.concurrency,
+        duration: Duration::from_secs(args.duration_s),
+        argv: vec!["true".into()],
+        timeout_ms: 60_000,
+    };
+    let report = loadtest::run(&config)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Isolation through this very binary's worker subcommand.
+fn isolation() -> Result<Isolation> {
+    let exe = std::env::current_exe().context("cannot find the ember binary")?;
+    Ok(Isolation::new(exe))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -457,6 +576,15 @@ impl log::Log for StderrLogger {
 }
 
 fn main() -> ExitCode {
+    // A sandbox worker is this binary too, started by the library with a
+    // fixed, hidden argument vector and nothing else.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(WORKER_SUBCOMMAND) {
+        let _ = log::set_logger(&StderrLogger);
+        log::set_max_level(log::LevelFilter::Warn);
+        let code = ember::worker::worker_main(&args[2..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = Cli::parse();
     let verbose = matches!(&cli.command, Command::Boot(args) if args.verbose);
     let _ = log::set_logger(&StderrLogger);
@@ -471,6 +599,8 @@ fn main() -> ExitCode {
         Command::Snapshot(SnapshotCommand::Create(args)) => snapshot_create(args),
         Command::Bench(BenchCommand::Boot(args)) => bench_boot(args),
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
+        Command::Bench(BenchCommand::Http(args)) => bench_http(args),
+        Command::Serve(args) => serve(args),
     };
     match result {
         Ok(code) => code,

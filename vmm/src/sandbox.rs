@@ -12,7 +12,9 @@ use crate::agent::{invoke_grace, AgentClient, AgentError, OutputStream};
 use crate::builder::BuildError;
 use crate::config::VmConfig;
 use crate::exit::VmExit;
+use crate::host::HostKind;
 use crate::machine::Machine;
+use crate::worker::{WorkerError, WorkerProcess};
 use crate::snapshot::{RestoreOptions, Snapshot, SnapshotError};
 
 /// What to run, with what limits: the agent protocol's request.
@@ -26,7 +28,7 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 pub const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Fresh entropy from the host's kernel and the host's wall clock.
-fn fresh_refresh() -> Refresh {
+pub(crate) fn fresh_refresh() -> Refresh {
     let mut entropy = vec![0u8; 64];
     let mut filled = 0;
     while filled < entropy.len() {
@@ -113,10 +115,19 @@ impl Outcome {
 /// A microVM with its agent connected, ready for one invocation.
 #[derive(Debug)]
 pub struct Sandbox {
-    machine: Machine,
+    backend: Backend,
     agent: AgentClient,
     used: bool,
     ready: ReadyTimings,
+}
+
+/// Where the microVM runs.
+#[derive(Debug)]
+enum Backend {
+    /// In this process.
+    InProcess(Machine),
+    /// In a jailed worker process.
+    Worker(WorkerProcess),
 }
 
 impl Sandbox {
@@ -142,7 +153,7 @@ impl Sandbox {
             ready: started.elapsed(),
         };
         Ok(Sandbox {
-            machine,
+            backend: Backend::InProcess(machine),
             agent,
             used: false,
             ready,
@@ -152,7 +163,19 @@ impl Sandbox {
     /// Restores a clone of `snapshot` and connects to its agent, which gets
     /// fresh entropy and the host's clock before anything else: no two
     /// clones share random state, and each one's clock is right.
+    ///
+    /// With `options.isolation`, the clone runs in its own jailed worker
+    /// process (see [`crate::worker`]).
     pub fn restore(snapshot: &Snapshot, options: &RestoreOptions) -> Result<Sandbox, SandboxError> {
+        if let Some(isolation) = &options.isolation {
+            let (worker, agent, ready) = crate::worker::spawn(snapshot, options, isolation)?;
+            return Ok(Sandbox {
+                backend: Backend::Worker(worker),
+                agent,
+                used: false,
+                ready,
+            });
+        }
         let started = Instant::now();
         let mut machine = snapshot.restore(options)?;
         let deadline = started + RESTORE_CONNECT_TIMEOUT;
@@ -169,7 +192,7 @@ impl Sandbox {
             ready: started.elapsed(),
         };
         Ok(Sandbox {
-            machine,
+            backend: Backend::InProcess(machine),
             agent,
             used: false,
             ready,
@@ -181,9 +204,48 @@ impl Sandbox {
         self.ready
     }
 
-    /// The microVM.
-    pub fn machine(&self) -> &Machine {
-        &self.machine
+    /// The microVM, when it runs in this process (not isolated).
+    pub fn machine(&self) -> Option<&Machine> {
+        match &self.backend {
+            Backend::InProcess(machine) => Some(machine),
+            Backend::Worker(_) => None,
+        }
+    }
+
+    /// The worker process's PID, when the sandbox is isolated.
+    pub fn worker_pid(&self) -> Option<u32> {
+        match &self.backend {
+            Backend::InProcess(_) => None,
+            Backend::Worker(worker) => Some(worker.pid()),
+        }
+    }
+
+    /// The host kind, for timeouts.
+    fn host(&self) -> HostKind {
+        match &self.backend {
+            Backend::InProcess(machine) => machine.host(),
+            Backend::Worker(_) => HostKind::detect(),
+        }
+    }
+
+    /// Stops the microVM; for a worker, returns how it ended when that
+    /// explains a failure.
+    fn destroy(&mut self) -> Option<String> {
+        match &mut self.backend {
+            Backend::InProcess(machine) => {
+                machine.stop();
+                None
+            }
+            Backend::Worker(worker) => {
+                // Closing our end tells the worker to stop its VM and exit.
+                let _ = self.agent.shutdown();
+                let status = worker.finish(Duration::from_secs(5));
+                match status {
+                    Some(s) if s.success() => None,
+                    other => Some(crate::worker::describe_exit(other)),
+                }
+            }
+        }
     }
 
     /// Runs `invocation`, collecting its output in the [`Outcome`].
@@ -210,17 +272,21 @@ impl Sandbox {
             return Err(SandboxError::AlreadyUsed);
         }
         let started = Instant::now();
-        let deadline = started
-            + Duration::from_millis(invocation.timeout_ms)
-            + invoke_grace(self.machine.host());
+        let deadline =
+            started + Duration::from_millis(invocation.timeout_ms) + invoke_grace(self.host());
         let result = self.agent.invoke(invocation, deadline, on_output);
         let invoked = Instant::now();
-        self.machine.stop();
+        let worker_end = self.destroy();
         let timings = InvokeTimings {
             invoke: invoked.saturating_duration_since(started),
             teardown: invoked.elapsed(),
         };
-        let exit = result?;
+        let exit = match (result, worker_end) {
+            (Ok(exit), _) => exit,
+            // A dead worker explains a broken connection better.
+            (Err(_), Some(worker)) => return Err(SandboxError::Worker(WorkerError::Died(worker))),
+            (Err(e), None) => return Err(e.into()),
+        };
         Ok(Outcome {
             status: exit.status,
             timed_out: exit.timed_out,
@@ -249,6 +315,9 @@ pub enum SandboxError {
     /// The snapshot could not be restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The isolated worker failed.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
     /// The sandbox already served its invocation.
     #[error("a sandbox serves one invocation; create a new one")]
     AlreadyUsed,

@@ -14,7 +14,7 @@ use crate::paths;
 pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
     let resolve = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
     let key = format!(
-        "{}|{}|{}|{}|{}|{}|{:?}|{}|{}",
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}",
         resolve(&config.kernel).display(),
         config
             .initrd
@@ -25,7 +25,7 @@ pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
         config.mem_mib,
         config.cmdline_extra,
         config.vsock_cid,
-        HostKind::detect(),
+        crate::kernel_cmdline::fingerprint(HostKind::detect()),
         FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
     );

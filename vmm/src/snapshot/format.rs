@@ -157,6 +157,36 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     let io_err = |op| move |source| FileError::new(path, op, source);
     let mut file = File::open(path).map_err(io_err("open"))?;
     let file_len = file.metadata().map_err(io_err("stat"))?.len();
+    check_file_len(path, file_len)?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact(&mut header)
+        .map_err(io_err("read the header"))?;
+    let (len, crc) = check_header(path, &header, file_len)?;
+    // `len` <= MAX_STATE_LEN, so this allocation is bounded.
+    let mut payload = vec![0u8; len as usize];
+    file.read_exact(&mut payload)
+        .map_err(io_err("read the payload"))?;
+    decode_payload(path, &payload, crc)
+}
+
+/// Decodes a whole state file image already in memory (header and
+/// payload), with the same checks as [`read_state`]. Errors name the
+/// source `<state bytes>`.
+pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
+    let path = Path::new("<state bytes>");
+    check_file_len(path, bytes.len() as u64)?;
+    let Some((header, payload)) = bytes.split_first_chunk::<{ HEADER_LEN as usize }>() else {
+        return Err(FormatError::ShortHeader {
+            path: path.into(),
+            len: bytes.len() as u64,
+        });
+    };
+    let (_, crc) = check_header(path, header, bytes.len() as u64)?;
+    decode_payload(path, payload, crc)
+}
+
+/// Refuses files too short to hold a header.
+fn check_file_len(path: &Path, file_len: u64) -> Result<(), FormatError> {
     if file_len == 0 {
         return Err(FormatError::Empty { path: path.into() });
     }
@@ -166,12 +196,26 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
             len: file_len,
         });
     }
+    Ok(())
+}
+
+/// Checks the header of a file of `file_len` bytes: magic, version, and
+/// the payload length against [`MAX_STATE_LEN`] and the file. Returns the
+/// payload length and CRC.
+fn check_header(
+    path: &Path,
+    header: &[u8; HEADER_LEN as usize],
+    file_len: u64,
+) -> Result<(u64, u32), FormatError> {
     let mut magic = [0u8; 8];
     let mut version = [0u8; 4];
     let mut len = [0u8; 8];
     let mut crc = [0u8; 4];
+    let mut rest = &header[..];
     for field in [&mut magic[..], &mut version[..], &mut len[..], &mut crc[..]] {
-        file.read_exact(field).map_err(io_err("read the header"))?;
+        // The fields add up to the header's length: this cannot fail.
+        rest.read_exact(field)
+            .map_err(|source| FileError::new(path, "read the header", source))?;
     }
     let (version, len, crc) = (
         u32::from_le_bytes(version),
@@ -191,7 +235,12 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     if len > MAX_STATE_LEN {
         return Err(FormatError::TooLarge { path, len });
     }
-    let actual = file_len - HEADER_LEN;
+    let Some(actual) = file_len.checked_sub(HEADER_LEN) else {
+        return Err(FormatError::ShortHeader {
+            path,
+            len: file_len,
+        });
+    };
     if actual < len {
         return Err(FormatError::Truncated {
             path,
@@ -206,21 +255,26 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
             actual,
         });
     }
-    // `len` <= MAX_STATE_LEN, so this allocation is bounded.
-    let mut payload = vec![0u8; len as usize];
-    file.read_exact(&mut payload)
-        .map_err(|source| FileError::new(&path, "read the payload", source))?;
-    if crc32fast::hash(&payload) != crc {
-        return Err(FormatError::Checksum { path });
+    Ok((len, crc))
+}
+
+/// Checks the payload against its CRC, then decodes it (all of it).
+fn decode_payload<T: DeserializeOwned>(
+    path: &Path,
+    payload: &[u8],
+    crc: u32,
+) -> Result<T, FormatError> {
+    if crc32fast::hash(payload) != crc {
+        return Err(FormatError::Checksum { path: path.into() });
     }
     let (value, rest) =
-        postcard::take_from_bytes::<T>(&payload).map_err(|e| FormatError::Decode {
-            path: path.clone(),
+        postcard::take_from_bytes::<T>(payload).map_err(|e| FormatError::Decode {
+            path: path.into(),
             reason: e.to_string(),
         })?;
     if !rest.is_empty() {
         return Err(FormatError::Decode {
-            path,
+            path: path.into(),
             reason: format!("{} bytes left over after the state", rest.len()),
         });
     }
@@ -304,6 +358,34 @@ mod tests {
             };
             assert!(err.contains(expected), "byte {pos}: {err}");
         }
+    }
+
+    #[test]
+    fn decode_state_matches_read_state() {
+        let dir = TestDir::new("format-decode-bytes");
+        let (path, bytes) = written(&dir);
+        assert_eq!(decode_state::<Sample>(&bytes).unwrap(), sample());
+        // Every header byte, a spread of payload bytes, and cuts: the
+        // in-memory decoder refuses exactly what the file reader refuses.
+        let flips = (0..HEADER_LEN as usize).chain((HEADER_LEN as usize..bytes.len()).step_by(97));
+        for pos in flips {
+            let mut bad = bytes.clone();
+            bad[pos] ^= 0x40;
+            fs::write(&path, &bad).unwrap();
+            let from_file = read_err(&path);
+            let from_bytes = decode_state::<Sample>(&bad).unwrap_err().to_string();
+            let strip = |s: &str| s.split_once(": ").map(|(_, rest)| rest.to_owned());
+            assert_eq!(strip(&from_file), strip(&from_bytes), "byte {pos}");
+        }
+        for len in [0, 1, 23, 24, bytes.len() - 1] {
+            assert!(decode_state::<Sample>(&bytes[..len]).is_err(), "{len}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_state::<Sample>(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing data"));
     }
 
     #[test]

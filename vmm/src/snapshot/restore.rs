@@ -22,12 +22,30 @@ use crate::machine::{Machine, StepClock};
 use crate::vstate::Vm;
 
 /// How a clone connects to the host.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RestoreOptions {
     /// Where the clone's console goes (discarded by default).
     pub console: ConsoleOutput,
     /// Firecracker-style vsock Unix socket for the clone, if wanted.
     pub vsock_uds: Option<PathBuf>,
+    /// Run the clone in its own jailed worker process
+    /// ([`crate::Sandbox::restore`] only; [`Snapshot::restore`] always runs
+    /// in the calling process).
+    pub isolation: Option<crate::worker::Isolation>,
+    /// Filter the clone's vCPU and event-loop threads with seccomp
+    /// ([`crate::seccomp`]); on by default.
+    pub seccomp: bool,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            console: ConsoleOutput::default(),
+            vsock_uds: None,
+            isolation: None,
+            seccomp: true,
+        }
+    }
 }
 
 /// An opened, validated snapshot, ready to be restored any number of
@@ -43,9 +61,30 @@ impl Snapshot {
     /// Reads `dir/state`, checks it (format, version, checksum, internal
     /// consistency) and that `dir/memory` is large enough for its layout.
     pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        // The state is read before the memory file is opened, so a damaged
+        // state reports itself rather than a missing memory file.
         let state: SnapshotState = read_state(&dir.join(STATE_FILE))?;
-        state.validate().map_err(SnapshotError::Invalid)?;
         let memory = open_memory_file(&dir.join(MEMORY_FILE))?;
+        Self::from_parts(dir, state, memory)
+    }
+
+    /// Opens a snapshot from already open files (a jailed worker gets file
+    /// descriptors, not paths); `state_path` names the state file for
+    /// reading (e.g. `/proc/self/fd/N`), `dir` is only for messages.
+    pub fn from_files(
+        dir: &Path,
+        state_path: &Path,
+        memory: File,
+    ) -> Result<Snapshot, SnapshotError> {
+        Self::from_parts(dir, read_state(state_path)?, memory)
+    }
+
+    fn from_parts(
+        dir: &Path,
+        state: SnapshotState,
+        memory: File,
+    ) -> Result<Snapshot, SnapshotError> {
+        state.validate().map_err(SnapshotError::Invalid)?;
         let len = memory
             .metadata()
             .map_err(|e| SnapshotError::Io(dir.join(MEMORY_FILE), e))?
@@ -56,6 +95,11 @@ impl Snapshot {
             state,
             memory,
         })
+    }
+
+    /// The snapshot's memory file (shared by every clone).
+    pub fn memory_file(&self) -> &File {
+        &self.memory
     }
 
     /// The snapshot directory.
@@ -144,6 +188,7 @@ impl Snapshot {
         restore_vm(vm.fd(), &state.vm, false)?;
         clock.step("restore irqchip + clock");
 
+        let seccomp = options.seccomp;
         let options = DeviceOptions {
             console: options.console.clone(),
             interactive: false,
@@ -172,6 +217,7 @@ impl Snapshot {
             host,
             clock,
             state.kernel_cmdline.clone(),
+            seccomp,
         )?)
     }
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::{Filter, SeccompError};
 
 thread_local! {
     // Const-initialised and without destructor, so the signal handler can
@@ -97,16 +98,52 @@ impl Vcpu {
         }
     }
 
-    /// Starts the vCPU's thread.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU's thread. With `seccomp`, the thread installs the
+    /// vCPU filter before its first KVM_RUN, and this returns once it has:
+    /// an error if it could not, so the guest never runs unfiltered.
+    pub fn start(self, seccomp: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
+        // --- seccomp: compiled (once per process) before the thread starts.
+        let filter = seccomp.then_some(Filter::Vcpu);
+        if let Some(filter) = filter {
+            filter.program().map_err(VcpuError::Seccomp)?;
+        }
+        let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
+        // --- end seccomp
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{id}"))
-            .spawn(move || self.run(&thread_stop))
+            .spawn(move || {
+                // --- seccomp: installed before the first KVM_RUN.
+                if let Some(filter) = filter {
+                    let result = filter.install();
+                    let failed = result.is_err();
+                    let _ = installed_tx.send(result);
+                    if failed {
+                        return self;
+                    }
+                }
+                // --- end seccomp
+                self.run(&thread_stop)
+            })
             .map_err(VcpuError::Spawn)?;
+        // --- seccomp: wait for the thread's verdict.
+        if filter.is_some() {
+            let error = match installed.recv() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(VcpuError::Seccomp(e)),
+                Err(_) => Some(VcpuError::Spawn(std::io::Error::other(
+                    "the vCPU thread ended before it ran",
+                ))),
+            };
+            if let Some(error) = error {
+                let _ = thread.join();
+                return Err(error);
+            }
+        }
+        // --- end seccomp
         Ok(VcpuHandle {
             id,
             stop,
@@ -274,4 +311,7 @@ pub enum VcpuError {
     /// The thread could not be spawned.
     #[error("cannot spawn a vCPU thread: {0}")]
     Spawn(std::io::Error),
+    /// The vCPU seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(SeccompError),
 }

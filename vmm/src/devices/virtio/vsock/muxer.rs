@@ -31,6 +31,18 @@ const EPHEMERAL_PORT_BASE: u32 = 1 << 30;
 /// (host port, guest port).
 type ConnKey = (u32, u32);
 
+/// A random first ephemeral port. Clones of one snapshot must not start
+/// where the template did: the guest may still send packets for the
+/// template's last connection (they were in flight when it was paused), and
+/// they must not hit a clone's new connection that reuses the port.
+fn random_ephemeral_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: the pointer and length describe `bytes`, which outlives the
+    // call. A short read only makes the port less random, not invalid.
+    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    EPHEMERAL_PORT_BASE | (u32::from_ne_bytes(bytes) & (EPHEMERAL_PORT_BASE - 1))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Host-initiated, REQUEST sent, waiting for the guest's RESPONSE.
@@ -154,7 +166,7 @@ impl Muxer {
             by_fd: HashMap::new(),
             control: VecDeque::new(),
             rx_order: VecDeque::new(),
-            next_port: EPHEMERAL_PORT_BASE,
+            next_port: random_ephemeral_port(),
             added_fds: Vec::new(),
             closed: Vec::new(),
         }
@@ -191,6 +203,7 @@ impl Muxer {
 
     /// Drops every connection (device or transport reset).
     pub fn reset(&mut self) {
+        log::debug!("vsock: dropping {} connections", self.conns.len());
         let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
         for key in keys {
             self.remove(key);
@@ -222,6 +235,7 @@ impl Muxer {
     }
 
     fn reset_conn(&mut self, key: ConnKey) {
+        log::debug!("vsock: resetting connection {key:?}");
         self.remove(key);
         self.queue_control(key, OP_RST, 0);
     }
@@ -245,7 +259,10 @@ impl Muxer {
     fn allocate_port(&mut self) -> u32 {
         loop {
             let port = self.next_port;
-            self.next_port = self.next_port.checked_add(1).unwrap_or(EPHEMERAL_PORT_BASE);
+            self.next_port = match self.next_port.checked_add(1) {
+                Some(port) if port < EPHEMERAL_PORT_BASE << 1 => port,
+                _ => EPHEMERAL_PORT_BASE,
+            };
             if !self.conns.keys().any(|(local, _)| *local == port) {
                 return port;
             }
@@ -277,7 +294,10 @@ impl Muxer {
             OP_RESPONSE => self.guest_accepted(key),
             OP_RW => self.guest_data(key, data),
             OP_SHUTDOWN => self.guest_shutdown(key, hdr.flags),
-            OP_RST => self.remove(key),
+            OP_RST => {
+                log::debug!("vsock: guest reset connection {key:?}");
+                self.remove(key)
+            }
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => {
                 if self.conns.contains_key(&key) {

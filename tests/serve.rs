@@ -1,0 +1,862 @@
+//! `ember serve` with real microVMs: concurrency, the queue limit, request
+//! caps, metrics, the OpenAPI document and graceful shutdown. Servers run
+//! in this process (`ember::server::serve` on a loopback port or a Unix
+//! socket) or as a child `ember serve`; every sandbox is restored from the
+//! suite's shared snapshot.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember::pool::{Pool, PoolConfig};
+use ember::server::api::Limits;
+use ember::server::client::{Client, Target};
+use ember::server::{self, ListenAddr, Listener, ServerConfig};
+use serde_json::{json, Value};
+
+/// Upper bound for one request on these (slow, shared) test hosts.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A server running in this process on its own runtime.
+struct TestServer {
+    runtime: tokio::runtime::Runtime,
+    target: Target,
+    pool: Arc<Pool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
+}
+
+impl TestServer {
+    fn start(pool_config: PoolConfig, limits: Limits, listen: ListenAddr) -> Self {
+        let snapshot = ember::snapshot::Snapshot::open(common::shared_snapshot().dir())
+            .expect("shared snapshot opens");
+        let pool = Arc::new(Pool::new(Arc::new(snapshot), pool_config).expect("pool starts"));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(Listener::bind(&listen))
+            .expect("server binds");
+        let target = match listener.local_addr().expect("bound address") {
+            ListenAddr::Tcp(addr) => Target::Tcp(addr),
+            ListenAddr::Unix(path) => Target::Unix(path),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = runtime.spawn(server::serve(
+            listener,
+            pool.clone(),
+            ServerConfig { limits },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TestServer {
+            runtime,
+            target,
+            pool,
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.target.clone(), REQUEST_TIMEOUT)
+    }
+
+    /// Shuts the server down and checks that no sandbox is left.
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(done) = self.done.take() {
+            self.runtime
+                .block_on(done)
+                .expect("server task")
+                .expect("server ends cleanly");
+        }
+        let stats = self.pool.stats();
+        assert!(stats.closed);
+        assert_eq!(stats.live, 0, "no sandbox outlives the server: {stats:?}");
+        if let Target::Unix(path) = &self.target {
+            assert!(!path.exists(), "the socket file is removed");
+        }
+    }
+}
+
+fn invoke(client: &mut Client, body: Value) -> ember::server::client::Response {
+    client
+        .post_json("/v1/invocations", &body)
+        .expect("request answered")
+}
+
+// --- Prometheus text format -------------------------------------------
+
+/// Parses the Prometheus text format strictly enough to catch mistakes:
+/// every sample belongs to a family declared with `# TYPE`, names and
+/// labels are well-formed, values are numbers, histogram buckets are
+/// cumulative and end in `+Inf` = `_count`. Returns samples by
+/// `name{labels}`.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut words = comment.splitn(3, ' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("TYPE"), Some(name), Some(kind)) => {
+                    assert!(valid_name(name), "{line}");
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                        "{line}"
+                    );
+                    assert!(
+                        types.insert(name.into(), kind.into()).is_none(),
+                        "family declared twice: {line}"
+                    );
+                }
+                (Some("HELP"), Some(name), _) => assert!(valid_name(name), "{line}"),
+                _ => {}
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+        };
+        let name = match series.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels.strip_suffix('}').expect("labels end with }");
+                for pair in labels.split(',') {
+                    let (k, v) = pair.split_once('=').expect("label has =");
+                    assert!(valid_name(k), "{line}");
+                    assert!(
+                        v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+                        "{line}"
+                    );
+                }
+                name
+            }
+            None => series,
+        };
+        assert!(valid_name(name), "{line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "no # TYPE before {line}");
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "duplicate {series}"
+        );
+    }
+    for (family, kind) in &types {
+        if kind != "histogram" {
+            continue;
+        }
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|(series, v)| {
+                let le = series.strip_prefix(&format!("{family}_bucket{{le=\""))?;
+                let le = le.strip_suffix("\"}")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, *v))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{family} buckets are cumulative"
+        );
+        let inf = buckets.last().expect("buckets");
+        assert_eq!(inf.0, f64::INFINITY, "{family} has a +Inf bucket");
+        assert_eq!(Some(&inf.1), samples.get(&format!("{family}_count")));
+        assert!(samples.contains_key(&format!("{family}_sum")));
+    }
+    samples
+}
+
+fn metrics(client: &mut Client) -> HashMap<String, f64> {
+    let r = client.request("GET", "/metrics", None).expect("metrics");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/plain")));
+    parse_prometheus(&String::from_utf8(r.body).expect("metrics are UTF-8"))
+}
+
+fn outcome_count(m: &HashMap<String, f64>, outcome: &str) -> f64 {
+    m[&format!("ember_invocations_total{{outcome=\"{outcome}\"}}")]
+}
+
+// --- Tests --------------------------------------------------------------
+
+#[test]
+fn twenty_concurrent_invocations_succeed_and_are_counted() {
+    let server = TestServer::start(
+        PoolConfig {
+            warm: 4,
+            max_live: 8,
+            max_queue: 32,
+            queue_timeout: REQUEST_TIMEOUT,
+            ..PoolConfig::default()
+        },
+        Limits::default(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let results: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let mut client = server.client();
+                scope.spawn(move || {
+                    let r = invoke(
+                        &mut client,
+                        json!({
+                            "argv": ["sh", "-c", "echo \"$N\"; cat; cat in.txt >&2"],
+                            "env": {"N": format!("n{i}")},
+                            "stdin": format!("stdin {i}\n"),
+                            "files_in": [{"path": "in.txt", "data_b64": "ZmlsZQ=="}],
+                            "timeout_ms": 120000,
+                        }),
+                    );
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    assert!(r.header("x-ember-invocation-id").is_some());
+                    r.json().expect("JSON body")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    for (i, body) in results.iter().enumerate() {
+        assert_eq!(body["exit_code"], 0, "{body}");
+        assert_eq!(body["stdout"], format!("n{i}\nstdin {i}\n"), "{body}");
+        assert_eq!(body["stderr"], "file", "{body}");
+        assert_eq!(body["timed_out"], false);
+        assert!(body["usage"]["wall_ms"].as_u64().is_some_and(|w| w > 0));
+        assert!(body["host"]["restore_ms"].as_f64().is_some_and(|r| r > 0.0));
+        assert!(body["host"]["warm"].is_boolean());
+    }
+    let warm = results.iter().filter(|b| b["host"]["warm"] == true).count();
+    assert!(warm >= 1, "the warm pool served some");
+
+    let mut client = server.client();
+    let m = metrics(&mut client);
+    assert_eq!(outcome_count(&m, "ok"), 20.0);
+    assert_eq!(outcome_count(&m, "error"), 0.0);
+    assert_eq!(m["ember_invocation_duration_ms_count"], 20.0);
+    assert_eq!(m["ember_restore_duration_ms_count"], 20.0);
+    assert_eq!(m["ember_pool_acquired_total{origin=\"warm\"}"], warm as f64);
+    assert!(m["ember_restores_total"] >= 20.0);
+    assert!(m["ember_pool_live"] <= 8.0);
+    assert_eq!(m["ember_pool_in_use"], 0.0);
+    server.stop();
+}
+
+#[test]
+fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
+    let limits = Limits {
+        max_timeout_ms: 60_000,
+        max_body_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let socket = common::temp_path("serve-queue.sock");
+    let server = TestServer::start(
+        PoolConfig {
+            warm: 1,
+            max_live: 1,
+            max_queue: 0,
+            queue_timeout: REQUEST_TIMEOUT,
+            ..PoolConfig::default()
+        },
+        limits,
+        ListenAddr::Unix(socket),
+    );
+    // Hold the only sandbox with a streaming invocation; its first output
+    // says it is running.
+    let (started_tx, started_rx) = mpsc::channel();
+    let mut long_client = server.client();
+    let long = std::thread::spawn(move || {
+        let mut buffer = Vec::new();
+        let mut events = Vec::new();
+        let mut started = Some(started_tx);
+        let (status, headers) = long_client
+            .request_streaming(
+                "POST",
+                "/v1/invocations?stream=true",
+                Some(br#"{"argv":["sh","-c","echo started; sleep 2; echo done >&2"]}"#),
+                |chunk| {
+                    buffer.extend_from_slice(chunk);
+                    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buffer.drain(..=end).collect();
+                        let event: Value = serde_json::from_slice(&line).expect("NDJSON line");
+                        if event["type"] == "stdout" {
+                            if let Some(tx) = started.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        events.push(event);
+                    }
+                },
+            )
+            .expect("streaming request");
+        assert!(buffer.is_empty(), "the stream ends with a newline");
+        (status, headers, events)
+    });
+    started_rx
+        .recv_timeout(REQUEST_TIMEOUT)
+        .expect("the long invocation starts");
+
+    let mut client = server.client();
+    let r = invoke(&mut client, json!({"argv": ["true"]}));
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r
+        .header("retry-after")
+        .is_some_and(|v| v.parse::<u64>().is_ok()));
+    assert!(r.json().unwrap()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("busy")));
+
+    // Over the caps, or malformed: 400 with a message, no sandbox used.
+    let bad = [
+        (
+            json!({"argv": ["true"], "timeout_ms": 60_001}),
+            "timeout_ms",
+        ),
+        (
+            json!({"argv": ["true"], "max_output_bytes": 1u64 << 40}),
+            "max_output_bytes",
+        ),
+        (
+            json!({"argv": ["echo", "x".repeat(300 << 10)]}),
+            "argv and env",
+        ),
+        (json!({"argv": []}), "argv is empty"),
+        (json!({"argv": ["true"], "stdin_b64": "%%%"}), "base64"),
+        (json!({"argv": ["true"], "surprise": 1}), "unknown field"),
+        (json!({"argv": "true"}), "invalid request body"),
+    ];
+    for (body, needle) in &bad {
+        let r = invoke(&mut client, body.clone());
+        assert_eq!(r.status, 400, "{body}");
+        let error = r.json().expect("JSON error")["error"].clone();
+        assert!(
+            error.as_str().is_some_and(|e| e.contains(needle)),
+            "{needle:?} in {error}"
+        );
+    }
+    let r = client
+        .request("POST", "/v1/invocations", Some(b"{not json"))
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.json().unwrap()["error"].is_string());
+    let r = client
+        .request("POST", "/v1/invocations?stream=maybe", Some(b"{}"))
+        .unwrap();
+    assert_eq!(r.status, 400);
+    // Over the body limit: 413.
+    let huge = vec![b' '; 2 << 20];
+    let r = client
+        .request("POST", "/v1/invocations", Some(&huge))
+        .unwrap();
+    assert_eq!(r.status, 413);
+    assert!(r.json().unwrap()["error"].is_string());
+    let mut client = server.client();
+    let r = client.request("GET", "/nowhere", None).unwrap();
+    assert_eq!(r.status, 404);
+    assert!(r.json().unwrap()["error"].is_string());
+
+    let (status, headers, events) = long.join().expect("long invocation thread");
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v == "application/x-ndjson"));
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "exit", "{events:?}");
+    assert_eq!(last["exit_code"], 0);
+    let text = |kind: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .filter_map(|e| e["data"].as_str())
+            .collect()
+    };
+    assert_eq!(text("stdout"), "started\n");
+    assert_eq!(text("stderr"), "done\n");
+
+    let m = metrics(&mut client);
+    assert_eq!(outcome_count(&m, "ok"), 1.0);
+    assert_eq!(outcome_count(&m, "rejected"), 1.0);
+    assert_eq!(outcome_count(&m, "invalid"), (bad.len() + 3) as f64);
+    assert_eq!(m["ember_pool_in_use"], 0.0);
+    server.stop();
+}
+
+#[test]
+fn pool_api_warm_on_demand_and_shutdown() {
+    let snapshot = Arc::new(
+        ember::snapshot::Snapshot::open(common::shared_snapshot().dir()).expect("snapshot opens"),
+    );
+    // `Pool::new` returns with its first warm sandbox restored.
+    let pool = Pool::new(
+        snapshot.clone(),
+        PoolConfig {
+            warm: 1,
+            max_live: 1,
+            max_queue: 0,
+            ..PoolConfig::default()
+        },
+    )
+    .expect("pool starts");
+    assert_eq!(pool.stats().warm, 1);
+    let lease = pool.acquire().expect("a warm sandbox");
+    assert!(lease.warm());
+    assert!(matches!(
+        pool.invoke(&common::sh("true")),
+        Err(ember::pool::PoolError::Busy { .. })
+    ));
+    let result = lease.invoke(&common::sh("echo warm")).expect("invocation");
+    assert_eq!(result.outcome.stdout, b"warm\n");
+    assert!(result.warm && result.restore > Duration::ZERO);
+    assert!(matches!(
+        pool.invoke(&ember::Invocation::new(Vec::<String>::new())),
+        Err(ember::pool::PoolError::Invalid(_))
+    ));
+    pool.shutdown();
+    assert_eq!(pool.stats().live, 0);
+    assert!(matches!(
+        pool.acquire(),
+        Err(ember::pool::PoolError::ShuttingDown)
+    ));
+
+    // Without a warm pool every sandbox is restored on demand.
+    let cold = Pool::new(
+        snapshot,
+        PoolConfig {
+            warm: 0,
+            ..PoolConfig::default()
+        },
+    )
+    .expect("pool starts");
+    assert_eq!(cold.stats().live, 0);
+    let result = cold.invoke(&common::sh("echo cold")).expect("invocation");
+    assert_eq!(result.outcome.stdout, b"cold\n");
+    assert!(!result.warm);
+    let stats = cold.stats();
+    assert_eq!((stats.on_demand, stats.warm_hits, stats.live), (1, 0, 0));
+}
+
+// --- OpenAPI ------------------------------------------------------------
+
+fn openapi() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
+    let text = std::fs::read_to_string(path).expect("openapi.yaml");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("openapi.yaml is YAML");
+    serde_json::to_value(yaml).expect("openapi.yaml converts to JSON")
+}
+
+/// Checks `value` against an OpenAPI 3.0 schema: `$ref`, `allOf`,
+/// `oneOf`, `type`, `nullable`, `enum`, `required`, `properties`,
+/// `additionalProperties: false` and `items` (what openapi.yaml uses).
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference
+            .strip_prefix("#/components/schemas/")
+            .ok_or_else(|| format!("unsupported $ref {reference}"))?;
+        let target = &doc["components"]["schemas"][name];
+        if target.is_null() {
+            return Err(format!("dangling $ref {reference}"));
+        }
+        return check(doc, target, value, at);
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        for s in all {
+            check(doc, s, value, at)?;
+        }
+    }
+    if let Some(one) = schema["oneOf"].as_array() {
+        let errors: Vec<String> = one
+            .iter()
+            .filter_map(|s| check(doc, s, value, at).err())
+            .collect();
+        if errors.len() != one.len() - 1 {
+            return Err(format!("{at}: must match exactly one of oneOf: {errors:?}"));
+        }
+    }
+    if value.is_null() && schema["nullable"] == true {
+        return Ok(());
+    }
+    if let Some(kind) = schema["type"].as_str() {
+        let ok = match kind {
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "boolean" => value.is_boolean(),
+            other => return Err(format!("unsupported type {other}")),
+        };
+        if !ok {
+            return Err(format!("{at}: {value} is not of type {kind}"));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array() {
+        if !allowed.contains(value) {
+            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for key in schema["required"].as_array().into_iter().flatten() {
+            let key = key.as_str().unwrap_or_default();
+            if !object.contains_key(key) {
+                return Err(format!("{at}: required field {key} is missing"));
+            }
+        }
+        let properties = schema["properties"].as_object();
+        for (key, v) in object {
+            match properties.and_then(|p| p.get(key)) {
+                Some(s) => check(doc, s, v, &format!("{at}.{key}"))?,
+                None if schema["additionalProperties"] == false => {
+                    return Err(format!("{at}: field {key} is not documented"))
+                }
+                None => {}
+            }
+        }
+        if let Some(values) = schema["additionalProperties"].as_object() {
+            for (key, v) in object {
+                if !properties.is_some_and(|p| p.contains_key(key)) {
+                    check(
+                        doc,
+                        &Value::Object(values.clone()),
+                        v,
+                        &format!("{at}.{key}"),
+                    )?;
+                }
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in array.iter().enumerate() {
+            check(doc, items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The documented schema of `path` `method` answering `status` with
+/// `content_type`.
+fn response_schema<'a>(
+    doc: &'a Value,
+    path: &str,
+    method: &str,
+    status: u16,
+    content_type: &str,
+) -> &'a Value {
+    let response = &doc["paths"][path][method]["responses"][status.to_string()];
+    assert!(
+        response.is_object(),
+        "{method} {path} answered {status}, which is not documented"
+    );
+    let schema = &response["content"][content_type]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} {status}: {content_type} is not documented"
+    );
+    schema
+}
+
+#[test]
+fn openapi_document_matches_the_server() {
+    let doc = openapi();
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    let server = TestServer::start(
+        PoolConfig {
+            warm: 1,
+            max_live: 2,
+            queue_timeout: REQUEST_TIMEOUT,
+            ..PoolConfig::default()
+        },
+        Limits::default(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let mut client = server.client();
+    // A request in the documented shape, with every field, validates
+    // against the request schema and is accepted.
+    let request = json!({
+        "argv": ["sh", "-c", "cat; printf '\\377' >&2; echo out > out.txt; exit 3"],
+        "env": {"A": "1"},
+        "stdin": "in",
+        "timeout_ms": 60000,
+        "max_output_bytes": 1024,
+        "files_in": [{"path": "f", "data_b64": "AA==", "mode": 420}],
+        "collect": ["out.txt", "missing"],
+    });
+    let request_schema = &doc["paths"]["/v1/invocations"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"];
+    check(&doc, request_schema, &request, "request").unwrap();
+
+    let mut documented = 0;
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, item) in paths {
+        for method in item.as_object().expect("path item").keys() {
+            documented += 1;
+            let r = match (path.as_str(), method.as_str()) {
+                ("/v1/invocations", "post") => invoke(&mut client, request.clone()),
+                (p, "get") => client.request("GET", p, None).unwrap(),
+                other => panic!("no check for {other:?}: extend this test"),
+            };
+            let content_type = r
+                .header("content-type")
+                .and_then(|t| t.split(';').next())
+                .unwrap_or("")
+                .to_string();
+            let schema = response_schema(&doc, path, method, r.status, &content_type);
+            if content_type == "application/json" {
+                let body = r.json().unwrap();
+                check(&doc, schema, &body, &format!("{method} {path}")).unwrap();
+                if path == "/v1/invocations" {
+                    assert_eq!(body["exit_code"], 3);
+                    assert_eq!(body["stdout"], "in");
+                    assert_eq!(body["stderr_b64"], "/w==", "non-UTF-8 comes as base64");
+                    assert_eq!(body["files_out"][0]["data_b64"], "b3V0Cg==");
+                    assert!(body["files_out"][1]["error"].is_string());
+                }
+            } else {
+                assert_eq!(schema["type"], "string");
+            }
+        }
+    }
+    assert_eq!(documented, 3);
+
+    // The streaming variant: every line is a documented event.
+    let mut stream = Vec::new();
+    let (status, headers) = client
+        .request_streaming(
+            "POST",
+            "/v1/invocations?stream=true",
+            Some(br#"{"argv":["sh","-c","echo a; echo b >&2"]}"#),
+            |chunk| stream.extend_from_slice(chunk),
+        )
+        .unwrap();
+    let content_type = headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let schema = response_schema(&doc, "/v1/invocations", "post", status, &content_type);
+    let lines: Vec<Value> = stream
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("NDJSON"))
+        .collect();
+    for (i, event) in lines.iter().enumerate() {
+        check(&doc, schema, event, &format!("event {i}")).unwrap();
+    }
+    assert_eq!(lines.last().unwrap()["type"], "exit");
+
+    // Documented error answers.
+    let r = invoke(&mut client, json!({"argv": ["true"], "timeout_ms": 0}));
+    let schema = response_schema(
+        &doc,
+        "/v1/invocations",
+        "post",
+        r.status,
+        "application/json",
+    );
+    check(&doc, schema, &r.json().unwrap(), "400").unwrap();
+    server.stop();
+}
+
+// --- A child `ember serve` ------------------------------------------------
+
+/// Every descendant of `pid`, from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // The field after the parenthesised command name: state, then ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.entry(ppid).or_default().push(child);
+        }
+    }
+    let mut found = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &c in parents.get(&p).into_iter().flatten() {
+            found.push(c);
+            todo.push(c);
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent's wait is missing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+#[test]
+fn sigterm_drains_in_flight_work_and_leaves_no_worker_behind() {
+    let snapshot_dir: PathBuf = common::shared_snapshot().dir().to_path_buf();
+    let socket = common::temp_path("serve-child.sock");
+    let mut child = common::ember()
+        .arg("serve")
+        .arg("--snapshot")
+        .arg(&snapshot_dir)
+        .arg("--listen")
+        .arg(format!("unix:{}", socket.display()))
+        .args(["--warm", "2", "--max-live", "4"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ember serve starts");
+    let pid = child.id();
+    // Its stderr carries one JSON object per line.
+    let (lines_tx, lines) = mpsc::channel::<Value>();
+    let stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let value =
+                serde_json::from_str(&line).unwrap_or_else(|_| json!({"unstructured": line}));
+            let _ = lines_tx.send(value);
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("ember serve says it listens");
+        let listening = line["message"] == "listening";
+        log.push(line);
+        if listening {
+            break;
+        }
+    }
+
+    let target = Target::Unix(socket.clone());
+    let mut client = Client::new(target.clone(), REQUEST_TIMEOUT);
+    let r = invoke(&mut client, json!({"argv": ["echo", "hi"]}));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().unwrap()["stdout"], "hi\n");
+
+    // An invocation in flight when SIGTERM arrives finishes.
+    let (started_tx, started_rx) = mpsc::channel();
+    let mut stream_client = Client::new(target, REQUEST_TIMEOUT);
+    let in_flight = std::thread::spawn(move || {
+        let mut started = Some(started_tx);
+        let mut data = Vec::new();
+        let (status, _) = stream_client
+            .request_streaming(
+                "POST",
+                "/v1/invocations?stream=true",
+                Some(br#"{"argv":["sh","-c","echo started; sleep 1; echo finished"]}"#),
+                |chunk| {
+                    data.extend_from_slice(chunk);
+                    if let Some(tx) = started.take() {
+                        let _ = tx.send(());
+                    }
+                },
+            )
+            .expect("the in-flight request is answered");
+        (status, String::from_utf8(data).expect("UTF-8 events"))
+    });
+    started_rx
+        .recv_timeout(REQUEST_TIMEOUT)
+        .expect("the in-flight invocation starts");
+    let workers = descendants(pid);
+    // SAFETY: kill(2) on our own child's PID.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+
+    let (status, events) = in_flight.join().expect("in-flight thread");
+    assert_eq!(status, 200);
+    assert!(events.contains("finished"), "{events}");
+    assert!(events.contains("\"type\":\"exit\""), "{events}");
+
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("ember serve exits after SIGTERM")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    reader.join().expect("stderr reader");
+    log.extend(lines.try_iter());
+    for worker in workers {
+        assert!(!alive(worker), "process {worker} outlived the server");
+    }
+    assert!(!socket.exists(), "the socket file is removed");
+    // One structured line per invocation, with accounting fields.
+    let invocations: Vec<&Value> = log
+        .iter()
+        .filter(|l| l["target"] == "ember::invocation")
+        .collect();
+    assert_eq!(invocations.len(), 2, "{log:?}");
+    for line in invocations {
+        assert_eq!(line["outcome"], "ok");
+        for field in [
+            "id",
+            "exit_code",
+            "restore_ms",
+            "total_ms",
+            "wall_ms",
+            "cpu_user_ms",
+            "max_rss_kib",
+            "warm",
+        ] {
+            assert!(!line[field].is_null(), "{field} in {line}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The jail a sandbox worker process enters before any guest code runs.
+//!
+//! The parent spawns the worker with new mount, network, IPC, UTS and PID
+//! namespaces (see [`crate::worker`]); the worker then, still holding the
+//! file descriptors it was handed and nothing else:
+//!
+//! 1. becomes PID 1 of its PID namespace (one fork; the outer process only
+//!    waits), dying with its parent;
+//! 2. pivots into an empty, read-only tmpfs: no host file is reachable;
+//! 3. closes every file descriptor it was not handed;
+//! 4. drops to an unprivileged uid/gid with no supplementary groups and
+//!    `no_new_privs`, and caps its rlimits.
+//!
+//! Every step is a raw system call checked for errors: a worker that cannot
+//! jail itself refuses to run the guest.
+
+use std::ffi::CStr;
+use std::io;
+
+/// Who the worker runs as, and how much it may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailConfig {
+    /// Unprivileged user ID (not 0).
+    pub uid: u32,
+    /// Unprivileged group ID (not 0).
+    pub gid: u32,
+    /// RLIMIT_NOFILE: the worker needs a few dozen descriptors.
+    pub max_files: u64,
+    /// RLIMIT_NPROC for the jail's uid: threads count against it.
+    pub max_processes: u64,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID,
+            max_files: 128,
+            max_processes: 4096,
+        }
+    }
+}
+
+/// The dedicated uid/gid workers run as unless configured otherwise: no
+/// account on the host owns it, so it can signal and read nothing but
+/// other workers.
+pub const DEFAULT_JAIL_ID: u32 = 60_000;
+
+fn check(what: &'static str, rc: libc::c_long) -> Result<libc::c_long, JailError> {
+    if rc < 0 {
+        Err(JailError::Syscall {
+            what,
+            source: io::Error::last_os_error(),
+        })
+    } else {
+        Ok(rc)
+    }
+}
+
+fn check_int(what: &'static str, rc: libc::c_int) -> Result<libc::c_int, JailError> {
+    check(what, libc::c_long::from(rc)).map(|r| r as libc::c_int)
+}
+
+/// Step 1: makes the calling (single-threaded) process PID 1 of the PID
+/// namespace its parent created for its children. Returns in the child;
+/// the original process waits for it and exits with its status, so the
+/// caller never sees it return.
+pub fn become_namespace_init() -> Result<(), JailError> {
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        return Ok(());
+    }
+    // SAFETY: the worker is single-threaded here (it has not started any
+    // thread yet), so fork() is safe and the child may run Rust code.
+    let pid = check_int("fork", unsafe { libc::fork() })?;
+    if pid == 0 {
+        // The child dies with the outer process, which dies with the parent
+        // holding the control socket (SIGKILL from it, or its exit).
+        // SAFETY: prctl with integer arguments.
+        check_int("prctl(PR_SET_PDEATHSIG)", unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+        })?;
+        return Ok(());
+    }
+    // The waiting process keeps nothing the jailed child was given.
+    let _ = close_fds_from(3);
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            break;
+        }
+        if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            std::process::exit(1);
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        // Die the same way, so the parent sees e.g. SIGSYS from seccomp.
+        let signal = libc::WTERMSIG(status);
+        // SAFETY: resetting a signal to its default action and raising it
+        // have no memory-safety preconditions.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
+    std::process::exit(libc::WEXITSTATUS(status));
+}
+
+fn mount(
+    source: &CStr,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+    what: &'static str,
+) -> Result<(), JailError> {
+    // SAFETY: all pointers are NUL-terminated C strings (or null) that
+    // outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.map_or(std::ptr::null(), CStr::as_ptr),
+            flags,
+            data.map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    check_int(what, rc).map(|_| ())
+}
+
+/// Step 2: replaces the root with an empty, read-only tmpfs. Needs the
+/// private mount namespace the parent created.
+pub fn enter_empty_root() -> Result<(), JailError> {
+    // Nothing below propagates back to the host's mount table.
+    mount(
+        c"none",
+        c"/",
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+        "make / private",
+    )?;
+    // /tmp is only a mount point here: the new root is a fresh tmpfs
+    // mounted over it, visible to this namespace alone.
+    let new_root = c"/tmp";
+    mount(
+        c"ember-jail",
+        new_root,
+        Some(c"tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(c"size=4k,mode=0555"),
+        "mount the jail tmpfs",
+    )?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check_int("chdir(jail)", unsafe { libc::chdir(new_root.as_ptr()) })?;
+    // pivot_root(".", ".") stacks the old root under the new one; the
+    // detach below then drops it without needing a directory for it.
+    // SAFETY: two NUL-terminated paths.
+    check(
+        "pivot_root",
+        unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) },
+    )?;
+    // SAFETY: NUL-terminated path, integer flags.
+    check_int("detach the old root", unsafe {
+        libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
+    })?;
+    // SAFETY: chdir to a NUL-terminated path.
+    check_int("chdir(/)", unsafe { libc::chdir(c"/".as_ptr()) })?;
+    mount(
+        c"none",
+        c"/",
+        None,
+        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV
+            | libc::MS_NOEXEC,
+        None,
+        "make the jail read-only",
+    )
+}
+
+/// Step 3: closes every descriptor from `first` up.
+pub fn close_fds_from(first: u32) -> Result<(), JailError> {
+    // SAFETY: close_range only closes descriptors.
+    check("close_range", unsafe {
+        libc::syscall(libc::SYS_close_range, first, u32::MAX, 0)
+    })
+    .map(|_| ())
+}
+
+fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, what: &'static str) -> Result<(), JailError> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: `limit` is a valid rlimit for the duration of the call.
+    check_int(what, unsafe { libc::setrlimit(resource, &limit) }).map(|_| ())
+}
+
+/// Step 4: drops every privilege for good.
+pub fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
+    if config.uid == 0 || config.gid == 0 {
+        return Err(JailError::Root);
+    }
+    set_rlimit(libc::RLIMIT_NOFILE, config.max_files, "setrlimit(NOFILE)")?;
+    // The worker writes no file: the console goes to a pipe or nowhere.
+    set_rlimit(libc::RLIMIT_FSIZE, 0, "setrlimit(FSIZE)")?;
+    set_rlimit(libc::RLIMIT_NPROC, config.max_processes, "setrlimit(NPROC)")?;
+    set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(CORE)")?;
+    // SAFETY: setgroups with an empty list.
+    check_int("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments.
+    check_int("setresgid", unsafe {
+        libc::setresgid(config.gid, config.gid, config.gid)
+    })?;
+    // SAFETY: integer arguments.
+    check_int("setresuid", unsafe {
+        libc::setresuid(config.uid, config.uid, config.uid)
+    })?;
+    // SAFETY: prctl with integer arguments.
+    check_int("prctl(PR_SET_NO_NEW_PRIVS)", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })?;
+    // A worker that kept any capability (e.g. through a misconfigured
+    // uid 0 mapping) must not run guest code.
+    // SAFETY: getuid/geteuid have no preconditions.
+    if unsafe { libc::geteuid() } == 0 || unsafe { libc::getuid() } == 0 {
+        return Err(JailError::Root);
+    }
+    Ok(())
+}
+
+/// A jail step failed; the worker must not run the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A system call failed.
+    #[error("jail: {what}: {source}")]
+    Syscall {
+        /// The step.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The configuration would leave the worker as root.
+    #[error("jail: refusing to run a worker as root (uid/gid 0)")]
+    Root,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_refused_before_any_change() {
+        let config = JailConfig {
+            uid: 0,
+            ..JailConfig::default()
+        };
+        assert!(matches!(drop_privileges(&config), Err(JailError::Root)));
+    }
+
+    #[test]
+    fn default_is_unprivileged() {
+        let config = JailConfig::default();
+        assert_ne!(config.uid, 0);
+        assert_ne!(config.gid, 0);
+    }
+}

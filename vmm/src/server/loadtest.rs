@@ -1,0 +1,303 @@
+//! `ember bench http`: drives `POST /v1/invocations` of a local server
+//! from a fixed number of keep-alive connections for a bounded time, and
+//! reports throughput and latency percentiles.
+//!
+//! Each connection runs on its own thread and sends its next request as
+//! soon as the previous one is answered (a closed loop): the concurrency
+//! is the number of requests in flight. No request starts after the
+//! duration; those in flight then finish (each is bounded by the
+//! invocation's timeout), so the run stops by itself.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::client::{Client, ClientError, Target};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// The server.
+    pub target: Target,
+    /// Connections, each with one request in flight.
+    pub concurrency: usize,
+    /// How long to send requests for.
+    pub duration: Duration,
+    /// The command each invocation runs.
+    pub argv: Vec<String>,
+    /// Each invocation's `timeout_ms`.
+    pub timeout_ms: u64,
+}
+
+/// Latency percentiles in ms (nearest rank).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Latency {
+    /// Percentiles of `values` (zeros when empty).
+    pub fn of(mut values: Vec<f64>) -> Self {
+        if values.is_empty() {
+            return Latency::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            let i = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
+            values[i]
+        };
+        Latency {
+            p50: rank(0.5),
+            p90: rank(0.9),
+            p99: rank(0.99),
+            max: values[values.len() - 1],
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+        }
+    }
+}
+
+/// The result of a load test.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    /// The server.
+    pub target: String,
+    /// Connections.
+    pub concurrency: usize,
+    /// From the first request to the last answer, in seconds.
+    pub elapsed_s: f64,
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Requests answered 200 whose command exited 0.
+    pub ok: u64,
+    /// Everything else, by kind: `http_<status>`, `exit_<code>`,
+    /// `timeout`, `io`, `malformed`.
+    pub errors: BTreeMap<String, u64>,
+    /// Successful invocations per second.
+    pub throughput_per_s: f64,
+    /// Client-side latency of the successful requests.
+    pub latency_ms: Latency,
+    /// The server's `host.total_ms` of the successful requests.
+    pub server_total_ms: Latency,
+    /// The restore time of the sandboxes used (`host.restore_ms`).
+    pub restore_ms: Latency,
+    /// Time waiting for a sandbox (`host.queue_ms`).
+    pub queue_ms: Latency,
+    /// Share of successful requests served by a warm sandbox.
+    pub warm_ratio: f64,
+}
+
+impl LoadReport {
+    /// One JSON object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    /// A human-readable summary.
+    pub fn to_table(&self) -> String {
+        let row = |name: &str, l: &Latency| {
+            format!(
+                "{name:<28} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
+                l.p50, l.p90, l.p99, l.max, l.mean
+            )
+        };
+        let errors = if self.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.errors
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{}: {} connections, {:.1} s\nrequests {}, ok {}, errors: {errors}\nthroughput {:.2} invocations/s, warm {:.0}%\n{:<28} {:>9} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}",
+            self.target,
+            self.concurrency,
+            self.elapsed_s,
+            self.requests,
+            self.ok,
+            self.throughput_per_s,
+            self.warm_ratio * 100.0,
+            "(ms)",
+            "p50",
+            "p90",
+            "p99",
+            "max",
+            "mean",
+            row("latency (client)", &self.latency_ms),
+            row("server total", &self.server_total_ms),
+            row("restore (sandbox used)", &self.restore_ms),
+            row("queue", &self.queue_ms),
+        )
+    }
+}
+
+/// The load test could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Bad parameters.
+    #[error("invalid load test: {0}")]
+    Config(String),
+    /// The server does not answer `GET /v1/health` with 200.
+    #[error("the server is not ready: {0}")]
+    NotReady(String),
+}
+
+#[derive(Default)]
+struct Tally {
+    requests: u64,
+    errors: BTreeMap<String, u64>,
+    latency: Vec<f64>,
+    server_total: Vec<f64>,
+    restore: Vec<f64>,
+    queue: Vec<f64>,
+    warm: u64,
+}
+
+impl Tally {
+    fn error(&mut self, kind: String) {
+        *self.errors.entry(kind).or_default() += 1;
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.requests += other.requests;
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.latency.extend(other.latency);
+        self.server_total.extend(other.server_total);
+        self.restore.extend(other.restore);
+        self.queue.extend(other.queue);
+        self.warm += other.warm;
+    }
+}
+
+/// Runs the load test.
+pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
+    if config.concurrency == 0 || config.duration.is_zero() {
+        return Err(LoadError::Config(
+            "concurrency and duration must be positive".into(),
+        ));
+    }
+    // Per read: the invocation's timeout, plus the server's queue and
+    // restore time, plus slack.
+    let io_timeout = Duration::from_millis(config.timeout_ms) + Duration::from_secs(120);
+    let mut probe = Client::new(config.target.clone(), Duration::from_secs(10));
+    match probe.request("GET", "/v1/health", None) {
+        Ok(r) if r.status == 200 => {}
+        Ok(r) => return Err(LoadError::NotReady(format!("health answered {}", r.status))),
+        Err(e) => return Err(LoadError::NotReady(e.to_string())),
+    }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "argv": config.argv,
+        "timeout_ms": config.timeout_ms,
+    }))
+    .map_err(|e| LoadError::Config(e.to_string()))?;
+    let started = Instant::now();
+    let deadline = started + config.duration;
+    let tallies: Vec<Tally> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..config.concurrency)
+            .map(|_| {
+                let mut client = Client::new(config.target.clone(), io_timeout);
+                let body = &body;
+                scope.spawn(move || {
+                    let mut tally = Tally::default();
+                    while Instant::now() < deadline {
+                        one_request(&mut client, body, &mut tally);
+                    }
+                    tally
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut all = Tally::default();
+    for t in tallies {
+        all.merge(t);
+    }
+    let ok = all.latency.len() as u64;
+    Ok(LoadReport {
+        target: match &config.target {
+            Target::Tcp(a) => format!("http://{a}"),
+            Target::Unix(p) => format!("unix:{}", p.display()),
+        },
+        concurrency: config.concurrency,
+        elapsed_s: elapsed,
+        requests: all.requests,
+        ok,
+        errors: all.errors,
+        throughput_per_s: if elapsed > 0.0 {
+            ok as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency_ms: Latency::of(all.latency),
+        server_total_ms: Latency::of(all.server_total),
+        restore_ms: Latency::of(all.restore),
+        queue_ms: Latency::of(all.queue),
+        warm_ratio: if ok > 0 {
+            all.warm as f64 / ok as f64
+        } else {
+            0.0
+        },
+    })
+}
+
+fn one_request(client: &mut Client, body: &[u8], tally: &mut Tally) {
+    let sent = Instant::now();
+    let result = client.request("POST", "/v1/invocations", Some(body));
+    let latency = sent.elapsed().as_secs_f64() * 1e3;
+    tally.requests += 1;
+    let response = match result {
+        Ok(r) => r,
+        Err(ClientError::Io(_)) => return tally.error("io".into()),
+        Err(_) => return tally.error("malformed".into()),
+    };
+    if response.status != 200 {
+        return tally.error(format!("http_{}", response.status));
+    }
+    let Ok(json) = response.json() else {
+        return tally.error("malformed".into());
+    };
+    if json["timed_out"].as_bool() == Some(true) {
+        return tally.error("timeout".into());
+    }
+    match json["exit_code"].as_i64() {
+        Some(0) => {}
+        Some(code) => return tally.error(format!("exit_{code}")),
+        None => return tally.error("signal".into()),
+    }
+    let host = &json["host"];
+    let f = |key: &str| host[key].as_f64().unwrap_or(0.0);
+    tally.latency.push(latency);
+    tally.server_total.push(f("total_ms"));
+    tally.restore.push(f("restore_ms"));
+    tally.queue.push(f("queue_ms"));
+    if host["warm"].as_bool() == Some(true) {
+        tally.warm += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let l = Latency::of((1..=100).map(f64::from).collect());
+        assert_eq!((l.p50, l.p90, l.p99, l.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(l.mean, 50.5);
+        assert_eq!(Latency::of(vec![]), Latency::default());
+    }
+}

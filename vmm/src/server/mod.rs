@@ -1,0 +1,635 @@
+//! `ember serve`: an HTTP/1.1 JSON API in front of a [`Pool`].
+//!
+//! This module is the only async code in ember: axum on tokio. Every call
+//! into the pool (which blocks) runs on tokio's blocking threads through
+//! `spawn_blocking`, so the VMM core stays synchronous.
+//!
+//! Routes (`vmm/openapi.yaml` is the full description):
+//!
+//! - `POST /v1/invocations`: run one invocation, answer with its outcome
+//!   as one JSON object. `?stream=true` answers `application/x-ndjson`
+//!   instead: one JSON event per line, `stdout`/`stderr` chunks as they
+//!   come, then one `exit` (or `error`) event. The status line is sent
+//!   once a sandbox is secured, so a full queue is still a 429.
+//! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Errors are JSON `{"error": "..."}`: 400 for a malformed request or one
+//! over the [`Limits`], 413 for a body over the size limit, 429 with
+//! `Retry-After` when every sandbox is busy and the queue is full, 503
+//! while shutting down. Each invocation request logs one JSON line
+//! (target `ember::invocation`) with its id, outcome, exit status,
+//! timings and usage.
+//!
+//! Shutdown (SIGINT or SIGTERM with [`run`], the `shutdown` future with
+//! [`serve`]): the listener closes, the pool refuses new work, running
+//! invocations get the pool's grace to finish (then isolated workers are
+//! killed), and every sandbox is destroyed before [`serve`] returns.
+
+pub mod api;
+pub mod client;
+pub mod loadtest;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use self::api::{
+    ErrorBody, InvocationRequest, InvocationResponse, InvocationSummary, Limits, StreamEvent,
+};
+use self::metrics::{Metrics, Outcome};
+use crate::pool::{Lease, Pool, PoolError, PoolOutcome};
+use crate::sandbox::Invocation;
+
+/// Where the server listens: a TCP address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `127.0.0.1:8080`, `[::1]:0`, ...
+    Tcp(SocketAddr),
+    /// `unix:/run/ember.sock`.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path".into()),
+            Some(path) => Ok(ListenAddr::Unix(path.into())),
+            None => s
+                .parse()
+                .map(ListenAddr::Tcp)
+                .map_err(|_| format!("{s:?} is neither ADDR:PORT nor unix:PATH")),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket, removed when the server stops.
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket file left by a dead server is replaced;
+    /// one that still answers is an error.
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener, ServerError> {
+        let err = |e| ServerError::Bind(addr.to_string(), e);
+        match addr {
+            ListenAddr::Tcp(a) => Ok(Listener::Tcp(
+                tokio::net::TcpListener::bind(a).await.map_err(err)?,
+            )),
+            ListenAddr::Unix(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(err(std::io::ErrorKind::AddrInUse.into()));
+                }
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path).map_err(err)?;
+                }
+                let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    /// The bound address (the actual port after binding port 0).
+    pub fn local_addr(&self) -> Result<ListenAddr, ServerError> {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(ListenAddr::Tcp)
+                .map_err(|e| ServerError::Bind("tcp".into(), e)),
+            Listener::Unix(_, path) => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+/// How the server treats requests.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// Per-request limits.
+    pub limits: Limits,
+}
+
+/// The server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+    /// The async runtime or the signal handlers could not be set up.
+    #[error("cannot start the server runtime: {0}")]
+    Runtime(std::io::Error),
+    /// Serving failed.
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+#[derive(Debug)]
+struct AppState {
+    pool: Arc<Pool>,
+    limits: Limits,
+    metrics: Metrics,
+    next_id: AtomicU64,
+    id_prefix: String,
+}
+
+type Shared = Arc<AppState>;
+
+/// Serves the API on `listener` until `shutdown` completes, then shuts
+/// down gracefully (see the [module docs](self)); `pool` is shut down
+/// before this returns.
+pub async fn serve(
+    listener: Listener,
+    pool: Arc<Pool>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    config.limits.validate().map_err(ServerError::Config)?;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let state = Arc::new(AppState {
+        pool: pool.clone(),
+        limits: config.limits,
+        metrics: Metrics::default(),
+        next_id: AtomicU64::new(1),
+        id_prefix: format!("{started:x}-{:x}", std::process::id()),
+    });
+    let app = Router::new()
+        .route("/v1/invocations", post(invocations))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
+        })
+        .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .with_state(state);
+
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let closer = pool.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, draining");
+        closer.close();
+        let _ = signalled_tx.send(());
+    };
+    // After the signal, the pool's shutdown bounds the drain: it waits for
+    // running invocations (its grace), kills isolated workers that
+    // outlive it, and then in-flight requests answer at once.
+    let drained = {
+        let pool = pool.clone();
+        async move {
+            if signalled_rx.await.is_ok() {
+                let _ = tokio::task::spawn_blocking(move || pool.shutdown()).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let unix_path = match &listener {
+        Listener::Unix(_, path) => Some(path.clone()),
+        Listener::Tcp(_) => None,
+    };
+    let served = async {
+        match listener {
+            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+        }
+    };
+    let result = tokio::select! {
+        result = served => result.map_err(ServerError::Serve),
+        () = drained => {
+            tracing::warn!("connections still open after the shutdown grace; closing them");
+            Ok(())
+        }
+    };
+    let left = tokio::task::spawn_blocking(move || pool.shutdown())
+        .await
+        .unwrap_or(0);
+    if left > 0 {
+        tracing::warn!(running = left, "in-process sandboxes still running at exit");
+    }
+    if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Runs the server on its own runtime until SIGINT or SIGTERM, then
+/// shuts down gracefully. Logs JSON lines to stderr (see
+/// [`init_logging`]).
+pub fn run(listen: &ListenAddr, pool: Pool, config: ServerConfig) -> Result<(), ServerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ember-http")
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let result = runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(ServerError::Runtime)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Runtime)?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        let listener = Listener::bind(listen).await?;
+        let pool_config = pool.config();
+        tracing::info!(
+            address = %listener.local_addr()?,
+            snapshot = %pool.snapshot().dir().display(),
+            warm = pool_config.warm,
+            max_live = pool_config.max_live,
+            max_queue = pool_config.max_queue,
+            "listening"
+        );
+        serve(listener, Arc::new(pool), config, shutdown).await
+    });
+    // Every sandbox is gone by now; do not wait on stray blocking tasks
+    // (a client's streaming write) for long.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+/// Sends `tracing` events to stderr as JSON lines (level from
+/// `EMBER_LOG`: error, warn, info (default), debug, trace). Does nothing
+/// if a subscriber is installed already.
+pub fn init_logging() {
+    let level = std::env::var("EMBER_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(ErrorBody { error: message })).into_response()
+}
+
+/// How a pool error is answered, and counted.
+fn pool_error(e: &PoolError) -> (StatusCode, Option<&'static str>, Outcome) {
+    match e {
+        PoolError::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("1"), Outcome::Rejected),
+        PoolError::QueueTimeout(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("1"),
+            Outcome::Rejected,
+        ),
+        PoolError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None, Outcome::Rejected),
+        PoolError::Invalid(_) => (StatusCode::BAD_REQUEST, None, Outcome::Invalid),
+        PoolError::Restore(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("1"), Outcome::Error),
+        PoolError::Config(_) | PoolError::Thread(_) | PoolError::Invoke(_) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, None, Outcome::Error)
+        }
+    }
+}
+
+/// One request's bookkeeping: id, start, the log line and the metrics.
+#[derive(Clone)]
+struct RequestLog {
+    state: Shared,
+    id: String,
+    started: Instant,
+}
+
+impl RequestLog {
+    fn new(state: &Shared) -> Self {
+        let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+        RequestLog {
+            id: format!("{}-{n}", state.id_prefix),
+            state: state.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts, logs and answers a request that did not run.
+    fn refuse(
+        &self,
+        status: StatusCode,
+        retry_after: Option<&'static str>,
+        outcome: Outcome,
+        message: String,
+    ) -> Response {
+        self.state.metrics.count(outcome);
+        tracing::info!(
+            target: "ember::invocation",
+            id = %self.id,
+            outcome = outcome.as_str(),
+            status = status.as_u16(),
+            total_ms = api::ms(self.started.elapsed()),
+            error = %message,
+            "invocation"
+        );
+        let mut response = error(status, message);
+        if let Some(after) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
+        }
+        response
+    }
+
+    fn pool_error(&self, e: &PoolError) -> Response {
+        let (status, retry_after, outcome) = pool_error(e);
+        self.refuse(status, retry_after, outcome, e.to_string())
+    }
+
+    /// Counts and logs a finished invocation; returns its summary.
+    fn finish(&self, result: &PoolOutcome) -> InvocationSummary {
+        let total = self.started.elapsed();
+        let outcome = if result.outcome.timed_out {
+            Outcome::Timeout
+        } else {
+            Outcome::Ok
+        };
+        let metrics = &self.state.metrics;
+        metrics.count(outcome);
+        metrics.observe(result.restore, result.queue, total);
+        let summary = InvocationSummary::new(&self.id, result, total);
+        let (host, usage) = (&summary.host, &summary.usage);
+        tracing::info!(
+            target: "ember::invocation",
+            id = %self.id,
+            outcome = outcome.as_str(),
+            status = 200,
+            exit_code = summary.exit_code,
+            signal = summary.signal,
+            timed_out = summary.timed_out,
+            output_truncated = summary.output_truncated,
+            warm = host.warm,
+            restore_ms = host.restore_ms,
+            queue_ms = host.queue_ms,
+            invoke_ms = host.invoke_ms,
+            total_ms = host.total_ms,
+            wall_ms = usage.wall_ms,
+            cpu_user_ms = usage.cpu_user_ms,
+            cpu_sys_ms = usage.cpu_sys_ms,
+            max_rss_kib = usage.max_rss_kib,
+            "invocation"
+        );
+        summary
+    }
+
+    /// Counts and logs an invocation that failed in its sandbox.
+    fn failed(&self, e: &PoolError) -> (StatusCode, String) {
+        let (status, _, outcome) = pool_error(e);
+        self.state.metrics.count(outcome);
+        tracing::warn!(
+            target: "ember::invocation",
+            id = %self.id,
+            outcome = outcome.as_str(),
+            status = status.as_u16(),
+            total_ms = api::ms(self.started.elapsed()),
+            error = %e,
+            "invocation"
+        );
+        (status, e.to_string())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct InvokeQuery {
+    #[serde(default)]
+    stream: bool,
+}
+
+async fn invocations(
+    State(state): State<Shared>,
+    query: Result<Query<InvokeQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let log = RequestLog::new(&state);
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return log.refuse(
+                StatusCode::BAD_REQUEST,
+                None,
+                Outcome::Invalid,
+                e.body_text(),
+            )
+        }
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return log.refuse(e.status(), None, Outcome::Invalid, e.body_text()),
+    };
+    let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
+        .map_err(|e| format!("invalid request body: {e}"))
+        .and_then(|request| request.into_invocation(&state.limits))
+    {
+        Ok(invocation) => invocation,
+        Err(message) => {
+            return log.refuse(StatusCode::BAD_REQUEST, None, Outcome::Invalid, message)
+        }
+    };
+    drop(body);
+    // One blocking job takes the sandbox and runs the invocation, so the
+    // thread that restored a sandbox on demand is the one that uses it (a
+    // worker process dies with the thread that spawned it). It tells this
+    // task once it holds a sandbox (or why not): only then is the status
+    // line decided.
+    let (head_tx, head_rx) = oneshot::channel::<Option<Response>>();
+    let (done_tx, done_rx) = oneshot::channel::<Response>();
+    let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let id = HeaderValue::from_str(&log.id).ok();
+    let pool = state.pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let lease = match pool.acquire() {
+            Ok(lease) => lease,
+            Err(e) => {
+                let _ = head_tx.send(Some(log.pool_error(&e)));
+                return;
+            }
+        };
+        if head_tx.send(None).is_err() {
+            // The client went away while it waited: the sandbox goes back.
+            drop(lease);
+            log.refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                None,
+                Outcome::Cancelled,
+                "the client went away before a sandbox was free".into(),
+            );
+            return;
+        }
+        if query.stream {
+            stream_invocation(&log, lease, &invocation, &events_tx);
+        } else {
+            let _ = done_tx.send(run_invocation(&log, lease, &invocation));
+        }
+    });
+    match head_rx.await {
+        Ok(Some(refusal)) => return refusal,
+        Ok(None) => {}
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the invocation task failed".into(),
+            )
+        }
+    }
+    let mut response = if query.stream {
+        let mut response = Response::new(Body::from_stream(ReceiverStream::new(events_rx)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        response
+    } else {
+        done_rx.await.unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the invocation task failed".into(),
+            )
+        })
+    };
+    if let Some(id) = id {
+        response.headers_mut().insert("x-ember-invocation-id", id);
+    }
+    response
+}
+
+/// Runs the invocation; the JSON answer.
+fn run_invocation(log: &RequestLog, lease: Lease, invocation: &Invocation) -> Response {
+    match lease.invoke(invocation) {
+        Ok(outcome) => {
+            Json(InvocationResponse::new(log.finish(&outcome), &outcome)).into_response()
+        }
+        Err(e) => {
+            let (status, message) = log.failed(&e);
+            error(status, message)
+        }
+    }
+}
+
+/// Runs the invocation, sending NDJSON events to `events`.
+fn stream_invocation(
+    log: &RequestLog,
+    lease: Lease,
+    invocation: &Invocation,
+    events: &mpsc::Sender<Result<Bytes, Infallible>>,
+) {
+    // A client that reads slowly slows the sandbox's output down; one that
+    // went away no longer gets it (the invocation still ends at its
+    // timeout).
+    let send = |event: StreamEvent| {
+        let _ = events.blocking_send(Ok(Bytes::from(event.to_line())));
+    };
+    match lease.invoke_streaming(invocation, |stream, chunk| {
+        send(StreamEvent::output(stream, chunk))
+    }) {
+        Ok(outcome) => send(StreamEvent::Exit(log.finish(&outcome))),
+        Err(e) => {
+            let (_, message) = log.failed(&e);
+            send(StreamEvent::Error(ErrorBody { error: message }));
+        }
+    }
+}
+
+async fn health(State(state): State<Shared>) -> Response {
+    let stats = state.pool.stats();
+    let config = state.pool.config();
+    let body = serde_json::json!({
+        "status": if stats.closed { "shutting_down" } else { "ok" },
+        "snapshot": state.pool.snapshot().dir().display().to_string(),
+        "pool": {
+            "warm": stats.warm,
+            "restoring": stats.restoring,
+            "in_use": stats.in_use,
+            "live": stats.live,
+            "queued": stats.queued,
+            "target_warm": config.warm,
+            "max_live": config.max_live,
+            "max_queue": config.max_queue,
+        },
+    });
+    let status = if stats.closed {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let text = state.metrics.render(&state.pool.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            "127.0.0.1:0".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()))
+        );
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/tmp/x.sock".into()))
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+        assert_eq!(
+            ListenAddr::Unix("/a".into()).to_string(),
+            "unix:/a".to_string()
+        );
+    }
+}

@@ -1,0 +1,433 @@
+//! One jailed VMM process per sandbox.
+//!
+//! When isolation is asked for, the VM does not run in the caller's
+//! process: the caller spawns `ember __worker` with new mount, network,
+//! IPC, UTS and PID namespaces, hands it four file descriptors — a control
+//! socket, the snapshot's `state` and `memory` files and `/dev/kvm` — and
+//! puts it in its own cgroups. The worker jails itself ([`crate::jail`]),
+//! restores the snapshot, reseeds the clone, installs seccomp filters,
+//! reports ready on the control socket and from then on relays bytes
+//! between the control socket and the guest agent. The parent speaks the
+//! agent protocol over the control socket exactly as it would in-process,
+//! so a compromised worker is just one more untrusted peer.
+//!
+//! A worker serves one sandbox and exits when the control socket closes.
+
+pub mod cgroup;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_agent::protocol::Hello;
+
+use self::cgroup::{Limits, WorkerCgroup};
+use crate::agent::AgentClient;
+use crate::jail::{self, JailConfig};
+use crate::sandbox::{fresh_refresh, ReadyTimings, RESTORE_CONNECT_TIMEOUT};
+use crate::snapshot::{RestoreOptions, Snapshot};
+
+/// The hidden subcommand of the `ember` binary that runs a worker.
+pub const WORKER_SUBCOMMAND: &str = "__worker";
+
+/// Descriptor numbers the worker is started with.
+const CONTROL_FD: RawFd = 3;
+const STATE_FD: RawFd = 4;
+const MEMORY_FD: RawFd = 5;
+const KVM_FD: RawFd = 6;
+/// Longest status line a worker may send.
+const MAX_LINE: usize = 4096;
+/// Memory a worker may use beyond its guest's RAM.
+const VMM_OVERHEAD_BYTES: u64 = 64 << 20;
+
+/// How to run isolated workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// The `ember` binary (it has the hidden worker subcommand).
+    pub worker_exe: PathBuf,
+    /// Who the worker runs as.
+    pub jail: JailConfig,
+    /// Put each worker in its own cgroups (memory, CPU, tasks).
+    pub cgroups: bool,
+}
+
+impl Isolation {
+    /// Isolation with `worker_exe` and the default jail.
+    pub fn new(worker_exe: impl Into<PathBuf>) -> Self {
+        Isolation {
+            worker_exe: worker_exe.into(),
+            jail: JailConfig::default(),
+            cgroups: true,
+        }
+    }
+}
+
+/// The parent's handle on a running worker; kills and reaps it on drop.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: Child,
+    cgroup: Option<WorkerCgroup>,
+    reaped: Option<ExitStatus>,
+}
+
+impl WorkerProcess {
+    /// The worker's PID (as the host sees it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `grace` for the worker to exit by itself (it does once
+    /// its control socket closes), then kills it; returns how it ended.
+    pub fn finish(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if self.reaped.is_none() {
+            if !wait_exit(self.child.id(), grace) {
+                let _ = self.child.kill();
+            }
+            self.reaped = self.child.wait().ok();
+            self.cgroup = None;
+        }
+        self.reaped
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.reaped.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for process `pid` to exit, at most `timeout`, without reaping it.
+fn wait_exit(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes integers; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let Ok(fd) = RawFd::try_from(fd) else {
+        return false;
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is a fresh pidfd that nothing else owns.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let mut pollfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pollfd, 1, ms) > 0 }
+}
+
+/// Describes how a worker ended, for errors.
+pub fn describe_exit(status: Option<ExitStatus>) -> String {
+    match status {
+        Some(s) if s.signal() == Some(libc::SIGSYS) => {
+            "the worker was killed by seccomp (a forbidden system call)".into()
+        }
+        Some(s) if s.signal().is_some() => {
+            format!("the worker was killed by signal {}", s.signal().unwrap_or(0))
+        }
+        Some(s) => format!("the worker exited with {}", s.code().unwrap_or(-1)),
+        None => "the worker's status is unknown".into(),
+    }
+}
+
+/// Spawns a worker for a clone of `snapshot` and waits until its agent is
+/// connected and reseeded. Returns the process, an agent client speaking
+/// through it, and the timings.
+pub fn spawn(
+    snapshot: &Snapshot,
+    options: &RestoreOptions,
+    isolation: &Isolation,
+) -> Result<(WorkerProcess, AgentClient, ReadyTimings), WorkerError> {
+    let started = Instant::now();
+    if options.vsock_uds.is_some() {
+        return Err(WorkerError::Unsupported(
+            "a vsock Unix socket cannot be reached from inside the jail",
+        ));
+    }
+    let (mut control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
+    let state = File::open(snapshot.dir().join(crate::snapshot::STATE_FILE))
+        .map_err(WorkerError::Io)?;
+    let memory = snapshot.memory_file().try_clone().map_err(WorkerError::Io)?;
+    let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
+    let fds = [
+        theirs.as_raw_fd(),
+        state.as_raw_fd(),
+        memory.as_raw_fd(),
+        kvm.as_raw_fd(),
+    ];
+    let mut command = Command::new(&isolation.worker_exe);
+    command
+        .arg(WORKER_SUBCOMMAND)
+        .arg(isolation.jail.uid.to_string())
+        .arg(isolation.jail.gid.to_string())
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls on integers it captured by value.
+    unsafe {
+        command.pre_exec(move || {
+            // Move the four descriptors to 3..=6. Sources are dup'ed above
+            // the target range first, so no dup2 clobbers a later source.
+            let mut high = [0; 4];
+            for (i, fd) in fds.iter().enumerate() {
+                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 16);
+                if dup < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high[i] = dup;
+            }
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(*fd, CONTROL_FD + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            let flags = libc::CLONE_NEWNS
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWPID;
+            if libc::unshare(flags) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(WorkerError::Spawn)?;
+    drop((theirs, state, memory, kvm));
+    let mut worker = WorkerProcess {
+        child,
+        cgroup: None,
+        reaped: None,
+    };
+    if isolation.cgroups {
+        let limits = Limits {
+            memory_bytes: (u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES,
+            cpus: u32::from(snapshot.vcpus()),
+        };
+        let name = format!("worker-{}", worker.pid());
+        worker.cgroup = WorkerCgroup::create(&name, limits, worker.pid())
+            .map_err(WorkerError::Cgroup)?;
+    }
+    // Only now, limits in place, may the worker start the guest.
+    control.write_all(b"g").map_err(WorkerError::Io)?;
+    control
+        .set_read_timeout(Some(RESTORE_CONNECT_TIMEOUT))
+        .map_err(WorkerError::Io)?;
+    let line = match read_line(&mut control) {
+        Ok(line) => line,
+        Err(e) => {
+            let status = worker.finish(Duration::from_secs(1));
+            return Err(WorkerError::Died(format!("{e}; {}", describe_exit(status))));
+        }
+    };
+    let ready = parse_ready(&line).ok_or_else(|| WorkerError::Failed(line.clone()))?;
+    control.set_read_timeout(None).map_err(WorkerError::Io)?;
+    let agent = AgentClient::attach(control, ready.hello).map_err(|e| WorkerError::Failed(e.to_string()))?;
+    // The agent's greeting reaches the parent with the ready line.
+    let timings = ReadyTimings {
+        start: ready.restore,
+        agent: started.elapsed(),
+        ready: started.elapsed(),
+    };
+    Ok((worker, agent, timings))
+}
+
+/// What a worker reports once ready.
+struct ReadyLine {
+    hello: Hello,
+    /// The worker's restore, from its request until the vCPUs ran.
+    restore: Duration,
+}
+
+fn parse_ready(line: &str) -> Option<ReadyLine> {
+    let rest = line.strip_prefix("ready ")?;
+    let field = |key: &str| -> Option<&str> {
+        rest.split_whitespace()
+            .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+    };
+    Some(ReadyLine {
+        hello: Hello {
+            protocol_version: field("protocol")?.parse().ok()?,
+            agent_version: field("agent")?.to_string(),
+        },
+        restore: Duration::from_micros(field("restore_us")?.parse().ok()?),
+    })
+}
+
+/// Reads one line byte by byte (nothing after it is consumed), bounded.
+fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte)? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "worker closed its control socket",
+                ))
+            }
+            _ if byte[0] == b'\n' => break,
+            _ if line.len() >= MAX_LINE => {
+                return Err(std::io::Error::other("worker status line too long"))
+            }
+            _ => line.push(byte[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// The worker side: `ember __worker <uid> <gid>`, started by [`spawn`].
+/// Returns the process exit code.
+pub fn worker_main(args: &[String]) -> i32 {
+    // SAFETY: fd 3 was set up by the parent for us alone.
+    let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    match run_worker(args, &mut control) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(control, "error {e}");
+            1
+        }
+    }
+}
+
+fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerError> {
+    let id = |i: usize| -> Result<u32, WorkerError> {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .ok_or(WorkerError::Unsupported("usage: ember __worker <uid> <gid>"))
+    };
+    let config = JailConfig {
+        uid: id(0)?,
+        gid: id(1)?,
+        ..JailConfig::default()
+    };
+    jail::become_namespace_init()?;
+    // Wait for the parent to have set our limits.
+    let mut go = [0u8; 1];
+    control.read_exact(&mut go).map_err(WorkerError::Io)?;
+
+    // Everything from the host is opened before the jail closes the door.
+    // SAFETY: fds 5 and 6 were set up by the parent for us alone.
+    let memory = unsafe { File::from_raw_fd(MEMORY_FD) };
+    // SAFETY: as above.
+    let kvm = unsafe { kvm_ioctls::Kvm::from_raw_fd(KVM_FD) };
+    crate::vstate::use_kvm(kvm);
+    let snapshot = Snapshot::from_files(
+        Path::new("(worker)"),
+        Path::new(&format!("/proc/self/fd/{STATE_FD}")),
+        memory,
+    )?;
+    // Read while /sys is still visible; cached for the restore.
+    crate::host::HostKind::detect();
+    jail::close_fds_from(KVM_FD as u32 + 1)?;
+    // The state file is not needed anymore.
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(STATE_FD) };
+    jail::enter_empty_root()?;
+    jail::drop_privileges(&config)?;
+
+    let mut machine = snapshot.restore(&RestoreOptions::default())?;
+    let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+    let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    // Known once a vCPU ran, which it has if the agent answered.
+    let restore = machine.times().vmm_setup().unwrap_or_default();
+    let hello = agent.hello().clone();
+    writeln!(
+        control,
+        "ready protocol={} agent={} restore_us={}",
+        hello.protocol_version,
+        hello.agent_version.replace(char::is_whitespace, "_"),
+        restore.as_micros()
+    )
+    .map_err(WorkerError::Io)?;
+    relay(control, agent.into_stream());
+    machine.stop();
+    Ok(())
+}
+
+/// Copies bytes both ways until either side closes.
+fn relay(control: &mut UnixStream, mut agent: UnixStream) {
+    let _ = agent.set_read_timeout(None);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = [
+        libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: agent.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        for i in 0..2 {
+            if fds[i].revents == 0 {
+                continue;
+            }
+            let (from, to): (&mut UnixStream, &mut UnixStream) = if i == 0 {
+                (&mut *control, &mut agent)
+            } else {
+                (&mut agent, &mut *control)
+            };
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A worker could not be started or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A file or socket operation failed.
+    #[error("worker: {0}")]
+    Io(std::io::Error),
+    /// The worker binary could not be started.
+    #[error("cannot start the sandbox worker: {0}")]
+    Spawn(std::io::Error),
+    /// The worker's cgroups could not be set up.
+    #[error("cannot set up the worker's cgroups: {0}")]
+    Cgroup(std::io::Error),
+    /// The worker reported a failure.
+    #[error("sandbox worker failed: {0}")]
+    Failed(String),
+    /// The worker died before it was ready.
+    #[error("sandbox worker died: {0}")]
+    Died(String),
+    /// A configuration isolation cannot serve.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The jail could not be entered.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// The snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+}
