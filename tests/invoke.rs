@@ -167,7 +167,7 @@ fn malformed_and_oversized_frames_are_rejected_and_the_agent_survives() {
 #[test]
 fn guest_junk_on_vsock_does_not_hurt_the_host() {
     let mut sb = sandbox();
-    let listener = sb.machine().listen_vsock(5000);
+    let listener = sb.machine().expect("in-process sandbox").listen_vsock(5000);
     let reader = std::thread::spawn(move || {
         let mut stream = listener.recv_timeout(Duration::from_secs(300)).unwrap();
         let mut sink = Vec::new();
