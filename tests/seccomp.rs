@@ -106,7 +106,33 @@ fn filters_are_installed_on_the_vm_threads_only() {
     drop(unfiltered);
 }
 
-/// Runs `child` (a test of this binary) in a child process told to do
+/// The control filter covers what a worker's control thread does with a
+/// running sandbox: invoke (agent frames, read timeouts), stop (kick and
+/// join the vCPU threads), tear down (close, unmap).
+#[test]
+fn control_filter_covers_an_invocation_and_teardown() {
+    const TEST: &str = "control_filter_covers_an_invocation_and_teardown";
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let status = run_child(TEST, "control");
+        assert!(status.success(), "child: {status:?}");
+        return;
+    }
+    let mut sandbox = common::sandbox();
+    Filter::Control.install().unwrap();
+    let outcome = sandbox
+        .invoke(&common::sh("echo out; echo err >&2; exit 4"))
+        .unwrap();
+    assert_eq!(outcome.shell_exit_code(), 4);
+    assert_eq!(
+        (&outcome.stdout[..], &outcome.stderr[..]),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    let second = sandbox.invoke(&common::sh("true"));
+    assert!(second.is_err(), "a sandbox serves one invocation");
+    drop(sandbox);
+}
+
+/// Runs `test` (a test of this binary) in a child process told to do
 /// `what`, and returns how the child ended.
 fn run_child(test: &str, what: &str) -> std::process::ExitStatus {
     Command::new(std::env::current_exe().unwrap())

@@ -238,7 +238,9 @@ fn twenty_concurrent_invocations_succeed_and_are_counted() {
                     let r = invoke(
                         &mut client,
                         json!({
-                            "argv": ["sh", "-c", "echo \"$N\"; cat; cat in.txt >&2"],
+                            // Shell builtins only: a fork costs ~0.5 s of
+                            // emulated guest kernel time on PVM hosts.
+                            "argv": ["sh", "-c", "echo \"$N\"; read -r l; echo \"$l\"; read -r f < in.txt; echo \"$f\" >&2"],
                             "env": {"N": format!("n{i}")},
                             "stdin": format!("stdin {i}\n"),
                             "files_in": [{"path": "in.txt", "data_b64": "ZmlsZQ=="}],
@@ -259,7 +261,7 @@ fn twenty_concurrent_invocations_succeed_and_are_counted() {
     for (i, body) in results.iter().enumerate() {
         assert_eq!(body["exit_code"], 0, "{body}");
         assert_eq!(body["stdout"], format!("n{i}\nstdin {i}\n"), "{body}");
-        assert_eq!(body["stderr"], "file", "{body}");
+        assert_eq!(body["stderr"], "file\n", "{body}");
         assert_eq!(body["timed_out"], false);
         assert!(body["usage"]["wall_ms"].as_u64().is_some_and(|w| w > 0));
         assert!(body["host"]["restore_ms"].as_f64().is_some_and(|r| r > 0.0));
@@ -472,6 +474,64 @@ fn pool_api_warm_on_demand_and_shutdown() {
     assert!(!result.warm);
     let stats = cold.stats();
     assert_eq!((stats.on_demand, stats.warm_hits, stats.live), (1, 0, 0));
+}
+
+#[test]
+fn shutdown_kills_isolated_workers_that_outlive_the_grace() {
+    let snapshot = Arc::new(
+        ember::snapshot::Snapshot::open(common::shared_snapshot().dir()).expect("snapshot opens"),
+    );
+    let pool = Arc::new(
+        Pool::new(
+            snapshot,
+            PoolConfig {
+                warm: 1,
+                max_live: 2,
+                shutdown_grace: Duration::from_secs(1),
+                restore_options: ember::snapshot::RestoreOptions {
+                    isolation: Some(ember::worker::Isolation::new(env!("CARGO_BIN_EXE_ember"))),
+                    ..Default::default()
+                },
+                ..PoolConfig::default()
+            },
+        )
+        .expect("pool starts"),
+    );
+    assert!(
+        !worker_processes().is_empty(),
+        "the warm sandbox has a worker"
+    );
+    let (started_tx, started_rx) = mpsc::channel();
+    let runner = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            let mut inv = common::sh("echo started; sleep 100");
+            inv.timeout_ms = 200_000;
+            let mut started = Some(started_tx);
+            pool.invoke_streaming(&inv, |_, _| {
+                if let Some(tx) = started.take() {
+                    let _ = tx.send(());
+                }
+            })
+        })
+    };
+    started_rx
+        .recv_timeout(REQUEST_TIMEOUT)
+        .expect("the invocation starts");
+    let workers = worker_processes();
+    let started = Instant::now();
+    let left = pool.shutdown();
+    assert_eq!(left, 0, "nothing left running");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "shutdown did not wait for the 100 s invocation"
+    );
+    let result = runner.join().expect("runner thread");
+    assert!(result.is_err(), "the killed invocation fails: {result:?}");
+    assert_eq!(pool.stats().live, 0);
+    for worker in workers {
+        assert!(!alive(worker), "worker {worker} outlived the pool");
+    }
 }
 
 // --- OpenAPI ------------------------------------------------------------
@@ -729,6 +789,35 @@ fn descendants(pid: u32) -> Vec<u32> {
         }
     }
     found
+}
+
+/// The worker processes this test process started (other tests' child
+/// servers have workers too), with their descendants.
+fn worker_processes() -> Vec<u32> {
+    let is_worker = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            cmdline.split(|b| *b == 0).nth(1) == Some(ember::worker::WORKER_SUBCOMMAND.as_bytes())
+        })
+    };
+    let own = std::process::id();
+    let mut found = Vec::new();
+    for child in descendants(own) {
+        if is_worker(child) && parent(child) == Some(own) {
+            found.push(child);
+            found.extend(descendants(child));
+        }
+    }
+    found
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn alive(pid: u32) -> bool {

@@ -77,13 +77,12 @@ fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, PEAK.load(Relaxed).saturating_sub(base))
 }
 
-/// Most heap a decoder may use for `input_len` bytes: serde preallocates
-/// at most 1 MiB per sequence from a claimed length (two levels of
-/// nesting at most here), and a decoded message is at most ~24 times its
-/// encoding (an empty `FileOut` is 3 bytes on the wire, 72 in memory),
-/// twice that while a Vec grows, plus the old buffer.
+/// Most heap a decoder may use for `input_len` bytes: each list holds at
+/// most MAX_LIST_LEN entries (a few hundred KiB in memory at most, even
+/// when they are empty strings) and strings and byte buffers take what
+/// they were sent.
 fn heap_bound(input_len: usize) -> usize {
-    (4 << 20) + 128 * input_len
+    (2 << 20) + 2 * input_len
 }
 
 trait Message: DeserializeOwned + Serialize + PartialEq + Debug {

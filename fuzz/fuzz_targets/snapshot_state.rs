@@ -53,6 +53,12 @@ fn check_flips(valid: &[u8], seed: &[u8]) {
     }
 }
 
+/// Set EMBER_FUZZ_TRACE to print what each input decoded to.
+fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("EMBER_FUZZ_TRACE").is_some())
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -61,11 +67,17 @@ fuzz_target!(|data: &[u8]| {
     let state = match decode_state::<SnapshotState>(&input) {
         Ok(state) => state,
         Err(e) => {
-            let _ = e.to_string();
+            let e = e.to_string();
+            if trace() {
+                eprintln!("trace: {e}");
+            }
             return;
         }
     };
-    let _ = state.validate();
+    let valid = state.validate();
+    if trace() {
+        eprintln!("trace: decoded, {} vCPUs, validate: {valid:?}", state.vcpu_states.len());
+    }
     // Decoding may normalize (postcard varints; kvm structs are zero-padded
     // or cut to size), so the input need not come back byte for byte; one
     // round later it must.

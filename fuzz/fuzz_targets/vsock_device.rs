@@ -53,8 +53,10 @@ const fn used_ring(q: usize) -> u64 {
 /// Receive buffers, then everything else (packets, indirect tables).
 const RX_AREA: (u64, u64) = (0x10000, 0x80000);
 const TX_AREA: (u64, u64) = (0x80000, MEM_SIZE);
-/// Guest port numbers the host's connections get (see the muxer).
+/// The lowest port the host's connections get (see the muxer).
 const EPHEMERAL_PORT_BASE: u32 = 1 << 30;
+/// Most host ports remembered from the device's REQUEST packets.
+const MAX_LEARNED_PORTS: usize = 16;
 /// Bounds on what one input may set up.
 const MAX_ACTIONS: usize = 256;
 const MAX_HOST_STREAMS: usize = 32;
@@ -91,17 +93,20 @@ struct Setup {
 enum Port {
     Agent,
     Small(u8),
-    /// A port the muxer hands to host-initiated connections.
+    /// A host port of a host-initiated connection (learned from the
+    /// device's REQUEST packets, as a guest does).
     Ephemeral(u8),
     Any(u32),
 }
 
 impl Port {
-    fn get(self) -> u32 {
+    /// The port number; `learned` are the host ports the device used.
+    fn get(self, learned: &[u32]) -> u32 {
         match self {
             Port::Agent => 1024,
             Port::Small(p) => u32::from(p),
-            Port::Ephemeral(n) => EPHEMERAL_PORT_BASE + u32::from(n % 16),
+            Port::Ephemeral(n) if learned.is_empty() => EPHEMERAL_PORT_BASE + u32::from(n % 16),
+            Port::Ephemeral(n) => learned[usize::from(n) % learned.len()],
             Port::Any(p) => p,
         }
     }
@@ -287,15 +292,10 @@ impl Cursor<'_> {
     }
 
     fn action(&mut self) -> Action {
+        // Zero, the most common byte, is the harmless Run; raw pokes, which
+        // turn the device checks off, come last.
         match self.u8() % 15 {
-            0 => {
-                let addr = self.u32();
-                let len = usize::from(self.u8());
-                Action::Poke {
-                    addr,
-                    bytes: self.bytes(len),
-                }
-            }
+            0 => Action::Run,
             1 => Action::Send(self.packet()),
             2 => Action::PostRx {
                 count: self.u8(),
@@ -304,23 +304,30 @@ impl Cursor<'_> {
             },
             3 => Action::PostEvent { len: self.u8() },
             4 => Action::Kick { queue: self.u8() },
-            5 => Action::Run,
-            6 => Action::HostConnect(self.port()),
-            7 => Action::HostListen(self.port()),
-            8 => Action::HostWrite {
+            5 => Action::HostConnect(self.port()),
+            6 => Action::HostListen(self.port()),
+            7 => Action::HostWrite {
                 conn: self.u8(),
                 len: self.u16(),
                 byte: self.u8(),
             },
-            9 => Action::HostRead { conn: self.u8() },
-            10 => Action::HostShutdown {
+            8 => Action::HostRead { conn: self.u8() },
+            9 => Action::HostShutdown {
                 conn: self.u8(),
                 how: self.u8(),
             },
-            11 => Action::HostClose { conn: self.u8() },
-            12 => Action::TransportReset,
-            13 => Action::DeviceReset,
-            _ => Action::SaveRestore,
+            10 => Action::HostClose { conn: self.u8() },
+            11 => Action::TransportReset,
+            12 => Action::DeviceReset,
+            13 => Action::SaveRestore,
+            _ => {
+                let addr = self.u32();
+                let len = usize::from(self.u8());
+                Action::Poke {
+                    addr,
+                    bytes: self.bytes(len),
+                }
+            }
         }
     }
 }
@@ -372,6 +379,8 @@ struct Guest {
     well_behaved: bool,
     /// Packet ops the device delivered (for EMBER_FUZZ_TRACE).
     rx_ops: Vec<u16>,
+    /// Host ports of the connection requests the device delivered.
+    host_ports: Vec<u32>,
 }
 
 impl Guest {
@@ -470,8 +479,8 @@ impl Guest {
         let mut hdr = [0u8; HDR_LEN as usize];
         hdr[0..8].copy_from_slice(&cid(p.src_cid).to_le_bytes());
         hdr[8..16].copy_from_slice(&cid(p.dst_cid).to_le_bytes());
-        hdr[16..20].copy_from_slice(&p.src_port.get().to_le_bytes());
-        hdr[20..24].copy_from_slice(&p.dst_port.get().to_le_bytes());
+        hdr[16..20].copy_from_slice(&p.src_port.get(&self.host_ports).to_le_bytes());
+        hdr[20..24].copy_from_slice(&p.dst_port.get(&self.host_ports).to_le_bytes());
         hdr[24..28].copy_from_slice(&len_field.to_le_bytes());
         hdr[28..30].copy_from_slice(&p.type_.unwrap_or(1).to_le_bytes());
         hdr[30..32].copy_from_slice(&op.to_le_bytes());
@@ -564,6 +573,9 @@ impl Guest {
                 let id = u32::from_le_bytes(entry[..4].try_into().unwrap());
                 let len = u32::from_le_bytes(entry[4..].try_into().unwrap());
                 let posted = u16::try_from(id).ok().and_then(|id| self.queues[q].in_flight.remove(&id));
+                if let Some((_, hdr_addr, _)) = posted.filter(|_| q == 0 && len as u64 >= HDR_LEN) {
+                    self.learn_port(hdr_addr);
+                }
                 if !self.well_behaved {
                     continue;
                 }
@@ -579,6 +591,17 @@ impl Guest {
                 }
             }
             self.queues[q].used_seen = idx;
+        }
+    }
+
+    /// Remembers the host port of a connection request the device wrote
+    /// at `hdr_addr`.
+    fn learn_port(&mut self, hdr_addr: u64) {
+        let hdr: [u8; HDR_LEN as usize] = self.read(hdr_addr);
+        let op = u16::from_le_bytes([hdr[30], hdr[31]]);
+        let src_port = u32::from_le_bytes(hdr[16..20].try_into().unwrap());
+        if op == 1 && self.host_ports.len() < MAX_LEARNED_PORTS {
+            self.host_ports.push(src_port);
         }
     }
 
@@ -695,6 +718,7 @@ impl Vmm {
                 tx_next: TX_AREA.0,
                 well_behaved: true,
                 rx_ops: Vec::new(),
+                host_ports: Vec::new(),
             },
             host: Host {
                 read: 0,
@@ -796,14 +820,15 @@ impl Vmm {
             Action::Run => self.run(),
             Action::HostConnect(port) => {
                 if self.host.streams.len() < MAX_HOST_STREAMS {
-                    if let Ok(stream) = self.host.backend.connect(port.get()) {
+                    if let Ok(stream) = self.host.backend.connect(port.get(&self.guest.host_ports)) {
                         self.host.adopt(stream);
                     }
                 }
             }
             Action::HostListen(port) => {
                 if self.host.listeners.len() < MAX_LISTENERS {
-                    self.host.listeners.push(self.host.backend.listen(port.get()));
+                    let port = port.get(&self.guest.host_ports);
+                    self.host.listeners.push(self.host.backend.listen(port));
                 }
             }
             Action::HostWrite { conn, len, byte } => {

@@ -101,6 +101,10 @@ fn run_as_init() -> ! {
             }
         }
         AgentMode::PowerOff => power_off(),
+        AgentMode::Scribble => {
+            junk::scribble();
+            power_off();
+        }
         AgentMode::Shell => match shell::spawn() {
             Ok(pid) => shell_pid = Some(pid),
             Err(err) => {

@@ -16,7 +16,8 @@ use crate::sys;
 pub const CMDLINE_PREFIX: &str = "ember.";
 
 /// Key that selects what the agent does once it is ready: one of
-/// [`AGENT_MODE_WAIT`], [`AGENT_MODE_POWEROFF`], [`AGENT_MODE_SHELL`].
+/// [`AGENT_MODE_WAIT`], [`AGENT_MODE_POWEROFF`], [`AGENT_MODE_SHELL`],
+/// [`AGENT_MODE_SCRIBBLE`].
 pub const CMDLINE_AGENT: &str = "ember.agent";
 
 /// `ember.agent=wait`: stay up and wait (the default).
@@ -28,6 +29,11 @@ pub const AGENT_MODE_POWEROFF: &str = "poweroff";
 /// `ember.agent=shell`: run an interactive `/bin/sh` on the console after
 /// reporting ready, and power off when it exits.
 pub const AGENT_MODE_SHELL: &str = "shell";
+
+/// `ember.agent=scribble`: a hostile-guest test. After reporting ready, run
+/// a rogue virtio driver against the vsock device (junk registers, crafted
+/// virtqueues and packet headers), then power off.
+pub const AGENT_MODE_SCRIBBLE: &str = "scribble";
 
 /// Where `/proc/cmdline` is read from.
 const PROC_CMDLINE: &std::ffi::CStr = c"/proc/cmdline";
@@ -45,6 +51,8 @@ pub enum AgentMode {
     PowerOff,
     /// Run `/bin/sh` on the console; power off when it exits.
     Shell,
+    /// Scribble on the vsock device, then power off.
+    Scribble,
 }
 
 impl AgentMode {
@@ -54,6 +62,7 @@ impl AgentMode {
             AgentMode::Wait => AGENT_MODE_WAIT,
             AgentMode::PowerOff => AGENT_MODE_POWEROFF,
             AgentMode::Shell => AGENT_MODE_SHELL,
+            AgentMode::Scribble => AGENT_MODE_SCRIBBLE,
         }
     }
 
@@ -83,6 +92,7 @@ impl FromStr for AgentMode {
             AGENT_MODE_WAIT => Ok(AgentMode::Wait),
             AGENT_MODE_POWEROFF => Ok(AgentMode::PowerOff),
             AGENT_MODE_SHELL => Ok(AgentMode::Shell),
+            AGENT_MODE_SCRIBBLE => Ok(AgentMode::Scribble),
             other => Err(UnknownMode(other.to_owned())),
         }
     }
@@ -94,7 +104,8 @@ pub enum CmdlineWarning {
     /// `ember.agent=<value>` with a value the agent does not know.
     #[error(
         "ignoring {CMDLINE_AGENT}={value}: unknown mode (expected \
-         {AGENT_MODE_WAIT}, {AGENT_MODE_POWEROFF} or {AGENT_MODE_SHELL})"
+         {AGENT_MODE_WAIT}, {AGENT_MODE_POWEROFF}, {AGENT_MODE_SHELL} or \
+         {AGENT_MODE_SCRIBBLE})"
     )]
     UnknownMode {
         /// The value as written.
@@ -223,6 +234,7 @@ mod tests {
         assert_eq!(parse("ember.agent=poweroff").mode, AgentMode::PowerOff);
         assert_eq!(parse("a ember.agent=shell b\n").mode, AgentMode::Shell);
         assert_eq!(parse("ember.agent=wait").mode, AgentMode::Wait);
+        assert_eq!(parse("ember.agent=scribble").mode, AgentMode::Scribble);
     }
 
     #[test]
@@ -287,7 +299,12 @@ mod tests {
 
     #[test]
     fn mode_round_trips() {
-        for mode in [AgentMode::Wait, AgentMode::PowerOff, AgentMode::Shell] {
+        for mode in [
+            AgentMode::Wait,
+            AgentMode::PowerOff,
+            AgentMode::Shell,
+            AgentMode::Scribble,
+        ] {
             assert_eq!(mode.as_str().parse::<AgentMode>(), Ok(mode));
             assert_eq!(parse(&mode.cmdline_param()).mode, mode);
         }

@@ -46,9 +46,10 @@ mod sys;
 
 pub use agent::run;
 pub use cmdline::{
-    AgentMode, AGENT_MODE_POWEROFF, AGENT_MODE_SHELL, AGENT_MODE_WAIT, CMDLINE_AGENT,
-    CMDLINE_PREFIX,
+    AgentMode, AGENT_MODE_POWEROFF, AGENT_MODE_SCRIBBLE, AGENT_MODE_SHELL, AGENT_MODE_WAIT,
+    CMDLINE_AGENT, CMDLINE_PREFIX,
 };
+pub use junk::{SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
 pub use protocol::{
     decode_frame, encode_frame, encode_frame_into, write_frame, AgentMessage, ErrorKind,
     ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, Hello, HostMessage,

@@ -14,6 +14,10 @@
 //! the whole header, `len` against [`MAX_FRAME_LEN`] included, before it
 //! allocates anything for the payload, and postcard never allocates beyond
 //! the bytes it was given, so every inner length is bounded by the frame.
+//! Lists hold at most [`MAX_LIST_LEN`] entries, refused while decoding, so
+//! a decoded message never takes much more memory than its frame (tiny
+//! encoded entries, such as empty strings, would otherwise take 24 to 72
+//! bytes each in memory).
 //!
 //! A conversation: the agent sends [`AgentMessage::Hello`] on every
 //! connection it accepts. After a snapshot restore the host sends
@@ -227,8 +231,10 @@ impl Refresh {
 pub struct Invoke {
     /// Program and arguments. `argv[0]` without a `/` is looked up in
     /// `/bin:/usr/bin`; with one, it is a path (relative to the cwd).
+    #[serde(deserialize_with = "bounded_list::deserialize")]
     pub argv: Vec<String>,
     /// The whole environment (nothing is inherited); keys without `=`.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
     pub env: Vec<(String, String)>,
     /// Working directory: `None` is the work directory; a relative path is
     /// created inside the work directory; an absolute one is used as is.
@@ -243,9 +249,11 @@ pub struct Invoke {
     /// is drained and dropped, and [`Exit::output_truncated`] is set.
     pub max_output_bytes: u64,
     /// Files written into the work directory before the start.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
     pub files_in: Vec<FileIn>,
     /// Paths, relative to the work directory, read back after the exit
     /// (at most [`MAX_COLLECT_BYTES`] together) into [`Exit::files_out`].
+    #[serde(deserialize_with = "bounded_list::deserialize")]
     pub collect: Vec<String>,
 }
 
@@ -428,6 +436,7 @@ pub struct Exit {
     /// Resources used.
     pub usage: Usage,
     /// One entry per [`Invoke::collect`] path, in order.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
     pub files_out: Vec<FileOut>,
 }
 
@@ -679,6 +688,52 @@ impl postcard::ser_flavors::Flavor for AppendVec<'_> {
 /// `Vec<u8>` as serde bytes: on the postcard wire the same as a sequence of
 /// `u8` (a varint length, then the bytes), but encoded and decoded with one
 /// copy instead of one serde call per byte.
+/// Decodes a list of at most [`MAX_LIST_LEN`] entries: longer ones are
+/// refused at the first entry over (or at once, from a claimed length),
+/// before they take memory.
+mod bounded_list {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    use super::MAX_LIST_LEN;
+
+    pub(super) fn deserialize<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        d.deserialize_seq(ListVisitor(PhantomData))
+    }
+
+    struct ListVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ListVisitor<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of at most {MAX_LIST_LEN} entries")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let claimed = seq.size_hint().unwrap_or(0);
+            if claimed > MAX_LIST_LEN {
+                return Err(A::Error::invalid_length(claimed, &self));
+            }
+            let mut out = Vec::with_capacity(claimed);
+            while let Some(entry) = seq.next_element()? {
+                if out.len() == MAX_LIST_LEN {
+                    return Err(A::Error::invalid_length(MAX_LIST_LEN + 1, &self));
+                }
+                out.push(entry);
+            }
+            Ok(out)
+        }
+    }
+}
+
 mod bytes {
     use std::fmt;
 
@@ -1126,6 +1181,72 @@ mod tests {
         // cleanly (and quickly) rather than reserve memory for them.
         let mut payload = vec![0u8]; // HostMessage::Invoke
         payload.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
+        assert!(matches!(
+            decode_frame::<HostMessage>(&frame_with_payload(&payload), FrameKind::Host),
+            Err(ProtocolError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn long_lists_refused_while_decoding() {
+        // An Exit of MAX_LIST_LEN + 1 empty FileOuts: 3 bytes each on the
+        // wire, 72 in memory. Refused rather than decoded (a frame full of
+        // them used to take ~49 times its size in memory).
+        let exit = |n| {
+            AgentMessage::Exit(Exit {
+                status: ExitStatus::Code(0),
+                timed_out: false,
+                output_truncated: false,
+                usage: Usage::default(),
+                files_out: vec![
+                    FileOut {
+                        path: String::new(),
+                        data: None,
+                        error: None,
+                    };
+                    n
+                ],
+            })
+        };
+        let ok = encode_frame(FrameKind::Agent, &exit(MAX_LIST_LEN)).unwrap();
+        assert_eq!(
+            decode_frame::<AgentMessage>(&ok, FrameKind::Agent).unwrap(),
+            Some((exit(MAX_LIST_LEN), ok.len()))
+        );
+        let long = encode_frame(FrameKind::Agent, &exit(MAX_LIST_LEN + 1)).unwrap();
+        assert!(matches!(
+            decode_frame::<AgentMessage>(&long, FrameKind::Agent),
+            Err(ProtocolError::Decode(_))
+        ));
+        // The same for each list of an Invoke.
+        type Grow = Box<dyn Fn(&mut Invoke)>;
+        let grow: Vec<Grow> = vec![
+            Box::new(|i| i.argv = vec!["x".into(); MAX_LIST_LEN + 1]),
+            Box::new(|i| i.env = vec![("K".into(), String::new()); MAX_LIST_LEN + 1]),
+            Box::new(|i| i.collect = vec!["x".into(); MAX_LIST_LEN + 1]),
+            Box::new(|i| {
+                i.files_in = vec![
+                    FileIn {
+                        path: "x".into(),
+                        data: Vec::new(),
+                        mode: 0,
+                    };
+                    MAX_LIST_LEN + 1
+                ]
+            }),
+        ];
+        for grow in grow {
+            let mut invoke = sample_invoke();
+            grow(&mut invoke);
+            let frame = encode_frame(FrameKind::Host, &HostMessage::Invoke(invoke)).unwrap();
+            assert!(matches!(
+                decode_frame::<HostMessage>(&frame, FrameKind::Host),
+                Err(ProtocolError::Decode(_))
+            ));
+        }
+        // A claimed length over the limit is refused too.
+        let mut payload = vec![0u8]; // HostMessage::Invoke
+        payload.extend_from_slice(&[0x81, 0x20]); // argv: 4097 entries
         assert!(matches!(
             decode_frame::<HostMessage>(&frame_with_payload(&payload), FrameKind::Host),
             Err(ProtocolError::Decode(_))

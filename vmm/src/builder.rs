@@ -145,6 +145,13 @@ impl Machine {
         for vcpu in vcpus {
             machine.vcpus.push(vcpu.start(seccomp)?);
         }
+        // Each thread installs its seccomp filter before it serves the
+        // guest; waiting for their verdicts only after all were started
+        // lets them do so in parallel.
+        machine.event_loop.started()?;
+        for vcpu in &mut machine.vcpus {
+            vcpu.started()?;
+        }
         clock.step("start vCPU threads");
         machine.times.steps = clock.into_steps();
         Ok(machine)

@@ -2,6 +2,7 @@
 //! for every fd a device waits on, so vCPU threads never block on I/O.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -38,12 +39,16 @@ impl MutEventSubscriber for StopListener {
 pub struct EventLoop {
     stop_event: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// seccomp: the thread's verdict on its filter, until collected (in a
+    /// mutex only so that the handle is `Sync`).
+    installed: Option<Mutex<Receiver<Result<(), SeccompError>>>>,
 }
 
 impl EventLoop {
     /// Starts the loop with `subscribers` registered. With `seccomp`, the
-    /// thread installs the event-loop filter before it handles any event,
-    /// and this returns once it has (an error if it could not).
+    /// thread installs the event-loop filter before it handles any event
+    /// (it never serves a device unfiltered); [`EventLoop::started`] says
+    /// whether it could.
     pub fn start(subscribers: Vec<Subscriber>, seccomp: bool) -> Result<Self, EventLoopError> {
         // --- seccomp: compiled (once per process) before the thread starts.
         let filter = seccomp.then_some(Filter::EventLoop);
@@ -83,25 +88,26 @@ impl EventLoop {
                 }
             })
             .map_err(EventLoopError::Spawn)?;
-        // --- seccomp: wait for the thread's verdict.
-        if filter.is_some() {
-            let error = match installed.recv() {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(EventLoopError::Seccomp(e)),
-                Err(_) => Some(EventLoopError::Spawn(std::io::Error::other(
-                    "the event loop thread ended before it ran",
-                ))),
-            };
-            if let Some(error) = error {
-                let _ = thread.join();
-                return Err(error);
-            }
-        }
-        // --- end seccomp
         Ok(EventLoop {
             stop_event,
             thread: Some(thread),
+            installed: filter.map(|_| Mutex::new(installed)),
         })
+    }
+
+    /// Waits until the thread installed its seccomp filter (if it was to):
+    /// an error means it did not and ended without handling any event.
+    pub fn started(&mut self) -> Result<(), EventLoopError> {
+        let Some(installed) = self.installed.take() else {
+            return Ok(());
+        };
+        let installed = installed.into_inner().unwrap_or_else(|e| e.into_inner());
+        match installed.recv() {
+            Ok(result) => result.map_err(EventLoopError::Seccomp),
+            Err(_) => Err(EventLoopError::Spawn(std::io::Error::other(
+                "the event loop thread ended before it ran",
+            ))),
+        }
     }
 
     /// Stops the loop and waits for its thread.

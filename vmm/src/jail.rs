@@ -227,6 +227,13 @@ pub fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
     if unsafe { libc::geteuid() } == 0 || unsafe { libc::getuid() } == 0 {
         return Err(JailError::Root);
     }
+    // Changing credentials clears the parent-death signal: set it again.
+    // (As PID 1 of its namespace the worker cannot ask whether its parent
+    // died in the instant between; the owner kills the whole tree anyway.)
+    // SAFETY: prctl with integer arguments.
+    check_int("prctl(PR_SET_PDEATHSIG)", unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0)
+    })?;
     Ok(())
 }
 

@@ -182,6 +182,8 @@ pub enum PoolError {
 pub struct Pool {
     shared: Arc<Shared>,
     refillers: Mutex<Vec<JoinHandle<()>>>,
+    /// Held through a shutdown, so a second caller waits for the first.
+    shutting_down: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -223,8 +225,9 @@ struct State {
     /// Tickets of the callers waiting, first come first served.
     queue: VecDeque<u64>,
     next_ticket: u64,
-    /// pidfds of the isolated workers of the leases alive, by lease.
-    workers: HashMap<u64, OwnedFd>,
+    /// pidfds of the isolated workers (and their descendants) of the
+    /// leases alive, by lease.
+    workers: HashMap<u64, Vec<OwnedFd>>,
     next_lease: u64,
     closed: bool,
 }
@@ -313,10 +316,13 @@ impl Pool {
         let pool = Pool {
             shared,
             refillers: Mutex::new(Vec::with_capacity(threads.max(1))),
+            shutting_down: Mutex::new(()),
         };
         // The first restore checks the snapshot and the configuration. It
-        // runs on the first refill thread, which lives as long as the pool:
-        // an isolated worker dies with the thread that spawned it.
+        // runs on the first refill thread, which lives as long as the pool,
+        // so no sandbox of the pool depends on the caller's thread (a child
+        // process can be tied to the thread that spawned it, as with
+        // PR_SET_PDEATHSIG).
         let (probe_tx, probe_rx) = std::sync::mpsc::channel();
         let shared = pool.shared.clone();
         pool.spawn_thread(0, move || {
@@ -390,11 +396,9 @@ impl Pool {
     /// an answer (the server sends its status line only then); dropping
     /// the lease unused destroys the sandbox.
     ///
-    /// A sandbox restored on demand is restored on the calling thread.
-    /// With isolation, its worker process dies with the thread that
-    /// spawned it (`PR_SET_PDEATHSIG`), so use the lease before this thread
-    /// exits (warm sandboxes come from the pool's own threads, which live
-    /// as long as the pool).
+    /// A sandbox restored on demand is restored on the calling thread
+    /// (warm ones on the pool's own threads); the server uses each lease
+    /// on the thread that acquired it.
     pub fn acquire(&self) -> Result<Lease, PoolError> {
         let shared = &self.shared;
         let config = &shared.config;
@@ -522,8 +526,13 @@ impl Pool {
     /// invocations, then kills the workers of isolated sandboxes still
     /// running and waits for their leases to end. Returns the number of
     /// in-process sandboxes still running an invocation (0 unless the
-    /// grace ran out: each stops at its own timeout). Idempotent.
+    /// grace ran out: each stops at its own timeout). Idempotent; a
+    /// concurrent call waits for the first to finish.
     pub fn shutdown(&self) -> usize {
+        let _one_at_a_time = self
+            .shutting_down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let warm = {
             let mut state = lock(&self.shared.state);
             state.closed = true;
@@ -543,7 +552,7 @@ impl Pool {
         let deadline = Instant::now() + self.shared.config.shutdown_grace;
         let mut state = self.shared.wait_idle(deadline);
         if state.in_use + state.on_demand > 0 && !state.workers.is_empty() {
-            for pidfd in state.workers.values() {
+            for pidfd in state.workers.values().flatten() {
                 kill_pidfd(pidfd);
             }
             // A killed worker breaks its invocation's connection at once.
@@ -568,16 +577,36 @@ impl State {
     fn register(&mut self, sandbox: &Sandbox) -> u64 {
         let id = self.next_lease;
         self.next_lease += 1;
-        if let Some(pidfd) = sandbox.worker_pid().and_then(open_pidfd) {
-            self.workers.insert(id, pidfd);
+        if let Some(pid) = sandbox.worker_pid() {
+            let pidfds = process_tree(pid).into_iter().filter_map(open_pidfd);
+            self.workers.insert(id, pidfds.collect());
         }
         id
     }
 }
 
+/// `pid` and its descendants, from `/proc`.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut found = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = found.get(i) {
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children"));
+            let children = children.iter().flat_map(|c| c.split_whitespace());
+            found.extend(children.filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    found
+}
+
 /// A pidfd for `pid`: it keeps naming that process, never a later one
 /// with the same number. The worker is our unreaped child while its
-/// lease lives, so the number is still its own here.
+/// lease lives, so its number is still its own here (a descendant's
+/// could have been reused in the instant since `/proc` was read).
 fn open_pidfd(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes integers; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };

@@ -124,8 +124,9 @@ pub struct Sandbox {
 /// Where the microVM runs.
 #[derive(Debug)]
 enum Backend {
-    /// In this process.
-    InProcess(Machine),
+    /// In this process (boxed: a machine is much larger than a worker
+    /// handle).
+    InProcess(Box<Machine>),
     /// In a jailed worker process.
     Worker(WorkerProcess),
 }
@@ -153,7 +154,7 @@ impl Sandbox {
             ready: started.elapsed(),
         };
         Ok(Sandbox {
-            backend: Backend::InProcess(machine),
+            backend: Backend::InProcess(Box::new(machine)),
             agent,
             used: false,
             ready,
@@ -192,7 +193,7 @@ impl Sandbox {
             ready: started.elapsed(),
         };
         Ok(Sandbox {
-            backend: Backend::InProcess(machine),
+            backend: Backend::InProcess(Box::new(machine)),
             agent,
             used: false,
             ready,

@@ -471,11 +471,10 @@ async fn invocations(
         }
     };
     drop(body);
-    // One blocking job takes the sandbox and runs the invocation, so the
-    // thread that restored a sandbox on demand is the one that uses it (a
-    // worker process dies with the thread that spawned it). It tells this
-    // task once it holds a sandbox (or why not): only then is the status
-    // line decided.
+    // One blocking job takes the sandbox and runs the invocation (so a
+    // sandbox restored on demand is used by the thread that restored it).
+    // It tells this task once it holds a sandbox, or why not: only then is
+    // the status line decided.
     let (head_tx, head_rx) = oneshot::channel::<Option<Response>>();
     let (done_tx, done_rx) = oneshot::channel::<Response>();
     let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);

@@ -9,7 +9,8 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -99,8 +100,8 @@ impl Vcpu {
     }
 
     /// Starts the vCPU's thread. With `seccomp`, the thread installs the
-    /// vCPU filter before its first KVM_RUN, and this returns once it has:
-    /// an error if it could not, so the guest never runs unfiltered.
+    /// vCPU filter before its first KVM_RUN (it never runs the guest
+    /// unfiltered); [`VcpuHandle::started`] says whether it could.
     pub fn start(self, seccomp: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         // --- seccomp: compiled (once per process) before the thread starts.
@@ -129,25 +130,11 @@ impl Vcpu {
                 self.run(&thread_stop)
             })
             .map_err(VcpuError::Spawn)?;
-        // --- seccomp: wait for the thread's verdict.
-        if filter.is_some() {
-            let error = match installed.recv() {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(VcpuError::Seccomp(e)),
-                Err(_) => Some(VcpuError::Spawn(std::io::Error::other(
-                    "the vCPU thread ended before it ran",
-                ))),
-            };
-            if let Some(error) = error {
-                let _ = thread.join();
-                return Err(error);
-            }
-        }
-        // --- end seccomp
         Ok(VcpuHandle {
             id,
             stop,
             thread: Some(thread),
+            installed: filter.map(|_| Mutex::new(installed)),
         })
     }
 
@@ -268,9 +255,27 @@ pub struct VcpuHandle {
     id: u8,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vcpu>>,
+    /// seccomp: the thread's verdict on its filter, until collected (in a
+    /// mutex only so that the handle is `Sync`).
+    installed: Option<Mutex<Receiver<Result<(), SeccompError>>>>,
 }
 
 impl VcpuHandle {
+    /// Waits until the thread installed its seccomp filter (if it was to):
+    /// an error means it did not and ended without running the guest.
+    pub fn started(&mut self) -> Result<(), VcpuError> {
+        let Some(installed) = self.installed.take() else {
+            return Ok(());
+        };
+        let installed = installed.into_inner().unwrap_or_else(|e| e.into_inner());
+        match installed.recv() {
+            Ok(result) => result.map_err(VcpuError::Seccomp),
+            Err(_) => Err(VcpuError::Spawn(std::io::Error::other(
+                "the vCPU thread ended before it ran",
+            ))),
+        }
+    }
+
     /// Asks the vCPU to leave KVM_RUN and end its thread (without waiting).
     pub fn kick(&self) {
         self.stop.store(true, Ordering::SeqCst);

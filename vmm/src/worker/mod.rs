@@ -382,8 +382,8 @@ fn relay(control: &mut UnixStream, mut agent: UnixStream) {
             }
             return;
         }
-        for i in 0..2 {
-            if fds[i].revents == 0 {
+        for (i, fd) in fds.iter().enumerate() {
+            if fd.revents == 0 {
                 continue;
             }
             let (from, to): (&mut UnixStream, &mut UnixStream) = if i == 0 {

@@ -181,7 +181,17 @@ impl VsockBackend for UdsBackend {
         }
         let mut target = self.path.clone().into_os_string();
         target.push(format!("_{port}"));
-        UnixStream::connect(target).ok()
+        // Never wait for the listener: this runs on the event loop with the
+        // device locked, and a guest can flood a slow listener's backlog.
+        match connect_nonblocking(Path::new(&target)) {
+            Ok(stream) => Some(stream),
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    log::debug!("vsock: host port {port} is not accepting, refusing");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -204,6 +214,50 @@ fn accept_loop(listener: UnixListener, hub: Arc<VsockHub>) {
             log::warn!("vsock: cannot spawn a handshake thread");
         }
     }
+}
+
+/// Connects a stream socket to the Unix socket at `path` without waiting:
+/// when the listener's backlog is full (it accepts slowly, or not at all)
+/// this fails with `WouldBlock` instead of blocking until it accepts. The
+/// socket is made as `socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)` and then
+/// switched to non-blocking, as the event loop's seccomp filter expects.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // Leave room for the terminating NUL the zeroed struct provides.
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: socket takes only integers.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    stream.set_nonblocking(true)?;
+    // SAFETY: `addr` is a valid sockaddr_un whose first `len` bytes hold
+    // the family and the NUL-terminated path.
+    let rc = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Reads `CONNECT <port>\n` and queues the connection; anything else
@@ -318,5 +372,38 @@ mod tests {
         bad.read_to_string(&mut reply).unwrap();
         assert!(reply.starts_with("ERR"));
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    /// A host listener that does not accept (its backlog full) refuses the
+    /// guest's connection at once: a blocking connect would stall the event
+    /// loop, and with it every vCPU that touches the device.
+    #[test]
+    fn full_backlog_refuses_without_blocking() {
+        let path = std::env::temp_dir().join(format!("ember-uds-full-{}", std::process::id()));
+        let port_path = PathBuf::from(format!("{}_5000", path.display()));
+        let _ = std::fs::remove_file(&port_path);
+        let _listener = UnixListener::bind(&port_path).unwrap();
+        // Fill the backlog without accepting.
+        let mut clients = Vec::new();
+        loop {
+            match connect_nonblocking(&port_path) {
+                Ok(client) => clients.push(client),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(clients.len() < 100_000, "the backlog never filled");
+        }
+        let hub = VsockHub::new().unwrap();
+        let mut backend = UdsBackend {
+            path,
+            in_process: InProcessBackend::new(hub),
+        };
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(backend.connect_to_host(5000).is_none());
+        });
+        let refused = rx.recv_timeout(Duration::from_secs(10));
+        std::fs::remove_file(&port_path).unwrap();
+        assert_eq!(refused, Ok(true), "connect_to_host blocked or connected");
     }
 }

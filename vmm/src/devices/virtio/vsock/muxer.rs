@@ -229,7 +229,10 @@ impl Muxer {
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
-            self.by_fd.remove(&conn.stream.as_raw_fd());
+            let fd = conn.stream.as_raw_fd();
+            self.by_fd.remove(&fd);
+            // Not watched yet: it must not be, its fd closes before that.
+            self.added_fds.retain(|&added| added != fd);
             self.closed.push(conn.stream);
         }
     }
@@ -665,6 +668,21 @@ mod tests {
         assert_eq!(m.connection_count(), 0);
         assert_eq!(drain(&mut m).last().unwrap().0.op, OP_RST);
         assert_eq!(m.take_closed().len(), 1);
+    }
+
+    /// A connection that ends before the event loop watched its socket is
+    /// not handed out to be watched: by then its fd is closed, or reused.
+    #[test]
+    fn connection_closed_before_it_is_watched_is_not_watched() {
+        let mut m = Muxer::new(GUEST, Box::new(Accept::default()));
+        m.recv_from_guest(&pkt(OP_REQUEST, 5000, 80, 0), &[]);
+        m.recv_from_guest(&pkt(OP_RST, 5000, 80, 0), &[]);
+        m.recv_from_guest(&pkt(OP_REQUEST, 5001, 80, 0), &[]);
+        let closed = m.take_closed();
+        assert_eq!(closed.len(), 1);
+        let added = m.take_added_fds();
+        assert_eq!(added.len(), 1);
+        assert!(!added.contains(&closed[0].as_raw_fd()));
     }
 
     #[test]

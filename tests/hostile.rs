@@ -1,0 +1,227 @@
+//! A hostile guest: a root program inside the guest that scribbles on the
+//! vsock device (junk in every virtio-mmio register, virtqueues pointed at
+//! crafted descriptor tables and packet headers, floods of connection
+//! requests, resets and shutdowns) must not crash, hang or bloat the VMM.
+//!
+//! The program is the agent's `ember.agent=scribble` mode; it prints
+//! [`ember_agent::SCRIBBLE_DONE_LINE`] and the guest powers off.
+
+mod common;
+
+use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{guest_artifacts, run_ember, temp_path, BOOT_TIMEOUT};
+use ember_agent::{AgentMode, SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
+
+/// One cold boot, the scribbler (seconds; it gives up after 240 s) and the
+/// power-off.
+const SCRIBBLE_TIMEOUT: Duration = Duration::from_secs(BOOT_TIMEOUT.as_secs() + 120);
+
+/// Far above what one 128 MiB microVM needs, even with every vsock
+/// connection's buffer full (256 x 256 KiB), far below a leak that scales
+/// with what the guest sends.
+const MAX_VMM_RSS_MIB: u64 = 512;
+
+#[test]
+fn scribbling_guest_does_not_break_the_vmm() {
+    let (kernel, initrd) = guest_artifacts();
+    let console = temp_path("scribble-console");
+    let uds = temp_path("scribble-vsock");
+    // Host sockets behind the ports the scribbler connects to, so that its
+    // junk also hits live connections: one host end reads everything, one
+    // never reads, and one listener never accepts (its backlog fills).
+    let listeners = HostListeners::start(&uds);
+    let mode = AgentMode::Scribble.cmdline_param();
+    let started = Instant::now();
+    let out = run_ember(
+        &[
+            "boot",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--console",
+            console.to_str().unwrap(),
+            "--vsock-uds",
+            uds.to_str().unwrap(),
+            "--cmdline-extra",
+            &mode,
+        ],
+        SCRIBBLE_TIMEOUT,
+    );
+    let elapsed = started.elapsed();
+    let connections = listeners.stop();
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!(
+        "{}, after {elapsed:.1?}\nstderr:\n{stderr}\nconsole:\n{log}",
+        describe(&out, elapsed)
+    );
+
+    // The VMM ended by itself: no timeout, no crash signal, no panic.
+    assert!(elapsed < SCRIBBLE_TIMEOUT, "VMM hung: {context}");
+    assert_eq!(out.status.signal(), None, "VMM crashed: {context}");
+    assert!(!stderr.contains("panicked"), "VMM panicked: {context}");
+    match out.status.code() {
+        // The guest powered off.
+        Some(0) => {}
+        // The guest failed (e.g. its kernel gave up): said in one line.
+        Some(1) => {
+            let errors: Vec<_> = stderr
+                .lines()
+                .filter(|l| l.starts_with("ember: error:"))
+                .collect();
+            assert_eq!(errors.len(), 1, "{context}");
+            assert!(errors[0].contains("guest"), "{context}");
+        }
+        _ => panic!("unexpected exit: {context}"),
+    }
+    let done = log
+        .lines()
+        .find(|l| l.contains(SCRIBBLE_DONE_LINE))
+        .unwrap_or_else(|| panic!("the scribbler did not finish: {context}"));
+    let rss_mib = max_child_rss_mib();
+    assert!(
+        rss_mib < MAX_VMM_RSS_MIB,
+        "VMM peaked at {rss_mib} MiB: {context}"
+    );
+    eprintln!("{done}");
+    eprintln!(
+        "VMM: {}, peak RSS {rss_mib} MiB, {connections} host connections, {elapsed:.1?}",
+        describe(&out, elapsed)
+    );
+    let _ = std::fs::remove_file(&console);
+}
+
+fn describe(out: &Output, elapsed: Duration) -> String {
+    match (out.status.code(), out.status.signal()) {
+        _ if elapsed >= SCRIBBLE_TIMEOUT => {
+            format!("killed after the {SCRIBBLE_TIMEOUT:?} timeout")
+        }
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => format!("{:?}", out.status),
+    }
+}
+
+/// Peak resident set of this process's largest finished child (the VMM, or
+/// the `timeout` around it), in MiB.
+fn max_child_rss_mib() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    u64::try_from(usage.ru_maxrss).unwrap_or(0) / 1024
+}
+
+/// Listeners on `<uds>_<port>` for [`SCRIBBLE_HOST_PORTS`], where the
+/// VMM's Unix socket backend forwards the guest's connections.
+struct HostListeners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<usize>>,
+    paths: Vec<PathBuf>,
+}
+
+impl HostListeners {
+    fn start(uds: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut paths = Vec::new();
+        for (i, port) in SCRIBBLE_HOST_PORTS.into_iter().enumerate() {
+            let mut path = uds.as_os_str().to_owned();
+            path.push(format!("_{port}"));
+            let path = PathBuf::from(path);
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let stop = stop.clone();
+            let behaviour = match i {
+                0 => Behaviour::Read,
+                1 => Behaviour::Hold,
+                _ => {
+                    // The smallest backlog: one pending connection fills it.
+                    // SAFETY: listen on a socket this function owns.
+                    let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+                    assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+                    Behaviour::NeverAccept
+                }
+            };
+            threads.push(std::thread::spawn(move || {
+                serve(listener, behaviour, &stop)
+            }));
+            paths.push(path);
+        }
+        HostListeners {
+            stop,
+            threads,
+            paths,
+        }
+    }
+
+    /// Stops the listeners; returns how many connections they accepted.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let accepted = self.threads.into_iter().map(|t| t.join().unwrap()).sum();
+        for path in self.paths {
+            let _ = std::fs::remove_file(path);
+        }
+        accepted
+    }
+}
+
+/// What a host listener does with the guest's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    /// Accept and read everything.
+    Read,
+    /// Accept, never read.
+    Hold,
+    /// Never accept.
+    NeverAccept,
+}
+
+/// Serves the listener as `behaviour` says until `stop`; returns how many
+/// connections it accepted.
+fn serve(listener: UnixListener, behaviour: Behaviour, stop: &AtomicBool) -> usize {
+    let mut streams: Vec<UnixStream> = Vec::new();
+    let mut accepted = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        while behaviour != Behaviour::NeverAccept {
+            let Ok((stream, _)) = listener.accept() else {
+                break;
+            };
+            accepted += 1;
+            if stream.set_nonblocking(true).is_ok() {
+                streams.push(stream);
+            }
+        }
+        if behaviour == Behaviour::Read {
+            streams.retain_mut(|stream| loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break false,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break true,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => break false,
+                }
+            });
+        }
+        // Bounded, whatever the guest does.
+        if streams.len() > 1024 {
+            streams.drain(..512);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    accepted
+}
