@@ -47,7 +47,10 @@ fn isolated_worker_is_jailed_and_serves() {
     let mut sandbox = Sandbox::restore(shared_snapshot(), &isolated()).expect("isolated restore");
     let pid = jailed_pid(sandbox.worker_pid().expect("isolated sandbox has a worker"));
 
-    let uids: Vec<String> = status_field(pid, "Uid:").split_whitespace().map(String::from).collect();
+    let uids: Vec<String> = status_field(pid, "Uid:")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
     assert_eq!(uids.len(), 4);
     assert!(uids.iter().all(|u| u != "0"), "worker uids {uids:?}");
     assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
@@ -57,27 +60,43 @@ fn isolated_worker_is_jailed_and_serves() {
         .collect();
     assert!(root.is_empty(), "the jail root must be empty: {root:?}");
     for kind in ["mnt", "net", "ipc", "uts", "pid"] {
-        assert_ne!(ns(&pid.to_string(), kind), ns("self", kind), "{kind} namespace");
+        assert_ne!(
+            ns(&pid.to_string(), kind),
+            ns("self", kind),
+            "{kind} namespace"
+        );
     }
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     assert!(fds < 64, "worker holds {fds} descriptors");
 
     let outcome = sandbox.invoke(&sh("echo isolated")).expect("invoke");
     assert_eq!(outcome.status, ExitStatus::Code(0));
     assert_eq!(outcome.stdout, b"isolated\n");
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "worker gone after the invocation");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "worker gone after the invocation"
+    );
 }
 
 #[test]
 fn guest_has_no_network_and_no_host_files() {
     let outcome = common::sandbox()
-        .invoke(&sh("ls /sys/class/net 2>/dev/null | grep -v '^lo$'; cut -d' ' -f3 /proc/mounts | sort -u"))
+        .invoke(&sh(
+            "ls /sys/class/net 2>/dev/null | grep -v '^lo$'; cut -d' ' -f3 /proc/mounts | sort -u",
+        ))
         .unwrap();
     let stdout = String::from_utf8(outcome.stdout).unwrap();
     let filesystems: Vec<&str> = stdout.lines().collect();
-    let allowed = ["cgroup2", "devpts", "devtmpfs", "proc", "rootfs", "sysfs", "tmpfs"];
+    let allowed = [
+        "cgroup2", "devpts", "devtmpfs", "proc", "rootfs", "sysfs", "tmpfs",
+    ];
     for fs in &filesystems {
-        assert!(allowed.contains(fs), "unexpected interface or filesystem {fs:?} in {stdout}");
+        assert!(
+            allowed.contains(fs),
+            "unexpected interface or filesystem {fs:?} in {stdout}"
+        );
     }
 }
 
@@ -142,4 +161,22 @@ fn many_cycles_leave_fds_and_rss_flat() {
     assert_eq!(open_fds(), fds, "descriptors leaked");
     let grown = rss_kib().saturating_sub(rss);
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB over 200 cycles");
+}
+
+/// A worker that breaks its seccomp filter dies alone; the parent reports
+/// it as a sandbox failure and carries on.
+#[test]
+fn seccomp_violation_kills_only_the_worker() {
+    let mut options = isolated();
+    if let Some(isolation) = options.isolation.as_mut() {
+        isolation.violate_seccomp = true;
+    }
+    let err = Sandbox::restore(shared_snapshot(), &options).expect_err("the worker must die");
+    let message = err.to_string();
+    assert!(message.contains("seccomp"), "{message}");
+    let outcome = Sandbox::restore(shared_snapshot(), &isolated())
+        .expect("the next worker is fine")
+        .invoke(&Invocation::new(["true"]))
+        .expect("invoke");
+    assert_eq!(outcome.status, ExitStatus::Code(0));
 }

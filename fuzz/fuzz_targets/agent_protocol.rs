@@ -99,9 +99,15 @@ impl Message for HostMessage {
             HostMessage::Invoke(invoke) => {
                 if invoke.validate().is_ok() {
                     assert!(!invoke.argv.is_empty() && !invoke.argv[0].is_empty());
-                    assert!((1..=ember_agent::protocol::MAX_TIMEOUT_MS)
-                        .contains(&invoke.timeout_ms));
-                    for path in invoke.files_in.iter().map(|f| &f.path).chain(&invoke.collect) {
+                    assert!(
+                        (1..=ember_agent::protocol::MAX_TIMEOUT_MS).contains(&invoke.timeout_ms)
+                    );
+                    for path in invoke
+                        .files_in
+                        .iter()
+                        .map(|f| &f.path)
+                        .chain(&invoke.collect)
+                    {
                         assert!(!path.starts_with('/') && !path.contains('\0'), "{path:?}");
                         assert!(!path.split('/').any(|c| c == ".."), "{path:?}");
                     }
@@ -192,12 +198,20 @@ fn frames_from_reader<M: Message, R: Read>(reader: R) -> Vec<M> {
 fn check_stream<M: Message>(data: &[u8]) {
     let bound = heap_bound(data.len());
     let (from_buffer, peak) = peak_during(|| frames_from_buffer::<M>(data));
-    assert!(peak <= bound, "decode_frame: {peak} bytes live for a {}-byte input", data.len());
+    assert!(
+        peak <= bound,
+        "decode_frame: {peak} bytes live for a {}-byte input",
+        data.len()
+    );
     // The stream reader sizes its payload buffer from the (checked) header
     // before reading the payload: up to one MAX_FRAME_LEN more.
     let stream_bound = bound + MAX_FRAME_LEN as usize;
     let (from_reader, peak) = peak_during(|| frames_from_reader::<M, _>(data));
-    assert!(peak <= stream_bound, "FrameReader: {peak} bytes live for a {}-byte input", data.len());
+    assert!(
+        peak <= stream_bound,
+        "FrameReader: {peak} bytes live for a {}-byte input",
+        data.len()
+    );
     // Both decoders see the same complete frames; the reader may only stop
     // earlier on a truncated last frame, which decode_frame also skips.
     assert_eq!(from_buffer, from_reader);
@@ -220,7 +234,10 @@ fn check_payload<M: Message>(payload: &[u8]) {
     let mut frame = FrameHeader { kind: M::KIND, len }.encode().to_vec();
     frame.extend_from_slice(payload);
     let (decoded, peak) = peak_during(|| decode_frame::<M>(&frame, M::KIND));
-    assert!(peak <= heap_bound(payload.len()), "payload: {peak} bytes live for {len} bytes");
+    assert!(
+        peak <= heap_bound(payload.len()),
+        "payload: {peak} bytes live for {len} bytes"
+    );
     match decoded {
         Ok(Some((msg, used))) => {
             assert_eq!(used, frame.len());

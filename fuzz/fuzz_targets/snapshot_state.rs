@@ -63,7 +63,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let input = if mode % 2 == 0 { rest.to_vec() } else { image(rest) };
+    let input = if mode % 2 == 0 {
+        rest.to_vec()
+    } else {
+        image(rest)
+    };
     let state = match decode_state::<SnapshotState>(&input) {
         Ok(state) => state,
         Err(e) => {
@@ -76,7 +80,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let valid = state.validate();
     if trace() {
-        eprintln!("trace: decoded, {} vCPUs, validate: {valid:?}", state.vcpu_states.len());
+        eprintln!(
+            "trace: decoded, {} vCPUs, validate: {valid:?}",
+            state.vcpu_states.len()
+        );
     }
     // Decoding may normalize (postcard varints; kvm structs are zero-padded
     // or cut to size), so the input need not come back byte for byte; one

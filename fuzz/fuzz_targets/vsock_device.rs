@@ -169,23 +169,45 @@ struct Packet {
 #[derive(Debug)]
 enum Action {
     /// Raw bytes anywhere in guest memory.
-    Poke { addr: u32, bytes: Vec<u8> },
+    Poke {
+        addr: u32,
+        bytes: Vec<u8>,
+    },
     /// A packet on the transmit queue.
     Send(Packet),
     /// Receive buffers: `data` bytes each after the header.
-    PostRx { count: u8, data: u16, split: bool },
+    PostRx {
+        count: u8,
+        data: u16,
+        split: bool,
+    },
     /// An event-queue buffer.
-    PostEvent { len: u8 },
+    PostEvent {
+        len: u8,
+    },
     /// The guest notifies a queue; the event loop runs.
-    Kick { queue: u8 },
+    Kick {
+        queue: u8,
+    },
     /// The event loop runs.
     Run,
     HostConnect(Port),
     HostListen(Port),
-    HostWrite { conn: u8, len: u16, byte: u8 },
-    HostRead { conn: u8 },
-    HostShutdown { conn: u8, how: u8 },
-    HostClose { conn: u8 },
+    HostWrite {
+        conn: u8,
+        len: u16,
+        byte: u8,
+    },
+    HostRead {
+        conn: u8,
+    },
+    HostShutdown {
+        conn: u8,
+        how: u8,
+    },
+    HostClose {
+        conn: u8,
+    },
     TransportReset,
     /// Driver reset, then the driver sets the queues up again.
     DeviceReset,
@@ -344,7 +366,8 @@ fn parse(data: &[u8]) -> Input {
     let mut c = Cursor(data);
     let size_log2 = c.array::<3>();
     let flags = c.u8();
-    let positions = (flags & 2 != 0).then(|| [(c.u16(), c.u16()), (c.u16(), c.u16()), (c.u16(), c.u16())]);
+    let positions =
+        (flags & 2 != 0).then(|| [(c.u16(), c.u16()), (c.u16(), c.u16()), (c.u16(), c.u16())]);
     let setup = Setup {
         size_log2,
         event_idx: flags & 1 != 0,
@@ -385,12 +408,16 @@ struct Guest {
 
 impl Guest {
     fn write(&self, addr: u64, bytes: &[u8]) {
-        self.mem.write_slice(bytes, GuestAddress(addr)).expect("write inside guest memory");
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .expect("write inside guest memory");
     }
 
     fn read<const N: usize>(&self, addr: u64) -> [u8; N] {
         let mut buf = [0u8; N];
-        self.mem.read_slice(&mut buf, GuestAddress(addr)).expect("read inside guest memory");
+        self.mem
+            .read_slice(&mut buf, GuestAddress(addr))
+            .expect("read inside guest memory");
         buf
     }
 
@@ -433,8 +460,18 @@ impl Guest {
         for (i, &(addr, len, flags)) in descs.iter().take(usize::from(n)).enumerate() {
             let last = i + 1 == usize::from(n);
             let next = (head + i as u16 + 1) % size;
-            let flags = if last { flags } else { flags | VIRTQ_DESC_F_NEXT };
-            table.push((((head + i as u16) % size), addr, len, flags, if last { 0 } else { next }));
+            let flags = if last {
+                flags
+            } else {
+                flags | VIRTQ_DESC_F_NEXT
+            };
+            table.push((
+                ((head + i as u16) % size),
+                addr,
+                len,
+                flags,
+                if last { 0 } else { next },
+            ));
         }
         let (avail, idx) = (avail_ring(q), queue.avail_idx);
         queue.next_desc = (head + n) % size;
@@ -554,7 +591,12 @@ impl Guest {
 
     fn post_event(&mut self, len: u8) {
         let addr = self.alloc_tx(u64::from(len));
-        self.post(2, &[(addr, u32::from(len), VIRTQ_DESC_F_WRITE)], addr, u64::from(len));
+        self.post(
+            2,
+            &[(addr, u32::from(len), VIRTQ_DESC_F_WRITE)],
+            addr,
+            u64::from(len),
+        );
     }
 
     /// Checks what the device put in the used rings since the last look.
@@ -565,14 +607,19 @@ impl Guest {
             let idx = u16::from_le_bytes(self.read(used + 2));
             let new = idx.wrapping_sub(self.queues[q].used_seen);
             if self.well_behaved {
-                assert!(new <= size, "queue {q}: {new} used entries at once, size {size}");
+                assert!(
+                    new <= size,
+                    "queue {q}: {new} used entries at once, size {size}"
+                );
             }
             for i in 0..new.min(size) {
                 let slot = self.queues[q].used_seen.wrapping_add(i) % size;
                 let entry: [u8; 8] = self.read(used + 4 + u64::from(slot) * 8);
                 let id = u32::from_le_bytes(entry[..4].try_into().unwrap());
                 let len = u32::from_le_bytes(entry[4..].try_into().unwrap());
-                let posted = u16::try_from(id).ok().and_then(|id| self.queues[q].in_flight.remove(&id));
+                let posted = u16::try_from(id)
+                    .ok()
+                    .and_then(|id| self.queues[q].in_flight.remove(&id));
                 if let Some((_, hdr_addr, _)) = posted.filter(|_| q == 0 && len as u64 >= HDR_LEN) {
                     self.learn_port(hdr_addr);
                 }
@@ -614,7 +661,8 @@ impl Guest {
         if trace() {
             self.rx_ops.push(op);
         }
-        let what = format!("rx packet {src}->{dst} op {op} len {len}, used {used_len}, room {writable}");
+        let what =
+            format!("rx packet {src}->{dst} op {op} len {len}, used {used_len}, room {writable}");
         assert_eq!((src, dst, type_), (HOST_CID, GUEST_CID, 1), "{what}");
         assert!((1..=7).contains(&op), "{what}");
         assert_eq!(u64::from(used_len), HDR_LEN + u64::from(len), "{what}");
@@ -699,14 +747,16 @@ impl Vmm {
                 ..Default::default()
             };
             // The rings' indices as they would be in memory.
-            mem.write_slice(&next_avail.to_le_bytes(), GuestAddress(avail_ring(q) + 2)).unwrap();
-            mem.write_slice(&next_used.to_le_bytes(), GuestAddress(used_ring(q) + 2)).unwrap();
+            mem.write_slice(&next_avail.to_le_bytes(), GuestAddress(avail_ring(q) + 2))
+                .unwrap();
+            mem.write_slice(&next_used.to_le_bytes(), GuestAddress(used_ring(q) + 2))
+                .unwrap();
         }
         let hub = VsockHub::new().expect("hub");
         let backend = InProcessBackend::new(hub.clone());
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("irqfd")));
-        let device = Vsock::new(GUEST_CID, interrupt, Box::new(backend.clone()), hub)
-            .expect("vsock device");
+        let device =
+            Vsock::new(GUEST_CID, interrupt, Box::new(backend.clone()), hub).expect("vsock device");
         let device = Arc::new(Mutex::new(device));
         let mut events = EventManager::new().expect("event manager");
         events.add_subscriber(VsockEvents::new(device.clone()));
@@ -734,8 +784,10 @@ impl Vmm {
     }
 
     fn activate(&mut self, snaps: &[QueueSnapshot; 3]) -> bool {
-        let queues: Option<Vec<Queue>> =
-            snaps.iter().map(|s| s.to_queue(&self.guest.mem).ok()).collect();
+        let queues: Option<Vec<Queue>> = snaps
+            .iter()
+            .map(|s| s.to_queue(&self.guest.mem).ok())
+            .collect();
         let Some(queues) = queues else {
             return false;
         };
@@ -743,7 +795,11 @@ impl Vmm {
             memory: self.guest.mem.clone(),
             queues,
         };
-        self.device.lock().unwrap().activate(activation).expect("activate");
+        self.device
+            .lock()
+            .unwrap()
+            .activate(activation)
+            .expect("activate");
         true
     }
 
@@ -774,8 +830,10 @@ impl Vmm {
                 used_seen: s.next_used,
                 ..Default::default()
             };
-            self.guest.write(avail_ring(q) + 2, &s.next_avail.to_le_bytes());
-            self.guest.write(used_ring(q) + 2, &s.next_used.to_le_bytes());
+            self.guest
+                .write(avail_ring(q) + 2, &s.next_avail.to_le_bytes());
+            self.guest
+                .write(used_ring(q) + 2, &s.next_used.to_le_bytes());
         }
         assert!(self.activate(&snaps), "the set-up queues were valid before");
     }
@@ -792,7 +850,10 @@ impl Vmm {
         };
         let snaps: [QueueSnapshot; 3] = snaps.try_into().expect("three queues");
         self.device.lock().unwrap().reset();
-        assert!(self.activate(&snaps), "a live queue's snapshot must restore");
+        assert!(
+            self.activate(&snaps),
+            "a live queue's snapshot must restore"
+        );
         self.device.lock().unwrap().send_transport_reset();
     }
 
@@ -820,7 +881,8 @@ impl Vmm {
             Action::Run => self.run(),
             Action::HostConnect(port) => {
                 if self.host.streams.len() < MAX_HOST_STREAMS {
-                    if let Ok(stream) = self.host.backend.connect(port.get(&self.guest.host_ports)) {
+                    if let Ok(stream) = self.host.backend.connect(port.get(&self.guest.host_ports))
+                    {
                         self.host.adopt(stream);
                     }
                 }
@@ -853,7 +915,8 @@ impl Vmm {
             }
             Action::HostShutdown { conn, how } => {
                 if let Some(stream) = self.host.stream(*conn) {
-                    let how = [Shutdown::Read, Shutdown::Write, Shutdown::Both][usize::from(*how % 3)];
+                    let how =
+                        [Shutdown::Read, Shutdown::Write, Shutdown::Both][usize::from(*how % 3)];
                     let _ = stream.shutdown(how);
                 }
             }
@@ -883,7 +946,10 @@ fuzz_target!(|data: &[u8]| {
     if trace() {
         eprintln!(
             "trace: well_behaved {} rx_ops {:?} host_read {} host_streams {}",
-            vmm.guest.well_behaved, vmm.guest.rx_ops, vmm.host.read, vmm.host.streams.len()
+            vmm.guest.well_behaved,
+            vmm.guest.rx_ops,
+            vmm.host.read,
+            vmm.host.streams.len()
         );
     }
 });

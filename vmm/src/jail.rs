@@ -158,10 +158,9 @@ pub fn enter_empty_root() -> Result<(), JailError> {
     // pivot_root(".", ".") stacks the old root under the new one; the
     // detach below then drops it without needing a directory for it.
     // SAFETY: two NUL-terminated paths.
-    check(
-        "pivot_root",
-        unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) },
-    )?;
+    check("pivot_root", unsafe {
+        libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr())
+    })?;
     // SAFETY: NUL-terminated path, integer flags.
     check_int("detach the old root", unsafe {
         libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
@@ -172,7 +171,11 @@ pub fn enter_empty_root() -> Result<(), JailError> {
         c"none",
         c"/",
         None,
-        libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_RDONLY
+            | libc::MS_NOSUID
+            | libc::MS_NODEV
             | libc::MS_NOEXEC,
         None,
         "make the jail read-only",
@@ -188,7 +191,11 @@ pub fn close_fds_from(first: u32) -> Result<(), JailError> {
     .map(|_| ())
 }
 
-fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64, what: &'static str) -> Result<(), JailError> {
+fn set_rlimit(
+    resource: libc::__rlimit_resource_t,
+    value: u64,
+    what: &'static str,
+) -> Result<(), JailError> {
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,

@@ -14,8 +14,8 @@ use crate::config::VmConfig;
 use crate::exit::VmExit;
 use crate::host::HostKind;
 use crate::machine::Machine;
-use crate::worker::{WorkerError, WorkerProcess};
 use crate::snapshot::{RestoreOptions, Snapshot, SnapshotError};
+use crate::worker::{WorkerError, WorkerProcess};
 
 /// What to run, with what limits: the agent protocol's request.
 pub use ember_agent::protocol::Invoke as Invocation;

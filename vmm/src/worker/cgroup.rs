@@ -85,7 +85,10 @@ fn detect() -> Option<Layout> {
                 .any(|c| c == controller)
                 .then(|| path.trim_start_matches('/').to_string())
         })?;
-        let dir = Path::new(ROOT).join(controller).join(rel).join("ember-workers");
+        let dir = Path::new(ROOT)
+            .join(controller)
+            .join(rel)
+            .join("ember-workers");
         std::fs::create_dir_all(&dir).ok()?;
         Some(dir)
     };
@@ -126,7 +129,11 @@ impl WorkerCgroup {
             }
             Layout::V1 { memory, cpu, pids } => {
                 let dir = make(memory)?;
-                write(&dir, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
+                write(
+                    &dir,
+                    "memory.limit_in_bytes",
+                    &limits.memory_bytes.to_string(),
+                )?;
                 write(&dir, "cgroup.procs", &pid.to_string())?;
                 let dir = make(cpu)?;
                 write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;

@@ -54,6 +54,10 @@ pub struct Isolation {
     pub jail: JailConfig,
     /// Put each worker in its own cgroups (memory, CPU, tasks).
     pub cgroups: bool,
+    /// Test hook: the worker makes a forbidden system call once its
+    /// filters are in place, to prove a violation kills it (and only it).
+    #[doc(hidden)]
+    pub violate_seccomp: bool,
 }
 
 impl Isolation {
@@ -63,6 +67,7 @@ impl Isolation {
             worker_exe: worker_exe.into(),
             jail: JailConfig::default(),
             cgroups: true,
+            violate_seccomp: false,
         }
     }
 }
@@ -133,7 +138,10 @@ pub fn describe_exit(status: Option<ExitStatus>) -> String {
             "the worker was killed by seccomp (a forbidden system call)".into()
         }
         Some(s) if s.signal().is_some() => {
-            format!("the worker was killed by signal {}", s.signal().unwrap_or(0))
+            format!(
+                "the worker was killed by signal {}",
+                s.signal().unwrap_or(0)
+            )
         }
         Some(s) => format!("the worker exited with {}", s.code().unwrap_or(-1)),
         None => "the worker's status is unknown".into(),
@@ -155,9 +163,12 @@ pub fn spawn(
         ));
     }
     let (mut control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
-    let state = File::open(snapshot.dir().join(crate::snapshot::STATE_FILE))
+    let state =
+        File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
+    let memory = snapshot
+        .memory_file()
+        .try_clone()
         .map_err(WorkerError::Io)?;
-    let memory = snapshot.memory_file().try_clone().map_err(WorkerError::Io)?;
     let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
     let fds = [
         theirs.as_raw_fd(),
@@ -170,6 +181,7 @@ pub fn spawn(
         .arg(WORKER_SUBCOMMAND)
         .arg(isolation.jail.uid.to_string())
         .arg(isolation.jail.gid.to_string())
+        .args(isolation.violate_seccomp.then_some("violate-seccomp"))
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -216,8 +228,8 @@ pub fn spawn(
             cpus: u32::from(snapshot.vcpus()),
         };
         let name = format!("worker-{}", worker.pid());
-        worker.cgroup = WorkerCgroup::create(&name, limits, worker.pid())
-            .map_err(WorkerError::Cgroup)?;
+        worker.cgroup =
+            WorkerCgroup::create(&name, limits, worker.pid()).map_err(WorkerError::Cgroup)?;
     }
     // Only now, limits in place, may the worker start the guest.
     control.write_all(b"g").map_err(WorkerError::Io)?;
@@ -233,7 +245,8 @@ pub fn spawn(
     };
     let ready = parse_ready(&line).ok_or_else(|| WorkerError::Failed(line.clone()))?;
     control.set_read_timeout(None).map_err(WorkerError::Io)?;
-    let agent = AgentClient::attach(control, ready.hello).map_err(|e| WorkerError::Failed(e.to_string()))?;
+    let agent = AgentClient::attach(control, ready.hello)
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
     // The agent's greeting reaches the parent with the ready line.
     let timings = ReadyTimings {
         start: ready.restore,
@@ -305,7 +318,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     let id = |i: usize| -> Result<u32, WorkerError> {
         args.get(i)
             .and_then(|a| a.parse().ok())
-            .ok_or(WorkerError::Unsupported("usage: ember __worker <uid> <gid>"))
+            .ok_or(WorkerError::Unsupported(
+                "usage: ember __worker <uid> <gid>",
+            ))
     };
     let config = JailConfig {
         uid: id(0)?,
@@ -341,6 +356,14 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
     let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
         .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    // From here on the control thread only relays bytes and tears down.
+    crate::seccomp::Filter::Control
+        .install()
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    if args.get(2).map(String::as_str) == Some("violate-seccomp") {
+        // SAFETY: socket() takes integers; the filter kills us first.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    }
     // Known once a vCPU ran, which it has if the agent answered.
     let restore = machine.times().vmm_setup().unwrap_or_default();
     let hello = agent.hello().clone();
