@@ -197,13 +197,12 @@ fn serve(listener: UnixListener, behaviour: Behaviour, stop: &AtomicBool) -> usi
     let mut accepted = 0;
     let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
-        while behaviour != Behaviour::NeverAccept {
-            let Ok((stream, _)) = listener.accept() else {
-                break;
-            };
-            accepted += 1;
-            if stream.set_nonblocking(true).is_ok() {
-                streams.push(stream);
+        if behaviour != Behaviour::NeverAccept {
+            while let Ok((stream, _)) = listener.accept() {
+                accepted += 1;
+                if stream.set_nonblocking(true).is_ok() {
+                    streams.push(stream);
+                }
             }
         }
         if behaviour == Behaviour::Read {
