@@ -2,14 +2,13 @@
 //! for every fd a device waits on, so vCPU threads never block on I/O.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::seccomp::{Filter, SeccompError};
+use crate::seccomp::{Filter, FilterVerdict, SeccompError};
 
 /// A backend that can run on the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -41,7 +40,7 @@ pub struct EventLoop {
     thread: Option<JoinHandle<()>>,
     /// seccomp: the thread's verdict on its filter, until collected (in a
     /// mutex only so that the handle is `Sync`).
-    installed: Option<Mutex<Receiver<Result<(), SeccompError>>>>,
+    installed: Option<FilterVerdict>,
 }
 
 impl EventLoop {
@@ -50,13 +49,13 @@ impl EventLoop {
     /// (it never serves a device unfiltered); [`EventLoop::started`] says
     /// whether it could.
     pub fn start(subscribers: Vec<Subscriber>, seccomp: bool) -> Result<Self, EventLoopError> {
-        // --- seccomp: compiled (once per process) before the thread starts.
-        let filter = seccomp.then_some(Filter::EventLoop);
-        if let Some(filter) = filter {
-            filter.program().map_err(EventLoopError::Seccomp)?;
-        }
-        let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
-        // --- end seccomp
+        // seccomp: compiled (once per process) before the thread starts,
+        // installed by the thread before its first event.
+        let (filter, installed) = seccomp
+            .then(|| Filter::EventLoop.for_thread())
+            .transpose()
+            .map_err(EventLoopError::Seccomp)?
+            .unzip();
         let mut manager = EventManager::<Subscriber>::new().map_err(EventLoopError::Create)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_event = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
@@ -70,16 +69,9 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("ember-events".into())
             .spawn(move || {
-                // --- seccomp: installed before the first event.
-                if let Some(filter) = filter {
-                    let result = filter.install();
-                    let failed = result.is_err();
-                    let _ = installed_tx.send(result);
-                    if failed {
-                        return;
-                    }
+                if filter.is_some_and(|f| !f.install()) {
+                    return;
                 }
-                // --- end seccomp
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         log::error!("event loop: {e}");
@@ -91,20 +83,17 @@ impl EventLoop {
         Ok(EventLoop {
             stop_event,
             thread: Some(thread),
-            installed: filter.map(|_| Mutex::new(installed)),
+            installed,
         })
     }
 
     /// Waits until the thread installed its seccomp filter (if it was to):
     /// an error means it did not and ended without handling any event.
     pub fn started(&mut self) -> Result<(), EventLoopError> {
-        let Some(installed) = self.installed.take() else {
-            return Ok(());
-        };
-        let installed = installed.into_inner().unwrap_or_else(|e| e.into_inner());
-        match installed.recv() {
-            Ok(result) => result.map_err(EventLoopError::Seccomp),
-            Err(_) => Err(EventLoopError::Spawn(std::io::Error::other(
+        match self.installed.take().map(FilterVerdict::wait) {
+            None => Ok(()),
+            Some(Some(result)) => result.map_err(EventLoopError::Seccomp),
+            Some(None) => Err(EventLoopError::Spawn(std::io::Error::other(
                 "the event loop thread ended before it ran",
             ))),
         }

@@ -110,6 +110,56 @@ impl Filter {
     }
 }
 
+/// The end of a filter a new thread installs before doing anything else.
+#[derive(Debug)]
+pub struct ThreadFilter {
+    filter: Filter,
+    verdict: std::sync::mpsc::SyncSender<Result<(), SeccompError>>,
+}
+
+/// The starting thread's end: whether the new thread got its filter.
+/// (The receiver sits in a mutex only so that handles holding it are
+/// `Sync`.)
+#[derive(Debug)]
+pub struct FilterVerdict(std::sync::Mutex<std::sync::mpsc::Receiver<Result<(), SeccompError>>>);
+
+impl Filter {
+    /// Compiles the filter now, so the new thread only installs it, and
+    /// pairs the thread's end with the starter's.
+    pub fn for_thread(self) -> Result<(ThreadFilter, FilterVerdict), SeccompError> {
+        self.program()?;
+        let (verdict, receiver) = std::sync::mpsc::sync_channel(1);
+        Ok((
+            ThreadFilter {
+                filter: self,
+                verdict,
+            },
+            FilterVerdict(std::sync::Mutex::new(receiver)),
+        ))
+    }
+}
+
+impl ThreadFilter {
+    /// Installs the filter on the calling thread and reports the verdict;
+    /// false when it failed, and the thread must then end unserved.
+    pub fn install(self) -> bool {
+        let result = self.filter.install();
+        let installed = result.is_ok();
+        // The starter may have given up waiting; the verdict still holds.
+        let _ = self.verdict.send(result);
+        installed
+    }
+}
+
+impl FilterVerdict {
+    /// Waits for the thread's verdict; `None` when it ended before giving
+    /// one.
+    pub fn wait(self) -> Option<Result<(), SeccompError>> {
+        let receiver = self.0.into_inner().unwrap_or_else(|e| e.into_inner());
+        receiver.recv().ok()
+    }
+}
+
 /// The vCPU threads' filter.
 pub fn vcpu_filter() -> Result<&'static BpfProgram, SeccompError> {
     Filter::Vcpu.program()

@@ -9,8 +9,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -20,7 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
-use crate::seccomp::{Filter, SeccompError};
+use crate::seccomp::{Filter, FilterVerdict, SeccompError};
 
 thread_local! {
     // Const-initialised and without destructor, so the signal handler can
@@ -104,29 +103,22 @@ impl Vcpu {
     /// unfiltered); [`VcpuHandle::started`] says whether it could.
     pub fn start(self, seccomp: bool) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
-        // --- seccomp: compiled (once per process) before the thread starts.
-        let filter = seccomp.then_some(Filter::Vcpu);
-        if let Some(filter) = filter {
-            filter.program().map_err(VcpuError::Seccomp)?;
-        }
-        let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
-        // --- end seccomp
+        // seccomp: compiled (once per process) before the thread starts,
+        // installed by the thread before its first KVM_RUN.
+        let (filter, installed) = seccomp
+            .then(|| Filter::Vcpu.for_thread())
+            .transpose()
+            .map_err(VcpuError::Seccomp)?
+            .unzip();
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{id}"))
             .spawn(move || {
-                // --- seccomp: installed before the first KVM_RUN.
-                if let Some(filter) = filter {
-                    let result = filter.install();
-                    let failed = result.is_err();
-                    let _ = installed_tx.send(result);
-                    if failed {
-                        return self;
-                    }
+                if filter.is_some_and(|f| !f.install()) {
+                    return self;
                 }
-                // --- end seccomp
                 self.run(&thread_stop)
             })
             .map_err(VcpuError::Spawn)?;
@@ -134,7 +126,7 @@ impl Vcpu {
             id,
             stop,
             thread: Some(thread),
-            installed: filter.map(|_| Mutex::new(installed)),
+            installed,
         })
     }
 
@@ -255,22 +247,18 @@ pub struct VcpuHandle {
     id: u8,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vcpu>>,
-    /// seccomp: the thread's verdict on its filter, until collected (in a
-    /// mutex only so that the handle is `Sync`).
-    installed: Option<Mutex<Receiver<Result<(), SeccompError>>>>,
+    /// seccomp: the thread's verdict on its filter, until collected.
+    installed: Option<FilterVerdict>,
 }
 
 impl VcpuHandle {
     /// Waits until the thread installed its seccomp filter (if it was to):
     /// an error means it did not and ended without running the guest.
     pub fn started(&mut self) -> Result<(), VcpuError> {
-        let Some(installed) = self.installed.take() else {
-            return Ok(());
-        };
-        let installed = installed.into_inner().unwrap_or_else(|e| e.into_inner());
-        match installed.recv() {
-            Ok(result) => result.map_err(VcpuError::Seccomp),
-            Err(_) => Err(VcpuError::Spawn(std::io::Error::other(
+        match self.installed.take().map(FilterVerdict::wait) {
+            None => Ok(()),
+            Some(Some(result)) => result.map_err(VcpuError::Seccomp),
+            Some(None) => Err(VcpuError::Spawn(std::io::Error::other(
                 "the vCPU thread ended before it ran",
             ))),
         }
