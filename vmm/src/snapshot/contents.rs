@@ -28,7 +28,10 @@ pub struct SnapshotState {
     pub memory: Vec<MemoryRegionLayout>,
     /// Interrupt controllers, PIT and kvm-clock.
     pub vm: VmState,
-    /// One entry per vCPU, in order.
+    /// One entry per vCPU, in order (bounded while decoding: a decoded
+    /// vCPU state is ~200x its encoding, so a hostile count must not get
+    /// to allocate).
+    #[serde(deserialize_with = "bounded_vcpus")]
     pub vcpu_states: Vec<VcpuState>,
     /// Device models.
     pub devices: DeviceStates,
@@ -58,4 +61,38 @@ impl SnapshotState {
         }
         Ok(())
     }
+}
+
+/// Decodes at most `MAX_VCPUS` vCPU states, refusing longer lists before
+/// building them.
+fn bounded_vcpus<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<VcpuState>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<VcpuState>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "at most {} vCPU states",
+                crate::arch::x86_64::mptable::MAX_CPUS
+            )
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let max = usize::from(crate::arch::x86_64::mptable::MAX_CPUS);
+            if seq.size_hint().is_some_and(|n| n > max) {
+                return Err(serde::de::Error::custom("too many vCPU states"));
+            }
+            let mut out = Vec::new();
+            while let Some(state) = seq.next_element()? {
+                if out.len() == max {
+                    return Err(serde::de::Error::custom("too many vCPU states"));
+                }
+                out.push(state);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }

@@ -35,7 +35,7 @@ pub const HEADER_LEN: u64 = 24;
 /// Largest payload accepted: far above any real state (a few KiB per
 /// vCPU plus devices), low enough that a corrupt length cannot make the
 /// reader allocate much.
-pub const MAX_STATE_LEN: u64 = 64 << 20;
+pub const MAX_STATE_LEN: u64 = 4 << 20;
 
 /// Errors writing or reading a state file.
 #[derive(Debug, thiserror::Error)]
@@ -435,7 +435,7 @@ mod tests {
         let (path, mut bytes) = written(&dir);
         bytes[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
         fs::write(&path, &bytes).unwrap();
-        assert!(read_err(&path).contains("exceeds the 67108864-byte limit"));
+        assert!(read_err(&path).contains(&format!("exceeds the {MAX_STATE_LEN}-byte limit")));
         bytes[12..20].copy_from_slice(&(MAX_STATE_LEN).to_le_bytes());
         fs::write(&path, &bytes).unwrap();
         assert!(read_err(&path).contains("state file truncated"));
