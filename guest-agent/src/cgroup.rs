@@ -93,9 +93,18 @@ impl InvocationCgroup {
     /// Creates `/sys/fs/cgroup/inv-<n>`, trying the next `n` while the name
     /// is taken, and opens its control files.
     pub(crate) fn create(cgroups: Cgroups, n: &mut u64) -> Result<InvocationCgroup, CgroupError> {
+        Self::create_named(cgroups, "inv", n)
+    }
+
+    /// Creates `/sys/fs/cgroup/<prefix>-<n>`, likewise.
+    pub(crate) fn create_named(
+        cgroups: Cgroups,
+        prefix: &str,
+        n: &mut u64,
+    ) -> Result<InvocationCgroup, CgroupError> {
         let mut attempts = 0;
         let dir = loop {
-            let dir = format!("{CGROUP_ROOT}/inv-{n}");
+            let dir = format!("{CGROUP_ROOT}/{prefix}-{n}");
             let path = sys::cstring(dir.as_str()).map_err(|source| CgroupError::Create {
                 path: dir.clone(),
                 source,

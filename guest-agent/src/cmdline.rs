@@ -20,6 +20,11 @@ pub const CMDLINE_PREFIX: &str = "ember.";
 /// [`AGENT_MODE_SCRIBBLE`].
 pub const CMDLINE_AGENT: &str = "ember.agent";
 
+/// Key naming the block device the agent mounts read-only and switches
+/// its root into (`ember.root=/dev/vda`); the VMM adds it when the VM has a
+/// root drive.
+pub const CMDLINE_ROOT: &str = "ember.root";
+
 /// `ember.agent=wait`: stay up and wait (the default).
 pub const AGENT_MODE_WAIT: &str = "wait";
 
@@ -141,6 +146,8 @@ pub enum CmdlineError {
 pub struct Cmdline {
     /// What to do after reporting ready.
     pub mode: AgentMode,
+    /// The root drive's device ([`CMDLINE_ROOT`]), if any.
+    pub root: Option<String>,
     /// What was ignored, in command line order.
     pub warnings: Vec<CmdlineWarning>,
 }
@@ -166,9 +173,14 @@ pub fn parse(text: &str) -> Cmdline {
                     cmdline.warnings.push(CmdlineWarning::UnknownMode { value })
                 }
             },
-            (CMDLINE_AGENT, None) => cmdline.warnings.push(CmdlineWarning::MissingValue {
-                key: key.to_owned(),
-            }),
+            (CMDLINE_ROOT, Some(value)) if !value.is_empty() => {
+                cmdline.root = Some(value.to_owned())
+            }
+            (CMDLINE_AGENT | CMDLINE_ROOT, _) => {
+                cmdline.warnings.push(CmdlineWarning::MissingValue {
+                    key: key.to_owned(),
+                })
+            }
             _ => cmdline.warnings.push(CmdlineWarning::UnknownKey {
                 param: param.clone(),
             }),
@@ -287,6 +299,31 @@ mod tests {
         let c = parse("ember.agentx=shell xember.agent=shell");
         assert_eq!(c.mode, AgentMode::Wait);
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn root_drive() {
+        assert_eq!(parse("console=ttyS0").root, None);
+        let c = parse("ember.root=/dev/vda ember.agent=wait");
+        assert_eq!(c.root.as_deref(), Some("/dev/vda"));
+        assert!(c.warnings.is_empty());
+        assert_eq!(
+            parse("ember.root=/dev/vda ember.root=/dev/vdb")
+                .root
+                .as_deref(),
+            Some("/dev/vdb")
+        );
+        let c = parse("ember.root ember.root=");
+        assert_eq!(c.root, None);
+        assert_eq!(
+            c.warnings,
+            vec![
+                CmdlineWarning::MissingValue {
+                    key: "ember.root".into()
+                };
+                2
+            ]
+        );
     }
 
     #[test]

@@ -263,12 +263,7 @@ impl Runner {
         drop(files_in);
         let (stdin_child, stdin_pipe, feeder) = self.stdin(stdin)?;
 
-        let program = argv.first().cloned().unwrap_or_default();
-        let programs = if program.contains('/') {
-            vec![program]
-        } else {
-            PATH.iter().map(|dir| join(dir, &program)).collect()
-        };
+        let programs = program_candidates(argv.first().map_or("", String::as_str));
         // validate() ruled NUL bytes out; the conversions cannot fail.
         let to_c = |s: String| sys::cstring(s).map_err(|_| InvokeError::Nul);
         let programs = programs.into_iter().map(to_c).collect::<Result<_, _>>()?;
@@ -355,6 +350,27 @@ impl Runner {
             Ok(false) => Ok((read.as_raw_fd(), Some(read), Some(feeder))),
             Err(source) => Err(InvokeError::Stdin { source }),
         }
+    }
+
+    /// Whether and how processes get cgroups.
+    pub(crate) fn cgroups(&self) -> Cgroups {
+        self.cgroups
+    }
+
+    /// The stack [`spawn`] runs children on.
+    pub(crate) fn stack(&mut self) -> &mut Stack {
+        &mut self.stack
+    }
+
+    /// `/dev/null`, open for reading, if it could be opened.
+    pub(crate) fn devnull(&self) -> Option<RawFd> {
+        self.devnull.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Hands over a group whose processes were killed, to be removed by
+    /// [`idle_work`](Self::idle_work).
+    pub(crate) fn retire(&mut self, group: InvocationCgroup) {
+        self.cleanup.push(group);
     }
 
     /// Reads what one output pipe has and queues it as frames on `out`.
@@ -659,7 +675,17 @@ impl Drop for SandboxFs {
     }
 }
 
-fn join(dir: &str, rel: &str) -> String {
+/// The paths `execve` tries for `argv[0]`: itself when it has a slash,
+/// else each [`PATH`] directory's entry.
+pub(crate) fn program_candidates(program: &str) -> Vec<String> {
+    if program.contains('/') {
+        vec![program.to_owned()]
+    } else {
+        PATH.iter().map(|dir| join(dir, program)).collect()
+    }
+}
+
+pub(crate) fn join(dir: &str, rel: &str) -> String {
     let mut path = String::with_capacity(dir.len() + 1 + rel.len());
     path.push_str(dir);
     path.push('/');
@@ -670,7 +696,12 @@ fn join(dir: &str, rel: &str) -> String {
 /// Makes the directories of `rel` under `base` (all of them with `all`,
 /// else all but the last component); `made` remembers them across calls so
 /// that each costs one `mkdir` per invocation.
-fn make_dirs(base: &str, rel: &str, all: bool, made: &mut BTreeSet<String>) -> io::Result<()> {
+pub(crate) fn make_dirs(
+    base: &str,
+    rel: &str,
+    all: bool,
+    made: &mut BTreeSet<String>,
+) -> io::Result<()> {
     let mut ends: Vec<usize> = rel
         .match_indices('/')
         .map(|(i, _)| i)
@@ -698,8 +729,8 @@ fn make_dirs(base: &str, rel: &str, all: bool, made: &mut BTreeSet<String>) -> i
 }
 
 /// Writes `files_in` under `workdir` (as the sandbox user, see
-/// [`SandboxFs`]).
-fn write_files(
+/// [`SandboxFs`], or as whoever the caller is).
+pub(crate) fn write_files(
     workdir: &str,
     files: &[FileIn],
     made: &mut BTreeSet<String>,

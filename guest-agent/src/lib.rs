@@ -28,6 +28,7 @@
 )]
 
 pub mod cmdline;
+pub mod hotpath;
 pub mod protocol;
 pub mod uptime;
 
@@ -47,14 +48,15 @@ mod sys;
 pub use agent::run;
 pub use cmdline::{
     AgentMode, AGENT_MODE_POWEROFF, AGENT_MODE_SCRIBBLE, AGENT_MODE_SHELL, AGENT_MODE_WAIT,
-    CMDLINE_AGENT, CMDLINE_PREFIX,
+    CMDLINE_AGENT, CMDLINE_PREFIX, CMDLINE_ROOT,
 };
 pub use junk::{SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
 pub use protocol::{
     decode_frame, encode_frame, encode_frame_into, write_frame, AgentMessage, ErrorKind,
-    ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, Hello, HostMessage,
-    Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, MAX_CHUNK, MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, FunctionInvoke,
+    FunctionReady, FunctionResult, FunctionStart, GuestBuffer, Hello, HostMessage, HotPathPages,
+    Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, FUNCTION_DIR, MAX_CHUNK,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
 

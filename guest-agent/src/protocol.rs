@@ -192,6 +192,107 @@ pub enum HostMessage {
     Ping(u64),
     /// Fresh entropy and time after a snapshot restore.
     Refresh(Refresh),
+    /// Start the VM's long-lived function runtime (template time);
+    /// answered with [`AgentMessage::FunctionReady`].
+    FunctionStart(FunctionStart),
+    /// Deliver one event to the running function runtime through its
+    /// request pipe; answered with [`AgentMessage::FunctionResult`].
+    FunctionInvoke(FunctionInvoke),
+    /// Fetch the response a hot-path runtime sent on its response pipe
+    /// because it did not fit its buffer
+    /// ([`crate::hotpath::ResponseStatus::ViaPipe`]); answered with
+    /// [`AgentMessage::FunctionResult`]. The `u64` is the wait limit in ms.
+    FunctionCollect(u64),
+}
+
+/// Where a function runtime's files go in the guest (a tmpfs, so they are
+/// part of the snapshot's memory); it is also the runtime's working
+/// directory.
+pub const FUNCTION_DIR: &str = "/run/ember/function";
+
+/// Starts a function runtime: a process that stays alive, serves one event
+/// at a time on its pipes, and (with `hot_path`) through guest memory.
+///
+/// The agent writes `files_in` into [`FUNCTION_DIR`], starts `argv` there as
+/// the sandbox user in a cgroup of its own with exactly `env`, stdin from
+/// `/dev/null`, stdout/stderr captured, fd 3 the request pipe and fd 4 the
+/// response pipe (see the runtime protocol in the README), and waits until
+/// the runtime writes `READY`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionStart {
+    /// Program and arguments (`argv[0]` as for [`Invoke::argv`]).
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub argv: Vec<String>,
+    /// The whole environment.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub env: Vec<(String, String)>,
+    /// Files written into [`FUNCTION_DIR`] first.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub files_in: Vec<FileIn>,
+    /// Grant the runtime the hot-path doorbell port (`ioperm`) and report
+    /// its buffers' guest-physical pages.
+    pub hot_path: bool,
+    /// How long the runtime may take to write `READY`, 1 to
+    /// [`MAX_TIMEOUT_MS`].
+    pub ready_timeout_ms: u64,
+}
+
+impl FunctionStart {
+    /// Checks what the agent would refuse; the message says why.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut as_invoke = Invoke::new(self.argv.iter().cloned());
+        as_invoke.env.clone_from(&self.env);
+        as_invoke.files_in.clone_from(&self.files_in);
+        as_invoke.timeout_ms = self.ready_timeout_ms;
+        as_invoke.validate()
+    }
+}
+
+/// One event for the function runtime, delivered on its request pipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionInvoke {
+    /// The event's bytes (JSON text for the python runtime).
+    #[serde(with = "bytes")]
+    pub event: Vec<u8>,
+    /// Wall-clock limit for the handler, 1 to [`MAX_TIMEOUT_MS`]; at the
+    /// limit the runtime is killed and the result says `timed_out`.
+    pub timeout_ms: u64,
+    /// Most bytes of stdout and stderr together that are kept.
+    pub max_output_bytes: u64,
+}
+
+impl FunctionInvoke {
+    /// Checks what the agent would refuse; the message says why.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_TIMEOUT_MS).contains(&self.timeout_ms) {
+            return Err(format!(
+                "timeout_ms {} is not in 1..={MAX_TIMEOUT_MS}",
+                self.timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A guest buffer as the host sees it: guest-physical pages, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestBuffer {
+    /// The buffer's length in bytes.
+    pub len: u64,
+    /// Where the buffer starts in its first page.
+    pub first_page_offset: u64,
+    /// Guest-physical address of each 4 KiB page the buffer covers.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub pages: Vec<u64>,
+}
+
+/// The hot-path buffers of a waiting runtime (see [`crate::hotpath`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotPathPages {
+    /// The request buffer (host writes).
+    pub request: GuestBuffer,
+    /// The response buffer (runtime writes).
+    pub response: GuestBuffer,
 }
 
 /// Sent first by the host after a snapshot restore, so that clones of one
@@ -403,6 +504,55 @@ pub enum AgentMessage {
     /// A request failed. After a malformed frame the agent closes the
     /// connection.
     Error(ErrorReply),
+    /// Answer to [`HostMessage::FunctionStart`]: the runtime is ready.
+    FunctionReady(FunctionReady),
+    /// Answer to [`HostMessage::FunctionInvoke`] and
+    /// [`HostMessage::FunctionCollect`].
+    FunctionResult(FunctionResult),
+}
+
+/// A started function runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionReady {
+    /// Its hot-path buffers, when it asked for the hot path and the agent
+    /// could translate and check every page.
+    pub hot_path: Option<HotPathPages>,
+    /// Why there is no hot path although `hot_path` was asked for.
+    pub hot_path_error: Option<String>,
+    /// From the start to `READY`.
+    pub startup_ms: u64,
+    /// What it printed while starting (bounded).
+    #[serde(with = "bytes")]
+    pub stdout: Vec<u8>,
+    /// Likewise for stderr.
+    #[serde(with = "bytes")]
+    pub stderr: Vec<u8>,
+}
+
+/// The outcome of one function event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionResult {
+    /// How the handler's call ended; `None` when it gave no answer
+    /// (timed out or the runtime died).
+    pub status: Option<crate::hotpath::ResponseStatus>,
+    /// The result (or the error object), as the runtime wrote it.
+    #[serde(with = "bytes")]
+    pub result: Vec<u8>,
+    /// The handler's stdout: what the runtime captured plus what the
+    /// process wrote to fd 1 meanwhile.
+    #[serde(with = "bytes")]
+    pub stdout: Vec<u8>,
+    /// Likewise for stderr.
+    #[serde(with = "bytes")]
+    pub stderr: Vec<u8>,
+    /// Output beyond the limit was dropped.
+    pub output_truncated: bool,
+    /// The handler ran past its time limit and the runtime was killed.
+    pub timed_out: bool,
+    /// The runtime process ended (it no longer serves events).
+    pub runtime_exit: Option<ExitStatus>,
+    /// Wall time of the call in the guest.
+    pub wall_ms: u64,
 }
 
 /// What the agent says first on every connection.

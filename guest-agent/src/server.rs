@@ -529,6 +529,12 @@ impl Server {
                 },
             },
             HostMessage::Invoke(invoke) => self.start(invoke),
+            HostMessage::FunctionStart(_)
+            | HostMessage::FunctionInvoke(_)
+            | HostMessage::FunctionCollect(_) => self.reply_error(
+                ErrorKind::BadRequest,
+                "functions are not supported by this agent yet".into(),
+            ),
         }
     }
 

@@ -16,6 +16,12 @@
 //! sandbox user, sets `no_new_privs`, changes directory, puts the pipes on
 //! 0/1/2 and clears the signal mask the agent runs with. A failure is
 //! written into memory the agent reads once it resumes.
+//!
+//! A function runtime (see [`function`](crate::function)) also gets its
+//! request and response pipes on fds 3 and 4, every other descriptor
+//! closed, and, for the hot path, the doorbell port (`ioperm`) and a higher
+//! `RLIMIT_MEMLOCK`, both granted while the child is still root. The I/O
+//! permission survives the `setresuid` and the `execve`.
 
 use std::ffi::{c_char, c_int, c_long, c_void, CString};
 use std::fmt;
@@ -48,6 +54,32 @@ pub(crate) enum SpawnError {
     LowFd { fd: RawFd },
 }
 
+/// What the child could not grant for the hot path (it then ran the
+/// program without [`HOT_PATH_ENV`]).
+#[derive(Debug)]
+pub(crate) struct HotPathDenied {
+    pub(crate) step: &'static str,
+    pub(crate) source: io::Error,
+}
+
+impl fmt::Display for HotPathDenied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.step, self.source)
+    }
+}
+
+/// The variable a hot-path runtime finds in its environment when the
+/// doorbell port and the memory lock limit were granted.
+pub(crate) const HOT_PATH_ENV: &str = "EMBER_HOT_PATH=1";
+
+/// The hot-path grants of a [`Plan`].
+pub(crate) struct HotPath {
+    /// Port to allow with `ioperm(port, 1, 1)`.
+    pub(crate) port: u16,
+    /// `RLIMIT_MEMLOCK` to set, soft and hard (a `struct rlimit64`).
+    pub(crate) memlock: [u64; 2],
+}
+
 /// What the child was doing when it failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Step {
@@ -59,6 +91,7 @@ pub(crate) enum Step {
     NoNewPrivs,
     Chdir(String),
     Stdio,
+    Pipes,
     SignalMask,
     Exec(String),
 }
@@ -74,6 +107,7 @@ impl fmt::Display for Step {
             Step::NoNewPrivs => f.write_str("prctl(PR_SET_NO_NEW_PRIVS)"),
             Step::Chdir(dir) => write!(f, "chdir {dir}"),
             Step::Stdio => f.write_str("set up stdin/stdout/stderr"),
+            Step::Pipes => f.write_str("set up the pipes on fds 3 and 4"),
             Step::SignalMask => f.write_str("clear the signal mask"),
             Step::Exec(program) => write!(f, "execute {program}"),
         }
@@ -116,6 +150,14 @@ pub(crate) struct Plan {
     pub(crate) stdin: RawFd,
     pub(crate) stdout: RawFd,
     pub(crate) stderr: RawFd,
+    /// Descriptors to put on the child's fds 3 and 4 (a function runtime's
+    /// request and response pipes). Both must be 5 or above.
+    pub(crate) pipes: Option<(RawFd, RawFd)>,
+    /// Close every descriptor from this one up before `execve` (besides
+    /// close-on-exec, which every descriptor of the agent has).
+    pub(crate) close_from: Option<RawFd>,
+    /// Hot-path grants; see [`Plan::grant_hot_path`].
+    hot_path: Option<HotPath>,
     /// `cgroup.procs` of the invocation's group, opened for writing.
     pub(crate) cgroup_procs: Option<RawFd>,
     pub(crate) uid: libc::uid_t,
@@ -155,10 +197,27 @@ impl Plan {
             stdin: -1,
             stdout: -1,
             stderr: -1,
+            pipes: None,
+            close_from: None,
+            hot_path: None,
             cgroup_procs: None,
             uid: 0,
             gid: 0,
         }
+    }
+
+    /// Asks the child to grant `hot_path` before it drops privileges. When
+    /// both grants succeed the program also gets [`HOT_PATH_ENV`] (first in
+    /// its environment); when one fails it runs without it, and
+    /// [`spawn_reporting`] says what failed.
+    pub(crate) fn grant_hot_path(&mut self, hot_path: HotPath) -> io::Result<()> {
+        let var = sys::cstring(HOT_PATH_ENV)?;
+        // The CString's bytes live on the heap: moving it into the storage
+        // leaves the pointer valid.
+        self.envp.insert(0, var.as_ptr());
+        self._env_storage.push(var);
+        self.hot_path = Some(hot_path);
+        Ok(())
     }
 }
 
@@ -181,6 +240,7 @@ enum ChildStep {
     NoNewPrivs,
     Chdir,
     Stdio,
+    Pipes,
     SignalMask,
     Exec,
 }
@@ -188,16 +248,41 @@ enum ChildStep {
 struct ChildArgs<'a> {
     plan: &'a Plan,
     failure: Failure,
+    /// A hot-path grant that failed: (step, errno).
+    hot_path_denied: Option<(HotPathStep, c_int)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HotPathStep {
+    Ioperm,
+    Memlock,
 }
 
 /// Starts the planned process and returns its pid once it has called
 /// `execve` successfully.
 pub(crate) fn spawn(plan: &Plan, stack: &mut Stack) -> Result<libc::pid_t, SpawnError> {
+    spawn_reporting(plan, stack).map(|(pid, _)| pid)
+}
+
+/// [`spawn`], also telling which hot-path grant failed, if one was asked
+/// for and did.
+pub(crate) fn spawn_reporting(
+    plan: &Plan,
+    stack: &mut Stack,
+) -> Result<(libc::pid_t, Option<HotPathDenied>), SpawnError> {
     for fd in [plan.stdin, plan.stdout, plan.stderr] {
         // dup3 onto 0..=2 would clobber a source that is itself 0..=2; the
         // agent keeps its console there, so this means something is off.
         if fd < 3 {
             return Err(SpawnError::LowFd { fd });
+        }
+    }
+    if let Some((request, response)) = plan.pipes {
+        // Likewise for 3 and 4 (and a source that is the other target).
+        for fd in [request, response] {
+            if fd < 5 {
+                return Err(SpawnError::LowFd { fd });
+            }
         }
     }
     let mut args = ChildArgs {
@@ -207,6 +292,7 @@ pub(crate) fn spawn(plan: &Plan, stack: &mut Stack) -> Result<libc::pid_t, Spawn
             errno: 0,
             program: 0,
         },
+        hot_path_denied: None,
     };
     let args_ptr: *mut ChildArgs<'_> = &mut args;
     // SAFETY: `child` only makes raw system calls on `args`, which lives
@@ -231,8 +317,19 @@ pub(crate) fn spawn(plan: &Plan, stack: &mut Stack) -> Result<libc::pid_t, Spawn
     // more. A volatile read, because the compiler cannot see the write the
     // child made through the pointer.
     let failure = unsafe { ptr::read_volatile(ptr::addr_of!((*args_ptr).failure)) };
+    // SAFETY: as above.
+    let denied = unsafe { ptr::read_volatile(ptr::addr_of!((*args_ptr).hot_path_denied)) };
     let step = match failure.step {
-        ChildStep::None => return Ok(pid),
+        ChildStep::None => {
+            let denied = denied.map(|(step, errno)| HotPathDenied {
+                step: match step {
+                    HotPathStep::Ioperm => "ioperm on the doorbell port",
+                    HotPathStep::Memlock => "raise RLIMIT_MEMLOCK",
+                },
+                source: io::Error::from_raw_os_error(errno),
+            });
+            return Ok((pid, denied));
+        }
         ChildStep::Cgroup => Step::Cgroup,
         ChildStep::Setsid => Step::Setsid,
         ChildStep::Setgroups => Step::Setgroups,
@@ -241,6 +338,7 @@ pub(crate) fn spawn(plan: &Plan, stack: &mut Stack) -> Result<libc::pid_t, Spawn
         ChildStep::NoNewPrivs => Step::NoNewPrivs,
         ChildStep::Chdir => Step::Chdir(plan.cwd.to_string_lossy().into_owned()),
         ChildStep::Stdio => Step::Stdio,
+        ChildStep::Pipes => Step::Pipes,
         ChildStep::SignalMask => Step::SignalMask,
         // After a PATH search, the name asked for says more than the last
         // directory tried.
@@ -264,7 +362,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `ChildArgs` that `spawn` passed, alive and not
     // touched by the suspended parent.
     let args = unsafe { &mut *arg.cast::<ChildArgs<'_>>() };
-    let (step, errno, program) = prepare_and_exec(args.plan);
+    let (step, errno, program) = prepare_and_exec(args.plan, &mut args.hot_path_denied);
     args.failure = Failure {
         step,
         errno,
@@ -276,7 +374,10 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 }
 
 /// Returns only on failure: what failed, errno, program index.
-fn prepare_and_exec(plan: &Plan) -> (ChildStep, c_int, usize) {
+fn prepare_and_exec(
+    plan: &Plan,
+    hot_path_denied: &mut Option<(HotPathStep, c_int)>,
+) -> (ChildStep, c_int, usize) {
     macro_rules! try_sys {
         ($step:expr, $call:expr) => {
             if $call < 0 {
@@ -308,6 +409,32 @@ fn prepare_and_exec(plan: &Plan) -> (ChildStep, c_int, usize) {
             );
         }
         try_sys!(ChildStep::Setsid, libc::syscall(libc::SYS_setsid));
+        // The environment: with HOT_PATH_ENV first when the hot path was
+        // granted, from the next entry on when not.
+        let mut envp = plan.envp.as_ptr();
+        if let Some(hot_path) = &plan.hot_path {
+            // Both need root: before the setresuid below.
+            let denied = if grant_ioperm(hot_path.port) < 0 {
+                Some((HotPathStep::Ioperm, child_errno()))
+            } else if libc::syscall(
+                libc::SYS_prlimit64,
+                0 as c_long,
+                c_long::from(libc::RLIMIT_MEMLOCK),
+                hot_path.memlock.as_ptr(),
+                ptr::null::<u64>(),
+            ) < 0
+            {
+                Some((HotPathStep::Memlock, child_errno()))
+            } else {
+                None
+            };
+            if denied.is_some() {
+                // Volatile: the parent reads it once it resumes, through a
+                // pointer the compiler cannot see.
+                ptr::write_volatile(hot_path_denied, denied);
+                envp = envp.add(1);
+            }
+        }
         try_sys!(
             ChildStep::Setgroups,
             libc::syscall(libc::SYS_setgroups, 0 as c_long, ptr::null::<libc::gid_t>())
@@ -350,6 +477,31 @@ fn prepare_and_exec(plan: &Plan) -> (ChildStep, c_int, usize) {
                 )
             );
         }
+        if let Some((request, response)) = plan.pipes {
+            // The sources are 5 or above (checked by spawn_reporting): the
+            // first dup3 cannot clobber the second's source.
+            for (from, to) in [(request, 3), (response, 4)] {
+                try_sys!(
+                    ChildStep::Pipes,
+                    libc::syscall(
+                        libc::SYS_dup3,
+                        c_long::from(from),
+                        c_long::from(to),
+                        0 as c_long
+                    )
+                );
+            }
+        }
+        if let Some(from) = plan.close_from {
+            // Best effort: everything the agent opens is close-on-exec
+            // anyway; this also covers what it inherited (tests on a host).
+            libc::syscall(
+                libc::SYS_close_range,
+                c_long::from(from),
+                c_long::from(u32::MAX),
+                0 as c_long,
+            );
+        }
         // The agent blocks SIGCHLD and its power-off signals; a blocked mask
         // survives execve and would break the program's own signal use.
         let empty: u64 = 0;
@@ -367,12 +519,7 @@ fn prepare_and_exec(plan: &Plan) -> (ChildStep, c_int, usize) {
         // remember EACCES, stop at any other error.
         let mut saved: Option<(c_int, usize)> = None;
         for (index, program) in plan.programs.iter().enumerate() {
-            libc::syscall(
-                libc::SYS_execve,
-                program.as_ptr(),
-                plan.argv.as_ptr(),
-                plan.envp.as_ptr(),
-            );
+            libc::syscall(libc::SYS_execve, program.as_ptr(), plan.argv.as_ptr(), envp);
             let errno = child_errno();
             match errno {
                 libc::ENOENT | libc::ENOTDIR => {
@@ -387,6 +534,28 @@ fn prepare_and_exec(plan: &Plan) -> (ChildStep, c_int, usize) {
         let (errno, index) = saved.unwrap_or((libc::ENOENT, 0));
         (ChildStep::Exec, errno, index)
     }
+}
+
+/// `ioperm(port, 1, 1)`, where the architecture has port I/O.
+///
+/// # Safety
+///
+/// A raw system call; safe in the vfork child like the others.
+#[cfg(target_arch = "x86_64")]
+unsafe fn grant_ioperm(port: u16) -> c_long {
+    libc::syscall(
+        libc::SYS_ioperm,
+        c_long::from(port),
+        1 as c_long,
+        1 as c_long,
+    )
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn grant_ioperm(_port: u16) -> c_long {
+    // SAFETY: writes the calling thread's errno slot.
+    *libc::__errno_location() = libc::ENOSYS;
+    -1
 }
 
 /// errno of the last failed call. `libc::syscall` stores it in the calling

@@ -11,8 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use ember_agent::protocol::{
-    self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, Hello, HostMessage, Invoke,
-    ProtocolError, Refresh,
+    self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, FunctionInvoke, FunctionReady,
+    FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError, Refresh,
 };
 
 use crate::machine::Machine;
@@ -208,6 +208,51 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// Starts the VM's function runtime and waits until it is ready.
+    pub fn start_function(
+        &mut self,
+        start: &FunctionStart,
+        deadline: Instant,
+    ) -> Result<FunctionReady, AgentError> {
+        start.validate().map_err(AgentError::BadRequest)?;
+        self.send(&HostMessage::FunctionStart(start.clone()))?;
+        match self.recv(deadline)? {
+            AgentMessage::FunctionReady(ready) => Ok(ready),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// Delivers one event to the function runtime (the vsock path).
+    pub fn invoke_function(
+        &mut self,
+        invoke: &FunctionInvoke,
+        deadline: Instant,
+    ) -> Result<FunctionResult, AgentError> {
+        invoke.validate().map_err(AgentError::BadRequest)?;
+        self.send(&HostMessage::FunctionInvoke(invoke.clone()))?;
+        self.function_result(deadline)
+    }
+
+    /// Fetches the result a hot-path runtime sent through the agent
+    /// because it did not fit the response buffer.
+    pub fn collect_function(&mut self, deadline: Instant) -> Result<FunctionResult, AgentError> {
+        let wait_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, u128::from(protocol::MAX_TIMEOUT_MS));
+        self.send(&HostMessage::FunctionCollect(wait_ms as u64))?;
+        self.function_result(deadline)
+    }
+
+    fn function_result(&mut self, deadline: Instant) -> Result<FunctionResult, AgentError> {
+        match self.recv(deadline)? {
+            AgentMessage::FunctionResult(result) => Ok(result),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+}
+
 fn describe(msg: &AgentMessage) -> String {
     match msg {
         AgentMessage::Hello(_) => "Hello".into(),
@@ -217,6 +262,8 @@ fn describe(msg: &AgentMessage) -> String {
         AgentMessage::Stderr(_) => "Stderr".into(),
         AgentMessage::Exit(_) => "Exit".into(),
         AgentMessage::Error(e) => format!("Error({:?}: {})", e.kind, e.message),
+        AgentMessage::FunctionReady(_) => "FunctionReady".into(),
+        AgentMessage::FunctionResult(_) => "FunctionResult".into(),
     }
 }
 

@@ -197,6 +197,9 @@ fn boot_once(exe: &Path, config: &VmConfig) -> Result<BootSample, BenchError> {
     if let Some(initrd) = &config.initrd {
         cmd.arg("--initrd").arg(initrd);
     }
+    if let Some(drive) = &config.root_drive {
+        cmd.arg("--root-drive").arg(drive);
+    }
     let spawned_ns = monotonic_ns();
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(BenchError::Spawn)?;

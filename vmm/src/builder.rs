@@ -12,7 +12,9 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{self as arch, boot::configure_boot, mptable::setup_mptable};
 use crate::config::{ConfigError, VmConfig};
+use crate::devices::doorbell::Doorbell;
 use crate::devices::set::{DeviceError, DeviceOptions, DeviceSet};
+use crate::devices::virtio::block::disk::DiskImage;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host::HostKind;
 use crate::kernel_cmdline::{self, CmdlineError};
@@ -45,7 +47,7 @@ impl Machine {
             .as_deref()
             .map(|path| loader::load_initrd(&memory, path, kernel.end))
             .transpose()?;
-        let devices = DeviceSet::create(&vm, &memory, &device_options(config), None)?;
+        let devices = DeviceSet::create(&vm, &memory, &device_options(config)?, None)?;
         let cmdline = kernel_cmdline::build(host, &devices.cmdline_params, &config.cmdline_extra)?;
         configure_boot(
             &memory,
@@ -112,6 +114,7 @@ impl Machine {
         let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), seccomp)?;
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
+        let doorbell = Arc::new(Doorbell::new());
         let vcpus: Vec<Vcpu> = vcpus
             .into_iter()
             .zip(0u8..)
@@ -124,6 +127,7 @@ impl Machine {
                     devices.exit.clone(),
                     first_run.clone(),
                 )
+                .with_doorbell(doorbell.clone())
             })
             .collect();
         let mut machine = Machine {
@@ -139,6 +143,7 @@ impl Machine {
                 steps: Vec::new(),
             },
             cmdline,
+            doorbell,
         };
         // Started one by one so that a failure stops the vCPUs already
         // running when `machine` is dropped.
@@ -158,14 +163,21 @@ impl Machine {
     }
 }
 
-/// The device side of a config.
-pub(crate) fn device_options(config: &VmConfig) -> DeviceOptions {
-    DeviceOptions {
+/// The device side of a config; opens the root drive, if any.
+pub(crate) fn device_options(config: &VmConfig) -> Result<DeviceOptions, DeviceError> {
+    let root_drive = config
+        .root_drive
+        .as_deref()
+        .map(DiskImage::open)
+        .transpose()?
+        .map(Arc::new);
+    Ok(DeviceOptions {
         console: config.console.clone(),
         interactive: config.interactive,
         vsock_cid: config.vsock_cid,
         vsock_uds: config.vsock_uds.clone(),
-    }
+        root_drive,
+    })
 }
 
 /// The host's physical memory.

@@ -51,6 +51,11 @@ pub struct VmConfig {
     /// Filter the vCPU and event-loop threads with seccomp
     /// ([`crate::seccomp`]); on by default.
     pub seccomp: bool,
+    /// A read-only root drive: a raw file system image (a non-zero
+    /// multiple of 512 bytes), the guest's `/dev/vda`, named to the agent
+    /// as `ember.root=/dev/vda`. Opened read-only, never written; every
+    /// clone of a snapshot reads the same file.
+    pub root_drive: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -72,6 +77,7 @@ impl VmConfig {
             vsock_cid: crate::devices::virtio::vsock::DEFAULT_GUEST_CID,
             vsock_uds: None,
             seccomp: true,
+            root_drive: None,
         }
     }
 
@@ -118,6 +124,16 @@ impl VmConfig {
         if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
             return Err(ConfigError::VsockCid(self.vsock_cid));
         }
+        if let Some(drive) = &self.root_drive {
+            let meta = check_readable(drive, "root drive")?;
+            let sector = crate::devices::virtio::block::disk::SECTOR_SIZE;
+            if meta.len() == 0 || meta.len() % sector != 0 {
+                return Err(ConfigError::DriveSize {
+                    path: drive.clone(),
+                    size: meta.len(),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -126,7 +142,7 @@ impl VmConfig {
 /// of the kernel's 2 KiB command line.
 pub const MAX_CMDLINE_EXTRA: usize = 1024;
 
-fn check_readable(path: &Path, what: &'static str) -> Result<(), ConfigError> {
+fn check_readable(path: &Path, what: &'static str) -> Result<std::fs::Metadata, ConfigError> {
     let meta = std::fs::metadata(path).map_err(|source| ConfigError::Unreadable {
         what,
         path: path.to_path_buf(),
@@ -138,7 +154,7 @@ fn check_readable(path: &Path, what: &'static str) -> Result<(), ConfigError> {
             path: path.to_path_buf(),
         });
     }
-    Ok(())
+    Ok(meta)
 }
 
 /// A `VmConfig` that cannot be booted.
@@ -196,6 +212,14 @@ pub enum ConfigError {
     /// A reserved or out-of-range vsock context ID.
     #[error("vsock CID must be between 3 and 4294967294, got {0}")]
     VsockCid(u64),
+    /// A root drive that is empty or not a whole number of sectors.
+    #[error("root drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
+    DriveSize {
+        /// The drive.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
 }
 
 #[cfg(test)]
@@ -304,6 +328,34 @@ mod tests {
                 Err(ConfigError::VsockCid(_))
             ));
         }
+    }
+
+    #[test]
+    fn root_drive_checked() {
+        let (mut config, _k) = config_with_files();
+        // The one-byte temp file is not a whole sector.
+        let odd = tempfile_like::TempFile::new("drive-odd");
+        config.root_drive = Some(odd.path().to_path_buf());
+        assert!(matches!(
+            config.validate(8, 24 * GIB),
+            Err(ConfigError::DriveSize { size: 1, .. })
+        ));
+        std::fs::write(odd.path(), [0u8; 1024]).unwrap();
+        config.validate(8, 24 * GIB).unwrap();
+        config.root_drive = Some(std::env::temp_dir());
+        assert!(matches!(
+            config.validate(8, 24 * GIB),
+            Err(ConfigError::NotAFile {
+                what: "root drive",
+                ..
+            })
+        ));
+        config.root_drive = Some("/nonexistent/root.img".into());
+        assert!(config
+            .validate(8, 24 * GIB)
+            .unwrap_err()
+            .to_string()
+            .starts_with("cannot read root drive /nonexistent/root.img"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 
 use crate::devices::bus::lock;
+use crate::devices::doorbell::Doorbell;
 use crate::devices::legacy::LineWatch;
 use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
@@ -83,6 +84,7 @@ pub struct Machine {
     pub(crate) host: HostKind,
     pub(crate) times: BootTimes,
     pub(crate) cmdline: String,
+    pub(crate) doorbell: Arc<Doorbell>,
 }
 
 impl Machine {
@@ -135,6 +137,7 @@ impl Machine {
 
     fn halt(&mut self) {
         self.pause();
+        self.doorbell.wake();
     }
 
     /// Stops every vCPU (completing in-flight I/O) and the device event
@@ -199,6 +202,11 @@ impl Machine {
     /// Accepts the guest's connections to host port `port`.
     pub fn listen_vsock(&self, port: u32) -> Receiver<UnixStream> {
         self.devices.vsock_connector.listen(port)
+    }
+
+    /// The hot-path doorbell (see [`crate::devices::doorbell`]).
+    pub fn doorbell(&self) -> &Arc<Doorbell> {
+        &self.doorbell
     }
 
     /// The guest's vsock context ID.

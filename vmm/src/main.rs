@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+
+mod cli_function;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
@@ -41,6 +43,20 @@ enum Command {
     Bench(BenchCommand),
     /// Serve invocations over HTTP from a pool of warm sandboxes.
     Serve(ServeArgs),
+    /// Function templates: a runtime with a handler loaded, snapshotted
+    /// waiting.
+    #[command(subcommand)]
+    Function(FunctionCommand),
+    /// Invoke a function: restore a clone, deliver the event, print the
+    /// result, destroy the clone.
+    Invoke(cli_function::InvokeArgs),
+}
+
+#[derive(Subcommand)]
+enum FunctionCommand {
+    /// Boot the runtime's image, start the runtime with the handler, run
+    /// the warm-up event and snapshot it waiting into --out.
+    Create(cli_function::FunctionCreateArgs),
 }
 
 #[derive(Subcommand)]
@@ -58,6 +74,9 @@ enum BenchCommand {
     /// Load-test a local `ember serve`: invocations of `true` from C
     /// connections for S seconds.
     Http(BenchHttpArgs),
+    /// Function invocations: restore to result on the hot path and the
+    /// vsock path, next to a cold `python3 -c pass`.
+    Function(cli_function::BenchFunctionArgs),
 }
 
 #[derive(Args, Clone)]
@@ -85,6 +104,11 @@ struct VmArgs {
     /// host port P go to `<PATH>_P`
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// A read-only root drive (raw file system image, a multiple of 512
+    /// bytes): the guest's /dev/vda, which the agent mounts as its root.
+    /// With --snapshot, a copy to use instead of the snapshot's own drive
+    #[arg(long, value_name = "PATH")]
+    root_drive: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -245,6 +269,7 @@ impl VmArgs {
         config.cmdline_extra = self.cmdline_extra.clone();
         config.vsock_cid = self.vsock_cid;
         config.vsock_uds = self.vsock_uds.clone();
+        config.root_drive = self.root_drive.clone();
         Ok(config)
     }
 
@@ -325,15 +350,22 @@ fn open_snapshot(explicit: Option<&Path>, vm: &VmArgs) -> Result<Snapshot> {
     Ok(snapshot)
 }
 
-fn invocation(args: &RunArgs) -> Result<Invocation> {
-    let mut inv = Invocation::new(args.command.iter().cloned());
-    for pair in &args.env {
+/// `--env K=V` flags as an environment; a later key replaces an earlier one.
+fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    for pair in pairs {
         let Some((key, value)) = pair.split_once('=') else {
             bail!("--env takes KEY=VALUE, got {pair:?}");
         };
-        inv.env.retain(|(k, _)| k != key);
-        inv.env.push((key.to_string(), value.to_string()));
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_string(), value.to_string()));
     }
+    Ok(env)
+}
+
+fn invocation(args: &RunArgs) -> Result<Invocation> {
+    let mut inv = Invocation::new(args.command.iter().cloned());
+    inv.env = parse_env(&args.env)?;
     inv.timeout_ms = args.timeout_ms;
     inv.max_output_bytes = args.max_output_bytes;
     inv.stdin = match &args.stdin_file {
@@ -363,6 +395,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         let snapshot = open_snapshot(args.snapshot.as_deref(), &args.vm)?;
         let options = RestoreOptions {
             vsock_uds: args.vm.vsock_uds.clone(),
+            // A cached snapshot was made with this drive already.
+            root_drive: args.snapshot.as_ref().and(args.vm.root_drive.clone()),
             ..RestoreOptions::default()
         };
         Sandbox::restore(&snapshot, &options)?
@@ -473,6 +507,7 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
         cmdline_extra: String::new(),
         vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
         vsock_uds: None,
+        root_drive: None,
     };
     let snapshot = open_snapshot(args.snapshot.as_deref(), &vm)?;
     let options = RestoreOptions {
@@ -500,6 +535,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         cmdline_extra: String::new(),
         vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
         vsock_uds: None,
+        root_drive: None,
     };
     let snapshot = std::sync::Arc::new(open_snapshot(args.snapshot.as_deref(), &vm)?);
     let config = ember::PoolConfig {
@@ -601,6 +637,9 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Restore(args)) => bench_restore(args),
         Command::Bench(BenchCommand::Http(args)) => bench_http(args),
         Command::Serve(args) => serve(args),
+        Command::Function(FunctionCommand::Create(args)) => cli_function::function_create(args),
+        Command::Invoke(args) => cli_function::invoke(args),
+        Command::Bench(BenchCommand::Function(args)) => cli_function::bench_function(args),
     };
     match result {
         Ok(code) => code,

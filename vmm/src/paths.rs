@@ -27,3 +27,8 @@ pub fn default_kernel() -> PathBuf {
 pub fn default_initrd() -> PathBuf {
     cache_dir().join("initramfs.cpio")
 }
+
+/// The default python3 root image (built by `rootfs/build-python-image.sh`).
+pub fn default_python_image() -> PathBuf {
+    cache_dir().join("python3.ext4")
+}

@@ -28,25 +28,25 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 pub const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Fresh entropy from the host's kernel and the host's wall clock.
-pub(crate) fn fresh_refresh() -> Refresh {
-    let mut entropy = vec![0u8; 64];
+/// Fills `buf` from the host kernel's CSPRNG.
+pub(crate) fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
-    while filled < entropy.len() {
+    while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of
-        // `entropy`, which outlives the call.
-        let n = unsafe {
-            libc::getrandom(
-                entropy[filled..].as_mut_ptr().cast(),
-                entropy.len() - filled,
-                0,
-            )
-        };
+        // `buf`, which outlives the call.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
         match usize::try_from(n) {
             Ok(n) => filled += n,
             // EINTR: try again; getrandom(2) cannot otherwise fail here.
             Err(_) => continue,
         }
     }
+}
+
+pub(crate) fn fresh_refresh() -> Refresh {
+    let mut entropy = vec![0u8; 64];
+    fill_random(&mut entropy);
     Refresh {
         entropy,
         unix_time_ns: SystemTime::now()

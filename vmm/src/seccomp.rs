@@ -337,7 +337,8 @@ fn vcpu(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     Ok(())
 }
 
-/// The event loop: virtqueue notifications, vsock host sockets, stdin.
+/// The event loop: virtqueue notifications, vsock host sockets, the root
+/// drive, stdin.
 fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     const AF_UNIX: u64 = libc::AF_UNIX as u64;
     const STREAM_CLOEXEC: u64 = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
@@ -347,6 +348,8 @@ fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     allow.any(libc::SYS_epoll_ctl);
     // Consume eventfds (ioeventfds, hub, stop), read stdin.
     allow.any(libc::SYS_read);
+    // virtio-blk: read the root drive into guest memory.
+    allow.any(libc::SYS_pread64);
     // Read from a host socket (std's UnixStream::read).
     allow.any(libc::SYS_recvfrom);
     // Write to a connected host socket (std's UnixStream::write); no

@@ -1,6 +1,7 @@
 //! Device models and the buses that route guest accesses to them.
 
 pub mod bus;
+pub mod doorbell;
 pub mod legacy;
 pub mod set;
 pub mod stdin;

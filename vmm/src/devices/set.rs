@@ -1,6 +1,8 @@
 //! The devices of an ember microVM, wired to its VM: COM1, the i8042 reset
-//! line and a vsock device on the first virtio-mmio slot. Created fresh for
-//! a boot, or from saved state for a snapshot restore.
+//! line, a vsock device on the first virtio-mmio slot and, when the VM has
+//! a root drive, a read-only virtio-blk device on the second (the guest's
+//! `/dev/vda`). Created fresh for a boot, or from saved state for a
+//! snapshot restore.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -17,6 +19,8 @@ use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use super::legacy::serial::{SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
 use super::stdin::StdinForwarder;
+use super::virtio::block::disk::{DiskError, DiskImage, DriveSpec};
+use super::virtio::block::{Block, BlockEvents, ROOT_DRIVE_ID};
 use super::virtio::mmio::{
     MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
@@ -35,6 +39,11 @@ use crate::vstate::Vm;
 const KERNEL_PANIC_LINE: &str = "Kernel panic - not syncing";
 /// The virtio-mmio slot of the vsock device.
 const VSOCK_SLOT: usize = 0;
+/// The virtio-mmio slot of the root drive: declared after the vsock
+/// device, and the only disk, so the guest names it `/dev/vda`.
+const ROOT_DRIVE_SLOT: usize = 1;
+/// The guest's name for the root drive.
+pub const ROOT_DRIVE_GUEST_DEVICE: &str = "/dev/vda";
 
 /// How the devices connect to the host.
 #[derive(Debug, Clone)]
@@ -47,6 +56,8 @@ pub struct DeviceOptions {
     pub vsock_cid: u64,
     /// Firecracker-style vsock Unix socket, if wanted.
     pub vsock_uds: Option<PathBuf>,
+    /// The read-only root drive, if the VM has one.
+    pub root_drive: Option<Arc<DiskImage>>,
 }
 
 /// Every device's state, for a snapshot.
@@ -56,6 +67,17 @@ pub struct DeviceStates {
     pub serial: SerialSnapshot,
     /// The vsock device's transport and queues.
     pub vsock: MmioTransportState,
+    /// The root drive, if the VM has one.
+    pub block: Option<BlockState>,
+}
+
+/// The root drive's device in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Its transport and queue.
+    pub transport: MmioTransportState,
+    /// The drive the template had: a clone gets the same one.
+    pub drive: DriveSpec,
 }
 
 /// The devices of one microVM.
@@ -67,6 +89,9 @@ pub struct DeviceSet {
     pub(crate) vsock: Arc<Mutex<Vsock>>,
     pub(crate) vsock_transport: Arc<Mutex<MmioTransport>>,
     pub(crate) vsock_connector: InProcessBackend,
+    /// The root drive's transport and what a snapshot records of the
+    /// drive, if the VM has one.
+    pub(crate) block: Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     /// Kernel parameters declaring the virtio-mmio devices.
@@ -131,6 +156,36 @@ impl DeviceSet {
 
         let mut subscribers: Vec<Subscriber> =
             vec![Arc::new(Mutex::new(VsockEvents::new(vsock.device.clone())))];
+        let mut cmdline_params = vec![vsock.cmdline];
+        let saved_block = saved.map(|s| s.block.as_ref());
+        let block = match (&options.root_drive, saved_block) {
+            (None, None | Some(None)) => None,
+            (Some(disk), Some(Some(state))) => {
+                // The caller picked the file; it must at least fit the
+                // guest's idea of the drive.
+                state.drive.check(disk, false)?;
+                Some(attach_block(
+                    vm,
+                    memory,
+                    &mut mmio,
+                    disk,
+                    Some(&state.transport),
+                    &mut subscribers,
+                    &mut cmdline_params,
+                )?)
+            }
+            (Some(disk), None) => Some(attach_block(
+                vm,
+                memory,
+                &mut mmio,
+                disk,
+                None,
+                &mut subscribers,
+                &mut cmdline_params,
+            )?),
+            (None, Some(Some(_))) => return Err(DeviceError::DriveMissing),
+            (Some(_), Some(None)) => return Err(DiskError::NoDriveInSnapshot.into()),
+        };
         if options.interactive {
             subscribers.push(Arc::new(Mutex::new(StdinForwarder::new(
                 dup_fd(libc::STDIN_FILENO)?,
@@ -146,9 +201,10 @@ impl DeviceSet {
             vsock: vsock.device,
             vsock_transport: vsock.transport,
             vsock_connector: vsock.connector,
+            block,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            cmdline_params: vec![vsock.cmdline],
+            cmdline_params,
             subscribers,
         })
     }
@@ -159,6 +215,10 @@ impl DeviceSet {
         DeviceStates {
             serial: lock(&self.serial).state(),
             vsock: lock(&self.vsock_transport).state(),
+            block: self.block.as_ref().map(|(transport, drive)| BlockState {
+                transport: lock(transport).state(),
+                drive: drive.clone(),
+            }),
         }
     }
 }
@@ -227,6 +287,53 @@ fn attach_vsock(
         connector,
         cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
     })
+}
+
+/// Puts the root drive's block device in its virtio-mmio slot (interrupt
+/// through an irqfd, queue notifications through an ioeventfd), its
+/// backend on the event loop, and its kernel parameters on the command
+/// line. Returns its transport and what a snapshot records of the drive.
+fn attach_block(
+    vm: &Vm,
+    memory: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    disk: &Arc<DiskImage>,
+    saved: Option<&MmioTransportState>,
+    subscribers: &mut Vec<Subscriber>,
+    cmdline_params: &mut Vec<String>,
+) -> Result<(Arc<Mutex<MmioTransport>>, DriveSpec), DeviceError> {
+    let (Some(addr), Some(irq)) = (
+        layout::virtio_mmio_addr(ROOT_DRIVE_SLOT),
+        layout::virtio_mmio_irq(ROOT_DRIVE_SLOT),
+    ) else {
+        return Err(DeviceError::NoSlot);
+    };
+    let interrupt = Arc::new(Interrupt::new(eventfd()?));
+    vm.register_irqfd(interrupt.irqfd(), irq)?;
+    let device =
+        Block::new(disk.clone(), ROOT_DRIVE_ID, interrupt.clone()).map_err(DeviceError::EventFd)?;
+    let notify = IoEventAddress::Mmio(addr.raw_value() + QUEUE_NOTIFY_OFFSET);
+    vm.fd()
+        .register_ioevent(device.queue_event(), &notify, 0u32)
+        .map_err(DeviceError::Ioevent)?;
+    let device = Arc::new(Mutex::new(device));
+    let transport = match saved {
+        Some(state) => MmioTransport::restore(device.clone(), memory.clone(), interrupt, state)?,
+        None => MmioTransport::new(device.clone(), memory.clone(), interrupt)
+            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(addr.raw_value(), MMIO_WINDOW_SIZE, transport.clone())?;
+    subscribers.push(Arc::new(Mutex::new(BlockEvents::new(device))));
+    cmdline_params.push(format!(
+        "virtio_mmio.device=4K@{:#x}:{irq}",
+        addr.raw_value()
+    ));
+    cmdline_params.push(format!(
+        "{}={ROOT_DRIVE_GUEST_DEVICE}",
+        ember_agent::CMDLINE_ROOT
+    ));
+    Ok((transport, disk.spec()))
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -298,4 +405,10 @@ pub enum DeviceError {
     /// Saved virtio state is inconsistent.
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// The root drive cannot be used.
+    #[error(transparent)]
+    Drive(#[from] DiskError),
+    /// The saved state has a root drive, but none was given.
+    #[error("the snapshot has a root drive, but no drive file was opened for it")]
+    DriveMissing,
 }

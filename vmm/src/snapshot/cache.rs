@@ -11,10 +11,24 @@ use crate::paths;
 /// Where the default snapshot for `config` lives. The key covers what the
 /// snapshot depends on; the kernel and initramfs paths resolve to their
 /// content-addressed cache entries, so a rebuilt image gets a new snapshot.
+/// A root drive is keyed by its path and the identity of the file there
+/// (size, inode, modification time): a changed drive gets a new snapshot,
+/// as restoring the old one would refuse it.
 pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
     let resolve = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    let drive = config
+        .root_drive
+        .as_ref()
+        .map(|p| {
+            let id = std::fs::metadata(p).map_or((0, 0, 0, 0), |m| {
+                (m.len(), m.ino(), m.mtime(), m.mtime_nsec())
+            });
+            format!("{}:{id:?}", resolve(p).display())
+        })
+        .unwrap_or_default();
     let key = format!(
-        "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
         resolve(&config.kernel).display(),
         config
             .initrd
@@ -28,6 +42,7 @@ pub fn cached_snapshot_dir(config: &VmConfig) -> PathBuf {
         crate::kernel_cmdline::fingerprint(HostKind::detect()),
         FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
+        drive,
     );
     paths::cache_dir().join(format!("snapshot-{:08x}", crc32fast::hash(key.as_bytes())))
 }

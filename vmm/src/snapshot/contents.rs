@@ -59,6 +59,12 @@ impl SnapshotState {
         if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
             return Err(format!("invalid vsock CID {}", self.vsock_cid));
         }
+        if let Some(block) = &self.devices.block {
+            let size = block.drive.size;
+            if size == 0 || size % crate::devices::virtio::block::disk::SECTOR_SIZE != 0 {
+                return Err(format!("invalid root drive size {size}"));
+            }
+        }
         Ok(())
     }
 }

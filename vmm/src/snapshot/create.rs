@@ -78,7 +78,7 @@ pub fn create(
 
 /// Pauses `machine` for good and writes its snapshot into `dir`; returns
 /// the bytes of guest memory written.
-fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotError> {
+pub(crate) fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotError> {
     let vcpus = machine.pause();
     if vcpus.len() != machine.vcpu_count() {
         return Err(SnapshotError::Pause);

@@ -29,7 +29,9 @@ use super::{write_atomically, FileError};
 /// The first eight bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"EMBRSNAP";
 /// The state format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: the devices have an optional root drive (`DeviceStates::block`).
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header before the payload.
 pub const HEADER_LEN: u64 = 24;
 /// Largest payload accepted: far above any real state (a few KiB per
@@ -426,7 +428,9 @@ mod tests {
         let (path, mut bytes) = written(&dir);
         bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
         fs::write(&path, &bytes).unwrap();
-        assert!(read_err(&path).ends_with("snapshot format version 7, this ember reads version 1"));
+        assert!(read_err(&path).ends_with(&format!(
+            "snapshot format version 7, this ember reads version {FORMAT_VERSION}"
+        )));
     }
 
     #[test]

@@ -7,16 +7,20 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
 
 use super::contents::SnapshotState;
 use super::memory::validate_layout;
 use super::{map_memory, open_memory_file, read_state, SnapshotError, MEMORY_FILE, STATE_FILE};
+use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
 use crate::arch::x86_64::state::{restore_vcpu, restore_vm};
 use crate::builder::host_memory_bytes;
 use crate::config::ConsoleOutput;
 use crate::devices::bus::lock;
-use crate::devices::set::{DeviceOptions, DeviceSet};
+use crate::devices::set::{DeviceError, DeviceOptions, DeviceSet};
+use crate::devices::virtio::block::disk::{drive_for_clone, SnapshotDrive};
 use crate::host::HostKind;
 use crate::machine::{Machine, StepClock};
 use crate::vstate::Vm;
@@ -35,6 +39,26 @@ pub struct RestoreOptions {
     /// Filter the clone's vCPU and event-loop threads with seccomp
     /// ([`crate::seccomp`]); on by default.
     pub seccomp: bool,
+    /// Bytes written into the clone's memory before its vCPUs first run
+    /// (a function's request, a fresh kernel RNG key).
+    pub guest_writes: Vec<GuestWrite>,
+    /// Push the clone's first LAPIC timer interrupt out to at least this
+    /// long after the restore (see
+    /// [`crate::arch::x86_64::interrupts::postpone_oneshot_timer`]).
+    pub timer_delay: Option<Duration>,
+    /// The clone's root drive instead of the file the snapshot recorded:
+    /// it must have the recorded size, and the same content (not
+    /// checked). In-process clones only.
+    pub root_drive: Option<PathBuf>,
+}
+
+/// A write into a clone's guest-physical memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestWrite {
+    /// Guest-physical address of the first byte.
+    pub addr: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl Default for RestoreOptions {
@@ -44,6 +68,9 @@ impl Default for RestoreOptions {
             vsock_uds: None,
             isolation: None,
             seccomp: true,
+            guest_writes: Vec::new(),
+            timer_delay: None,
+            root_drive: None,
         }
     }
 }
@@ -55,6 +82,8 @@ pub struct Snapshot {
     dir: PathBuf,
     state: SnapshotState,
     memory: File,
+    /// The root drive, opened with the snapshot (for jailed clones too).
+    root_drive: Option<SnapshotDrive>,
 }
 
 impl Snapshot {
@@ -90,10 +119,16 @@ impl Snapshot {
             .map_err(|e| SnapshotError::Io(dir.join(MEMORY_FILE), e))?
             .len();
         validate_layout(&state.memory, len)?;
+        let root_drive = state
+            .devices
+            .block
+            .as_ref()
+            .map(|b| SnapshotDrive::open(&b.drive));
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             state,
             memory,
+            root_drive,
         })
     }
 
@@ -188,16 +223,34 @@ impl Snapshot {
         restore_vm(vm.fd(), &state.vm, false)?;
         clock.step("restore irqchip + clock");
 
+        for write in &options.guest_writes {
+            memory
+                .write_slice(&write.bytes, GuestAddress(write.addr))
+                .map_err(|e| {
+                    SnapshotError::Mismatch(format!(
+                        "cannot write {} bytes at guest address {:#x}: {e}",
+                        write.bytes.len(),
+                        write.addr
+                    ))
+                })?;
+        }
+        clock.step("guest writes");
+
         let seccomp = options.seccomp;
+        let timer_delay = options.timer_delay;
         let options = DeviceOptions {
             console: options.console.clone(),
             interactive: false,
             vsock_cid: state.vsock_cid,
             vsock_uds: options.vsock_uds.clone(),
+            root_drive: drive_for_clone(self.root_drive.as_ref(), options.root_drive.as_deref())
+                .map_err(DeviceError::from)?,
         };
         let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;
-        // Connections the guest remembers do not exist on this host.
-        lock(&devices.vsock).send_transport_reset();
+        // Connections the guest remembers do not exist on this host; it
+        // hears so when the host first connects (a clone that never does
+        // takes no interrupt for it).
+        lock(&devices.vsock).defer_transport_reset();
         clock.step("create devices");
         // Restoring vCPU state on another thread while the devices are
         // created was measured no faster: the ioctls serialize in KVM.
@@ -205,7 +258,15 @@ impl Snapshot {
         for (id, vcpu_state) in state.vcpu_states.iter().enumerate() {
             let fd = vm.fd().create_vcpu(id as u64).map_err(SnapshotError::Kvm)?;
             clock.step("create vCPU");
-            restore_vcpu(&fd, vcpu_state)?;
+            match timer_delay {
+                Some(delay) => {
+                    let mut vcpu_state = vcpu_state.clone();
+                    let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+                    postpone_oneshot_timer(&mut vcpu_state.lapic, ns);
+                    restore_vcpu(&fd, &vcpu_state)?;
+                }
+                None => restore_vcpu(&fd, vcpu_state)?,
+            }
             clock.step("restore vCPU state");
             vcpus.push(fd);
         }

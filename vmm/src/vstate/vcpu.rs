@@ -17,6 +17,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::devices::doorbell::{Doorbell, DOORBELL_PORT};
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::{Filter, FilterVerdict, SeccompError};
@@ -67,12 +68,16 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     first_run: Arc<OnceLock<Instant>>,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 /// What the run loop does after an exit.
 enum Next {
     Continue,
     Stop(VmExit),
+    /// The doorbell asked this vCPU to stop where it is (the VM has not
+    /// exited; its owner pauses it).
+    Park,
     /// KVM_EXIT_INTERNAL_ERROR: described once the exit's borrow ends.
     InternalError,
 }
@@ -95,7 +100,14 @@ impl Vcpu {
             mmio,
             exit,
             first_run,
+            doorbell: None,
         }
+    }
+
+    /// Hands writes to the hot-path doorbell port to `doorbell`.
+    pub fn with_doorbell(mut self, doorbell: Arc<Doorbell>) -> Self {
+        self.doorbell = Some(doorbell);
+        self
     }
 
     /// Starts the vCPU's thread. With `seccomp`, the thread installs the
@@ -136,6 +148,7 @@ impl Vcpu {
         while !stop.load(Ordering::SeqCst) {
             match self.run_once() {
                 Next::Continue | Next::InternalError => {}
+                Next::Park => break,
                 Next::Stop(reason) => {
                     self.exit.report(reason);
                     break;
@@ -172,8 +185,12 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) -> Next {
-        let (id, pio, mmio) = (self.id, &self.pio, &self.mmio);
+        let (id, pio, mmio, doorbell) = (self.id, &self.pio, &self.mmio, &self.doorbell);
         let next = match self.fd.run() {
+            Ok(VcpuExit::IoOut(DOORBELL_PORT, data)) => match doorbell {
+                Some(bell) if bell.ring(data) => Next::Park,
+                _ => Next::Continue,
+            },
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(u64::from(port), data) {
                     data.fill(0xff);

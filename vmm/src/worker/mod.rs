@@ -162,6 +162,11 @@ pub fn spawn(
             "a vsock Unix socket cannot be reached from inside the jail",
         ));
     }
+    if options.root_drive.is_some() {
+        return Err(WorkerError::Unsupported(
+            "a jailed clone uses the snapshot's own root drive",
+        ));
+    }
     let (mut control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
     let state =
         File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
@@ -338,6 +343,8 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     // SAFETY: as above.
     let kvm = unsafe { kvm_ioctls::Kvm::from_raw_fd(KVM_FD) };
     crate::vstate::use_kvm(kvm);
+    // Before the snapshot opens its root drive, which must stay open.
+    jail::close_fds_from(KVM_FD as u32 + 1)?;
     let snapshot = Snapshot::from_files(
         Path::new("(worker)"),
         Path::new(&format!("/proc/self/fd/{STATE_FD}")),
@@ -345,7 +352,6 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     )?;
     // Read while /sys is still visible; cached for the restore.
     crate::host::HostKind::detect();
-    jail::close_fds_from(KVM_FD as u32 + 1)?;
     // The state file is not needed anymore.
     // SAFETY: closing our own descriptor.
     unsafe { libc::close(STATE_FD) };

@@ -6,6 +6,7 @@
 //! guest notifies a queue, and raises interrupts through an irqfd. Neither
 //! side ever blocks the other on I/O.
 
+pub mod block;
 pub mod mmio;
 pub mod vsock;
 

@@ -89,6 +89,10 @@ pub struct Vsock {
     /// event buffer back: until it does, it may still reset any connection,
     /// so nothing new is offered to it.
     reset_pending: bool,
+    /// A restored clone's transport reset waits for the host's first
+    /// connection: a clone that never talks over vsock (a hot-path function
+    /// invocation) then takes no interrupt for it.
+    reset_deferred: bool,
 }
 
 impl Vsock {
@@ -119,6 +123,7 @@ impl Vsock {
                 cond: std::sync::Condvar::new(),
             }),
             reset_pending: false,
+            reset_deferred: false,
         })
     }
 
@@ -167,6 +172,14 @@ impl Vsock {
             self.reset_pending = true;
             self.interrupt.trigger(INT_VRING);
         }
+    }
+
+    /// Like [`Vsock::send_transport_reset`], but the guest is told only when
+    /// the host first connects to it (nothing the guest sends before that is
+    /// answered but with resets: its connections are gone).
+    pub fn defer_transport_reset(&mut self) {
+        self.muxer.reset();
+        self.reset_deferred = true;
     }
 
     /// Takes packets from the transmit queue while the muxer accepts them.
@@ -439,6 +452,10 @@ impl MutEventSubscriber for VsockEvents {
             HUB_EVENT => {
                 // Before the driver is up, the requests wait in the muxer.
                 let connects = dev.hub.drain();
+                if dev.reset_deferred && !connects.is_empty() {
+                    dev.reset_deferred = false;
+                    dev.send_transport_reset();
+                }
                 dev.muxer.connect_from_host(connects);
             }
             _ => {

@@ -1,0 +1,5 @@
+"""Returns the event it was given: {"echo": <event>}."""
+
+
+def handler(event, context):
+    return {"echo": event}

@@ -1,0 +1,6 @@
+"""Never returns: the host kills it at the invocation's timeout."""
+
+
+def handler(event, context):
+    while True:
+        pass

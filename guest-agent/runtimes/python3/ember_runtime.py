@@ -1,0 +1,834 @@
+"""ember's python3 function runtime.
+
+The guest agent starts it once per function, at template time, as
+
+    python3 -u -B -s /run/ember/function/ember_runtime.py <handler_file.py> <handler_name>
+
+in /run/ember/function, with fd 3 the request pipe (read) and fd 4 the
+response pipe (write). It imports the handler, says READY on fd 4, and then
+serves one event at a time for ever. The host snapshots the VM while the
+runtime waits; every invocation restores a fresh clone that serves exactly
+one event. See ../README.md for the handler API and the pipe protocol, and
+guest-agent/src/hotpath.rs for the shared-memory layout.
+
+Why the hot path looks the way it does: in ember's test guests every
+guest-kernel entry is emulated and costs 0.5-50 ms (a first touch of a page
+about 3 ms), while user-mode code runs at native speed. So between ringing
+DOORBELL_WAITING and ringing DOORBELL_DONE this runtime makes no system
+call and touches no new page on its own account: it spins on memory it
+already touched, runs the handler, and writes into memory it already
+touched. Everything it needs is built and exercised once at start-up.
+
+Only the standard library is used. Set EMBER_HOT_PATH_TEST=1 (with
+EMBER_HOT_PATH=1) to replace the port-I/O doorbell by a line
+`EMBER_DOORBELL <value>` on stderr, for testing on a host.
+"""
+
+import ctypes
+import gc
+import importlib.machinery
+import importlib.util
+import inspect
+import io
+import json
+import linecache
+import mmap
+import os
+import random
+import struct
+import sys
+import time
+import traceback
+
+# The pipes must not leave __pycache__ behind in the function directory, and
+# the root filesystem is read-only anyway (its stdlib pycs are precompiled).
+sys.dont_write_bytecode = True
+
+# --- The layout, mirrored from guest-agent/src/hotpath.rs --------------------------
+# (test_runtime.py checks these against the Rust source.)
+
+DOORBELL_PORT = 0x0EE0
+DOORBELL_WAITING = 1
+DOORBELL_DONE = 2
+
+REQUEST_MAGIC = int.from_bytes(b"EMRQ", "little")
+RESPONSE_MAGIC = int.from_bytes(b"EMRS", "little")
+LAYOUT_VERSION = 1
+
+REQUEST_HEADER_LEN = 64
+RESPONSE_HEADER_LEN = 64
+REQUEST_ENTROPY_LEN = 24
+DEFAULT_BUFFER_BYTES = 256 << 10
+MAX_BUFFER_BYTES = 16 << 20
+
+REQUEST_FLAG_VIA_PIPE = 1
+RESPONSE_FLAG_STDOUT_TRUNCATED = 1
+RESPONSE_FLAG_STDERR_TRUNCATED = 2
+
+# Request header offsets.
+RQ_MAGIC = 0
+RQ_VERSION = 4
+RQ_SEQ = 8
+RQ_FLAGS = 16
+RQ_EVENT_LEN = 20
+RQ_TIMEOUT = 24
+RQ_TIME = 32
+RQ_ENTROPY = 40
+
+# Response header offsets.
+RS_MAGIC = 0
+RS_VERSION = 4
+RS_SEQ = 8
+RS_STATUS = 16
+RS_RESULT_LEN = 20
+RS_STDOUT_LEN = 24
+RS_STDERR_LEN = 28
+RS_FLAGS = 32
+
+# Response statuses (ResponseStatus::code) and their words on the pipe.
+STATUS_JSON = 0
+STATUS_BYTES = 1
+STATUS_ERROR = 2
+STATUS_VIA_PIPE = 3
+STATUS_WORDS = {STATUS_JSON: b"json", STATUS_BYTES: b"bytes", STATUS_ERROR: b"error"}
+
+# magic, version, seq, flags, event_len, timeout_ms, (pad), unix_time_ns, entropy
+REQUEST_HEADER = struct.Struct("<IIQIII4xQ24s")
+# magic, version, seq, status, result_len, stdout_len, stderr_len, flags, (reserved)
+RESPONSE_HEADER = struct.Struct("<IIQIIIII28x")
+# What the spin loop reads.
+_SEQ = struct.Struct("<Q")
+_MAGIC_VERSION = struct.Struct("<II")
+assert REQUEST_HEADER.size == REQUEST_HEADER_LEN
+assert RESPONSE_HEADER.size == RESPONSE_HEADER_LEN
+
+# --- Runtime limits -----------------------------------------------------------------
+
+PAGE_SIZE = mmap.PAGESIZE
+# Captured stdout and stderr, each: small on the hot path so that a
+# response usually fits its buffer; the agent applies the invocation's own
+# limit on the pipe.
+HOT_OUTPUT_CAP = 64 << 10
+PIPE_OUTPUT_CAP = 1 << 20
+# Parts of an error object; the traceback keeps its end (the raise).
+MAX_ERROR_MESSAGE = 8 << 10
+MAX_TRACEBACK = 32 << 10
+# Longest pipe header line, newline included.
+MAX_HEADER_LINE = 128
+
+
+class StartupError(Exception):
+    """The function cannot be served; the message says why."""
+
+
+class ProtocolError(Exception):
+    """The agent sent something this runtime cannot parse."""
+
+
+# --- Capturing print() ----------------------------------------------------------------
+
+
+class Capture(io.TextIOBase):
+    """Stands in for sys.stdout or sys.stderr during one handler call.
+
+    It keeps at most `cap` bytes in memory: no write reaches a file
+    descriptor, so print() on the hot path costs no system call. Two
+    instances are made at start-up and reset for every call.
+    """
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+        self.buffer = _BinaryWriter(self)  # for sys.stdout.buffer.write(b"...")
+        self.truncated = False
+        self._parts = []
+        self._chars = 0
+        self._cap = 0
+
+    def reset(self, cap):
+        self._parts.clear()
+        self._chars = 0
+        self._cap = cap
+        self.truncated = False
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        # A handler may close sys.stdout; the next call still needs it.
+        pass
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        # Characters are counted here (cheap); take() cuts to bytes.
+        room = self._cap - self._chars
+        if len(text) > room:
+            self.truncated = True
+            kept = text[: max(room, 0)]
+        else:
+            kept = text
+        if kept:
+            self._parts.append(kept)
+            self._chars += len(kept)
+        return len(text)
+
+    def take(self):
+        """What was written, as at most `cap` bytes of UTF-8."""
+        data = "".join(self._parts).encode("utf-8", "backslashreplace")
+        self._parts.clear()
+        self._chars = 0
+        if len(data) > self._cap:
+            # Cut at a character boundary (not inside a multi-byte UTF-8 sequence).
+            cut = self._cap
+            while cut > 0 and (data[cut] & 0xC0) == 0x80:
+                cut -= 1
+            data = data[:cut]
+            self.truncated = True
+        return data
+
+
+class _BinaryWriter:
+    """`Capture.buffer`: bytes written here are kept as (lossily decoded) text."""
+
+    def __init__(self, text):
+        self._text = text
+
+    def write(self, data):
+        self._text.write(bytes(data).decode("utf-8", "replace"))
+        return len(data)
+
+    def flush(self):
+        pass
+
+
+# --- Calling the handler ------------------------------------------------------------------
+
+
+class Context:
+    """The handler's second argument."""
+
+    __slots__ = ("invocation_id", "timeout_ms", "unix_time_ns", "hot_path")
+
+    def __init__(self, invocation_id, timeout_ms, unix_time_ns, hot_path):
+        # The request's seq on the hot path, a per-process counter on the pipe.
+        self.invocation_id = invocation_id
+        # The invocation's time limit; the host (or agent) enforces it.
+        self.timeout_ms = timeout_ms
+        # The host's clock at the request. Prefer it to time.time(): a
+        # clone's own clock may still be the snapshot's.
+        self.unix_time_ns = unix_time_ns
+        # Whether the event came through shared memory.
+        self.hot_path = hot_path
+
+    def __repr__(self):
+        return (
+            f"Context(invocation_id={self.invocation_id!r}, timeout_ms={self.timeout_ms!r}, "
+            f"unix_time_ns={self.unix_time_ns!r}, hot_path={self.hot_path!r})"
+        )
+
+
+class Function:
+    """A handler and how to call it."""
+
+    def __init__(self, handler, wants_context=True, is_async=False):
+        self.handler = handler
+        self.wants_context = wants_context
+        self.is_async = is_async
+
+    def call(self, event, context):
+        if self.wants_context:
+            result = self.handler(event, context)
+        else:
+            result = self.handler(event)
+        if self.is_async:
+            # Only imported at start-up for async handlers (see load_function).
+            import asyncio
+
+            result = asyncio.run(result)
+        return result
+
+
+def load_function(path, handler_name):
+    """Imports the handler file and finds the handler; raises on failure."""
+    path = os.path.abspath(path)
+    # Register the module under its file's name, so that the handler's own
+    # code (pickle, dataclasses, `import <name>` from a sibling module) finds
+    # this copy, unless that would replace a module already loaded.
+    module_name = os.path.splitext(os.path.basename(path))[0]
+    if not module_name.isidentifier() or module_name in sys.modules:
+        module_name = "ember_function"
+    # An explicit loader accepts any file name, not only *.py.
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    handler = getattr(module, handler_name, None)
+    if handler is None:
+        raise StartupError(f"{os.path.basename(path)} defines no {handler_name!r}")
+    if not callable(handler):
+        raise StartupError(f"{handler_name!r} in {os.path.basename(path)} is not callable")
+    is_async = inspect.iscoroutinefunction(handler)
+    if is_async:
+        import asyncio  # noqa: F401  (now, not on the first call)
+    _cache_source_for_good(path)
+    return Function(handler, _wants_context(handler, handler_name), is_async)
+
+
+def _wants_context(handler, handler_name):
+    """Whether to call handler(event, context) or handler(event); decided once."""
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
+        return True  # no signature to inspect (a builtin): assume the full form
+    for args, wants in (((None, None), True), ((None,), False)):
+        try:
+            signature.bind(*args)
+            return wants
+        except TypeError:
+            pass
+    raise StartupError(f"{handler_name}{signature} must accept (event) or (event, context)")
+
+
+def _cache_source_for_good(path):
+    """Keeps the handler's source lines in linecache without revalidation.
+
+    Formatting a traceback calls linecache.checkcache, which stats every
+    cached file: a system call on each error. The function's files never
+    change, and an entry without an mtime is never rechecked.
+    """
+    if linecache.getlines(path):
+        size, _mtime, lines, fullname = linecache.cache[path]
+        linecache.cache[path] = (size, None, lines, fullname)
+
+
+def decode_event(data):
+    """The handler's event: JSON if the bytes are UTF-8 JSON, else the bytes."""
+    if not data:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return data
+
+
+class Response:
+    """One handler call's outcome, encoded."""
+
+    __slots__ = ("status", "result", "stdout", "stderr", "flags")
+
+    def __init__(self, status, result, stdout=b"", stderr=b"", flags=0):
+        self.status = status
+        self.result = result
+        self.stdout = stdout
+        self.stderr = stderr
+        self.flags = flags
+
+    def __repr__(self):
+        return (
+            f"Response(status={self.status}, result={self.result!r}, stdout={self.stdout!r}, "
+            f"stderr={self.stderr!r}, flags={self.flags})"
+        )
+
+
+# Compact JSON; strict (NaN and Infinity are not JSON). Made once.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_JSON_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def encode_result(result):
+    """(status, bytes) for what the handler returned."""
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return STATUS_BYTES, bytes(result)
+    try:
+        try:
+            return STATUS_JSON, _JSON.encode(result).encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate in a string: escape everything instead.
+            return STATUS_JSON, _JSON_ASCII.encode(result).encode("ascii")
+    except Exception as exc:  # TypeError, ValueError (NaN, cycles), RecursionError
+        return STATUS_ERROR, error_object(
+            type(exc).__name__, f"the handler's result is not JSON: {_message(exc)}", ""
+        )
+
+
+def error_object(type_name, message, traceback_text):
+    """The result of a failed call: JSON {"type", "message", "traceback"}."""
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + "..."
+    if len(traceback_text) > MAX_TRACEBACK:
+        traceback_text = "...\n" + traceback_text[-MAX_TRACEBACK:]
+    body = {"type": type_name, "message": message, "traceback": traceback_text}
+    return _JSON_ASCII.encode(body).encode("ascii")
+
+
+def exception_object(exc, tb):
+    """error_object for an exception, with the traceback from `tb` on."""
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException:
+        text = ""
+    return error_object(type(exc).__name__, _message(exc), text)
+
+
+def _handler_frames(tb):
+    """The traceback from the handler's frame on (the first frames are ours)."""
+    ours = (Runtime.run.__code__, Function.call.__code__)
+    while tb is not None and tb.tb_frame.f_code in ours:
+        tb = tb.tb_next
+    return tb
+
+
+def _message(exc):
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+class Runtime:
+    """Calls a function on one event, with print() captured."""
+
+    def __init__(self, function):
+        self.function = function
+        self.stdout = Capture("<stdout>")
+        self.stderr = Capture("<stderr>")
+
+    def run(self, event_bytes, context, output_cap, function=None):
+        """Runs the handler (or `function`) on the event; never raises."""
+        function = function or self.function
+        event = decode_event(event_bytes)
+        out, err = self.stdout, self.stderr
+        out.reset(output_cap)
+        err.reset(output_cap)
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = out, err
+        try:
+            try:
+                result = function.call(event, context)
+            finally:
+                sys.stdout, sys.stderr = saved
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt included
+            status, body = STATUS_ERROR, exception_object(exc, _handler_frames(exc.__traceback__))
+        else:
+            status, body = encode_result(result)
+        stdout, stderr = out.take(), err.take()
+        flags = 0
+        if out.truncated:
+            flags |= RESPONSE_FLAG_STDOUT_TRUNCATED
+        if err.truncated:
+            flags |= RESPONSE_FLAG_STDERR_TRUNCATED
+        return Response(status, body, stdout, stderr, flags)
+
+
+# --- The pipes ----------------------------------------------------------------------------
+
+
+class Pipes:
+    """The request pipe (EVENT in) and the response pipe (READY, RESULT out)."""
+
+    def __init__(self, request_fd=3, response_fd=4):
+        self._requests = open(request_fd, "rb", closefd=False)
+        self._response_fd = response_fd
+
+    def read_event(self):
+        """(event bytes, timeout_ms) from the next EVENT, or None at end of file."""
+        line = self._requests.readline(MAX_HEADER_LINE + 1)
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            raise ProtocolError(f"request header too long or cut: {line[:64]!r}")
+        fields = line[:-1].split(b" ")
+        if len(fields) != 3 or fields[0] != b"EVENT" or not _decimal(fields[1]) or not _decimal(fields[2]):
+            raise ProtocolError(f"bad request header: {line[:64]!r}")
+        length, timeout_ms = int(fields[1]), int(fields[2])
+        event = self._requests.read(length)
+        if len(event) != length:
+            raise ProtocolError(f"request pipe closed after {len(event)} of {length} event bytes")
+        return event, timeout_ms
+
+    def write_ready(self, info):
+        body = json.dumps(info, separators=(",", ":")).encode("ascii")
+        self._write(b"READY %d\n" % len(body), body)
+
+    def write_result(self, response):
+        header = b"RESULT %s %d %d %d\n" % (
+            STATUS_WORDS[response.status],
+            len(response.result),
+            len(response.stdout),
+            len(response.stderr),
+        )
+        self._write(header, response.result, response.stdout, response.stderr)
+
+    def _write(self, *parts):
+        # One buffer, so a small message is one write(2).
+        data = memoryview(b"".join(parts))
+        while data:
+            data = data[os.write(self._response_fd, data) :]
+
+
+def _decimal(field):
+    return 0 < len(field) <= 20 and field.isdigit()
+
+
+def serve_pipes(runtime, pipes):
+    """Serves EVENTs from the request pipe until it closes."""
+    invocation = 0
+    while True:
+        request = pipes.read_event()
+        if request is None:
+            return
+        event, timeout_ms = request
+        invocation += 1
+        # Clones of one snapshot share Python's generator state: reseed it.
+        random.seed(os.urandom(32))
+        context = Context(invocation, timeout_ms, time.time_ns(), False)
+        pipes.write_result(runtime.run(event, context, PIPE_OUTPUT_CAP))
+
+
+# --- The hot path ----------------------------------------------------------------------
+
+
+class HotPath:
+    """Serves requests through the shared request and response buffers.
+
+    `request` and `response` are writable buffers (anonymous mmaps in the
+    guest); `doorbell(value)` signals the host: a port write in the guest,
+    any callable in tests.
+    """
+
+    def __init__(self, runtime, pipes, request, response, doorbell, output_cap=HOT_OUTPUT_CAP):
+        if len(request) <= REQUEST_HEADER_LEN or len(response) <= RESPONSE_HEADER_LEN:
+            raise ValueError("hot-path buffers must be longer than their headers")
+        self.runtime = runtime
+        self.pipes = pipes
+        self.request = request
+        self.response = response
+        self.doorbell = doorbell
+        self.output_cap = output_cap
+        # The last request served; the host never sends seq 0.
+        self.last_seq = 0
+
+    def serve_forever(self):
+        while True:
+            self.serve_one()
+
+    def serve_one(self):
+        """Waits for one request, answers it, rings DONE."""
+        self.doorbell(DOORBELL_WAITING)
+        header = self.wait_for_request()
+        via_pipe = self.answer(header)
+        self.doorbell(DOORBELL_DONE)
+        if via_pipe is not None:
+            # After DONE, not before: a response this large does not fit the
+            # pipe's buffer either, and the agent may read it only when the
+            # host, having seen ViaPipe, asks for it.
+            self.pipes.write_result(via_pipe)
+
+    def wait_for_request(self):
+        """Spins until a new request is in the buffer; returns its header.
+
+        Pure Python on pages touched long ago: no system call, no sleep (a
+        clone resumes with the request already written, so this returns on
+        its first look).
+        """
+        poll = self.poll_request
+        while True:
+            header = poll()
+            if header is not None:
+                return header
+
+    def poll_request(self):
+        """The request header if a new, well-formed one is there, else None."""
+        request = self.request
+        # seq first: the host writes it last.
+        if _SEQ.unpack_from(request, RQ_SEQ)[0] == self.last_seq:
+            return None
+        if _MAGIC_VERSION.unpack_from(request, RQ_MAGIC) != (REQUEST_MAGIC, LAYOUT_VERSION):
+            return None
+        return REQUEST_HEADER.unpack_from(request, 0)
+
+    def answer(self, header, function=None):
+        """Runs the request; writes the response buffer.
+
+        Returns the Response still to be sent on the response pipe (the
+        header then says ViaPipe), or None.
+        """
+        _magic, _version, seq, flags, event_len, timeout_ms, unix_time_ns, entropy = header
+        self.last_seq = seq
+        # Clones of one snapshot share Python's generator state: reseed it
+        # from the host's entropy (os.urandom would be a system call).
+        random.seed(entropy)
+        if flags & REQUEST_FLAG_VIA_PIPE:
+            request = self.pipes.read_event()
+            if request is None:
+                raise EOFError("request pipe closed")
+            event, pipe_timeout_ms = request
+            context = Context(seq, pipe_timeout_ms, unix_time_ns, True)
+            response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function)
+            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags)
+            return response
+        if event_len > len(self.request) - REQUEST_HEADER_LEN:
+            message = f"event_len {event_len} exceeds the {len(self.request)}-byte request buffer"
+            response = Response(STATUS_ERROR, error_object("EmberRequestError", message, ""))
+        else:
+            event = self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + event_len]
+            context = Context(seq, timeout_ms, unix_time_ns, True)
+            response = self.runtime.run(event, context, self.output_cap, function)
+        return self._write_response(seq, response)
+
+    def _write_response(self, seq, response):
+        result, stdout, stderr = response.result, response.stdout, response.stderr
+        end_result = RESPONSE_HEADER_LEN + len(result)
+        end_stdout = end_result + len(stdout)
+        end_stderr = end_stdout + len(stderr)
+        if end_stderr > len(self.response):
+            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags)
+            return response
+        # Sections first, then the header: the header vouches for them.
+        buf = self.response
+        buf[RESPONSE_HEADER_LEN:end_result] = result
+        buf[end_result:end_stdout] = stdout
+        buf[end_stdout:end_stderr] = stderr
+        self._write_header(seq, response.status, len(result), len(stdout), len(stderr), response.flags)
+        return None
+
+    def _write_header(self, seq, status, result_len, stdout_len, stderr_len, flags):
+        RESPONSE_HEADER.pack_into(
+            self.response,
+            0,
+            RESPONSE_MAGIC,
+            LAYOUT_VERSION,
+            seq,
+            status,
+            result_len,
+            stdout_len,
+            stderr_len,
+            flags,
+        )
+
+    def warm_up(self):
+        """Runs the serving code once over the real buffers, before READY.
+
+        Not the user's handler (its side effects would be in the snapshot),
+        but our own, through the same code: the interpreter specialises the
+        bytecode, lazy imports happen (traceback imports ast), and memory for
+        these objects gets allocated now rather than in every clone.
+        """
+        event = b'{"zero":0,"text":"warm-up \\u00e9"}'
+        self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + len(event)] = event
+        entropy = bytes(range(REQUEST_ENTROPY_LEN))
+        for function in (Function(_warm_up_handler), Function(_warm_up_failure)):
+            header = (REQUEST_MAGIC, LAYOUT_VERSION, 1, 0, len(event), 1000, time.time_ns(), entropy)
+            self.answer(header, function)
+        # Leave the buffers as a fresh start expects them: no request, no response.
+        zeros = bytes(REQUEST_HEADER_LEN + len(event))
+        self.request[: len(zeros)] = zeros
+        self.response[:RESPONSE_HEADER_LEN] = bytes(RESPONSE_HEADER_LEN)
+        self.last_seq = 0
+        decode_event(b"not json \xff")
+
+    def describe(self, request_addr, response_addr):
+        """The READY body for these buffers."""
+        return {
+            "hot_path": {
+                "request": {"addr": request_addr, "len": len(self.request)},
+                "response": {"addr": response_addr, "len": len(self.response)},
+            }
+        }
+
+
+def _warm_up_handler(event, context):
+    print("warm-up", event["text"], context.invocation_id)
+    print("warm-up", file=sys.stderr)
+    return {"event": event, "values": [1, 2.5, "x", None, True, random.random()]}
+
+
+def _warm_up_failure(event, context):
+    return 1 / event["zero"]
+
+
+# --- Setting the hot path up in the guest -------------------------------------------------
+
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+# Glibc's mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def doorbell_code(port):
+    """x86-64 code for `void ring(uint32_t value)`: one 32-bit out to `port`."""
+    return (
+        b"\xba" + struct.pack("<I", port)  # mov edx, port
+        + b"\x89\xf8"  # mov eax, edi   (the first argument, System V ABI)
+        + b"\xef"  # out dx, eax   (user-mode port I/O: the agent granted ioperm)
+        + b"\xc3"  # ret
+    )
+
+
+_NOOP_OFFSET = 64  # a bare `ret` with the same signature, to warm ctypes up
+
+
+def build_doorbell(libc):
+    """(ring, noop, page): callables for the doorbell code and for a bare ret.
+
+    Nothing is called here: ringing outside the hot path would stop the VM.
+    """
+    prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
+    page = mmap.mmap(-1, PAGE_SIZE, flags=_MAP_FLAGS, prot=prot)
+    code = doorbell_code(DOORBELL_PORT)
+    page[: len(code)] = code
+    page[_NOOP_OFFSET] = 0xC3
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    # Written once; from now on only executed (best effort: RWX still works).
+    libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE_SIZE), mmap.PROT_READ | mmap.PROT_EXEC)
+    prototype = ctypes.CFUNCTYPE(None, ctypes.c_uint32)
+    return prototype(addr), prototype(addr + _NOOP_OFFSET), page
+
+
+def allocate_buffer(size, libc):
+    """(mmap, address): an anonymous buffer, every page touched and locked."""
+    buf = mmap.mmap(-1, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        # The host was told these physical pages: keep khugepaged from
+        # replacing them by a huge page (a kernel without THP says EINVAL).
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    for offset in range(0, size, PAGE_SIZE):
+        buf[offset] = 0  # a write fault now, not in a clone
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(size)) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mlock of {size} bytes: {os.strerror(errno)} (RLIMIT_MEMLOCK?)")
+    return buf, addr
+
+
+def keep_heap_warm(libc, size):
+    """Lets large allocations on the hot path reuse memory touched now.
+
+    By default glibc serves allocations over 128 KiB with mmap and gives
+    freed heap back with brk: system calls and fresh pages in every clone
+    for an event or result of that size. Serve them from the heap, never
+    trim it, and grow it by `size` touched bytes now. Best effort (glibc).
+    """
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    warm = bytearray(size)  # zero-filled, so every page written
+    del warm
+
+
+def hot_path_size():
+    """Bytes per buffer: EMBER_HOT_PATH_BYTES rounded up to pages, or the default."""
+    text = os.environ.get("EMBER_HOT_PATH_BYTES")
+    if not text:
+        return DEFAULT_BUFFER_BYTES
+    try:
+        size = int(text)
+    except ValueError:
+        raise ValueError(f"EMBER_HOT_PATH_BYTES={text!r} is not a number") from None
+    if not REQUEST_HEADER_LEN < size <= MAX_BUFFER_BYTES:
+        raise ValueError(f"EMBER_HOT_PATH_BYTES={size} is not in {REQUEST_HEADER_LEN + 1}..={MAX_BUFFER_BYTES}")
+    return -(-size // PAGE_SIZE) * PAGE_SIZE
+
+
+def _print_doorbell(value):
+    """The doorbell under EMBER_HOT_PATH_TEST=1: a line on stderr."""
+    os.write(2, b"EMBER_DOORBELL %d\n" % value)
+
+
+def setup_hot_path(runtime, pipes, test_doorbell=False):
+    """(HotPath, READY body); raises if anything is missing."""
+    size = hot_path_size()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    ring, noop, code_page = build_doorbell(libc)
+    noop(0)  # the ctypes call path, warmed without port I/O
+    request, request_addr = allocate_buffer(size, libc)
+    response, response_addr = allocate_buffer(size, libc)
+    keep_heap_warm(libc, 4 * size)
+    doorbell = _print_doorbell if test_doorbell else ring
+    hot = HotPath(runtime, pipes, request, response, doorbell)
+    hot.code_page = code_page  # the doorbell's code lives as long as the hot path
+    hot.warm_up()
+    return hot, hot.describe(request_addr, response_addr)
+
+
+# --- Start-up -----------------------------------------------------------------------------
+
+
+def _print_startup_error(exc, path):
+    """An import failure on stderr, from the handler file's first frame on."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != path:
+        tb = tb.tb_next  # skip this runtime's and importlib's frames
+    print(f"ember-runtime: cannot load the handler from {path}:", file=sys.stderr)
+    traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
+
+
+def main(argv):
+    if len(argv) != 3:
+        print("usage: ember_runtime.py <handler_file.py> <handler_name>", file=sys.stderr)
+        return 2
+    path, handler_name = os.path.abspath(argv[1]), argv[2]
+    try:
+        function = load_function(path, handler_name)
+    except StartupError as exc:
+        print(f"ember-runtime: {exc}", file=sys.stderr)
+        return 1
+    except BaseException as exc:  # whatever importing the user's file raised
+        _print_startup_error(exc, path)
+        return 1
+
+    runtime = Runtime(function)
+    pipes = Pipes(3, 4)
+    hot, ready = None, {}
+    if os.environ.get("EMBER_HOT_PATH") == "1":
+        try:
+            hot, ready = setup_hot_path(runtime, pipes, os.environ.get("EMBER_HOT_PATH_TEST") == "1")
+        except Exception as exc:
+            hot, ready = None, {}
+            print(f"ember-runtime: no hot path, serving on the pipes only: {exc}", file=sys.stderr)
+
+    # What clones inherit: no buffered output (each clone would flush its
+    # own copy) and a heap the collector no longer walks (its walks would
+    # write to every old object's page in every clone).
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    gc.collect()
+    gc.freeze()
+
+    try:
+        pipes.write_ready(ready)
+        if hot is not None:
+            hot.serve_forever()
+        else:
+            serve_pipes(runtime, pipes)
+    except EOFError:
+        pass  # the agent closed the request pipe
+    except BrokenPipeError:
+        print("ember-runtime: the response pipe is closed", file=sys.stderr)
+        return 1
+    except ProtocolError as exc:
+        print(f"ember-runtime: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,306 @@
+//! `ember function create`, `ember invoke` and `ember bench function`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use ember::function::{
+    self, bench, ensure_cached_function, Function, FunctionInvokeOptions, FunctionSpec,
+    HandlerResult, Runtime, TemplateOptions,
+};
+use ember::paths;
+
+#[derive(Args, Clone)]
+pub struct TemplateVmArgs {
+    /// Guest kernel [default: the one built by setup]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The agent's initramfs [default: the one built by setup]
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Root filesystem image for the runtime [default for python3: the
+    /// image built by rootfs/build-python-image.sh; exec: none]
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Guest memory in MiB
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u32,
+}
+
+#[derive(Args)]
+pub struct FunctionCreateArgs {
+    #[command(flatten)]
+    vm: TemplateVmArgs,
+    /// python3 or exec
+    #[arg(long, default_value = "python3")]
+    runtime: String,
+    /// python3: FILE.py:NAME; exec: the executable (it speaks the runtime
+    /// pipe protocol of guest-agent/runtimes/README.md)
+    #[arg(long)]
+    handler: String,
+    /// An event run once before the snapshot, so lazily initialised state
+    /// is in it (must succeed)
+    #[arg(long, value_name = "JSON")]
+    warmup_event: Option<String>,
+    /// Environment variable for the runtime (repeatable)
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Deliver every event over vsock, never through guest memory
+    #[arg(long)]
+    no_hot_path: bool,
+    /// The function directory to write
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the runtime's and guest's console output too
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+pub struct InvokeArgs {
+    /// The function directory (from `ember function create`)
+    #[arg(long)]
+    function: PathBuf,
+    /// The event, JSON text
+    #[arg(long, conflicts_with = "event_file", value_name = "JSON")]
+    event: Option<String>,
+    /// Read the event from this file (- for stdin)
+    #[arg(long, value_name = "FILE")]
+    event_file: Option<PathBuf>,
+    /// Destroy the clone after this many milliseconds (exit status 124)
+    #[arg(long, default_value_t = 60_000)]
+    timeout_ms: u64,
+    /// Cap on the handler's stdout plus stderr, in bytes
+    #[arg(long, default_value_t = 1 << 20)]
+    max_output_bytes: u64,
+    /// Use the vsock path even when the event fits guest memory
+    #[arg(long)]
+    vsock: bool,
+    /// Print one JSON object with the outcome
+    #[arg(long)]
+    json: bool,
+    /// Say which path the event took and where the time went
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+#[derive(Args)]
+pub struct BenchFunctionArgs {
+    /// The function to invoke [default: a cached template of the built-in
+    /// echo handler on the python3 image]
+    #[arg(long)]
+    function: Option<PathBuf>,
+    /// Invocations per path
+    #[arg(long, default_value_t = 30)]
+    iterations: usize,
+    /// Invocations in flight at once
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// vsock-path invocations (each costs seconds of emulated guest work
+    /// on PVM hosts)
+    #[arg(long, default_value_t = 3)]
+    vsock_iterations: usize,
+    /// Skip the cold `python3 -c pass` baseline
+    #[arg(long)]
+    no_cold: bool,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+impl TemplateVmArgs {
+    fn options(&self, runtime: &str) -> Result<TemplateOptions> {
+        let kernel = self.kernel.clone().unwrap_or_else(paths::default_kernel);
+        let initrd = self.initrd.clone().unwrap_or_else(paths::default_initrd);
+        for (path, what, script) in [
+            (&kernel, "kernel", "kernel-config/build.sh"),
+            (&initrd, "initramfs", "rootfs/build-initramfs.sh"),
+        ] {
+            if !path.exists() {
+                bail!("no {what} at {}: run {script}", path.display());
+            }
+        }
+        let image = match (&self.image, runtime) {
+            (Some(image), _) => Some(image.clone()),
+            (None, "python3") => {
+                let image = paths::default_python_image();
+                if !image.exists() {
+                    bail!(
+                        "no python3 image at {}: run rootfs/build-python-image.sh (or pass --image)",
+                        image.display()
+                    );
+                }
+                Some(image)
+            }
+            (None, _) => None,
+        };
+        let mut options = TemplateOptions::new(kernel, initrd, image);
+        options.mem_mib = self.mem_mib;
+        Ok(options)
+    }
+}
+
+pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
+    let runtime = match args.runtime.as_str() {
+        "python3" => {
+            let Some((file, name)) = args.handler.rsplit_once(':') else {
+                bail!("--handler for python3 is FILE.py:NAME");
+            };
+            Runtime::Python3 {
+                file: file.into(),
+                name: name.into(),
+            }
+        }
+        "exec" => Runtime::Exec {
+            program: args.handler.clone().into(),
+            args: Vec::new(),
+        },
+        other => bail!("unknown runtime {other:?} (python3 or exec)"),
+    };
+    let mut options = args.vm.options(&args.runtime)?;
+    if args.verbose {
+        options.console = ember::ConsoleOutput::Stdout;
+    }
+    let spec = FunctionSpec {
+        runtime,
+        warmup_event: args.warmup_event.map(String::into_bytes),
+        env: crate::parse_env(&args.env)?,
+        hot_path: !args.no_hot_path,
+    };
+    eprintln!(
+        "ember: booting {} and starting the runtime (about a minute on emulated-KVM hosts)...",
+        args.vm
+            .image
+            .as_deref()
+            .map_or_else(|| "the guest".to_string(), |p| p.display().to_string())
+    );
+    let info = function::create(&spec, &options, &args.out)
+        .with_context(|| format!("cannot create the function in {}", args.out.display()))?;
+    eprintln!(
+        "ember: function ready in {}: boot {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms; {}{}",
+        info.dir.display(),
+        info.boot.as_secs_f64(),
+        info.startup.as_secs_f64(),
+        info.warmup.as_secs_f64(),
+        ms(info.save),
+        if info.hot_path {
+            "hot path"
+        } else {
+            "vsock path only"
+        },
+        info.hot_path_error
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
+    let event = match (&args.event, &args.event_file) {
+        (Some(event), _) => event.clone().into_bytes(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut event = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut event)
+                .context("cannot read the event from stdin")?;
+            event
+        }
+        (None, Some(path)) => std::fs::read(path)
+            .with_context(|| format!("cannot read the event from {}", path.display()))?,
+        (None, None) => b"{}".to_vec(),
+    };
+    let function = Function::open(&args.function)
+        .with_context(|| format!("cannot open the function {}", args.function.display()))?;
+    let options = FunctionInvokeOptions {
+        timeout: Duration::from_millis(args.timeout_ms),
+        max_output_bytes: args.max_output_bytes,
+        force_vsock: args.vsock,
+        ..FunctionInvokeOptions::default()
+    };
+    let outcome = function.invoke(&event, &options)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        std::io::stderr().write_all(&outcome.stdout)?;
+        std::io::stderr().write_all(&outcome.stderr)?;
+        let mut stdout = std::io::stdout();
+        match &outcome.result {
+            HandlerResult::Json { value } => writeln!(stdout, "{value}")?,
+            HandlerResult::Bytes { bytes } => stdout.write_all(bytes)?,
+            HandlerResult::Error {
+                error_type,
+                message,
+                traceback,
+            } => eprintln!("{traceback}{error_type}: {message}"),
+            HandlerResult::TimedOut => eprintln!("ember: the handler timed out"),
+            HandlerResult::RuntimeExited { status } => {
+                eprintln!("ember: the runtime ended without an answer ({status})")
+            }
+        }
+        stdout.flush()?;
+    }
+    if args.verbose {
+        let t = &outcome.timings;
+        eprintln!(
+            "ember: {:?} path: {:.2} ms (restore {:.2}, run {:.2}{}, teardown {:.2})",
+            outcome.path,
+            ms(t.total),
+            ms(t.restore),
+            ms(t.run),
+            t.handler
+                .map(|h| format!(" of which handler {:.3}", ms(h)))
+                .unwrap_or_default(),
+            ms(t.teardown)
+        );
+    }
+    Ok(match outcome.result {
+        HandlerResult::Json { .. } | HandlerResult::Bytes { .. } => ExitCode::SUCCESS,
+        HandlerResult::TimedOut => ExitCode::from(124),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+pub fn bench_function(args: BenchFunctionArgs) -> Result<ExitCode> {
+    let dir = match args.function {
+        Some(dir) => dir,
+        None => {
+            let options = TemplateVmArgs {
+                kernel: None,
+                initrd: None,
+                image: None,
+                mem_mib: 256,
+            }
+            .options("python3")?;
+            let spec = bench::echo_spec()?;
+            ensure_cached_function(&spec, &options, |dir| {
+                eprintln!(
+                    "ember: creating the echo function in {} (one cold boot and a python start, a minute or two on emulated-KVM hosts)...",
+                    dir.display()
+                )
+            })?
+        }
+    };
+    let function = Function::open(&dir)
+        .with_context(|| format!("cannot open the function {}", dir.display()))?;
+    let config = bench::FunctionBenchConfig {
+        iterations: args.iterations,
+        concurrency: args.concurrency.max(1),
+        vsock_iterations: args.vsock_iterations,
+        cold: !args.no_cold,
+    };
+    let report = bench::run(&function, &config)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,0 +1,511 @@
+//! Invoking a function: one fresh clone of its template per event.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ember_agent::hotpath::{
+    self, RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_VIA_PIPE,
+    REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED, RESPONSE_FLAG_STDOUT_TRUNCATED,
+};
+use ember_agent::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
+use serde::Serialize;
+
+use super::guest_rng::KEY_LEN;
+use super::manifest::Manifest;
+use super::{buffers, FunctionError};
+use crate::agent::{invoke_grace, AgentClient};
+use crate::config::ConsoleOutput;
+use crate::machine::Machine;
+use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
+use crate::snapshot::{RestoreOptions, Snapshot};
+
+/// How long a clone's first timer interrupt is held back: longer than any
+/// hot-path invocation should take, short enough that a clone which does
+/// run long (or takes the vsock path) gets its tick back soon.
+const CLONE_TIMER_DELAY: Duration = Duration::from_millis(500);
+/// How often a hot-path wait looks whether the clone died.
+const EXIT_POLL: Duration = Duration::from_millis(20);
+
+/// How one invocation should run.
+#[derive(Debug, Clone)]
+pub struct FunctionInvokeOptions {
+    /// Wall-clock limit from the request; the clone is destroyed at it.
+    pub timeout: Duration,
+    /// Most bytes of stdout and stderr together that are kept.
+    pub max_output_bytes: u64,
+    /// Use the vsock path even where the hot path would do (benchmarks).
+    pub force_vsock: bool,
+    /// Where the clone's console goes.
+    pub console: ConsoleOutput,
+    /// seccomp filters on the clone's threads (on by default).
+    pub seccomp: bool,
+}
+
+impl Default for FunctionInvokeOptions {
+    fn default() -> Self {
+        FunctionInvokeOptions {
+            timeout: Duration::from_secs(60),
+            max_output_bytes: 1 << 20,
+            force_vsock: false,
+            console: ConsoleOutput::default(),
+            seccomp: true,
+        }
+    }
+}
+
+/// Which way an event went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvocationPath {
+    /// Through guest memory and the doorbell, no guest-kernel work.
+    Hot,
+    /// Event through memory, but the response was too large for its
+    /// buffer and came back through the agent.
+    HotWithVsockResult,
+    /// Through the agent over vsock.
+    Vsock,
+}
+
+/// What the handler returned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum HandlerResult {
+    /// A JSON value.
+    Json {
+        /// The value.
+        value: serde_json::Value,
+    },
+    /// Raw bytes.
+    Bytes {
+        /// The bytes.
+        #[serde(serialize_with = "serialize_lossy")]
+        bytes: Vec<u8>,
+    },
+    /// The handler raised.
+    Error {
+        /// The exception's type.
+        #[serde(rename = "type")]
+        error_type: String,
+        /// Its message.
+        message: String,
+        /// The formatted traceback.
+        traceback: String,
+    },
+    /// The handler ran past the timeout; the clone was destroyed.
+    TimedOut,
+    /// The runtime process ended without answering.
+    RuntimeExited {
+        /// How.
+        status: String,
+    },
+}
+
+fn serialize_lossy<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(bytes))
+}
+
+/// Where an invocation's time went (host clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FunctionTimings {
+    /// Request to the clone's vCPUs running.
+    pub restore: Duration,
+    /// vCPUs running to the response (the handler plus getting the event
+    /// in and the result out).
+    pub run: Duration,
+    /// The handler alone, as the runtime measured it (hot path only).
+    pub handler: Option<Duration>,
+    /// Destroying the clone.
+    pub teardown: Duration,
+    /// Request to the outcome, teardown included.
+    pub total: Duration,
+}
+
+/// The outcome of one invocation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionOutcome {
+    /// What the handler returned.
+    pub result: HandlerResult,
+    /// What it printed to stdout.
+    #[serde(serialize_with = "serialize_lossy")]
+    pub stdout: Vec<u8>,
+    /// What it printed to stderr.
+    #[serde(serialize_with = "serialize_lossy")]
+    pub stderr: Vec<u8>,
+    /// Output beyond the limit was dropped.
+    pub output_truncated: bool,
+    /// Which way the event went.
+    pub path: InvocationPath,
+    /// Where the time went.
+    pub timings: FunctionTimings,
+}
+
+/// An opened function template, ready to be invoked any number of times
+/// (concurrently too: every invocation is its own clone).
+#[derive(Debug)]
+pub struct Function {
+    snapshot: Snapshot,
+    manifest: Manifest,
+}
+
+impl Function {
+    /// Opens the function template in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, FunctionError> {
+        let snapshot = Snapshot::open(dir)?;
+        let manifest = Manifest::read(dir, u64::from(snapshot.mem_mib()) << 20)?;
+        Ok(Function { snapshot, manifest })
+    }
+
+    /// The template's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The template's snapshot.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// The largest event that takes the hot path (0: none does).
+    pub fn hot_path_capacity(&self) -> u64 {
+        self.manifest.hot_path.as_ref().map_or(0, |p| {
+            p.request.len.saturating_sub(REQUEST_HEADER_LEN as u64)
+        })
+    }
+
+    /// Restores a clone, delivers `event`, returns what the handler made
+    /// of it, and destroys the clone.
+    pub fn invoke(
+        &self,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Result<FunctionOutcome, FunctionError> {
+        let requested = Instant::now();
+        let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
+        if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+            return Err(FunctionError::BadRequest(format!(
+                "timeout {timeout_ms} ms is not in 1..={MAX_TIMEOUT_MS}"
+            )));
+        }
+        let hot = self
+            .manifest
+            .hot_path
+            .as_ref()
+            .filter(|_| !options.force_vsock)
+            .filter(|_| event.len() as u64 <= self.hot_path_capacity());
+        let mut restore = RestoreOptions {
+            console: options.console.clone(),
+            seccomp: options.seccomp,
+            timer_delay: Some(CLONE_TIMER_DELAY),
+            ..RestoreOptions::default()
+        };
+        if let Some(rng) = &self.manifest.guest_rng {
+            let mut key = [0u8; KEY_LEN];
+            fill_random(&mut key);
+            restore.guest_writes.extend(rng.reseed_writes(key));
+        }
+        let seq = self.manifest.next_seq;
+        if let Some(pages) = &self.manifest.hot_path {
+            // A waiting runtime reads its request from memory; on the vsock
+            // path the request only says "read the event from your pipe".
+            let header = request_header(seq, hot.map(|_| event), timeout_ms);
+            if hot.is_some() {
+                restore.guest_writes.extend(buffers::writes(
+                    &pages.request,
+                    REQUEST_HEADER_LEN as u64,
+                    event,
+                )?);
+            }
+            restore
+                .guest_writes
+                .extend(buffers::writes(&pages.request, 0, &header.encode())?);
+        }
+        let deadline = requested + options.timeout;
+        let mut machine = self.snapshot.restore(&restore)?;
+        let running = Instant::now();
+        let outcome = match hot {
+            Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options),
+            None => run_vsock(&machine, event, timeout_ms, deadline, options).map(|o| (o, None)),
+        };
+        let answered = Instant::now();
+        drop(machine);
+        let done = Instant::now();
+        let (mut outcome, answered) = match outcome {
+            Ok((outcome, at)) => (outcome, at.unwrap_or(answered)),
+            Err(e) => return Err(e),
+        };
+        outcome.timings.restore = running.saturating_duration_since(requested);
+        outcome.timings.run = answered.saturating_duration_since(running);
+        outcome.timings.teardown = done.saturating_duration_since(answered.max(running));
+        outcome.timings.total = done.saturating_duration_since(requested);
+        Ok(outcome)
+    }
+
+    /// Waits for the clone's "done" ring and reads the response from its
+    /// memory; returns it and when the ring came.
+    fn run_hot(
+        &self,
+        machine: &mut Machine,
+        pages: &HotPathPages,
+        seq: u64,
+        deadline: Instant,
+        options: &FunctionInvokeOptions,
+    ) -> Result<(FunctionOutcome, Option<Instant>), FunctionError> {
+        let bell = machine.doorbell().clone();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (rings, rang) = bell.wait_until(left.min(EXIT_POLL), |r| r.done > 0);
+            if rang {
+                let raw = buffers::read(machine.memory(), &pages.response, 0, pages.response.len)?;
+                let response = hotpath::decode_response(&raw, seq)
+                    .map_err(|e| FunctionError::Garbage(e.to_string()))?;
+                if response.header.status == ResponseStatus::ViaPipe {
+                    let outcome = collect_via_agent(machine, deadline, options)?;
+                    return Ok((outcome, None));
+                }
+                let truncated = response.header.flags
+                    & (RESPONSE_FLAG_STDOUT_TRUNCATED | RESPONSE_FLAG_STDERR_TRUNCATED)
+                    != 0;
+                let (stdout, stderr, cut) =
+                    cap_output(response.stdout, response.stderr, options.max_output_bytes);
+                let handler = (response.header.handler_ns > 0)
+                    .then(|| Duration::from_nanos(response.header.handler_ns));
+                let outcome = FunctionOutcome {
+                    result: handler_result(Some(response.header.status), response.result),
+                    stdout,
+                    stderr,
+                    output_truncated: truncated || cut,
+                    path: InvocationPath::Hot,
+                    timings: FunctionTimings {
+                        handler,
+                        ..FunctionTimings::default()
+                    },
+                };
+                return Ok((outcome, rings.last_done));
+            }
+            if let Some(exit) = machine.devices.exit.reason() {
+                return Err(FunctionError::Stopped(exit));
+            }
+            if left.is_zero() {
+                machine.stop();
+                return Ok((timed_out(InvocationPath::Hot), None));
+            }
+        }
+    }
+}
+
+/// The vsock path: the agent hands the event to the runtime's pipe.
+fn run_vsock(
+    machine: &Machine,
+    event: &[u8],
+    timeout_ms: u64,
+    deadline: Instant,
+    options: &FunctionInvokeOptions,
+) -> Result<FunctionOutcome, FunctionError> {
+    let connect_deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+    let mut agent = AgentClient::connect_refreshed(machine, fresh_refresh(), connect_deadline)?;
+    let invoke = FunctionInvoke {
+        event: event.to_vec(),
+        timeout_ms: deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, u128::from(timeout_ms)) as u64,
+        max_output_bytes: options.max_output_bytes,
+    };
+    let result = agent.invoke_function(&invoke, deadline + invoke_grace(machine.host()))?;
+    Ok(outcome_of(result, InvocationPath::Vsock, options))
+}
+
+/// A hot-path response that did not fit its buffer: the runtime sent it to
+/// the agent, which hands it over.
+fn collect_via_agent(
+    machine: &Machine,
+    deadline: Instant,
+    options: &FunctionInvokeOptions,
+) -> Result<FunctionOutcome, FunctionError> {
+    let connect_deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+    let mut agent = AgentClient::connect_refreshed(machine, fresh_refresh(), connect_deadline)?;
+    let result = agent.collect_function(deadline + invoke_grace(machine.host()))?;
+    Ok(outcome_of(
+        result,
+        InvocationPath::HotWithVsockResult,
+        options,
+    ))
+}
+
+fn outcome_of(
+    result: FunctionResult,
+    path: InvocationPath,
+    options: &FunctionInvokeOptions,
+) -> FunctionOutcome {
+    let handler = if result.timed_out {
+        HandlerResult::TimedOut
+    } else if let (None, Some(status)) = (result.status, result.runtime_exit) {
+        HandlerResult::RuntimeExited {
+            status: format!("{status:?}"),
+        }
+    } else {
+        handler_result(result.status, result.result)
+    };
+    let (stdout, stderr, cut) = cap_output(result.stdout, result.stderr, options.max_output_bytes);
+    FunctionOutcome {
+        result: handler,
+        stdout,
+        stderr,
+        output_truncated: result.output_truncated || cut,
+        path,
+        timings: FunctionTimings::default(),
+    }
+}
+
+fn timed_out(path: InvocationPath) -> FunctionOutcome {
+    FunctionOutcome {
+        result: HandlerResult::TimedOut,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        output_truncated: false,
+        path,
+        timings: FunctionTimings::default(),
+    }
+}
+
+/// The guest is not trusted to have honoured the output limit.
+fn cap_output(mut stdout: Vec<u8>, mut stderr: Vec<u8>, max: u64) -> (Vec<u8>, Vec<u8>, bool) {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    let cut = stdout.len().saturating_add(stderr.len()) > max;
+    stdout.truncate(max);
+    stderr.truncate(max - stdout.len());
+    (stdout, stderr, cut)
+}
+
+/// What a runtime's status and result bytes mean.
+fn handler_result(status: Option<ResponseStatus>, result: Vec<u8>) -> HandlerResult {
+    match status {
+        Some(ResponseStatus::Json) => match serde_json::from_slice(&result) {
+            Ok(value) => HandlerResult::Json { value },
+            Err(e) => HandlerResult::Error {
+                error_type: "InvalidResult".into(),
+                message: format!("the runtime's JSON result does not parse: {e}"),
+                traceback: String::new(),
+            },
+        },
+        Some(ResponseStatus::Bytes) => HandlerResult::Bytes { bytes: result },
+        Some(ResponseStatus::Error) => {
+            let object: serde_json::Value = serde_json::from_slice(&result).unwrap_or_default();
+            let field = |name: &str| {
+                object
+                    .get(name)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let mut message = field("message");
+            if object.is_null() {
+                message = String::from_utf8_lossy(&result).into_owned();
+            }
+            HandlerResult::Error {
+                error_type: field("type"),
+                message,
+                traceback: field("traceback"),
+            }
+        }
+        Some(ResponseStatus::ViaPipe) | None => HandlerResult::RuntimeExited {
+            status: "no answer".into(),
+        },
+    }
+}
+
+/// For the template's warm-up: `Err` with a readable reason unless the
+/// handler succeeded.
+pub(crate) fn check_handler_result(
+    status: Option<ResponseStatus>,
+    result: &[u8],
+) -> Result<(), String> {
+    match handler_result(status, result.to_vec()) {
+        HandlerResult::Json { .. } | HandlerResult::Bytes { .. } => Ok(()),
+        HandlerResult::Error {
+            error_type,
+            message,
+            traceback,
+        } => Err(format!("{error_type}: {message}\n{traceback}")),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// A request header for `seq`: the event in memory (`Some`) or on the
+/// runtime's pipe (`None`).
+fn request_header(seq: u64, event: Option<&[u8]>, timeout_ms: u64) -> RequestHeader {
+    let mut entropy = [0u8; REQUEST_ENTROPY_LEN];
+    fill_random(&mut entropy);
+    RequestHeader {
+        seq,
+        flags: if event.is_some() {
+            0
+        } else {
+            REQUEST_FLAG_VIA_PIPE
+        },
+        event_len: event.map_or(0, |e| e.len() as u32),
+        timeout_ms: u32::try_from(timeout_ms).unwrap_or(u32::MAX),
+        unix_time_ns: unix_time_ns(),
+        entropy,
+    }
+}
+
+/// The host's wall clock, nanoseconds since the Unix epoch.
+pub(crate) fn unix_time_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_decode() {
+        assert_eq!(
+            handler_result(Some(ResponseStatus::Json), b"{\"a\":1}".to_vec()),
+            HandlerResult::Json {
+                value: serde_json::json!({"a": 1})
+            }
+        );
+        assert!(matches!(
+            handler_result(Some(ResponseStatus::Json), b"{".to_vec()),
+            HandlerResult::Error { .. }
+        ));
+        let error = br#"{"type":"ValueError","message":"bad","traceback":"tb"}"#;
+        assert_eq!(
+            handler_result(Some(ResponseStatus::Error), error.to_vec()),
+            HandlerResult::Error {
+                error_type: "ValueError".into(),
+                message: "bad".into(),
+                traceback: "tb".into()
+            }
+        );
+        // A runtime's non-JSON error text is kept as the message.
+        assert!(matches!(
+            handler_result(Some(ResponseStatus::Error), b"oops".to_vec()),
+            HandlerResult::Error { message, .. } if message == "oops"
+        ));
+        assert!(check_handler_result(Some(ResponseStatus::Bytes), b"x").is_ok());
+        assert!(check_handler_result(Some(ResponseStatus::Error), error).is_err());
+        assert!(check_handler_result(None, b"").is_err());
+    }
+
+    #[test]
+    fn output_is_capped() {
+        let (out, err, cut) = cap_output(vec![1; 10], vec![2; 10], 15);
+        assert_eq!((out.len(), err.len(), cut), (10, 5, true));
+        let (out, err, cut) = cap_output(vec![1; 3], vec![2; 3], 15);
+        assert_eq!((out.len(), err.len(), cut), (3, 3, false));
+    }
+
+    #[test]
+    fn request_headers() {
+        let header = request_header(2, Some(b"{}"), 1000);
+        assert_eq!((header.seq, header.flags, header.event_len), (2, 0, 2));
+        let header = request_header(2, None, u64::MAX);
+        assert_eq!(header.flags, REQUEST_FLAG_VIA_PIPE);
+        assert_eq!(header.timeout_ms, u32::MAX);
+    }
+}

@@ -1,0 +1,85 @@
+//! Functions: code deployed once and invoked many times, each invocation
+//! in a fresh clone of a snapshot that holds the runtime already started,
+//! the handler imported and warmed, waiting.
+//!
+//! A function directory is a snapshot (`state`, `memory`) plus
+//! `function.json` ([`Manifest`]). [`create`] makes one: it boots the
+//! runtime's image, starts the runtime through the agent
+//! (`FunctionStart`), runs the warm-up event, and saves the VM with the
+//! runtime waiting. [`Function::invoke`] restores a clone per event:
+//!
+//! - **Hot path** (runtimes that report hot-path buffers, e.g. python3):
+//!   the event is written into the clone's memory before its vCPU first
+//!   runs, the runtime (stopped in user mode, spinning on the request's
+//!   sequence number) picks it up, runs the handler, writes the response
+//!   into memory and rings the doorbell port, which exits straight to the
+//!   VMM. No guest-kernel instruction is needed on the way: no interrupt
+//!   (the clone's timer is pushed out, the vsock reset deferred), no
+//!   syscall, no page fault on pre-touched pages. See
+//!   `ember_agent::hotpath`.
+//! - **vsock path** (events or results that do not fit the buffers,
+//!   runtimes without a hot path): the agent delivers the event on the
+//!   runtime's request pipe and returns its response.
+//!
+//! Every clone gets a fresh kernel CRNG key written into its memory
+//! ([`guest_rng`]) and fresh entropy for the runtime's own generators.
+
+pub mod bench;
+mod buffers;
+mod cache;
+pub mod guest_rng;
+mod invoke;
+mod manifest;
+mod template;
+
+use std::path::PathBuf;
+
+pub use cache::{cached_function_dir, ensure_cached_function};
+pub use invoke::{
+    Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
+    InvocationPath,
+};
+pub use manifest::{Manifest, MANIFEST_FILE};
+pub use template::{create, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};
+
+use crate::agent::AgentError;
+use crate::exit::VmExit;
+use crate::snapshot::SnapshotError;
+
+/// A function could not be created, opened or invoked.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// `function.json` is missing, corrupt or inconsistent.
+    #[error("function manifest: {0}")]
+    Manifest(String),
+    /// The snapshot could not be taken or restored.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Talking to the guest agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Guest memory could not be read or written.
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    /// The runtime did not start (its output says why).
+    #[error("the function runtime did not start: {0}")]
+    Startup(String),
+    /// The warm-up event failed.
+    #[error("the warm-up event failed: {0}")]
+    Warmup(String),
+    /// The template's runtime did not behave as the hot path requires.
+    #[error("function template: {0}")]
+    Template(String),
+    /// The request is invalid; nothing ran.
+    #[error("invalid function request: {0}")]
+    BadRequest(String),
+    /// The clone stopped before it answered.
+    #[error("the function's microVM stopped: {0}")]
+    Stopped(VmExit),
+    /// The runtime answered something that does not decode.
+    #[error("the function runtime answered garbage: {0}")]
+    Garbage(String),
+}

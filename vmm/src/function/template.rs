@@ -1,0 +1,414 @@
+//! Making a function template: boot the runtime's image, start the runtime
+//! with the handler loaded, warm it up, and snapshot it waiting.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ember_agent::hotpath::{
+    self, RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
+};
+use ember_agent::protocol::{FileIn, FunctionInvoke, FunctionStart, HotPathPages};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::guest_rng::{self, GuestRng};
+use super::invoke::check_handler_result;
+use super::manifest::Manifest;
+use super::{buffers, FunctionError};
+use crate::agent::AgentClient;
+use crate::config::{ConsoleOutput, VmConfig};
+use crate::devices::bus::lock;
+use crate::devices::doorbell::DOORBELL_WAITING;
+use crate::machine::Machine;
+use crate::sandbox::BOOT_TIMEOUT;
+use crate::snapshot::SnapshotError;
+
+/// The python3 runtime, installed next to the handler in the guest.
+const PYTHON_RUNTIME: &str = include_str!("../../../guest-agent/runtimes/python3/ember_runtime.py");
+/// What the templates made by this ember depend on beyond their inputs:
+/// the python runtime's source.
+pub(crate) fn runtime_fingerprint() -> u32 {
+    crc32fast::hash(PYTHON_RUNTIME.as_bytes())
+}
+
+/// Its file name in the function directory.
+const PYTHON_RUNTIME_FILE: &str = "ember_runtime.py";
+/// Largest handler file or executable a template takes.
+const MAX_HANDLER_BYTES: u64 = 16 << 20;
+/// How long the guest may take to close the template's agent connection.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What runs the function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runtime {
+    /// `python3` with the handler `name` from the module file `file`.
+    Python3 {
+        /// The handler's module (a `.py` file on the host).
+        file: PathBuf,
+        /// The handler function's name in it.
+        name: String,
+    },
+    /// Any executable that speaks the runtime pipe protocol
+    /// (`guest-agent/runtimes/README.md`); it is copied into the guest.
+    Exec {
+        /// The executable on the host.
+        program: PathBuf,
+        /// Its arguments.
+        args: Vec<String>,
+    },
+}
+
+/// A function to make a template of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionSpec {
+    /// The runtime and handler.
+    pub runtime: Runtime,
+    /// Run once before the snapshot (so lazily initialised state and pages
+    /// are in it); must succeed.
+    pub warmup_event: Option<Vec<u8>>,
+    /// The runtime's environment.
+    pub env: Vec<(String, String)>,
+    /// Let the runtime take the hot path if it can (on by default).
+    pub hot_path: bool,
+}
+
+impl FunctionSpec {
+    /// A python3 function with the handler `name` in `file`.
+    pub fn python3(file: impl Into<PathBuf>, name: impl Into<String>) -> Self {
+        FunctionSpec {
+            runtime: Runtime::Python3 {
+                file: file.into(),
+                name: name.into(),
+            },
+            warmup_event: None,
+            env: Vec::new(),
+            hot_path: true,
+        }
+    }
+}
+
+/// The VM a template is made in.
+#[derive(Debug, Clone)]
+pub struct TemplateOptions {
+    /// Guest kernel (an ELF `vmlinux` also gives the in-memory RNG reseed).
+    pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initrd: PathBuf,
+    /// The runtime's root filesystem image (read-only virtio-blk).
+    pub root_drive: Option<PathBuf>,
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// Where the template's console goes.
+    pub console: ConsoleOutput,
+    /// How long the runtime may take to start and load the handler.
+    pub startup_timeout: Duration,
+    /// How long the warm-up event may take.
+    pub warmup_timeout: Duration,
+}
+
+impl TemplateOptions {
+    /// Options for `kernel`, `initrd` and `root_drive`, 256 MiB of RAM.
+    pub fn new(kernel: PathBuf, initrd: PathBuf, root_drive: Option<PathBuf>) -> Self {
+        TemplateOptions {
+            kernel,
+            initrd,
+            root_drive,
+            mem_mib: 256,
+            console: ConsoleOutput::default(),
+            startup_timeout: Duration::from_secs(600),
+            warmup_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What [`create`] made and how long it took.
+#[derive(Debug, Clone)]
+pub struct TemplateInfo {
+    /// The function directory.
+    pub dir: PathBuf,
+    /// Boot to the agent's greeting.
+    pub boot: Duration,
+    /// Runtime start to `READY`, as the guest measured it.
+    pub startup: Duration,
+    /// The warm-up round (also run without a warm-up event, as a ping).
+    pub warmup: Duration,
+    /// Pausing and saving.
+    pub save: Duration,
+    /// Whether clones take the hot path.
+    pub hot_path: bool,
+    /// Why not, when the runtime asked for it and did not get it.
+    pub hot_path_error: Option<String>,
+    /// Whether clones get their kernel CRNG reseeded in memory.
+    pub guest_rng: bool,
+}
+
+/// Makes a function template in `out` (created if missing; an existing
+/// template there is replaced).
+pub fn create(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+    out: &Path,
+) -> Result<TemplateInfo, FunctionError> {
+    let (start, runtime_name, handler) = start_request(spec, options)?;
+    std::fs::create_dir_all(out).map_err(|e| FunctionError::Io(out.to_path_buf(), e))?;
+
+    let mut config = VmConfig::new(&options.kernel, Some(options.initrd.clone()));
+    config.mem_mib = options.mem_mib;
+    config.root_drive.clone_from(&options.root_drive);
+    config.console = options.console.clone();
+    let booting = Instant::now();
+    let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
+    if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
+        return Err(SnapshotError::NotReady(machine.stop()).into());
+    }
+    let mut agent = AgentClient::connect(&machine, booting + BOOT_TIMEOUT)?;
+    let boot = booting.elapsed();
+
+    let ready = agent
+        .start_function(&start, Instant::now() + options.startup_timeout)
+        .map_err(|e| match e {
+            crate::agent::AgentError::Agent(reply) => FunctionError::Startup(reply.message),
+            other => other.into(),
+        })?;
+    let startup = Duration::from_millis(ready.startup_ms);
+    let mut manifest = Manifest::new(runtime_name, handler);
+    if let Some(pages) = &ready.hot_path {
+        buffers::validate(pages, u64::from(options.mem_mib) << 20)?;
+    }
+
+    let warming = Instant::now();
+    match &ready.hot_path {
+        Some(pages) => {
+            // The runtime rang "waiting" once it was ready; the warm-up goes
+            // through the hot path itself, so its code and pages are warm
+            // too, and the runtime stops at its next "waiting" ring: that is
+            // where every clone resumes.
+            quiesce(&machine, agent)?;
+            warm_up_hot(&machine, pages, spec.warmup_event.as_deref(), options)?;
+            manifest.hot_path = Some(pages.clone());
+            manifest.next_seq = 2;
+        }
+        None => {
+            if let Some(event) = &spec.warmup_event {
+                let invoke = FunctionInvoke {
+                    event: event.clone(),
+                    timeout_ms: duration_ms(options.warmup_timeout),
+                    max_output_bytes: 1 << 20,
+                };
+                let deadline = Instant::now() + options.warmup_timeout + QUIESCE_TIMEOUT;
+                let result = agent.invoke_function(&invoke, deadline)?;
+                if result.timed_out || result.runtime_exit.is_some() {
+                    return Err(FunctionError::Warmup(format!(
+                        "timed out: {}, runtime exit: {:?}",
+                        result.timed_out, result.runtime_exit
+                    )));
+                }
+                check_handler_result(result.status, &result.result)
+                    .map_err(FunctionError::Warmup)?;
+            }
+            quiesce(&machine, agent)?;
+        }
+    }
+    let warmup = warming.elapsed();
+
+    manifest.guest_rng = guest_rng::find_base_crng(&options.kernel).and_then(|addr| {
+        let mut generation = [0u8; 8];
+        let at = GuestAddress(GuestRng::generation_addr(addr));
+        machine.memory().read_slice(&mut generation, at).ok()?;
+        Some(GuestRng {
+            addr,
+            generation: u64::from_le_bytes(generation),
+        })
+    });
+    let saving = Instant::now();
+    crate::snapshot::create::save(&mut machine, out)?;
+    manifest.created_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    manifest.write(out)?;
+    Ok(TemplateInfo {
+        dir: out.to_path_buf(),
+        boot,
+        startup,
+        warmup,
+        save: saving.elapsed(),
+        hot_path: manifest.hot_path.is_some(),
+        hot_path_error: ready.hot_path_error,
+        guest_rng: manifest.guest_rng.is_some(),
+    })
+}
+
+/// The agent request that starts `spec`'s runtime, the runtime's name and
+/// the handler's description.
+fn start_request(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+) -> Result<(FunctionStart, &'static str, String), FunctionError> {
+    let mut files_in = Vec::new();
+    let (argv, runtime, handler) = match &spec.runtime {
+        Runtime::Python3 { file, name } => {
+            let base = file_name(file)?;
+            if !base.ends_with(".py") {
+                return Err(FunctionError::BadRequest(format!(
+                    "the python handler {} is not a .py file",
+                    file.display()
+                )));
+            }
+            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                return Err(FunctionError::BadRequest(format!(
+                    "{name:?} is not a python function name"
+                )));
+            }
+            files_in.push(FileIn {
+                path: PYTHON_RUNTIME_FILE.into(),
+                data: PYTHON_RUNTIME.as_bytes().to_vec(),
+                mode: 0o644,
+            });
+            files_in.push(FileIn {
+                path: base.clone(),
+                data: read_limited(file)?,
+                mode: 0o644,
+            });
+            let argv = [
+                // -u: unbuffered, so startup errors reach the agent; -B: the
+                // root is read-only (its stdlib is precompiled); -s: no user
+                // site directory to look for.
+                "python3",
+                "-u",
+                "-B",
+                "-s",
+                PYTHON_RUNTIME_FILE,
+                &base,
+                name,
+            ]
+            .map(String::from)
+            .to_vec();
+            (argv, "python3", format!("{base}:{name}"))
+        }
+        Runtime::Exec { program, args } => {
+            let base = file_name(program)?;
+            files_in.push(FileIn {
+                path: base.clone(),
+                data: read_limited(program)?,
+                mode: 0o755,
+            });
+            let mut argv = vec![format!("./{base}")];
+            argv.extend(args.iter().cloned());
+            (argv, "exec", base)
+        }
+    };
+    let start = FunctionStart {
+        argv,
+        env: spec.env.clone(),
+        files_in,
+        hot_path: spec.hot_path,
+        ready_timeout_ms: duration_ms(options.startup_timeout),
+    };
+    start.validate().map_err(FunctionError::BadRequest)?;
+    Ok((start, runtime, handler))
+}
+
+fn file_name(path: &Path) -> Result<String, FunctionError> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| FunctionError::BadRequest(format!("{} has no file name", path.display())))
+}
+
+fn read_limited(path: &Path) -> Result<Vec<u8>, FunctionError> {
+    let io = |e| FunctionError::Io(path.to_path_buf(), e);
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_HANDLER_BYTES {
+        return Err(FunctionError::BadRequest(format!(
+            "{} is {len} bytes, over {MAX_HANDLER_BYTES}",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(io)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, ember_agent::protocol::MAX_TIMEOUT_MS)
+}
+
+/// Closes the agent connection and waits until the guest has: a snapshot
+/// must hold no connection.
+fn quiesce(machine: &Machine, agent: AgentClient) -> Result<(), FunctionError> {
+    let idle = lock(&machine.devices.vsock).idle_signal();
+    drop(agent);
+    if !idle.wait(QUIESCE_TIMEOUT) {
+        return Err(SnapshotError::Quiesce.into());
+    }
+    Ok(())
+}
+
+/// Runs the warm-up request (or a ping) through the hot path of the
+/// template's waiting runtime and leaves its vCPU stopped at the runtime's
+/// next "waiting" ring.
+fn warm_up_hot(
+    machine: &Machine,
+    pages: &HotPathPages,
+    event: Option<&[u8]>,
+    options: &TemplateOptions,
+) -> Result<(), FunctionError> {
+    let bell = machine.doorbell();
+    let (rings, ok) = bell.wait_until(options.startup_timeout, |r| r.waiting >= 1);
+    if !ok {
+        return Err(FunctionError::Template(
+            "the runtime reported hot-path buffers but never rang the doorbell".into(),
+        ));
+    }
+    let payload = event.unwrap_or_default();
+    let capacity = pages.request.len.saturating_sub(REQUEST_HEADER_LEN as u64);
+    if payload.len() as u64 > capacity {
+        return Err(FunctionError::BadRequest(format!(
+            "the warm-up event ({} bytes) must fit the {capacity}-byte hot-path buffer",
+            payload.len()
+        )));
+    }
+    let header = RequestHeader {
+        seq: 1,
+        flags: if event.is_some() {
+            0
+        } else {
+            REQUEST_FLAG_PING
+        },
+        event_len: payload.len() as u32,
+        timeout_ms: u32::try_from(options.warmup_timeout.as_millis()).unwrap_or(u32::MAX),
+        unix_time_ns: super::invoke::unix_time_ns(),
+        entropy: [0; REQUEST_ENTROPY_LEN],
+    };
+    // Park at the ring after this request's "done": the runtime is then
+    // back in its wait, with everything the request touched warm.
+    bell.park_on(DOORBELL_WAITING);
+    let memory = machine.memory();
+    buffers::write(memory, &pages.request, REQUEST_HEADER_LEN as u64, payload)?;
+    let mut encoded = header.encode();
+    encoded[RequestHeader::SEQ_OFFSET..RequestHeader::SEQ_OFFSET + 8].fill(0);
+    buffers::write(memory, &pages.request, 0, &encoded)?;
+    // The sequence number last: it is what the runtime waits on.
+    buffers::write(
+        memory,
+        &pages.request,
+        RequestHeader::SEQ_OFFSET as u64,
+        &header.seq.to_le_bytes(),
+    )?;
+    let (after, ok) = bell.wait_until(options.warmup_timeout, |r| {
+        r.done > rings.done && r.waiting > rings.waiting
+    });
+    if !ok {
+        return Err(FunctionError::Warmup(format!(
+            "no answer through the hot path in {:?} (doorbell: {after:?})",
+            options.warmup_timeout
+        )));
+    }
+    let raw = buffers::read(memory, &pages.response, 0, pages.response.len)?;
+    let response = hotpath::decode_response(&raw, header.seq)
+        .map_err(|e| FunctionError::Garbage(e.to_string()))?;
+    if event.is_some() {
+        check_handler_result(Some(response.header.status), &response.result)
+            .map_err(FunctionError::Warmup)?;
+    }
+    Ok(())
+}
