@@ -1,22 +1,25 @@
 //! `ember serve` with real microVMs: concurrency, the queue limit, request
-//! caps, metrics, the OpenAPI document and graceful shutdown. Servers run
-//! in this process (`ember::server::serve` on a loopback port or a Unix
-//! socket) or as a child `ember serve`; every sandbox is restored from the
-//! suite's shared snapshot.
+//! caps, metrics, the OpenAPI document, functions and graceful shutdown.
+//! Servers run in this process (`ember::server::serve` on a loopback port
+//! or a Unix socket) or as a child `ember serve`; every sandbox is restored
+//! from the suite's shared snapshot, every function clone from the probe
+//! function's template (the one tests/function.rs uses).
 
 mod common;
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use ember::function::{ensure_cached_function, Function, FunctionSpec, TemplateOptions};
 use ember::pool::{Pool, PoolConfig};
 use ember::server::api::Limits;
 use ember::server::client::{Client, Target};
-use ember::server::{self, ListenAddr, Listener, ServerConfig};
+use ember::server::functions::{FunctionSet, FunctionSetConfig};
+use ember::server::{self, ListenAddr, Listener, ServerConfig, Services};
 use serde_json::{json, Value};
 
 /// Upper bound for one request on these (slow, shared) test hosts.
@@ -27,12 +30,23 @@ struct TestServer {
     runtime: tokio::runtime::Runtime,
     target: Target,
     pool: Arc<Pool>,
+    functions: Option<Arc<FunctionSet>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<Result<(), server::ServerError>>>,
 }
 
 impl TestServer {
     fn start(pool_config: PoolConfig, limits: Limits, listen: ListenAddr) -> Self {
+        Self::start_with(pool_config, limits, listen, None)
+    }
+
+    /// A server of the shared snapshot's pool and `functions`.
+    fn start_with(
+        pool_config: PoolConfig,
+        limits: Limits,
+        listen: ListenAddr,
+        functions: Option<Arc<FunctionSet>>,
+    ) -> Self {
         let snapshot = ember::snapshot::Snapshot::open(common::shared_snapshot().dir())
             .expect("shared snapshot opens");
         let pool = Arc::new(Pool::new(Arc::new(snapshot), pool_config).expect("pool starts"));
@@ -49,9 +63,13 @@ impl TestServer {
             ListenAddr::Unix(path) => Target::Unix(path),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let services = Services {
+            pool: Some(pool.clone()),
+            functions: functions.clone(),
+        };
         let done = runtime.spawn(server::serve(
             listener,
-            pool.clone(),
+            services,
             ServerConfig { limits },
             async move {
                 let _ = stopped.await;
@@ -61,6 +79,7 @@ impl TestServer {
             runtime,
             target,
             pool,
+            functions,
             stop: Some(stop),
             done: Some(done),
         }
@@ -84,6 +103,13 @@ impl TestServer {
         let stats = self.pool.stats();
         assert!(stats.closed);
         assert_eq!(stats.live, 0, "no sandbox outlives the server: {stats:?}");
+        if let Some(functions) = &self.functions {
+            assert_eq!(
+                functions.load().live,
+                0,
+                "no function clone outlives the server"
+            );
+        }
         if let Target::Unix(path) = &self.target {
             assert!(!path.exists(), "the socket file is removed");
         }
@@ -172,32 +198,70 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
             "duplicate {series}"
         );
     }
-    for (family, kind) in &types {
-        if kind != "histogram" {
+    // Histograms: per series (the labels besides `le`), cumulative
+    // buckets ending in `+Inf` = `_count`, and a `_sum`.
+    let mut series: HashMap<(String, String), Vec<(f64, f64)>> = HashMap::new();
+    for (sample, v) in &samples {
+        let Some((name, labels)) = sample.split_once('{') else {
+            continue;
+        };
+        let Some(family) = name.strip_suffix("_bucket") else {
+            continue;
+        };
+        if types.get(family).map(String::as_str) != Some("histogram") {
             continue;
         }
-        let mut buckets: Vec<(f64, f64)> = samples
-            .iter()
-            .filter_map(|(series, v)| {
-                let le = series.strip_prefix(&format!("{family}_bucket{{le=\""))?;
-                let le = le.strip_suffix("\"}")?;
-                let le = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().ok()?
-                };
-                Some((le, *v))
-            })
-            .collect();
+        let labels = labels.strip_suffix('}').expect("labels end with }");
+        let mut le = None;
+        let mut rest = Vec::new();
+        for pair in labels.split(',') {
+            match pair.strip_prefix("le=") {
+                Some(bound) => le = Some(bound.trim_matches('"').to_string()),
+                None => rest.push(pair),
+            }
+        }
+        let le = le.unwrap_or_else(|| panic!("{sample} has no le"));
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or_else(|_| panic!("bad le in {sample}"))
+        };
+        series
+            .entry((family.to_string(), rest.join(",")))
+            .or_default()
+            .push((le, *v));
+    }
+    for (family, kind) in &types {
+        if kind == "histogram" {
+            assert!(
+                series.keys().any(|(f, _)| f == family),
+                "{family} has buckets"
+            );
+        }
+    }
+    for ((family, labels), mut buckets) in series {
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         assert!(
             buckets.windows(2).all(|w| w[0].1 <= w[1].1),
-            "{family} buckets are cumulative"
+            "{family}{{{labels}}} buckets are cumulative"
         );
         let inf = buckets.last().expect("buckets");
-        assert_eq!(inf.0, f64::INFINITY, "{family} has a +Inf bucket");
-        assert_eq!(Some(&inf.1), samples.get(&format!("{family}_count")));
-        assert!(samples.contains_key(&format!("{family}_sum")));
+        assert_eq!(
+            inf.0,
+            f64::INFINITY,
+            "{family}{{{labels}}} has a +Inf bucket"
+        );
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        assert_eq!(
+            Some(&inf.1),
+            samples.get(&format!("{family}_count{braced}")),
+            "{family}{braced}"
+        );
+        assert!(samples.contains_key(&format!("{family}_sum{braced}")));
     }
     samples
 }
@@ -213,6 +277,50 @@ fn metrics(client: &mut Client) -> HashMap<String, f64> {
 
 fn outcome_count(m: &HashMap<String, f64>, outcome: &str) -> f64 {
     m[&format!("ember_invocations_total{{outcome=\"{outcome}\"}}")]
+}
+
+// --- Functions ------------------------------------------------------------
+
+/// The probe function's template directory: the same spec and options as
+/// tests/function.rs, so both share one cached template (made on first
+/// use: a cold boot of the python3 image, minutes on PVM hosts).
+fn probe_template() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let (kernel, initrd) = common::guest_artifacts();
+        let image = ember::paths::default_python_image();
+        assert!(
+            image.exists(),
+            "{} is missing: run scripts/setup first",
+            image.display()
+        );
+        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py");
+        let mut spec = FunctionSpec::python3(probe, "handler");
+        spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
+        let options = TemplateOptions::new(kernel, initrd, Some(image));
+        ensure_cached_function(&spec, &options, |dir| {
+            eprintln!("making the probe function in {}", dir.display())
+        })
+        .expect("probe function template")
+    })
+}
+
+/// A functions directory: `probe` (a symlink to the probe template), plus
+/// entries that are not functions.
+fn functions_dir(name: &str) -> PathBuf {
+    let dir = common::temp_path(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("not-a-function")).unwrap();
+    std::os::unix::fs::symlink(probe_template(), dir.join("probe")).unwrap();
+    std::os::unix::fs::symlink(probe_template(), dir.join("bad name")).unwrap();
+    std::fs::write(dir.join("README"), "not a function").unwrap();
+    dir
+}
+
+fn function_metric(m: &HashMap<String, f64>, outcome: &str, path: &str) -> f64 {
+    m[&format!(
+        "ember_function_invocations_total{{function=\"probe\",outcome=\"{outcome}\",path=\"{path}\"}}"
+    )]
 }
 
 // --- Tests --------------------------------------------------------------
@@ -657,7 +765,19 @@ fn response_schema<'a>(
 fn openapi_document_matches_the_server() {
     let doc = openapi();
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
-    let server = TestServer::start(
+    let functions = FunctionSet::new(
+        vec![(
+            "probe".into(),
+            probe_template().to_path_buf(),
+            Function::open(probe_template()).expect("probe opens"),
+        )],
+        FunctionSetConfig {
+            max_live: 2,
+            ..FunctionSetConfig::default()
+        },
+    )
+    .expect("function set");
+    let server = TestServer::start_with(
         PoolConfig {
             warm: 1,
             max_live: 2,
@@ -666,6 +786,7 @@ fn openapi_document_matches_the_server() {
         },
         Limits::default(),
         "127.0.0.1:0".parse().unwrap(),
+        Some(Arc::new(functions)),
     );
     let mut client = server.client();
     // A request in the documented shape, with every field, validates
@@ -682,6 +803,14 @@ fn openapi_document_matches_the_server() {
     let request_schema = &doc["paths"]["/v1/invocations"]["post"]["requestBody"]["content"]
         ["application/json"]["schema"];
     check(&doc, request_schema, &request, "request").unwrap();
+    let function_path = "/v1/functions/{name}/invocations";
+    let parameters: Vec<&str> = doc["paths"][function_path]["post"]["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(parameters, ["name", "timeout_ms", "max_output_bytes"]);
 
     let mut documented = 0;
     let paths = doc["paths"].as_object().expect("paths");
@@ -690,6 +819,13 @@ fn openapi_document_matches_the_server() {
             documented += 1;
             let r = match (path.as_str(), method.as_str()) {
                 ("/v1/invocations", "post") => invoke(&mut client, request.clone()),
+                ("/v1/functions/{name}/invocations", "post") => client
+                    .request(
+                        "POST",
+                        "/v1/functions/probe/invocations?timeout_ms=60000&max_output_bytes=1024",
+                        Some(br#"{"op": "print"}"#),
+                    )
+                    .unwrap(),
                 (p, "get") => client.request("GET", p, None).unwrap(),
                 other => panic!("no check for {other:?}: extend this test"),
             };
@@ -709,12 +845,36 @@ fn openapi_document_matches_the_server() {
                     assert_eq!(body["files_out"][0]["data_b64"], "b3V0Cg==");
                     assert!(body["files_out"][1]["error"].is_string());
                 }
+                if path == function_path {
+                    assert_eq!(body["result"], json!({"kind": "json", "value": "printed"}));
+                    assert_eq!(body["stdout"], "to stdout\n");
+                    assert_eq!(body["stderr"], "to stderr\n");
+                }
+                if path == "/v1/functions" {
+                    assert_eq!(body["functions"][0]["name"], "probe");
+                }
             } else {
                 assert_eq!(schema["type"], "string");
             }
         }
     }
-    assert_eq!(documented, 3);
+    assert_eq!(documented, 5);
+
+    // Every kind of handler result the probe makes validates.
+    let result_schema = json!({"$ref": "#/components/schemas/FunctionInvocationResponse"});
+    for (event, kind) in [
+        (json!({"op": "bytes"}), "bytes"),
+        (json!({"op": "fail"}), "error"),
+        (json!({"op": "echo"}), "json"),
+    ] {
+        let r = client
+            .post_json("/v1/functions/probe/invocations", &event)
+            .unwrap();
+        assert_eq!(r.status, 200);
+        let body = r.json().unwrap();
+        check(&doc, &result_schema, &body, kind).unwrap();
+        assert_eq!(body["result"]["kind"], kind, "{body}");
+    }
 
     // The streaming variant: every line is a documented event.
     let mut stream = Vec::new();
@@ -752,6 +912,15 @@ fn openapi_document_matches_the_server() {
         "application/json",
     );
     check(&doc, schema, &r.json().unwrap(), "400").unwrap();
+    for (uri, status) in [
+        ("/v1/functions/nope/invocations", 404),
+        ("/v1/functions/probe/invocations?timeout_ms=0", 400),
+    ] {
+        let r = client.request("POST", uri, Some(b"{}")).unwrap();
+        assert_eq!(r.status, status, "{uri}");
+        let schema = response_schema(&doc, function_path, "post", status, "application/json");
+        check(&doc, schema, &r.json().unwrap(), uri).unwrap();
+    }
     server.stop();
 }
 
@@ -944,6 +1113,240 @@ fn sigterm_drains_in_flight_work_and_leaves_no_worker_behind() {
             "cpu_user_ms",
             "max_rss_kib",
             "warm",
+        ] {
+            assert!(!line[field].is_null(), "{field} in {line}");
+        }
+    }
+}
+
+/// A child `ember serve` whose stderr (JSON lines) is collected.
+struct ChildServer {
+    child: std::process::Child,
+    lines: mpsc::Receiver<Value>,
+    reader: std::thread::JoinHandle<()>,
+    /// The lines up to "listening", then more as they are read.
+    log: Vec<Value>,
+}
+
+impl ChildServer {
+    fn start(args: &[&std::ffi::OsStr]) -> Self {
+        let mut child = common::ember()
+            .arg("serve")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("ember serve starts");
+        let (lines_tx, lines) = mpsc::channel::<Value>();
+        let stderr = child.stderr.take().expect("stderr");
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value =
+                    serde_json::from_str(&line).unwrap_or_else(|_| json!({"unstructured": line}));
+                let _ = lines_tx.send(value);
+            }
+        });
+        let mut server = ChildServer {
+            child,
+            lines,
+            reader,
+            log: Vec::new(),
+        };
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = server.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!("ember serve says it listens: {:?}", server.log);
+            });
+            let listening = line["message"] == "listening";
+            server.log.push(line);
+            if listening {
+                return server;
+            }
+        }
+    }
+
+    /// SIGTERM; waits for a clean exit and returns the whole log.
+    fn stop(mut self) -> Vec<Value> {
+        // SAFETY: kill(2) on our own child's PID.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = done_tx.send(child.wait());
+        });
+        let status = done_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("ember serve exits after SIGTERM")
+            .expect("wait");
+        assert!(status.success(), "{status}");
+        self.reader.join().expect("stderr reader");
+        self.log.extend(self.lines.try_iter());
+        self.log
+    }
+}
+
+#[test]
+fn serve_functions_from_a_directory() {
+    let doc = openapi();
+    let dir = functions_dir("serve-functions");
+    let socket = common::temp_path("serve-functions.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = ChildServer::start(&[
+        "--functions".as_ref(),
+        dir.as_os_str(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+        "--max-live".as_ref(),
+        "2".as_ref(),
+    ]);
+    // It says which functions it serves, and skips the bad name.
+    let loaded: Vec<&Value> = server
+        .log
+        .iter()
+        .filter(|l| l["message"] == "function")
+        .collect();
+    assert_eq!(loaded.len(), 1, "{:?}", server.log);
+    assert_eq!(loaded[0]["function"], "probe");
+    assert_eq!(loaded[0]["runtime"], "python3");
+    assert_eq!(loaded[0]["hot_path"], true);
+    assert!(
+        server
+            .log
+            .iter()
+            .any(|l| l["level"] == "WARN"
+                && l["dir"].as_str().is_some_and(|d| d.ends_with("bad name"))),
+        "{:?}",
+        server.log
+    );
+
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let validate = |path: &str, method: &str, r: &ember::server::client::Response| {
+        let schema = response_schema(&doc, path, method, r.status, "application/json");
+        check(&doc, schema, &r.json().expect("JSON"), path).unwrap();
+    };
+    let invoke_function = |client: &mut Client, uri: &str, event: &[u8]| {
+        let r = client.request("POST", uri, Some(event)).expect("answered");
+        validate("/v1/functions/{name}/invocations", "post", &r);
+        r
+    };
+
+    let r = client.request("GET", "/v1/functions", None).unwrap();
+    assert_eq!(r.status, 200);
+    validate("/v1/functions", "get", &r);
+    let list = r.json().unwrap();
+    let functions = list["functions"].as_array().unwrap();
+    assert_eq!(functions.len(), 1, "{list}");
+    assert_eq!(functions[0]["name"], "probe");
+    assert_eq!(functions[0]["runtime"], "python3");
+    assert_eq!(functions[0]["handler"], "probe.py:handler");
+    assert_eq!(functions[0]["hot_path"], true);
+    assert!(functions[0]["hot_path_capacity_bytes"]
+        .as_u64()
+        .is_some_and(|c| c > 0));
+
+    // An echo takes the hot path.
+    let event = json!({"op": "echo", "n": 42, "s": "héllo"});
+    let uri = "/v1/functions/probe/invocations";
+    let r = invoke_function(&mut client, uri, &serde_json::to_vec(&event).unwrap());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("x-ember-invocation-id").is_some());
+    let body = r.json().unwrap();
+    assert_eq!(
+        body["result"],
+        json!({"kind": "json", "value": {"echo": event}})
+    );
+    assert_eq!(body["path"], "hot");
+    assert_eq!(body["function"], "probe");
+    let timings = &body["timings_ms"];
+    for t in ["restore", "run", "teardown", "total", "handler", "queue"] {
+        assert!(timings[t].as_f64().is_some(), "{t} in {body}");
+    }
+
+    // A handler exception is a 200 with the error and its traceback.
+    let r = invoke_function(&mut client, uri, br#"{"op": "fail", "why": "testing"}"#);
+    assert_eq!(r.status, 200);
+    let result = r.json().unwrap()["result"].clone();
+    assert_eq!(result["kind"], "error", "{result}");
+    assert_eq!(result["type"], "ValueError");
+    assert_eq!(result["message"], "bad input: testing");
+    assert!(result["traceback"]
+        .as_str()
+        .is_some_and(|t| t.contains("Traceback") && t.contains("probe.py")));
+
+    // A timeout is a 200 too.
+    let r = invoke_function(
+        &mut client,
+        &format!("{uri}?timeout_ms=2000"),
+        br#"{"op": "loop"}"#,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json().unwrap()["result"], json!({"kind": "timed_out"}));
+
+    // Refusals.
+    let r = invoke_function(&mut client, "/v1/functions/nope/invocations", b"{}");
+    assert_eq!(r.status, 404);
+    assert!(r.json().unwrap()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("nope")));
+    for query in [
+        "timeout_ms=0",
+        "timeout_ms=abc",
+        "timeout_ms=300001",
+        "bogus=1",
+    ] {
+        let r = invoke_function(&mut client, &format!("{uri}?{query}"), b"{}");
+        assert_eq!(r.status, 400, "{query}");
+    }
+    // No snapshot was given: no /v1/invocations.
+    let r = invoke(&mut client, json!({"argv": ["true"]}));
+    assert_eq!(r.status, 404);
+    let r = client.request("GET", "/v1/health", None).unwrap();
+    assert_eq!(r.status, 200);
+    validate("/v1/health", "get", &r);
+    let health = r.json().unwrap();
+    assert_eq!(health["pool"], Value::Null);
+    assert_eq!(health["functions"]["count"], 1);
+
+    let m = metrics(&mut client);
+    assert_eq!(function_metric(&m, "json", "hot"), 1.0);
+    assert_eq!(function_metric(&m, "error", "hot"), 1.0);
+    assert_eq!(
+        function_metric(&m, "timed_out", "hot") + function_metric(&m, "timed_out", "vsock"),
+        1.0
+    );
+    assert_eq!(function_metric(&m, "invalid", "none"), 4.0);
+    assert_eq!(function_metric(&m, "failed", "none"), 0.0);
+    assert!(m["ember_function_duration_ms_count{path=\"hot\"}"] >= 2.0);
+    assert_eq!(m["ember_function_live"], 0.0);
+
+    let log = server.stop();
+    assert!(!socket.exists(), "the socket file is removed");
+    let _ = std::fs::remove_dir_all(&dir);
+    // One structured line per function request.
+    let lines: Vec<&Value> = log
+        .iter()
+        .filter(|l| l["target"] == "ember::function")
+        .collect();
+    assert_eq!(lines.len(), 3 + 1 + 4, "{log:?}");
+    let ran: Vec<&&Value> = lines.iter().filter(|l| l["status"] == 200).collect();
+    assert_eq!(ran.len(), 3);
+    for line in ran {
+        for field in [
+            "id",
+            "function",
+            "outcome",
+            "path",
+            "restore_ms",
+            "run_ms",
+            "total_ms",
         ] {
             assert!(!line[field].is_null(), "{field} in {line}");
         }

@@ -5,7 +5,8 @@ use crate::cmdline::{self, AgentMode};
 use crate::reaper::{self, Event, Signals};
 use crate::server::{ServeOptions, Server};
 use crate::{
-    console, init, junk, power, shell, sys, uptime, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY,
+    console, init, junk, power, rootfs, shell, sys, uptime, READY_CPUS_KEY, READY_LINE,
+    READY_UPTIME_KEY,
 };
 
 /// Runs the agent. As PID 1 it never returns.
@@ -48,18 +49,31 @@ fn run_as_init() -> ! {
         }
     };
 
-    let mode = match cmdline::read() {
+    let (mode, root) = match cmdline::read() {
         Ok(cmdline) => {
             for warning in &cmdline.warnings {
                 console::warn(warning);
             }
-            cmdline.mode
+            (cmdline.mode, cmdline.root)
         }
         Err(err) => {
             console::error(&err);
-            AgentMode::default()
+            (AgentMode::default(), None)
         }
     };
+
+    // Before anything opens files or makes directories for invocations:
+    // from here on they are the root drive's.
+    if let Some(device) = rootfs::test_device().or(root) {
+        match rootfs::switch_root(&device) {
+            Ok(warnings) => {
+                for warning in &warnings {
+                    console::warn(warning);
+                }
+            }
+            Err(err) => console::error(&err),
+        }
+    }
 
     // Listening before the ready line, so that a host that saw the line can
     // connect at once.

@@ -6,9 +6,16 @@
 //! response), touches and locks every page, and tells the agent their
 //! addresses; the agent translates them to guest-physical pages
 //! ([`crate::protocol::HotPathPages`]) for the host. The runtime then rings
-//! [`DOORBELL_WAITING`] on [`DOORBELL_PORT`] (user-mode port I/O, granted by
-//! the agent with `ioperm`) and spins in user mode until the request's
-//! `seq` changes. The host snapshots the VM stopped at that doorbell.
+//! [`DOORBELL_WAITING`] and spins in user mode until the request's `seq`
+//! changes. The host snapshots the VM stopped at that ring.
+//!
+//! The doorbell is the page of guest-physical address space at
+//! [`DOORBELL_ADDR`], which has no RAM and no device behind it: a 32-bit
+//! store to it from user mode exits straight to the VMM, no guest kernel
+//! involved. The agent hands the runtime `/dev/mem` (which only root may
+//! open) as fd [`DOORBELL_FD`]; the runtime maps that one page from it.
+//! (User-mode port I/O through `ioperm` would do the same on hardware KVM,
+//! but the emulated-kernel PVM hosts ember is tested on fault it.)
 //!
 //! On invoke, the host writes the event and then the request header (`seq`
 //! last) into the clone's memory before its vCPU first runs. The runtime
@@ -29,8 +36,13 @@
 
 use thiserror::Error;
 
-/// The I/O port a hot-path runtime writes (32-bit `out`) to signal the VMM.
-pub const DOORBELL_PORT: u16 = 0x0ee0;
+/// Guest-physical address of the doorbell page (the start of the 32-bit
+/// MMIO gap, where nothing else lives); a runtime writes 32-bit values to
+/// its first word.
+pub const DOORBELL_ADDR: u64 = 0xc000_0000;
+/// The descriptor a hot-path runtime gets `/dev/mem` on, to map the
+/// doorbell page.
+pub const DOORBELL_FD: i32 = 5;
 /// Doorbell value: the runtime is about to wait for a request.
 pub const DOORBELL_WAITING: u32 = 1;
 /// Doorbell value: the response for the current request is written.

@@ -839,7 +839,7 @@ fn read_collected(path: &str, budget: &mut u64) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
-fn exit_status(status: libc::c_int) -> ExitStatus {
+pub(crate) fn exit_status(status: libc::c_int) -> ExitStatus {
     if libc::WIFSIGNALED(status) {
         ExitStatus::Signal(libc::WTERMSIG(status))
     } else {
@@ -847,7 +847,7 @@ fn exit_status(status: libc::c_int) -> ExitStatus {
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

@@ -35,11 +35,15 @@ pub mod uptime;
 mod agent;
 mod cgroup;
 mod console;
+mod function;
 mod init;
 mod invoke;
 mod junk;
+mod pagemap;
 mod power;
 mod reaper;
+mod rootfs;
+mod runtime_pipe;
 mod server;
 mod shell;
 mod spawn;
@@ -58,6 +62,7 @@ pub use protocol::{
     Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, FUNCTION_DIR, MAX_CHUNK,
     MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
+pub use rootfs::ENV_TEST_ROOT;
 pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
 
 /// Start of the line the agent prints on the console once the guest is set

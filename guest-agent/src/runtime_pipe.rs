@@ -272,7 +272,8 @@ impl ResponseReader {
             let window = data.get(..(room + 1).min(data.len())).unwrap_or(data);
             match window.iter().position(|&b| b == b'\n') {
                 Some(end) => {
-                    self.line.extend_from_slice(window.get(..end).unwrap_or_default());
+                    self.line
+                        .extend_from_slice(window.get(..end).unwrap_or_default());
                     used = end + 1;
                     let header = parse_header(&self.line);
                     self.line.clear();
@@ -314,24 +315,23 @@ impl ResponseReader {
     ) -> Result<ReadOutcome, ReadError> {
         let mut outcome = ReadOutcome::default();
         loop {
-            let (n, asked) = if let Some(target) = self.body.as_mut().and_then(Body::direct) {
-                let (buf, want) = target;
-                let want = want.min(DIRECT_READ);
-                (read_append(fd, buf, want)?, want)
-            } else {
-                let want = match &self.body {
-                    Some(body) => body.wanted().clamp(1, READ_SIZE),
-                    None => READ_SIZE,
-                };
-                scratch.clear();
-                let n = read_append(fd, scratch, want)?;
-                let mut data = scratch.get(..n.unwrap_or(0)).unwrap_or_default();
-                while !data.is_empty() {
-                    let (used, message) = self.feed(data, keep)?;
-                    data = data.get(used..).unwrap_or_default();
-                    outcome.messages.extend(message);
+            let direct = self.body.as_ref().and_then(Body::direct);
+            let (n, asked) = match (direct, self.body.as_mut()) {
+                (Some((index, want)), Some(body)) => {
+                    let want = want.min(DIRECT_READ);
+                    (body.read_direct(fd, index, want)?, want)
                 }
-                (n, want)
+                _ => {
+                    scratch.clear();
+                    let n = read_append(fd, scratch, READ_SIZE)?;
+                    let mut data = scratch.get(..n.unwrap_or(0)).unwrap_or_default();
+                    while !data.is_empty() {
+                        let (used, message) = self.feed(data, keep)?;
+                        data = data.get(used..).unwrap_or_default();
+                        outcome.messages.extend(message);
+                    }
+                    (n, READ_SIZE)
+                }
             };
             match n {
                 None => break,
@@ -340,8 +340,10 @@ impl ResponseReader {
                     break;
                 }
                 Some(n) => {
-                    if let Some(message) = self.after_direct() {
-                        outcome.messages.push(message?);
+                    if self.body.as_ref().is_some_and(Body::is_complete) {
+                        if let Some(body) = self.body.take() {
+                            outcome.messages.push(body.finish()?);
+                        }
                     }
                     if n < asked || !outcome.messages.is_empty() {
                         break;
@@ -350,14 +352,6 @@ impl ResponseReader {
             }
         }
         Ok(outcome)
-    }
-
-    /// After a direct read: the message, if that completed it.
-    fn after_direct(&mut self) -> Option<Result<Message, PipeError>> {
-        if self.body.as_ref().is_some_and(Body::is_complete) {
-            return self.body.take().map(Body::finish);
-        }
-        None
     }
 }
 
@@ -465,27 +459,11 @@ impl Body {
         }
     }
 
-    /// Bytes still to come.
-    fn wanted(&self) -> usize {
-        match self {
-            Body::Ready { left, .. } => *left,
-            Body::Result { left, .. } => {
-                usize::try_from(left.iter().sum::<u64>()).unwrap_or(usize::MAX)
-            }
-        }
-    }
-
-    /// Where to read straight into: the current section, when all that is
-    /// left of it is to be kept and it is large enough to be worth a read
-    /// of its own.
-    fn direct(&mut self) -> Option<(&mut Vec<u8>, usize)> {
-        let Body::Result {
-            sections,
-            left,
-            keep,
-            ..
-        } = self
-        else {
+    /// Whether to read straight into a section: the current one, when all
+    /// that is left of it is to be kept and it is large enough to be worth
+    /// reads of its own. Returns the section and the bytes left of it.
+    fn direct(&self) -> Option<(usize, usize)> {
+        let Body::Result { left, keep, .. } = self else {
             return None;
         };
         let index = left.iter().position(|&n| n > 0)?;
@@ -493,10 +471,34 @@ impl Body {
         if left != keep || left < READ_SIZE as u64 {
             return None;
         }
-        let want = usize::try_from(left).ok()?;
-        // Account for the read in advance: whatever comes (up to `want`) is
-        // this section's. Undone below for what does not come.
-        Some((sections.get_mut(index)?, want))
+        Some((index, usize::try_from(left).ok()?))
+    }
+
+    /// One read of up to `want` bytes of section `index` (see
+    /// [`direct`](Self::direct)) straight into it.
+    fn read_direct(&mut self, fd: RawFd, index: usize, want: usize) -> io::Result<Option<usize>> {
+        let Body::Result {
+            sections,
+            left,
+            keep,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let (Some(section), Some(left), Some(keep)) = (
+            sections.get_mut(index),
+            left.get_mut(index),
+            keep.get_mut(index),
+        ) else {
+            return Ok(None);
+        };
+        let want = want.min(usize::try_from(*left).unwrap_or(usize::MAX));
+        let n = read_append(fd, section, want)?;
+        let got = n.unwrap_or(0) as u64;
+        *left -= got;
+        *keep -= got;
+        Ok(n)
     }
 
     fn finish(self) -> Result<Message, PipeError> {
@@ -743,7 +745,6 @@ mod json {
         }
 
         fn number(&mut self) -> Result<Value, String> {
-            let start = self.at;
             let negative = self.peek() == Some(b'-');
             if negative {
                 self.at += 1;
@@ -774,7 +775,6 @@ mod json {
                 self.digits()?;
             }
             if negative || !integer {
-                let _ = start;
                 return Ok(Value::OtherNumber);
             }
             let digits = self.text.get(int_start..int_end).unwrap_or_default();
@@ -861,7 +861,6 @@ mod tests {
             b"READY +2",
             b"READY 0x10",
             b"READY 2 3",
-            b"ready 2",
             b"READY 2\r",
             b"READY\t2",
             b"RESULT pipe 1 2 3",
@@ -880,6 +879,10 @@ mod tests {
         }
         assert!(matches!(
             parse_header(b"HELLO 1"),
+            Err(PipeError::Unknown(_))
+        ));
+        assert!(matches!(
+            parse_header(b"ready 2"),
             Err(PipeError::Unknown(_))
         ));
         assert!(matches!(
@@ -964,14 +967,17 @@ mod tests {
 
     #[test]
     fn long_and_bad_lines_are_refused_early() {
-        // 127 bytes and a newline: the longest line allowed.
+        // 127 bytes and a newline: the longest line allowed, parsed (and
+        // refused for its 111-digit number, not for its length).
         let mut ok = b"RESULT json 0 0 ".to_vec();
         ok.resize(127, b'0');
         ok.push(b'\n');
-        assert_eq!(
-            feed_all(&ok, 5, 0).unwrap(),
-            vec![result(ResponseStatus::Json, b"", b"", b"")]
-        );
+        for piece in [1, 5, 128] {
+            assert!(matches!(
+                feed_all(&ok, piece, 0),
+                Err(PipeError::Malformed(_))
+            ));
+        }
         // One more byte, whatever the pieces: refused without waiting for
         // the newline (which may never come).
         let mut long = b"RESULT json 0 0 ".to_vec();
@@ -1002,10 +1008,13 @@ mod tests {
     fn ready_json() {
         assert_eq!(parse_ready(b"{}"), Ok(ReadyInfo::default()));
         assert_eq!(
-            parse_ready(b" {\"hot_path\": null, \"x\": [1, -2.5e3, \"\\u00e9\\ud83d\\ude00\", true, {}]}\n"),
+            parse_ready(
+                b" {\"hot_path\": null, \"x\": [1, -2.5e3, \"\\u00e9\\ud83d\\ude00\", true, {}]}\n"
+            ),
             Ok(ReadyInfo::default())
         );
-        let text = br#"{"version": 1, "hot_path": {"request": {"addr": 140000000000, "len": 262144},
+        let text =
+            br#"{"version": 1, "hot_path": {"request": {"addr": 140000000000, "len": 262144},
             "response": {"len": 4096, "addr": 8192}}}"#;
         assert_eq!(
             parse_ready(text),
@@ -1066,7 +1075,9 @@ mod tests {
         let mut reader = ResponseReader::new();
         let mut scratch = Vec::new();
         // Nothing there yet.
-        let outcome = reader.read_from(r.as_raw_fd(), &mut scratch, 1 << 20).unwrap();
+        let outcome = reader
+            .read_from(r.as_raw_fd(), &mut scratch, 1 << 20)
+            .unwrap();
         assert!(outcome.messages.is_empty() && !outcome.eof);
 
         // A result large enough to be read straight into its section,
@@ -1087,13 +1098,18 @@ mod tests {
                 revents: 0,
             }];
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
-            let outcome = reader.read_from(r.as_raw_fd(), &mut scratch, 1 << 20).unwrap();
+            let outcome = reader
+                .read_from(r.as_raw_fd(), &mut scratch, 1 << 20)
+                .unwrap();
             messages.extend(outcome.messages);
             eof = outcome.eof;
         }
         writer.join().unwrap();
         assert_eq!(messages.len(), 2);
-        assert_eq!(messages[0], result(ResponseStatus::Bytes, &big, b"out", b""));
+        assert_eq!(
+            messages[0],
+            result(ResponseStatus::Bytes, &big, b"out", b"")
+        );
         assert_eq!(messages[1], Message::Ready(ReadyInfo::default()));
     }
 }

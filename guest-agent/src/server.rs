@@ -12,6 +12,11 @@
 //! One connection at a time: the listening socket is registered
 //! `EPOLLONESHOT` and re-armed only when the connection ends, so a second
 //! host connection waits in the backlog.
+//!
+//! The VM's function runtime (see [`function`](crate::function)) lives in
+//! the same loop, across connections: its pipes are served whoever is
+//! connected, and its answers go to the connection that asked, if it is
+//! still there.
 
 use std::ffi::OsStr;
 use std::io;
@@ -23,10 +28,11 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::cgroup::Cgroups;
+use crate::function::{self, Function};
 use crate::invoke::{Invocation, Runner, Stream};
 use crate::protocol::{
     decode_frame, encode_frame_into, peek_header, AgentMessage, ErrorKind, ErrorReply, FrameKind,
-    Hello, HostMessage, Invoke, Refresh, AGENT_VSOCK_PORT,
+    FunctionInvoke, FunctionStart, Hello, HostMessage, Invoke, Refresh, AGENT_VSOCK_PORT,
 };
 use crate::reaper::{self, Signals};
 use crate::{console, sys};
@@ -74,6 +80,11 @@ const TOKEN_CONN: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_STDOUT: u64 = 4;
 const TOKEN_STDERR: u64 = 5;
+// The function runtime's pipes, with its own generation.
+const TOKEN_FN_REQUEST: u64 = 6;
+const TOKEN_FN_RESPONSE: u64 = 7;
+const TOKEN_FN_STDOUT: u64 = 8;
+const TOKEN_FN_STDERR: u64 = 9;
 const TOKEN_KIND_BITS: u32 = 8;
 
 /// Where the agent listens.
@@ -141,7 +152,7 @@ impl ServeOptions {
 
 /// Whether this process is in the initial PID namespace; when that cannot
 /// be told (no /proc), the answer that keeps test switches off.
-fn in_initial_pid_namespace() -> bool {
+pub(crate) fn in_initial_pid_namespace() -> bool {
     // SAFETY: an all-zero stat is a valid value to be overwritten.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: the path is NUL-terminated and `st` is writable.
@@ -226,6 +237,16 @@ pub(crate) struct Server {
     runner: Runner,
     /// An invocation was started since the runner's idle work last ran.
     idle_due: bool,
+    /// The VM's function runtime, once started (kept when dead, to say
+    /// why).
+    function: Option<Function>,
+    /// Generation of `function`, in its pipes' epoll tokens.
+    fn_gen: u64,
+    /// The runtime's request pipe is in the epoll set (an event is being
+    /// written).
+    fn_writing: bool,
+    /// Numbers the runtimes' cgroups.
+    fn_next_id: u64,
     urandom: Option<OwnedFd>,
     test_mode: bool,
 }
@@ -264,6 +285,10 @@ impl Server {
             paused: false,
             runner: Runner::new(cgroups),
             idle_due: false,
+            function: None,
+            fn_gen: 0,
+            fn_writing: false,
+            fn_next_id: 1,
             // Opened at boot, so that the first Refresh after a restore
             // costs no open.
             urandom: sys::open(c"/dev/urandom", libc::O_WRONLY, 0).ok(),
@@ -322,6 +347,21 @@ impl Server {
             TOKEN_SIGNAL => return self.on_signals(),
             TOKEN_LISTEN => self.on_accept(),
             TOKEN_CONN => self.on_conn(flags),
+            _ if (TOKEN_FN_REQUEST..=TOKEN_FN_STDERR).contains(&(token & 0xff)) => {
+                if token >> TOKEN_KIND_BITS != self.fn_gen {
+                    return None;
+                }
+                let Some(function) = &mut self.function else {
+                    return None;
+                };
+                match token & ((1 << TOKEN_KIND_BITS) - 1) {
+                    TOKEN_FN_REQUEST => function.on_request_writable(),
+                    TOKEN_FN_RESPONSE => function.on_response(),
+                    TOKEN_FN_STDOUT => function.on_output(function::Stream::Stdout),
+                    TOKEN_FN_STDERR => function.on_output(function::Stream::Stderr),
+                    _ => {}
+                }
+            }
             _ => {
                 if token >> TOKEN_KIND_BITS != self.inv_gen {
                     return None;
@@ -347,6 +387,7 @@ impl Server {
     /// Work left after a batch of events: deadlines, the end of the
     /// invocation, sending, and what to wait for next.
     fn after_events(&mut self) {
+        self.function_tick();
         if let Some(inv) = &mut self.inv {
             inv.tick(Instant::now(), self.paused);
             if inv.is_finished() {
@@ -380,13 +421,15 @@ impl Server {
         self.update_interest();
     }
 
-    /// `epoll_wait`'s timeout: until the invocation's next deadline.
+    /// `epoll_wait`'s timeout: until the invocation's or the function
+    /// runtime's next deadline.
     fn timeout_ms(&self) -> libc::c_int {
-        let Some(deadline) = self
+        let inv = self
             .inv
             .as_ref()
-            .and_then(|inv| inv.next_deadline(self.paused))
-        else {
+            .and_then(|inv| inv.next_deadline(self.paused));
+        let function = self.function.as_ref().and_then(Function::next_deadline);
+        let Some(deadline) = inv.into_iter().chain(function).min() else {
             return -1;
         };
         let left = deadline.saturating_duration_since(Instant::now());
@@ -409,9 +452,14 @@ impl Server {
         }
         if child {
             let inv = &mut self.inv;
+            let function = &mut self.function;
+            let now = Instant::now();
             let reaped = reaper::reap_with_usage(|pid, status, usage| {
                 if let Some(inv) = inv.as_mut().filter(|inv| inv.pid() == pid) {
                     inv.main_exited(status, *usage);
+                }
+                if let Some(function) = function.as_mut().filter(|f| f.pid() == pid) {
+                    function.on_exit(status, now);
                 }
             });
             if let Err(err) = reaped {
@@ -529,13 +577,15 @@ impl Server {
                 },
             },
             HostMessage::Invoke(invoke) => self.start(invoke),
-            HostMessage::FunctionStart(_)
-            | HostMessage::FunctionInvoke(_)
-            | HostMessage::FunctionCollect(_) => self.reply_error(
-                ErrorKind::BadRequest,
-                "functions are not supported by this agent yet".into(),
-            ),
+            HostMessage::FunctionStart(start) => self.function_start(start),
+            HostMessage::FunctionInvoke(invoke) => self.function_invoke(invoke),
+            HostMessage::FunctionCollect(wait_ms) => self.function_collect(wait_ms),
         }
+    }
+
+    /// Whether the connection waits for the function runtime.
+    fn function_busy(&self) -> bool {
+        self.function.as_ref().is_some_and(Function::has_waiter)
     }
 
     fn start(&mut self, invoke: Invoke) {
@@ -543,6 +593,12 @@ impl Server {
             return self.reply_error(
                 ErrorKind::Busy,
                 "an invocation is already running on this connection".into(),
+            );
+        }
+        if self.function_busy() {
+            return self.reply_error(
+                ErrorKind::Busy,
+                "a function call is in progress on this connection".into(),
             );
         }
         if let Err(message) = invoke.validate() {
@@ -572,6 +628,142 @@ impl Server {
             return self.reply_error(ErrorKind::Internal, format!("register pipes: {err}"));
         }
         self.inv = Some(inv);
+    }
+
+    fn function_start(&mut self, start: FunctionStart) {
+        if let Err(message) = start.validate() {
+            return self.fatal(ErrorKind::BadRequest, message);
+        }
+        if self.inv.is_some() {
+            return self.reply_error(
+                ErrorKind::Busy,
+                "an invocation is running on this connection".into(),
+            );
+        }
+        if self.function.as_ref().is_some_and(|f| !f.is_dead()) {
+            return self.reply_error(
+                ErrorKind::Busy,
+                "a function runtime is already running in this VM".into(),
+            );
+        }
+        self.retire_function();
+        self.function = None;
+        let function = match Function::start(start, &mut self.runner, &mut self.fn_next_id) {
+            Ok(function) => function,
+            Err((kind, message)) => return self.reply_error(kind, message),
+        };
+        self.fn_gen += 1;
+        self.fn_writing = false;
+        let gen = self.fn_gen << TOKEN_KIND_BITS;
+        let mut registered = Ok(());
+        for (fd, token) in [
+            (function.response_fd(), TOKEN_FN_RESPONSE),
+            (
+                function.output_fd(function::Stream::Stdout),
+                TOKEN_FN_STDOUT,
+            ),
+            (
+                function.output_fd(function::Stream::Stderr),
+                TOKEN_FN_STDERR,
+            ),
+        ] {
+            if let Some(fd) = fd {
+                registered = registered
+                    .and_then(|()| self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN, gen | token));
+            }
+        }
+        self.function = Some(function);
+        if let Err(err) = registered {
+            // Not expected; the runtime is useless without its pipes.
+            if let Some(function) = &mut self.function {
+                function.disconnected();
+            }
+            self.reply_error(
+                ErrorKind::Internal,
+                format!("register the function runtime's pipes: {err}"),
+            );
+        }
+    }
+
+    fn function_invoke(&mut self, invoke: FunctionInvoke) {
+        if let Err(message) = invoke.validate() {
+            return self.fatal(ErrorKind::BadRequest, message);
+        }
+        if self.inv.is_some() {
+            return self.reply_error(
+                ErrorKind::Busy,
+                "an invocation is running on this connection".into(),
+            );
+        }
+        let now = Instant::now();
+        let result = match &mut self.function {
+            Some(function) => function.invoke(invoke, now),
+            None => Err(no_runtime()),
+        };
+        if let Err(err) = result {
+            self.reply(&AgentMessage::Error(err));
+        }
+    }
+
+    fn function_collect(&mut self, wait_ms: u64) {
+        if self.inv.is_some() {
+            return self.reply_error(
+                ErrorKind::Busy,
+                "an invocation is running on this connection".into(),
+            );
+        }
+        let now = Instant::now();
+        let result = match &mut self.function {
+            Some(function) => function.collect(wait_ms, now),
+            None => Err(no_runtime()),
+        };
+        if let Err(err) = result {
+            self.reply(&AgentMessage::Error(err));
+        }
+    }
+
+    /// The function runtime's share of a loop turn: its deadlines and
+    /// answers, the request pipe's place in the epoll set, and the end of
+    /// a dead one.
+    fn function_tick(&mut self) {
+        let Some(function) = &mut self.function else {
+            return;
+        };
+        function.tick(Instant::now());
+        let replies = function.take_replies();
+        let writing = function.writing_fd();
+        if let Some(conn) = &mut self.conn {
+            for reply in &replies {
+                conn.queue(reply);
+            }
+        }
+        match (writing, self.fn_writing) {
+            (Some(fd), false) => {
+                let token = (self.fn_gen << TOKEN_KIND_BITS) | TOKEN_FN_REQUEST;
+                match self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLOUT, token) {
+                    Ok(()) => self.fn_writing = true,
+                    Err(err) => console::warn(&format_args!("register fd 3: {err}")),
+                }
+            }
+            (None, true) => {
+                // Unless its descriptor was closed already, which took it
+                // out of the set (and its number may be another's now).
+                if let Some(fd) = self.function.as_ref().and_then(Function::request_fd) {
+                    let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0);
+                }
+                self.fn_writing = false;
+            }
+            _ => {}
+        }
+        self.retire_function();
+    }
+
+    /// Hands a dead runtime's cgroup to the runner for removal.
+    fn retire_function(&mut self) {
+        if let Some(group) = self.function.as_mut().and_then(Function::take_cgroup) {
+            self.runner.retire(group);
+            self.idle_due = true;
+        }
     }
 
     /// Adds entropy to the kernel's pool, credited, and sets the wall
@@ -684,6 +876,9 @@ impl Server {
         if let Some(inv) = self.inv.take() {
             self.runner.abort(inv);
         }
+        if let Some(function) = &mut self.function {
+            function.disconnected();
+        }
         self.paused = false;
         // Closing the descriptor also removes it from the epoll set.
         if self.conn.take().is_some() {
@@ -757,6 +952,13 @@ impl Server {
         };
         // SAFETY: `event` is a valid epoll_event (ignored for DEL).
         sys::cvt(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) }).map(drop)
+    }
+}
+
+fn no_runtime() -> ErrorReply {
+    ErrorReply {
+        kind: ErrorKind::BadRequest,
+        message: "no function runtime: none was started".into(),
     }
 }
 

@@ -69,13 +69,15 @@ impl fmt::Display for HotPathDenied {
 }
 
 /// The variable a hot-path runtime finds in its environment when the
-/// doorbell port and the memory lock limit were granted.
+/// doorbell and the memory lock limit were granted.
 pub(crate) const HOT_PATH_ENV: &str = "EMBER_HOT_PATH=1";
 
 /// The hot-path grants of a [`Plan`].
 pub(crate) struct HotPath {
-    /// Port to allow with `ioperm(port, 1, 1)`.
-    pub(crate) port: u16,
+    /// `/dev/mem`, opened by the agent, for the child's fd
+    /// [`crate::hotpath::DOORBELL_FD`] (the runtime maps the doorbell page
+    /// from it). Must be above that fd number.
+    pub(crate) doorbell: RawFd,
     /// `RLIMIT_MEMLOCK` to set, soft and hard (a `struct rlimit64`).
     pub(crate) memlock: [u64; 2],
 }
@@ -254,7 +256,7 @@ struct ChildArgs<'a> {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum HotPathStep {
-    Ioperm,
+    Doorbell,
     Memlock,
 }
 
@@ -323,7 +325,7 @@ pub(crate) fn spawn_reporting(
         ChildStep::None => {
             let denied = denied.map(|(step, errno)| HotPathDenied {
                 step: match step {
-                    HotPathStep::Ioperm => "ioperm on the doorbell port",
+                    HotPathStep::Doorbell => "hand over the doorbell (/dev/mem)",
                     HotPathStep::Memlock => "raise RLIMIT_MEMLOCK",
                 },
                 source: io::Error::from_raw_os_error(errno),
@@ -413,9 +415,15 @@ fn prepare_and_exec(
         // granted, from the next entry on when not.
         let mut envp = plan.envp.as_ptr();
         if let Some(hot_path) = &plan.hot_path {
-            // Both need root: before the setresuid below.
-            let denied = if grant_ioperm(hot_path.port) < 0 {
-                Some((HotPathStep::Ioperm, child_errno()))
+            // The memory lock limit needs root: before the setresuid below.
+            let denied = if libc::syscall(
+                libc::SYS_dup3,
+                c_long::from(hot_path.doorbell),
+                c_long::from(crate::hotpath::DOORBELL_FD),
+                0 as c_long,
+            ) < 0
+            {
+                Some((HotPathStep::Doorbell, child_errno()))
             } else if libc::syscall(
                 libc::SYS_prlimit64,
                 0 as c_long,
@@ -429,6 +437,8 @@ fn prepare_and_exec(
                 None
             };
             if denied.is_some() {
+                // No hot path: no /dev/mem either.
+                libc::syscall(libc::SYS_close, c_long::from(crate::hotpath::DOORBELL_FD));
                 // Volatile: the parent reads it once it resumes, through a
                 // pointer the compiler cannot see.
                 ptr::write_volatile(hot_path_denied, denied);
@@ -534,28 +544,6 @@ fn prepare_and_exec(
         let (errno, index) = saved.unwrap_or((libc::ENOENT, 0));
         (ChildStep::Exec, errno, index)
     }
-}
-
-/// `ioperm(port, 1, 1)`, where the architecture has port I/O.
-///
-/// # Safety
-///
-/// A raw system call; safe in the vfork child like the others.
-#[cfg(target_arch = "x86_64")]
-unsafe fn grant_ioperm(port: u16) -> c_long {
-    libc::syscall(
-        libc::SYS_ioperm,
-        c_long::from(port),
-        1 as c_long,
-        1 as c_long,
-    )
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn grant_ioperm(_port: u16) -> c_long {
-    // SAFETY: writes the calling thread's errno slot.
-    *libc::__errno_location() = libc::ENOSYS;
-    -1
 }
 
 /// errno of the last failed call. `libc::syscall` stores it in the calling

@@ -33,6 +33,9 @@ pub struct TemplateVmArgs {
 
 #[derive(Args)]
 pub struct FunctionCreateArgs {
+    /// Print the guest console and the runtime's start-up output
+    #[arg(long, short)]
+    pub verbose: bool,
     #[command(flatten)]
     vm: TemplateVmArgs,
     /// python3 or exec
@@ -55,9 +58,6 @@ pub struct FunctionCreateArgs {
     /// The function directory to write
     #[arg(long)]
     out: PathBuf,
-    /// Print the runtime's and guest's console output too
-    #[arg(long, short)]
-    verbose: bool,
 }
 
 #[derive(Args)]
@@ -80,12 +80,15 @@ pub struct InvokeArgs {
     /// Use the vsock path even when the event fits guest memory
     #[arg(long)]
     vsock: bool,
+    /// Write the clone's console to this file
+    #[arg(long)]
+    console: Option<PathBuf>,
     /// Print one JSON object with the outcome
     #[arg(long)]
     json: bool,
     /// Say which path the event took and where the time went
     #[arg(long, short)]
-    verbose: bool,
+    pub verbose: bool,
 }
 
 #[derive(Args)]
@@ -181,12 +184,14 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
     let info = function::create(&spec, &options, &args.out)
         .with_context(|| format!("cannot create the function in {}", args.out.display()))?;
     eprintln!(
-        "ember: function ready in {}: boot {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms; {}{}",
+        "ember: function ready in {}: boot {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms, calibration {:.0} ms ({} pages of working set); {}{}",
         info.dir.display(),
         info.boot.as_secs_f64(),
         info.startup.as_secs_f64(),
         info.warmup.as_secs_f64(),
         ms(info.save),
+        ms(info.calibration),
+        info.working_set_pages,
         if info.hot_path {
             "hot path"
         } else {
@@ -219,6 +224,10 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
         timeout: Duration::from_millis(args.timeout_ms),
         max_output_bytes: args.max_output_bytes,
         force_vsock: args.vsock,
+        console: args
+            .console
+            .clone()
+            .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&event, &options)?;

@@ -127,7 +127,7 @@ impl VmConfig {
         if let Some(drive) = &self.root_drive {
             let meta = check_readable(drive, "root drive")?;
             let sector = crate::devices::virtio::block::disk::SECTOR_SIZE;
-            if meta.len() == 0 || meta.len() % sector != 0 {
+            if meta.len() == 0 || !meta.len().is_multiple_of(sector) {
                 return Err(ConfigError::DriveSize {
                     path: drive.clone(),
                     size: meta.len(),

@@ -201,9 +201,15 @@ struct BenchRestoreArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Snapshot to restore [default: the cached default snapshot]
+    /// Snapshot to restore [default: the cached default snapshot; with
+    /// --functions, no snapshot is served unless given]
     #[arg(long)]
     snapshot: Option<PathBuf>,
+    /// Serve the functions in DIR (each subdirectory with a function.json,
+    /// named after it) at POST /v1/functions/NAME/invocations; --max-live
+    /// and --max-queue bound their clones too
+    #[arg(long, value_name = "DIR")]
+    functions: Option<PathBuf>,
     /// ADDR:PORT or unix:PATH
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: ember::server::ListenAddr,
@@ -537,7 +543,37 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         vsock_uds: None,
         root_drive: None,
     };
-    let snapshot = std::sync::Arc::new(open_snapshot(args.snapshot.as_deref(), &vm)?);
+    let functions = match &args.functions {
+        Some(dir) => Some(std::sync::Arc::new(server::functions::FunctionSet::open(
+            dir,
+            server::functions::FunctionSetConfig {
+                max_live: args.max_live,
+                max_queue: args.max_queue,
+                queue_timeout: ember::PoolConfig::default().queue_timeout,
+                shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+            },
+        )?)),
+        None => None,
+    };
+    let services = server::Services {
+        pool: serve_pool(&args, &vm)?,
+        functions,
+    };
+    let limits = Limits {
+        max_timeout_ms: args.max_timeout_ms,
+        max_output_bytes: args.max_output_bytes,
+        ..Limits::default()
+    };
+    server::run(&args.listen, services, ServerConfig { limits })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pool `ember serve` serves `/v1/invocations` from, if any.
+fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<ember::Pool>>> {
+    if args.functions.is_some() && args.snapshot.is_none() {
+        return Ok(None);
+    }
+    let snapshot = std::sync::Arc::new(open_snapshot(args.snapshot.as_deref(), vm)?);
     let config = ember::PoolConfig {
         warm: args.warm,
         max_live: args.max_live,
@@ -549,14 +585,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         },
         ..ember::PoolConfig::default()
     };
-    let pool = ember::Pool::new(snapshot, config)?;
-    let limits = Limits {
-        max_timeout_ms: args.max_timeout_ms,
-        max_output_bytes: args.max_output_bytes,
-        ..Limits::default()
-    };
-    server::run(&args.listen, pool, ServerConfig { limits })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(Some(std::sync::Arc::new(ember::Pool::new(
+        snapshot, config,
+    )?)))
 }
 
 fn bench_http(args: BenchHttpArgs) -> Result<ExitCode> {
@@ -622,7 +653,12 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
-    let verbose = matches!(&cli.command, Command::Boot(args) if args.verbose);
+    let verbose = match &cli.command {
+        Command::Boot(args) => args.verbose,
+        Command::Function(FunctionCommand::Create(args)) => args.verbose,
+        Command::Invoke(args) => args.verbose,
+        _ => false,
+    };
     let _ = log::set_logger(&StderrLogger);
     log::set_max_level(if verbose {
         log::LevelFilter::Debug

@@ -20,7 +20,7 @@ already touched, runs the handler, and writes into memory it already
 touched. Everything it needs is built and exercised once at start-up.
 
 Only the standard library is used. Set EMBER_HOT_PATH_TEST=1 (with
-EMBER_HOT_PATH=1) to replace the port-I/O doorbell by a line
+EMBER_HOT_PATH=1) to replace the doorbell by a line
 `EMBER_DOORBELL <value>` on stderr, for testing on a host.
 """
 
@@ -35,6 +35,7 @@ import linecache
 import mmap
 import os
 import random
+import stat
 import struct
 import sys
 import time
@@ -47,7 +48,8 @@ sys.dont_write_bytecode = True
 # --- The layout, mirrored from guest-agent/src/hotpath.rs --------------------------
 # (test_runtime.py checks these against the Rust source.)
 
-DOORBELL_PORT = 0x0EE0
+DOORBELL_ADDR = 0xC000_0000
+DOORBELL_FD = 5
 DOORBELL_WAITING = 1
 DOORBELL_DONE = 2
 
@@ -62,6 +64,7 @@ DEFAULT_BUFFER_BYTES = 256 << 10
 MAX_BUFFER_BYTES = 16 << 20
 
 REQUEST_FLAG_VIA_PIPE = 1
+REQUEST_FLAG_PING = 2
 RESPONSE_FLAG_STDOUT_TRUNCATED = 1
 RESPONSE_FLAG_STDERR_TRUNCATED = 2
 
@@ -84,6 +87,7 @@ RS_RESULT_LEN = 20
 RS_STDOUT_LEN = 24
 RS_STDERR_LEN = 28
 RS_FLAGS = 32
+RS_HANDLER_NS = 40
 
 # Response statuses (ResponseStatus::code) and their words on the pipe.
 STATUS_JSON = 0
@@ -94,8 +98,9 @@ STATUS_WORDS = {STATUS_JSON: b"json", STATUS_BYTES: b"bytes", STATUS_ERROR: b"er
 
 # magic, version, seq, flags, event_len, timeout_ms, (pad), unix_time_ns, entropy
 REQUEST_HEADER = struct.Struct("<IIQIII4xQ24s")
-# magic, version, seq, status, result_len, stdout_len, stderr_len, flags, (reserved)
-RESPONSE_HEADER = struct.Struct("<IIQIIIII28x")
+# magic, version, seq, status, result_len, stdout_len, stderr_len, flags, (pad),
+# handler_ns, (reserved)
+RESPONSE_HEADER = struct.Struct("<IIQIIIII4xQ16x")
 # What the spin loop reads.
 _SEQ = struct.Struct("<Q")
 _MAGIC_VERSION = struct.Struct("<II")
@@ -326,19 +331,21 @@ def decode_event(data):
 class Response:
     """One handler call's outcome, encoded."""
 
-    __slots__ = ("status", "result", "stdout", "stderr", "flags")
+    __slots__ = ("status", "result", "stdout", "stderr", "flags", "handler_ns")
 
-    def __init__(self, status, result, stdout=b"", stderr=b"", flags=0):
+    def __init__(self, status, result, stdout=b"", stderr=b"", flags=0, handler_ns=0):
         self.status = status
         self.result = result
         self.stdout = stdout
         self.stderr = stderr
         self.flags = flags
+        # How long the handler ran (0: not measured).
+        self.handler_ns = handler_ns
 
     def __repr__(self):
         return (
             f"Response(status={self.status}, result={self.result!r}, stdout={self.stdout!r}, "
-            f"stderr={self.stderr!r}, flags={self.flags})"
+            f"stderr={self.stderr!r}, flags={self.flags}, handler_ns={self.handler_ns})"
         )
 
 
@@ -357,7 +364,7 @@ def encode_result(result):
         except UnicodeEncodeError:
             # A lone surrogate in a string: escape everything instead.
             return STATUS_JSON, _JSON_ASCII.encode(result).encode("ascii")
-    except Exception as exc:  # TypeError, ValueError (NaN, cycles), RecursionError
+    except BaseException as exc:  # TypeError, ValueError (NaN, cycles), RecursionError...
         return STATUS_ERROR, error_object(
             type(exc).__name__, f"the handler's result is not JSON: {_message(exc)}", ""
         )
@@ -414,10 +421,13 @@ class Runtime:
         err.reset(output_cap)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
+        # The monotonic clock is read through the vDSO: no system call.
+        started = time.perf_counter_ns()
         try:
             try:
                 result = function.call(event, context)
             finally:
+                handler_ns = time.perf_counter_ns() - started
                 sys.stdout, sys.stderr = saved
         except BaseException as exc:  # SystemExit and KeyboardInterrupt included
             status, body = STATUS_ERROR, exception_object(exc, _handler_frames(exc.__traceback__))
@@ -429,7 +439,7 @@ class Runtime:
             flags |= RESPONSE_FLAG_STDOUT_TRUNCATED
         if err.truncated:
             flags |= RESPONSE_FLAG_STDERR_TRUNCATED
-        return Response(status, body, stdout, stderr, flags)
+        return Response(status, body, stdout, stderr, flags, max(handler_ns, 1))
 
 
 # --- The pipes ----------------------------------------------------------------------------
@@ -532,8 +542,8 @@ class HotPath:
         self.doorbell(DOORBELL_DONE)
         if via_pipe is not None:
             # After DONE, not before: a response this large does not fit the
-            # pipe's buffer either, and the agent may read it only when the
-            # host, having seen ViaPipe, asks for it.
+            # pipe's buffer either, so writing it must not depend on the
+            # agent reading before the host has seen ViaPipe and asked.
             self.pipes.write_result(via_pipe)
 
     def wait_for_request(self):
@@ -567,9 +577,13 @@ class HotPath:
         """
         _magic, _version, seq, flags, event_len, timeout_ms, unix_time_ns, entropy = header
         self.last_seq = seq
+        if flags & REQUEST_FLAG_PING:
+            # The host's warm-up round: no handler call, the answer `null`.
+            return self._write_response(seq, Response(STATUS_JSON, b"null"))
         # Clones of one snapshot share Python's generator state: reseed it
-        # from the host's entropy (os.urandom would be a system call).
-        random.seed(entropy)
+        # from the host's entropy (os.urandom would be a system call). As an
+        # int: bytes would be hashed with SHA-512 first, for nothing.
+        random.seed(int.from_bytes(entropy, "little"))
         if flags & REQUEST_FLAG_VIA_PIPE:
             request = self.pipes.read_event()
             if request is None:
@@ -577,7 +591,7 @@ class HotPath:
             event, pipe_timeout_ms = request
             context = Context(seq, pipe_timeout_ms, unix_time_ns, True)
             response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function)
-            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags)
+            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
             return response
         if event_len > len(self.request) - REQUEST_HEADER_LEN:
             message = f"event_len {event_len} exceeds the {len(self.request)}-byte request buffer"
@@ -594,17 +608,19 @@ class HotPath:
         end_stdout = end_result + len(stdout)
         end_stderr = end_stdout + len(stderr)
         if end_stderr > len(self.response):
-            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags)
+            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
             return response
         # Sections first, then the header: the header vouches for them.
         buf = self.response
         buf[RESPONSE_HEADER_LEN:end_result] = result
         buf[end_result:end_stdout] = stdout
         buf[end_stdout:end_stderr] = stderr
-        self._write_header(seq, response.status, len(result), len(stdout), len(stderr), response.flags)
+        self._write_header(
+            seq, response.status, len(result), len(stdout), len(stderr), response.flags, response.handler_ns
+        )
         return None
 
-    def _write_header(self, seq, status, result_len, stdout_len, stderr_len, flags):
+    def _write_header(self, seq, status, result_len, stdout_len, stderr_len, flags, handler_ns):
         RESPONSE_HEADER.pack_into(
             self.response,
             0,
@@ -616,6 +632,7 @@ class HotPath:
             stdout_len,
             stderr_len,
             flags,
+            handler_ns,
         )
 
     def warm_up(self):
@@ -629,15 +646,20 @@ class HotPath:
         event = b'{"zero":0,"text":"warm-up \\u00e9"}'
         self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + len(event)] = event
         entropy = bytes(range(REQUEST_ENTROPY_LEN))
-        for function in (Function(_warm_up_handler), Function(_warm_up_failure)):
-            header = (REQUEST_MAGIC, LAYOUT_VERSION, 1, 0, len(event), 1000, time.time_ns(), entropy)
+        for flags, function in (
+            (0, Function(_warm_up_handler)),
+            (0, Function(_warm_up_failure)),
+            (REQUEST_FLAG_PING, None),
+        ):
+            header = (REQUEST_MAGIC, LAYOUT_VERSION, 1, flags, len(event), 1000, time.time_ns(), entropy)
             self.answer(header, function)
         # Leave the buffers as a fresh start expects them: no request, no response.
         zeros = bytes(REQUEST_HEADER_LEN + len(event))
         self.request[: len(zeros)] = zeros
         self.response[:RESPONSE_HEADER_LEN] = bytes(RESPONSE_HEADER_LEN)
         self.last_seq = 0
-        decode_event(b"not json \xff")
+        decode_event(b"not json")  # the two ways an event is not JSON
+        decode_event(b"\xff")
 
     def describe(self, request_addr, response_addr):
         """The READY body for these buffers."""
@@ -667,34 +689,52 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def doorbell_code(port):
-    """x86-64 code for `void ring(uint32_t value)`: one 32-bit out to `port`."""
-    return (
-        b"\xba" + struct.pack("<I", port)  # mov edx, port
-        + b"\x89\xf8"  # mov eax, edi   (the first argument, System V ABI)
-        + b"\xef"  # out dx, eax   (user-mode port I/O: the agent granted ioperm)
-        + b"\xc3"  # ret
-    )
+def doorbell_code():
+    """x86-64 code for `void ring(uint32_t *bell, uint32_t value)`: one store."""
+    return b"\x89\x37\xc3"  # mov [rdi], esi; ret
 
 
 _NOOP_OFFSET = 64  # a bare `ret` with the same signature, to warm ctypes up
 
 
 def build_doorbell(libc):
-    """(ring, noop, page): callables for the doorbell code and for a bare ret.
+    """(ring, noop, pages): callables for the doorbell and for a bare ret.
 
-    Nothing is called here: ringing outside the hot path would stop the VM.
+    The doorbell is the guest-physical page DOORBELL_ADDR, where nothing
+    lives: a store to it exits straight to the VMM, no guest kernel
+    involved. The agent hands over /dev/mem as DOORBELL_FD to map it. The
+    store is made by three bytes of machine code rather than by Python, so
+    that it is exactly one 32-bit write (Python's buffer copies may split or
+    repeat it). Nothing is called here: the host counts every ring.
     """
+    bell = mmap.mmap(
+        DOORBELL_FD,
+        PAGE_SIZE,
+        flags=mmap.MAP_SHARED,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        offset=DOORBELL_ADDR,
+    )
+    os.close(DOORBELL_FD)  # the mapping stays; the rest of /dev/mem goes
+    bell_addr = ctypes.addressof(ctypes.c_char.from_buffer(bell))
     prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
     page = mmap.mmap(-1, PAGE_SIZE, flags=_MAP_FLAGS, prot=prot)
-    code = doorbell_code(DOORBELL_PORT)
+    code = doorbell_code()
     page[: len(code)] = code
     page[_NOOP_OFFSET] = 0xC3
     addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
     # Written once; from now on only executed (best effort: RWX still works).
     libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE_SIZE), mmap.PROT_READ | mmap.PROT_EXEC)
-    prototype = ctypes.CFUNCTYPE(None, ctypes.c_uint32)
-    return prototype(addr), prototype(addr + _NOOP_OFFSET), page
+    prototype = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32)
+    store, noop = prototype(addr), prototype(addr + _NOOP_OFFSET)
+    bell_ptr = ctypes.c_void_p(bell_addr)
+
+    def ring(value):
+        store(bell_ptr, value)
+
+    def warm(value):
+        noop(bell_ptr, value)
+
+    return ring, warm, (page, bell)
 
 
 def allocate_buffer(size, libc):
@@ -751,20 +791,56 @@ def _print_doorbell(value):
     os.write(2, b"EMBER_DOORBELL %d\n" % value)
 
 
-def setup_hot_path(runtime, pipes, test_doorbell=False):
-    """(HotPath, READY body); raises if anything is missing."""
-    size = hot_path_size()
+def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    ring, noop, code_page = build_doorbell(libc)
-    noop(0)  # the ctypes call path, warmed without port I/O
+    return libc
+
+
+def _is_dev_mem(fd):
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 1)
+
+
+def take_doorbell(wanted):
+    """build_doorbell()'s parts if `wanted`, else None; raises on failure.
+
+    Whatever happens, the agent's /dev/mem (fd DOORBELL_FD) is closed on
+    return: it reaches all of the guest's physical address space, and the
+    user's code, imported next, must never find it open.
+    """
+    try:
+        if not wanted:
+            return None
+        if not _is_dev_mem(DOORBELL_FD):
+            raise OSError(f"fd {DOORBELL_FD} is not /dev/mem: no doorbell")
+        return build_doorbell(_libc())
+    finally:
+        if _is_dev_mem(DOORBELL_FD):
+            os.close(DOORBELL_FD)
+
+
+def setup_hot_path(runtime, pipes, bell=None):
+    """(HotPath, READY body); raises if anything is missing.
+
+    `bell` is take_doorbell()'s result; None rings with _print_doorbell.
+    """
+    size = hot_path_size()
+    libc = _libc()
+    if bell is None:
+        doorbell, code_page = _print_doorbell, None
+    else:
+        doorbell, noop, code_page = bell
+        noop(0)  # the ctypes call path, warmed without ringing
     request, request_addr = allocate_buffer(size, libc)
     response, response_addr = allocate_buffer(size, libc)
     keep_heap_warm(libc, 4 * size)
-    doorbell = _print_doorbell if test_doorbell else ring
     hot = HotPath(runtime, pipes, request, response, doorbell)
-    hot.code_page = code_page  # the doorbell's code lives as long as the hot path
+    hot.code_page = code_page  # the doorbell's pages live as long as the hot path
     hot.warm_up()
     return hot, hot.describe(request_addr, response_addr)
 
@@ -786,6 +862,14 @@ def main(argv):
         print("usage: ember_runtime.py <handler_file.py> <handler_name>", file=sys.stderr)
         return 2
     path, handler_name = os.path.abspath(argv[1]), argv[2]
+    want_hot_path = os.environ.get("EMBER_HOT_PATH") == "1"
+    test_doorbell = os.environ.get("EMBER_HOT_PATH_TEST") == "1"
+    # Before the user's module is imported: see take_doorbell.
+    bell, bell_error = None, None
+    try:
+        bell = take_doorbell(want_hot_path and not test_doorbell)
+    except Exception as exc:
+        bell_error = exc
     try:
         function = load_function(path, handler_name)
     except StartupError as exc:
@@ -798,9 +882,11 @@ def main(argv):
     runtime = Runtime(function)
     pipes = Pipes(3, 4)
     hot, ready = None, {}
-    if os.environ.get("EMBER_HOT_PATH") == "1":
+    if want_hot_path:
         try:
-            hot, ready = setup_hot_path(runtime, pipes, os.environ.get("EMBER_HOT_PATH_TEST") == "1")
+            if bell_error is not None:
+                raise bell_error
+            hot, ready = setup_hot_path(runtime, pipes, bell)
         except Exception as exc:
             hot, ready = None, {}
             print(f"ember-runtime: no hot path, serving on the pipes only: {exc}", file=sys.stderr)

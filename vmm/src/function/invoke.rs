@@ -4,8 +4,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_agent::hotpath::{
-    self, RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_VIA_PIPE,
-    REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED, RESPONSE_FLAG_STDOUT_TRUNCATED,
+    self, RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING,
+    REQUEST_FLAG_VIA_PIPE, REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED,
+    RESPONSE_FLAG_STDOUT_TRUNCATED,
 };
 use ember_agent::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::agent::{invoke_grace, AgentClient};
 use crate::config::ConsoleOutput;
 use crate::machine::Machine;
 use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
+use crate::snapshot::working_set::{touched_pages, PageRun};
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// How long a clone's first timer interrupt is held back: longer than any
@@ -192,33 +194,8 @@ impl Function {
             .as_ref()
             .filter(|_| !options.force_vsock)
             .filter(|_| event.len() as u64 <= self.hot_path_capacity());
-        let mut restore = RestoreOptions {
-            console: options.console.clone(),
-            seccomp: options.seccomp,
-            timer_delay: Some(CLONE_TIMER_DELAY),
-            ..RestoreOptions::default()
-        };
-        if let Some(rng) = &self.manifest.guest_rng {
-            let mut key = [0u8; KEY_LEN];
-            fill_random(&mut key);
-            restore.guest_writes.extend(rng.reseed_writes(key));
-        }
+        let restore = self.restore_options(hot.map(|_| event), timeout_ms, options, 0)?;
         let seq = self.manifest.next_seq;
-        if let Some(pages) = &self.manifest.hot_path {
-            // A waiting runtime reads its request from memory; on the vsock
-            // path the request only says "read the event from your pipe".
-            let header = request_header(seq, hot.map(|_| event), timeout_ms);
-            if hot.is_some() {
-                restore.guest_writes.extend(buffers::writes(
-                    &pages.request,
-                    REQUEST_HEADER_LEN as u64,
-                    event,
-                )?);
-            }
-            restore
-                .guest_writes
-                .extend(buffers::writes(&pages.request, 0, &header.encode())?);
-        }
         let deadline = requested + options.timeout;
         let mut machine = self.snapshot.restore(&restore)?;
         let running = Instant::now();
@@ -238,6 +215,79 @@ impl Function {
         outcome.timings.teardown = done.saturating_duration_since(answered.max(running));
         outcome.timings.total = done.saturating_duration_since(requested);
         Ok(outcome)
+    }
+
+    /// How to restore a clone for one request: the CRNG reseed, the
+    /// working set, and for a hot-path runtime the request (with `event`
+    /// in memory, or without it: "read it from your pipe").
+    fn restore_options(
+        &self,
+        event: Option<&[u8]>,
+        timeout_ms: u64,
+        options: &FunctionInvokeOptions,
+        extra_flags: u32,
+    ) -> Result<RestoreOptions, FunctionError> {
+        let mut restore = RestoreOptions {
+            console: options.console.clone(),
+            seccomp: options.seccomp,
+            timer_delay: Some(CLONE_TIMER_DELAY),
+            prefault: self.manifest.working_set.clone(),
+            ..RestoreOptions::default()
+        };
+        if let Some(rng) = &self.manifest.guest_rng {
+            let mut key = [0u8; KEY_LEN];
+            fill_random(&mut key);
+            restore.guest_writes.extend(rng.reseed_writes(key));
+        }
+        if let Some(pages) = &self.manifest.hot_path {
+            let mut header = request_header(self.manifest.next_seq, event, timeout_ms);
+            header.flags |= extra_flags;
+            if let Some(event) = event {
+                restore.guest_writes.extend(buffers::writes(
+                    &pages.request,
+                    REQUEST_HEADER_LEN as u64,
+                    event,
+                )?);
+            }
+            restore
+                .guest_writes
+                .extend(buffers::writes(&pages.request, 0, &header.encode())?);
+        }
+        Ok(restore)
+    }
+
+    /// Runs one hot-path request (`event`, or a ping) in a clone and
+    /// returns the guest pages the clone touched: the working set later
+    /// clones get populated up front.
+    pub(crate) fn calibrate(&self, event: Option<&[u8]>) -> Result<Vec<PageRun>, FunctionError> {
+        let Some(pages) = &self.manifest.hot_path else {
+            return Ok(Vec::new());
+        };
+        let options = FunctionInvokeOptions::default();
+        let flags = if event.is_some() {
+            0
+        } else {
+            REQUEST_FLAG_PING
+        };
+        let payload = event.unwrap_or_default();
+        let mut restore = self.restore_options(Some(payload), 60_000, &options, flags)?;
+        restore.prefault.clear();
+        let deadline = Instant::now() + options.timeout;
+        let mut machine = self.snapshot.restore(&restore)?;
+        let (outcome, _) = self.run_hot(
+            &mut machine,
+            pages,
+            self.manifest.next_seq,
+            deadline,
+            &options,
+        )?;
+        if outcome.path != InvocationPath::Hot || outcome.result == HandlerResult::TimedOut {
+            return Err(FunctionError::Template(format!(
+                "the calibration request did not take the hot path: {:?}",
+                outcome.result
+            )));
+        }
+        touched_pages(machine.memory()).map_err(|e| FunctionError::GuestMemory(e.to_string()))
     }
 
     /// Waits for the clone's "done" ring and reads the response from its

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::guest_rng::GuestRng;
 use super::FunctionError;
+use crate::snapshot::working_set::PageRun;
 
 /// The manifest's file name in a function directory.
 pub const MANIFEST_FILE: &str = "function.json";
@@ -33,6 +34,9 @@ pub struct Manifest {
     pub guest_rng: Option<GuestRng>,
     /// When the template was made, Unix milliseconds.
     pub created_unix_ms: u64,
+    /// The guest pages a hot-path request touched in a calibration clone,
+    /// populated up front in every clone.
+    pub working_set: Vec<PageRun>,
 }
 
 impl Manifest {
@@ -46,6 +50,7 @@ impl Manifest {
             next_seq: 1,
             guest_rng: None,
             created_unix_ms: 0,
+            working_set: Vec::new(),
         }
     }
 
@@ -83,6 +88,12 @@ impl Manifest {
         }
         if let Some(pages) = &self.hot_path {
             super::buffers::validate(pages, mem_bytes)?;
+        }
+        let ws_pages: u64 = self.working_set.iter().map(|r| u64::from(r.pages)).sum();
+        if ws_pages > mem_bytes / 4096 {
+            return Err(FunctionError::Manifest(format!(
+                "a working set of {ws_pages} pages in {mem_bytes} bytes of memory"
+            )));
         }
         if let Some(rng) = &self.guest_rng {
             if rng.addr.saturating_add(64) > (4u64 << 30) + mem_bytes {

@@ -139,6 +139,10 @@ pub struct TemplateInfo {
     pub hot_path_error: Option<String>,
     /// Whether clones get their kernel CRNG reseeded in memory.
     pub guest_rng: bool,
+    /// The calibration clone's run.
+    pub calibration: Duration,
+    /// Pages in the recorded working set.
+    pub working_set_pages: u64,
 }
 
 /// Makes a function template in `out` (created if missing; an existing
@@ -170,6 +174,17 @@ pub fn create(
             other => other.into(),
         })?;
     let startup = Duration::from_millis(ready.startup_ms);
+    if let Some(why) = &ready.hot_path_error {
+        log::warn!("no hot path for this function: {why}");
+    }
+    for (name, bytes) in [("stdout", &ready.stdout), ("stderr", &ready.stderr)] {
+        if !bytes.is_empty() {
+            log::info!(
+                "runtime {name} at start: {}",
+                String::from_utf8_lossy(bytes).trim_end()
+            );
+        }
+    }
     let mut manifest = Manifest::new(runtime_name, handler);
     if let Some(pages) = &ready.hot_path {
         buffers::validate(pages, u64::from(options.mem_mib) << 20)?;
@@ -196,10 +211,12 @@ pub fn create(
                 };
                 let deadline = Instant::now() + options.warmup_timeout + QUIESCE_TIMEOUT;
                 let result = agent.invoke_function(&invoke, deadline)?;
-                if result.timed_out || result.runtime_exit.is_some() {
+                if result.timed_out || result.status.is_none() {
                     return Err(FunctionError::Warmup(format!(
-                        "timed out: {}, runtime exit: {:?}",
-                        result.timed_out, result.runtime_exit
+                        "timed out: {}, runtime exit: {:?}; its stderr: {}",
+                        result.timed_out,
+                        result.runtime_exit,
+                        String::from_utf8_lossy(&result.stderr).trim_end()
                     )));
                 }
                 check_handler_result(result.status, &result.result)
@@ -225,6 +242,13 @@ pub fn create(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     manifest.write(out)?;
+    // One clone runs the warm-up request again to learn which pages a
+    // request touches; later clones get them populated up front.
+    let calibrating = Instant::now();
+    let working_set = super::Function::open(out)?.calibrate(spec.warmup_event.as_deref())?;
+    let calibration = calibrating.elapsed();
+    manifest.working_set = working_set;
+    manifest.write(out)?;
     Ok(TemplateInfo {
         dir: out.to_path_buf(),
         boot,
@@ -234,6 +258,12 @@ pub fn create(
         hot_path: manifest.hot_path.is_some(),
         hot_path_error: ready.hot_path_error,
         guest_rng: manifest.guest_rng.is_some(),
+        calibration,
+        working_set_pages: manifest
+            .working_set
+            .iter()
+            .map(|r| u64::from(r.pages))
+            .sum(),
     })
 }
 

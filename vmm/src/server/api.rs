@@ -8,6 +8,9 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::OutputStream;
+use crate::function::{
+    FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult, InvocationPath,
+};
 use crate::pool::PoolOutcome;
 use crate::sandbox::{ExitStatus, FileIn, Invocation};
 
@@ -394,6 +397,165 @@ impl StreamEvent {
     }
 }
 
+/// `POST /v1/functions/{name}/invocations` query parameters (the body is
+/// the event).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionQuery {
+    /// Wall-clock limit (default: 60 s, or the server's limit if lower).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Cap on stdout plus stderr (default: 1 MiB, or the server's limit).
+    #[serde(default)]
+    pub max_output_bytes: Option<u64>,
+}
+
+impl FunctionQuery {
+    /// The invocation options, if the query is within `limits`; the message
+    /// says what is wrong otherwise.
+    pub fn into_options(self, limits: &Limits) -> Result<FunctionInvokeOptions, String> {
+        let defaults = FunctionInvokeOptions::default();
+        let timeout_ms = self
+            .timeout_ms
+            .unwrap_or(ember_agent::protocol::DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
+        if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
+            return Err(format!(
+                "timeout_ms {timeout_ms} is not in 1..={}",
+                limits.max_timeout_ms
+            ));
+        }
+        let max_output_bytes = self
+            .max_output_bytes
+            .unwrap_or(defaults.max_output_bytes.min(limits.max_output_bytes));
+        if max_output_bytes > limits.max_output_bytes {
+            return Err(format!(
+                "max_output_bytes {max_output_bytes} is over the limit of {}",
+                limits.max_output_bytes
+            ));
+        }
+        Ok(FunctionInvokeOptions {
+            timeout: Duration::from_millis(timeout_ms),
+            max_output_bytes,
+            ..defaults
+        })
+    }
+}
+
+/// `POST /v1/functions/{name}/invocations` answer: what the handler made
+/// of the event.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionInvocationResponse {
+    /// The server's id of the invocation (also in the log line).
+    pub id: String,
+    /// The function.
+    pub function: String,
+    /// What the handler returned, tagged by `kind`; a `bytes` result also
+    /// comes exact as `bytes_b64`.
+    pub result: serde_json::Value,
+    /// Standard output as UTF-8 (invalid sequences replaced).
+    pub stdout: String,
+    /// Standard output, exact, base64: only when it is not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdout_b64: Option<String>,
+    /// Standard error as UTF-8 (invalid sequences replaced).
+    pub stderr: String,
+    /// Standard error, exact, base64: only when it is not valid UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_b64: Option<String>,
+    /// Output beyond `max_output_bytes` (or the hot path's buffer) was
+    /// dropped.
+    pub output_truncated: bool,
+    /// Which way the event went.
+    pub path: InvocationPath,
+    /// Where the time went.
+    pub timings_ms: FunctionTimingsBody,
+}
+
+/// A function invocation's timings, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FunctionTimingsBody {
+    /// Waiting for a slot (the server's `--max-live`).
+    pub queue: f64,
+    /// Request to the clone's vCPUs running.
+    pub restore: f64,
+    /// vCPUs running to the response.
+    pub run: f64,
+    /// The handler alone, as the runtime measured it (hot path only).
+    pub handler: Option<f64>,
+    /// Destroying the clone.
+    pub teardown: f64,
+    /// Restore to the clone destroyed (queue not included).
+    pub total: f64,
+}
+
+impl FunctionTimingsBody {
+    /// `t` in milliseconds, with the time queued.
+    pub fn new(t: &FunctionTimings, queue: Duration) -> Self {
+        FunctionTimingsBody {
+            queue: ms(queue),
+            restore: ms(t.restore),
+            run: ms(t.run),
+            handler: t.handler.map(ms),
+            teardown: ms(t.teardown),
+            total: ms(t.total),
+        }
+    }
+}
+
+/// A handler result as JSON: as it serializes, plus `bytes_b64` (exact)
+/// for a `bytes` result.
+pub fn handler_result_json(result: &HandlerResult) -> serde_json::Value {
+    let mut value = serde_json::to_value(result).unwrap_or_else(
+        |e| serde_json::json!({"kind": "error", "type": "EncodeError", "message": e.to_string(), "traceback": ""}),
+    );
+    if let (HandlerResult::Bytes { bytes }, Some(object)) = (result, value.as_object_mut()) {
+        object.insert("bytes_b64".into(), b64().encode(bytes).into());
+    }
+    value
+}
+
+impl FunctionInvocationResponse {
+    /// The answer for `outcome` of function `function`.
+    pub fn new(id: &str, function: &str, outcome: &FunctionOutcome, queue: Duration) -> Self {
+        let (stdout, stdout_b64) = text_and_b64(&outcome.stdout);
+        let (stderr, stderr_b64) = text_and_b64(&outcome.stderr);
+        FunctionInvocationResponse {
+            id: id.to_string(),
+            function: function.to_string(),
+            result: handler_result_json(&outcome.result),
+            stdout,
+            stdout_b64,
+            stderr,
+            stderr_b64,
+            output_truncated: outcome.output_truncated,
+            path: outcome.path,
+            timings_ms: FunctionTimingsBody::new(&outcome.timings, queue),
+        }
+    }
+}
+
+/// One function of `GET /v1/functions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionInfo {
+    /// Its name: `POST /v1/functions/{name}/invocations`.
+    pub name: String,
+    /// `python3` or `exec`.
+    pub runtime: String,
+    /// The handler.
+    pub handler: String,
+    /// Small events and results go through guest memory.
+    pub hot_path: bool,
+    /// The largest event that takes the hot path, in bytes (0: none).
+    pub hot_path_capacity_bytes: u64,
+}
+
+/// `GET /v1/functions` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionList {
+    /// By name.
+    pub functions: Vec<FunctionInfo>,
+}
+
 /// Every error answer: `{"error": "..."}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorBody {
@@ -457,6 +619,63 @@ mod tests {
         let big = "x".repeat(300 << 10);
         let err = request(&format!(r#"{{"argv":["echo","{big}"]}}"#)).unwrap_err();
         assert!(err.contains("argv and env"), "{err}");
+    }
+
+    #[test]
+    fn function_queries() {
+        let query = |q: &str| -> Result<FunctionInvokeOptions, String> {
+            let q: FunctionQuery = serde_urlencoded_like(q)?;
+            q.into_options(&Limits {
+                max_timeout_ms: 90_000,
+                max_output_bytes: 1000,
+                ..Limits::default()
+            })
+        };
+        let o = query("").unwrap();
+        assert_eq!(
+            (o.timeout, o.max_output_bytes),
+            (Duration::from_secs(60), 1000)
+        );
+        let o = query("timeout_ms=5,max_output_bytes=7").unwrap();
+        assert_eq!(
+            (o.timeout, o.max_output_bytes),
+            (Duration::from_millis(5), 7)
+        );
+        assert!(query("timeout_ms=0").unwrap_err().contains("timeout_ms"));
+        assert!(query("timeout_ms=90001")
+            .unwrap_err()
+            .contains("timeout_ms"));
+        assert!(query("max_output_bytes=1001")
+            .unwrap_err()
+            .contains("max_output_bytes"));
+    }
+
+    /// `k=v,k=v` into a query struct (through JSON: enough for numbers).
+    fn serde_urlencoded_like<T: serde::de::DeserializeOwned>(q: &str) -> Result<T, String> {
+        let map: serde_json::Map<String, serde_json::Value> = q
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap();
+                (
+                    k.to_string(),
+                    serde_json::Value::from(v.parse::<u64>().unwrap()),
+                )
+            })
+            .collect();
+        serde_json::from_value(map.into()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn bytes_results_come_exact_too() {
+        let v = handler_result_json(&HandlerResult::Bytes {
+            bytes: vec![0xff, b'a'],
+        });
+        assert_eq!(v["kind"], "bytes");
+        assert_eq!(v["bytes"], "\u{fffd}a");
+        assert_eq!(v["bytes_b64"], "/2E=");
+        let v = handler_result_json(&HandlerResult::TimedOut);
+        assert_eq!(v, serde_json::json!({"kind": "timed_out"}));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::function::{HandlerResult, InvocationPath};
 use crate::pool::PoolStats;
 
 /// How an invocation request ended, the `outcome` label of
@@ -76,18 +77,128 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The samples of one series; `labels` is empty or `k="v",` (ahead
+    /// of `le`).
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, n) in BUCKETS_MS.iter().zip(&self.buckets) {
             cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
         }
         // Read after the buckets: concurrent observations only make +Inf
         // larger, so the buckets stay monotonic.
         let count = self.count.load(Ordering::Relaxed).max(cumulative);
         let sum_ms = self.sum_us.load(Ordering::Relaxed) as f64 / 1e3;
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {sum_ms}\n{name}_count {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
+        let labels = labels.trim_end_matches(',');
+        let braced = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braced} {sum_ms}\n{name}_count{braced} {count}"
+        );
     }
+}
+
+/// How a function invocation request ended, the `outcome` label of
+/// `ember_function_invocations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FunctionOutcomeKind {
+    /// The handler returned a JSON value.
+    Json,
+    /// The handler returned bytes.
+    Bytes,
+    /// The handler raised.
+    Error,
+    /// The handler ran into the timeout.
+    TimedOut,
+    /// The runtime process ended without answering.
+    RuntimeExited,
+    /// The clone failed (a 500).
+    Failed,
+    /// Refused for load or shutdown (429, 503) before running.
+    Rejected,
+    /// Refused as malformed or over a limit (400, 413).
+    Invalid,
+}
+
+impl FunctionOutcomeKind {
+    const ALL: [FunctionOutcomeKind; 8] = [
+        FunctionOutcomeKind::Json,
+        FunctionOutcomeKind::Bytes,
+        FunctionOutcomeKind::Error,
+        FunctionOutcomeKind::TimedOut,
+        FunctionOutcomeKind::RuntimeExited,
+        FunctionOutcomeKind::Failed,
+        FunctionOutcomeKind::Rejected,
+        FunctionOutcomeKind::Invalid,
+    ];
+
+    /// The kind of a handler's result.
+    pub fn of(result: &HandlerResult) -> Self {
+        match result {
+            HandlerResult::Json { .. } => FunctionOutcomeKind::Json,
+            HandlerResult::Bytes { .. } => FunctionOutcomeKind::Bytes,
+            HandlerResult::Error { .. } => FunctionOutcomeKind::Error,
+            HandlerResult::TimedOut => FunctionOutcomeKind::TimedOut,
+            HandlerResult::RuntimeExited { .. } => FunctionOutcomeKind::RuntimeExited,
+        }
+    }
+
+    /// The label value (for the kinds of a result, the `kind` it
+    /// serializes with).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FunctionOutcomeKind::Json => "json",
+            FunctionOutcomeKind::Bytes => "bytes",
+            FunctionOutcomeKind::Error => "error",
+            FunctionOutcomeKind::TimedOut => "timed_out",
+            FunctionOutcomeKind::RuntimeExited => "runtime_exited",
+            FunctionOutcomeKind::Failed => "failed",
+            FunctionOutcomeKind::Rejected => "rejected",
+            FunctionOutcomeKind::Invalid => "invalid",
+        }
+    }
+
+    /// The handler ran and answered (or timed out): the outcome has a path.
+    fn ran(self) -> bool {
+        (self as usize) < FunctionOutcomeKind::Failed as usize
+    }
+}
+
+/// The `path` label values: the three invocation paths, then `none` for
+/// requests that never reached a clone's answer.
+const PATHS: [&str; 4] = ["hot", "hot_with_vsock_result", "vsock", "none"];
+
+fn path_index(path: Option<InvocationPath>) -> usize {
+    match path {
+        Some(InvocationPath::Hot) => 0,
+        Some(InvocationPath::HotWithVsockResult) => 1,
+        Some(InvocationPath::Vsock) => 2,
+        None => 3,
+    }
+}
+
+/// Function clones in use and requests waiting, for the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FunctionLoad {
+    /// Clones alive (restoring, running or being destroyed).
+    pub live: usize,
+    /// Requests waiting for a slot.
+    pub queued: usize,
+}
+
+/// Per-function counters, by outcome and path.
+#[derive(Debug)]
+struct FunctionCounters {
+    name: String,
+    counts: [[AtomicU64; PATHS.len()]; FunctionOutcomeKind::ALL.len()],
 }
 
 /// The server's metrics.
@@ -97,9 +208,47 @@ pub struct Metrics {
     restore: Histogram,
     queue: Histogram,
     total: Histogram,
+    functions: Vec<FunctionCounters>,
+    /// Restore to result, per invocation path (the first three `PATHS`).
+    function_latency: [Histogram; 3],
 }
 
 impl Metrics {
+    /// Metrics for a server that serves the functions `names` (index
+    /// `i` of `names` is function `i` for [`Metrics::count_function`]).
+    pub fn new(names: &[String]) -> Self {
+        Metrics {
+            functions: names
+                .iter()
+                .map(|name| FunctionCounters {
+                    name: name.clone(),
+                    counts: Default::default(),
+                })
+                .collect(),
+            ..Metrics::default()
+        }
+    }
+
+    /// Counts one request for function `index` that ended with `kind`,
+    /// on `path` (`None`: it got no answer from a clone).
+    pub fn count_function(
+        &self,
+        index: usize,
+        kind: FunctionOutcomeKind,
+        path: Option<InvocationPath>,
+    ) {
+        if let Some(f) = self.functions.get(index) {
+            f.counts[kind as usize][path_index(path)].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a function invocation's restore-to-result time.
+    pub fn observe_function(&self, path: InvocationPath, latency: Duration) {
+        if let Some(h) = self.function_latency.get(path_index(Some(path))) {
+            h.observe(latency);
+        }
+    }
+
     /// Counts one request that ended with `outcome`.
     pub fn count(&self, outcome: Outcome) {
         self.invocations[outcome as usize].fetch_add(1, Ordering::Relaxed);
@@ -112,8 +261,9 @@ impl Metrics {
         self.total.observe(total);
     }
 
-    /// The exposition text, with the pool's gauges and counters.
-    pub fn render(&self, pool: &PoolStats) -> String {
+    /// The exposition text, with the pool's and the functions' gauges and
+    /// counters.
+    pub fn render(&self, pool: &PoolStats, functions: &FunctionLoad) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str(
             "# HELP ember_invocations_total Invocation requests by outcome.\n\
@@ -193,7 +343,53 @@ impl Metrics {
              ember_pool_acquired_total{{origin=\"on_demand\"}} {}",
             pool.warm_hits, pool.on_demand
         );
+        self.render_functions(&mut out, functions);
         out
+    }
+
+    fn render_functions(&self, out: &mut String, load: &FunctionLoad) {
+        out.push_str(
+            "# HELP ember_function_invocations_total Function invocation requests by function, outcome and path.\n\
+             # TYPE ember_function_invocations_total counter\n",
+        );
+        for f in &self.functions {
+            for kind in FunctionOutcomeKind::ALL {
+                let paths = if kind.ran() { 0..3 } else { 3..4 };
+                for p in paths {
+                    let n = f.counts[kind as usize][p].load(Ordering::Relaxed);
+                    let _ = writeln!(
+                        out,
+                        "ember_function_invocations_total{{function=\"{}\",outcome=\"{}\",path=\"{}\"}} {n}",
+                        f.name,
+                        kind.as_str(),
+                        PATHS[p]
+                    );
+                }
+            }
+        }
+        let name = "ember_function_duration_ms";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Function invocations from the request to the handler's result (restore and run, not teardown), by path, in ms.\n\
+             # TYPE {name} histogram"
+        );
+        for (h, path) in self.function_latency.iter().zip(PATHS) {
+            h.render_series(out, name, &format!("path=\"{path}\","));
+        }
+        let gauges = [
+            ("ember_function_live", "Function clones alive.", load.live),
+            (
+                "ember_function_queue_length",
+                "Function requests waiting for a slot.",
+                load.queued,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
     }
 }
 
@@ -210,12 +406,40 @@ mod tests {
             Duration::ZERO,
             Duration::from_secs(1000),
         );
-        let text = m.render(&PoolStats::default());
+        let text = m.render(&PoolStats::default(), &FunctionLoad::default());
         assert!(text.contains("ember_invocations_total{outcome=\"ok\"} 1\n"));
         assert!(text.contains("ember_restore_duration_ms_bucket{le=\"2.5\"} 0\n"));
         assert!(text.contains("ember_restore_duration_ms_bucket{le=\"5\"} 1\n"));
         assert!(text.contains("ember_invocation_duration_ms_bucket{le=\"300000\"} 0\n"));
         assert!(text.contains("ember_invocation_duration_ms_bucket{le=\"+Inf\"} 1\n"));
         assert!(text.contains("ember_restore_duration_ms_sum 3\n"));
+    }
+
+    #[test]
+    fn function_counters_and_labelled_histograms() {
+        let m = Metrics::new(&["probe".into()]);
+        m.count_function(0, FunctionOutcomeKind::Json, Some(InvocationPath::Hot));
+        m.count_function(0, FunctionOutcomeKind::Invalid, None);
+        m.count_function(7, FunctionOutcomeKind::Json, None);
+        m.observe_function(InvocationPath::Vsock, Duration::from_millis(30));
+        let load = FunctionLoad { live: 2, queued: 1 };
+        let text = m.render(&PoolStats::default(), &load);
+        for line in [
+            "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"hot\"} 1\n",
+            "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"vsock\"} 0\n",
+            "ember_function_invocations_total{function=\"probe\",outcome=\"invalid\",path=\"none\"} 1\n",
+            "ember_function_duration_ms_bucket{path=\"vsock\",le=\"50\"} 1\n",
+            "ember_function_duration_ms_bucket{path=\"hot\",le=\"+Inf\"} 0\n",
+            "ember_function_duration_ms_count{path=\"vsock\"} 1\n",
+            "ember_function_live 2\n",
+            "ember_function_queue_length 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(!text.contains("outcome=\"invalid\",path=\"hot\""));
+        assert_eq!(
+            text.matches("# TYPE ember_function_duration_ms ").count(),
+            1
+        );
     }
 }

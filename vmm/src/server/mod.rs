@@ -1,8 +1,9 @@
-//! `ember serve`: an HTTP/1.1 JSON API in front of a [`Pool`].
+//! `ember serve`: an HTTP/1.1 JSON API in front of a [`Pool`] and/or a
+//! [`FunctionSet`] ([`Services`]).
 //!
 //! This module is the only async code in ember: axum on tokio. Every call
-//! into the pool (which blocks) runs on tokio's blocking threads through
-//! `spawn_blocking`, so the VMM core stays synchronous.
+//! into the pool or a function (which block) runs on tokio's blocking
+//! threads through `spawn_blocking`, so the VMM core stays synchronous.
 //!
 //! Routes (`vmm/openapi.yaml` is the full description):
 //!
@@ -11,6 +12,14 @@
 //!   instead: one JSON event per line, `stdout`/`stderr` chunks as they
 //!   come, then one `exit` (or `error`) event. The status line is sent
 //!   once a sandbox is secured, so a full queue is still a 429.
+//!   (Only with a pool.)
+//! - `POST /v1/functions/{name}/invocations`: the body is the event; one
+//!   fresh clone of the function's template handles it
+//!   ([`Function::invoke`](crate::function::Function::invoke)). Query
+//!   `timeout_ms`, `max_output_bytes`. At most `max_live` clones are alive
+//!   at once, with a bounded queue (429, 503) as for the pool. A handler
+//!   that raised or timed out is still a 200 (`result.kind` says).
+//! - `GET /v1/functions`: the functions served.
 //! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
 //! - `GET /metrics`: Prometheus text format.
 //!
@@ -19,7 +28,8 @@
 //! `Retry-After` when every sandbox is busy and the queue is full, 503
 //! while shutting down. Each invocation request logs one JSON line
 //! (target `ember::invocation`) with its id, outcome, exit status,
-//! timings and usage.
+//! timings and usage; each function invocation one line (target
+//! `ember::function`) with its function, result kind, path and timings.
 //!
 //! Shutdown (SIGINT or SIGTERM with [`run`], the `shutdown` future with
 //! [`serve`]): the listener closes, the pool refuses new work, running
@@ -28,6 +38,7 @@
 
 pub mod api;
 pub mod client;
+pub mod functions;
 pub mod loadtest;
 pub mod metrics;
 
@@ -42,8 +53,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,9 +64,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use self::api::{
-    ErrorBody, InvocationRequest, InvocationResponse, InvocationSummary, Limits, StreamEvent,
+    ErrorBody, FunctionInfo, FunctionInvocationResponse, FunctionList, FunctionQuery,
+    InvocationRequest, InvocationResponse, InvocationSummary, Limits, StreamEvent,
 };
-use self::metrics::{Metrics, Outcome};
+use self::functions::{FunctionSet, Refusal, ServedFunction, Slot};
+use self::metrics::{FunctionOutcomeKind, Metrics, Outcome};
+use crate::function::{FunctionError, FunctionInvokeOptions};
 use crate::pool::{Lease, Pool, PoolError, PoolOutcome};
 use crate::sandbox::Invocation;
 
@@ -143,6 +157,31 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
+/// What a server serves: snapshot invocations from a pool
+/// (`/v1/invocations`), functions (`/v1/functions/...`), or both.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    /// The pool behind `/v1/invocations` (without one, that route is 404).
+    pub pool: Option<Arc<Pool>>,
+    /// The functions behind `/v1/functions`.
+    pub functions: Option<Arc<FunctionSet>>,
+}
+
+impl From<Arc<Pool>> for Services {
+    fn from(pool: Arc<Pool>) -> Self {
+        Services {
+            pool: Some(pool),
+            functions: None,
+        }
+    }
+}
+
+impl From<Pool> for Services {
+    fn from(pool: Pool) -> Self {
+        Arc::new(pool).into()
+    }
+}
+
 /// The server could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -158,11 +197,15 @@ pub enum ServerError {
     /// Serving failed.
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    /// A function could not be opened.
+    #[error("function {0}: {1}")]
+    Function(String, FunctionError),
 }
 
 #[derive(Debug)]
 struct AppState {
-    pool: Arc<Pool>,
+    pool: Option<Arc<Pool>>,
+    functions: Arc<FunctionSet>,
     limits: Limits,
     metrics: Metrics,
     next_id: AtomicU64,
@@ -172,27 +215,45 @@ struct AppState {
 type Shared = Arc<AppState>;
 
 /// Serves the API on `listener` until `shutdown` completes, then shuts
-/// down gracefully (see the [module docs](self)); `pool` is shut down
+/// down gracefully (see the [module docs](self)); the pool is shut down,
+/// and running function invocations get the functions' shutdown grace,
 /// before this returns.
 pub async fn serve(
     listener: Listener,
-    pool: Arc<Pool>,
+    services: impl Into<Services>,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.limits.validate().map_err(ServerError::Config)?;
+    let Services { pool, functions } = services.into();
+    let has_functions = functions.as_ref().is_some_and(|f| !f.is_empty());
+    if pool.is_none() && !has_functions {
+        return Err(ServerError::Config(
+            "nothing to serve: no snapshot pool and no functions".into(),
+        ));
+    }
+    let functions = functions.unwrap_or_else(|| Arc::new(FunctionSet::empty()));
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let state = Arc::new(AppState {
         pool: pool.clone(),
+        functions: functions.clone(),
         limits: config.limits,
-        metrics: Metrics::default(),
+        metrics: Metrics::new(&functions.names()),
         next_id: AtomicU64::new(1),
         id_prefix: format!("{started:x}-{:x}", std::process::id()),
     });
-    let app = Router::new()
-        .route("/v1/invocations", post(invocations))
+    let mut app = Router::new();
+    if pool.is_some() {
+        app = app.route("/v1/invocations", post(invocations));
+    }
+    let app = app
+        .route("/v1/functions", get(list_functions))
+        .route(
+            "/v1/functions/{name}/invocations",
+            post(function_invocations),
+        )
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -203,21 +264,38 @@ pub async fn serve(
         .with_state(state);
 
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
-    let closer = pool.clone();
+    let closer = (pool.clone(), functions.clone());
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections, draining");
-        closer.close();
+        if let Some(pool) = &closer.0 {
+            pool.close();
+        }
+        closer.1.close();
         let _ = signalled_tx.send(());
     };
     // After the signal, the pool's shutdown bounds the drain: it waits for
     // running invocations (its grace), kills isolated workers that
-    // outlive it, and then in-flight requests answer at once.
+    // outlive it, and then in-flight requests answer at once. Function
+    // clones (in this process) get the functions' grace; one still
+    // running after it ends with the process.
     let drained = {
         let pool = pool.clone();
+        let functions = functions.clone();
         async move {
             if signalled_rx.await.is_ok() {
-                let _ = tokio::task::spawn_blocking(move || pool.shutdown()).await;
+                let pool_down = async move {
+                    if let Some(pool) = pool {
+                        let _ = tokio::task::spawn_blocking(move || pool.shutdown()).await;
+                    }
+                };
+                let (_, left) = tokio::join!(pool_down, functions.drain());
+                if left > 0 {
+                    tracing::warn!(
+                        running = left,
+                        "function invocations still running after the shutdown grace"
+                    );
+                }
                 tokio::time::sleep(Duration::from_secs(5)).await;
             } else {
                 std::future::pending::<()>().await;
@@ -241,11 +319,18 @@ pub async fn serve(
             Ok(())
         }
     };
-    let left = tokio::task::spawn_blocking(move || pool.shutdown())
-        .await
-        .unwrap_or(0);
+    if let Some(pool) = pool {
+        let left = tokio::task::spawn_blocking(move || pool.shutdown())
+            .await
+            .unwrap_or(0);
+        if left > 0 {
+            tracing::warn!(running = left, "in-process sandboxes still running at exit");
+        }
+    }
+    functions.close();
+    let left = functions.load().live;
     if left > 0 {
-        tracing::warn!(running = left, "in-process sandboxes still running at exit");
+        tracing::warn!(running = left, "function clones still running at exit");
     }
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
@@ -257,7 +342,12 @@ pub async fn serve(
 /// Runs the server on its own runtime until SIGINT or SIGTERM, then
 /// shuts down gracefully. Logs JSON lines to stderr (see
 /// [`init_logging`]).
-pub fn run(listen: &ListenAddr, pool: Pool, config: ServerConfig) -> Result<(), ServerError> {
+pub fn run(
+    listen: &ListenAddr,
+    services: impl Into<Services>,
+    config: ServerConfig,
+) -> Result<(), ServerError> {
+    let services = services.into();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ember-http")
@@ -274,16 +364,24 @@ pub fn run(listen: &ListenAddr, pool: Pool, config: ServerConfig) -> Result<(), 
             }
         };
         let listener = Listener::bind(listen).await?;
-        let pool_config = pool.config();
-        tracing::info!(
-            address = %listener.local_addr()?,
-            snapshot = %pool.snapshot().dir().display(),
-            warm = pool_config.warm,
-            max_live = pool_config.max_live,
-            max_queue = pool_config.max_queue,
-            "listening"
-        );
-        serve(listener, Arc::new(pool), config, shutdown).await
+        let address = listener.local_addr()?;
+        let functions = services.functions.as_ref().map_or(0, |f| f.len());
+        match &services.pool {
+            Some(pool) => {
+                let pool_config = pool.config();
+                tracing::info!(
+                    address = %address,
+                    snapshot = %pool.snapshot().dir().display(),
+                    warm = pool_config.warm,
+                    max_live = pool_config.max_live,
+                    max_queue = pool_config.max_queue,
+                    functions,
+                    "listening"
+                );
+            }
+            None => tracing::info!(address = %address, functions, "listening"),
+        }
+        serve(listener, services, config, shutdown).await
     });
     // Every sandbox is gone by now; do not wait on stray blocking tasks
     // (a client's streaming write) for long.
@@ -479,7 +577,14 @@ async fn invocations(
     let (done_tx, done_rx) = oneshot::channel::<Response>();
     let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     let id = HeaderValue::from_str(&log.id).ok();
-    let pool = state.pool.clone();
+    let Some(pool) = state.pool.clone() else {
+        return log.refuse(
+            StatusCode::NOT_FOUND,
+            None,
+            Outcome::Invalid,
+            "this server serves no snapshot".into(),
+        );
+    };
     tokio::task::spawn_blocking(move || {
         let lease = match pool.acquire() {
             Ok(lease) => lease,
@@ -574,23 +679,42 @@ fn stream_invocation(
 }
 
 async fn health(State(state): State<Shared>) -> Response {
-    let stats = state.pool.stats();
-    let config = state.pool.config();
+    let closed =
+        state.functions.is_closed() || state.pool.as_ref().is_some_and(|p| p.stats().closed);
+    let (snapshot, pool) = match &state.pool {
+        Some(pool) => {
+            let stats = pool.stats();
+            let config = pool.config();
+            (
+                serde_json::json!(pool.snapshot().dir().display().to_string()),
+                serde_json::json!({
+                    "warm": stats.warm,
+                    "restoring": stats.restoring,
+                    "in_use": stats.in_use,
+                    "live": stats.live,
+                    "queued": stats.queued,
+                    "target_warm": config.warm,
+                    "max_live": config.max_live,
+                    "max_queue": config.max_queue,
+                }),
+            )
+        }
+        None => (serde_json::Value::Null, serde_json::Value::Null),
+    };
+    let load = state.functions.load();
     let body = serde_json::json!({
-        "status": if stats.closed { "shutting_down" } else { "ok" },
-        "snapshot": state.pool.snapshot().dir().display().to_string(),
-        "pool": {
-            "warm": stats.warm,
-            "restoring": stats.restoring,
-            "in_use": stats.in_use,
-            "live": stats.live,
-            "queued": stats.queued,
-            "target_warm": config.warm,
-            "max_live": config.max_live,
-            "max_queue": config.max_queue,
+        "status": if closed { "shutting_down" } else { "ok" },
+        "snapshot": snapshot,
+        "pool": pool,
+        "functions": {
+            "count": state.functions.len(),
+            "live": load.live,
+            "queued": load.queued,
+            "max_live": state.functions.config().max_live,
+            "max_queue": state.functions.config().max_queue,
         },
     });
-    let status = if stats.closed {
+    let status = if closed {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
@@ -599,7 +723,8 @@ async fn health(State(state): State<Shared>) -> Response {
 }
 
 async fn metrics(State(state): State<Shared>) -> Response {
-    let text = state.metrics.render(&state.pool.stats());
+    let pool = state.pool.as_ref().map(|p| p.stats()).unwrap_or_default();
+    let text = state.metrics.render(&pool, &state.functions.load());
     (
         [(
             header::CONTENT_TYPE,
@@ -608,6 +733,226 @@ async fn metrics(State(state): State<Shared>) -> Response {
         text,
     )
         .into_response()
+}
+
+async fn list_functions(State(state): State<Shared>) -> Response {
+    let functions = state
+        .functions
+        .iter()
+        .map(|f| {
+            let manifest = f.function.manifest();
+            FunctionInfo {
+                name: f.name.clone(),
+                runtime: manifest.runtime.clone(),
+                handler: manifest.handler.clone(),
+                hot_path: manifest.hot_path.is_some(),
+                hot_path_capacity_bytes: f.function.hot_path_capacity(),
+            }
+        })
+        .collect();
+    Json(FunctionList { functions }).into_response()
+}
+
+/// One function request's bookkeeping: id, start, the log line and the
+/// metrics.
+struct FunctionLog {
+    state: Shared,
+    id: String,
+    function: String,
+    index: Option<usize>,
+    started: Instant,
+}
+
+impl FunctionLog {
+    fn new(state: &Shared, function: &str) -> Self {
+        let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+        FunctionLog {
+            id: format!("{}-{n}", state.id_prefix),
+            state: state.clone(),
+            function: function.to_string(),
+            index: state.functions.get(function).map(|f| f.index),
+            started: Instant::now(),
+        }
+    }
+
+    /// Counts, logs and answers a request that did not run.
+    fn refuse(
+        &self,
+        status: StatusCode,
+        retry_after: Option<&'static str>,
+        kind: FunctionOutcomeKind,
+        message: String,
+    ) -> Response {
+        if let Some(index) = self.index {
+            self.state.metrics.count_function(index, kind, None);
+        }
+        tracing::info!(
+            target: "ember::function",
+            id = %self.id,
+            function = %self.function,
+            outcome = kind.as_str(),
+            status = status.as_u16(),
+            total_ms = api::ms(self.started.elapsed()),
+            error = %message,
+            "invocation"
+        );
+        let mut response = error(status, message);
+        if let Some(after) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
+        }
+        response
+    }
+
+    /// Runs `event` in a clone of `function` (blocking) and answers.
+    fn run(
+        &self,
+        function: &ServedFunction,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+        slot: Slot,
+    ) -> Response {
+        let queued = slot.queued;
+        let result = function.function.invoke(event, options);
+        // The clone is gone: its slot is free.
+        drop(slot);
+        let metrics = &self.state.metrics;
+        match result {
+            Ok(outcome) => {
+                let kind = FunctionOutcomeKind::of(&outcome.result);
+                let t = &outcome.timings;
+                metrics.count_function(function.index, kind, Some(outcome.path));
+                metrics.observe_function(outcome.path, t.restore + t.run);
+                let body =
+                    FunctionInvocationResponse::new(&self.id, &function.name, &outcome, queued);
+                let path = serde_json::to_value(outcome.path).unwrap_or_default();
+                tracing::info!(
+                    target: "ember::function",
+                    id = %self.id,
+                    function = %function.name,
+                    outcome = kind.as_str(),
+                    status = 200,
+                    path = path.as_str().unwrap_or_default(),
+                    event_bytes = event.len(),
+                    output_truncated = outcome.output_truncated,
+                    queue_ms = body.timings_ms.queue,
+                    restore_ms = body.timings_ms.restore,
+                    run_ms = body.timings_ms.run,
+                    handler_ms = body.timings_ms.handler,
+                    teardown_ms = body.timings_ms.teardown,
+                    invoke_ms = body.timings_ms.total,
+                    total_ms = api::ms(self.started.elapsed()),
+                    "invocation"
+                );
+                Json(body).into_response()
+            }
+            Err(e) => {
+                let (status, kind) = match e {
+                    FunctionError::BadRequest(_) => {
+                        (StatusCode::BAD_REQUEST, FunctionOutcomeKind::Invalid)
+                    }
+                    _ => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        FunctionOutcomeKind::Failed,
+                    ),
+                };
+                metrics.count_function(function.index, kind, None);
+                tracing::warn!(
+                    target: "ember::function",
+                    id = %self.id,
+                    function = %function.name,
+                    outcome = kind.as_str(),
+                    status = status.as_u16(),
+                    event_bytes = event.len(),
+                    total_ms = api::ms(self.started.elapsed()),
+                    error = %e,
+                    "invocation"
+                );
+                error(status, e.to_string())
+            }
+        }
+    }
+}
+
+async fn function_invocations(
+    State(state): State<Shared>,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<FunctionQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let name = match name {
+        Ok(Path(name)) => name,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let log = FunctionLog::new(&state, &name);
+    if log.index.is_none() {
+        return log.refuse(
+            StatusCode::NOT_FOUND,
+            None,
+            FunctionOutcomeKind::Invalid,
+            format!("no function {name:?}"),
+        );
+    }
+    let invalid = |status, message| log.refuse(status, None, FunctionOutcomeKind::Invalid, message);
+    let options = match query
+        .map_err(|e| e.body_text())
+        .and_then(|Query(q)| q.into_options(&state.limits))
+    {
+        Ok(options) => options,
+        Err(message) => return invalid(StatusCode::BAD_REQUEST, message),
+    };
+    let event = match body {
+        Ok(body) => body,
+        Err(e) => return invalid(e.status(), e.body_text()),
+    };
+    // Larger events would not fit one agent frame on the vsock path.
+    if event.len() > state.limits.max_input_bytes {
+        return invalid(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the event is {} bytes, over the limit of {}",
+                event.len(),
+                state.limits.max_input_bytes
+            ),
+        );
+    }
+    let slot = match state.functions.acquire().await {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            let (status, retry_after) = match refusal {
+                Refusal::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("1")),
+                Refusal::QueueTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
+                Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None),
+            };
+            return log.refuse(
+                status,
+                retry_after,
+                FunctionOutcomeKind::Rejected,
+                refusal.to_string(),
+            );
+        }
+    };
+    let id = HeaderValue::from_str(&log.id).ok();
+    let functions = state.functions.clone();
+    // The invocation runs to its end even if the client goes away (the
+    // slot is held until the clone is destroyed); it is counted and logged
+    // either way.
+    let answer = tokio::task::spawn_blocking(move || {
+        let function = functions.get(&name).expect("the function is in the set");
+        log.run(function, &event, &options, slot)
+    })
+    .await;
+    let mut response = answer.unwrap_or_else(|_| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the invocation task failed".into(),
+        )
+    });
+    if let Some(id) = id {
+        response.headers_mut().insert("x-ember-invocation-id", id);
+    }
+    response
 }
 
 #[cfg(test)]

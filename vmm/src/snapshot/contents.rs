@@ -61,7 +61,7 @@ impl SnapshotState {
         }
         if let Some(block) = &self.devices.block {
             let size = block.drive.size;
-            if size == 0 || size % crate::devices::virtio::block::disk::SECTOR_SIZE != 0 {
+            if size == 0 || !size.is_multiple_of(crate::devices::virtio::block::disk::SECTOR_SIZE) {
                 return Err(format!("invalid root drive size {size}"));
             }
         }

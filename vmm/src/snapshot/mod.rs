@@ -24,6 +24,7 @@ pub mod create;
 pub mod format;
 pub mod memory;
 pub mod restore;
+pub mod working_set;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::contents::SnapshotState;
 use super::memory::validate_layout;
+use super::working_set::{prefault, PageRun};
 use super::{map_memory, open_memory_file, read_state, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
 use crate::arch::x86_64::state::{restore_vcpu, restore_vm};
@@ -42,6 +43,9 @@ pub struct RestoreOptions {
     /// Bytes written into the clone's memory before its vCPUs first run
     /// (a function's request, a fresh kernel RNG key).
     pub guest_writes: Vec<GuestWrite>,
+    /// Guest pages to populate before the clone runs (its expected working
+    /// set, see [`super::working_set`]).
+    pub prefault: Vec<PageRun>,
     /// Push the clone's first LAPIC timer interrupt out to at least this
     /// long after the restore (see
     /// [`crate::arch::x86_64::interrupts::postpone_oneshot_timer`]).
@@ -69,6 +73,7 @@ impl Default for RestoreOptions {
             isolation: None,
             seccomp: true,
             guest_writes: Vec::new(),
+            prefault: Vec::new(),
             timer_delay: None,
             root_drive: None,
         }
@@ -214,6 +219,10 @@ impl Snapshot {
         // ~7 ms per slot on PVM hosts.
         let memory = map_memory(&self.memory, &state.memory)?;
         clock.step("map memory");
+        if !options.prefault.is_empty() {
+            prefault(&memory, &options.prefault);
+            clock.step("prefault working set");
+        }
         vm.register_memory(&memory)?;
         clock.step("register memory");
         vm.create_irqchip()?;

@@ -17,7 +17,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::doorbell::{Doorbell, DOORBELL_PORT};
+use crate::devices::doorbell::{Doorbell, DOORBELL_ADDR};
 use crate::devices::Bus;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::{Filter, FilterVerdict, SeccompError};
@@ -187,7 +187,7 @@ impl Vcpu {
     fn run_once(&mut self) -> Next {
         let (id, pio, mmio, doorbell) = (self.id, &self.pio, &self.mmio, &self.doorbell);
         let next = match self.fd.run() {
-            Ok(VcpuExit::IoOut(DOORBELL_PORT, data)) => match doorbell {
+            Ok(VcpuExit::MmioWrite(DOORBELL_ADDR, data)) => match doorbell {
                 Some(bell) if bell.ring(data) => Next::Park,
                 _ => Next::Continue,
             },

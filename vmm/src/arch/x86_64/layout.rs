@@ -15,6 +15,7 @@
 //! 0x000a_0000  (legacy VGA / BIOS area, reserved in the E820 map)
 //! 0x0010_0000  high memory: kernel, initrd, the rest of RAM   HIMEM_START
 //! 0xc000_0000  32-bit MMIO gap (no RAM)         MMIO_GAP_START
+//! 0xc000_0000    the function hot path's doorbell page (DOORBELL_ADDR)
 //! 0xd000_0000    virtio-mmio devices, 4 KiB slots, IRQ 5..=23
 //! 0xfec0_0000    IOAPIC
 //! 0xfee0_0000    LAPIC
@@ -117,6 +118,12 @@ pub const RAM_ABOVE_4G_START: u64 = MMIO_GAP_END;
 
 /// First virtio-mmio device window.
 pub const VIRTIO_MMIO_START: u64 = 0xD000_0000;
+
+/// The hot-path doorbell page (`ember_agent::hotpath`): in the gap, clear
+/// of every device.
+pub const DOORBELL_ADDR: u64 = ember_agent::hotpath::DOORBELL_ADDR;
+const _: () =
+    assert!(DOORBELL_ADDR >= MMIO_GAP_START && DOORBELL_ADDR + PAGE_SIZE <= VIRTIO_MMIO_START);
 /// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
 /// IRQ (IOAPIC pin / GSI) of the first virtio-mmio device. IRQs below are

@@ -165,7 +165,7 @@ impl DiskImage {
             return Err(DiskError::NotAFile { path });
         }
         let size = meta.len();
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::Size { path, size });
         }
         Ok(DiskImage {
@@ -415,6 +415,16 @@ pub(crate) mod tests {
         let disk = DiskImage::open(&image.0).unwrap();
         assert!((&disk.file).write_all(b"x").is_err());
         assert_eq!(std::fs::read(&image.0).unwrap(), pattern(1024));
+    }
+
+    #[test]
+    fn a_drive_for_a_snapshot_without_one_is_refused() {
+        let image = TempImage::new("no-drive", &pattern(512));
+        assert!(drive_for_clone(None, None).unwrap().is_none());
+        assert!(matches!(
+            drive_for_clone(None, Some(&image.0)),
+            Err(DiskError::NoDriveInSnapshot)
+        ));
     }
 
     #[test]

@@ -253,7 +253,7 @@ fn read<M: GuestMemory + ?Sized>(
     }
     // At most MAX_DESCRIPTORS u32 lengths: no overflow in u64.
     let len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RequestError::Unaligned(len));
     }
     if len > MAX_REQUEST_BYTES {

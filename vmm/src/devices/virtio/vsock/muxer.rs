@@ -73,6 +73,9 @@ struct Connection {
     host_eof: bool,
     /// The guest will not receive anymore.
     guest_shut_rcv: bool,
+    /// The guest will send nothing more (the host socket is half-closed
+    /// once what it sent has been written).
+    guest_shut_send: bool,
     credit_update_queued: bool,
 }
 
@@ -91,6 +94,7 @@ impl Connection {
             host_readable: true,
             host_eof: false,
             guest_shut_rcv: false,
+            guest_shut_send: false,
             credit_update_queued: false,
         }
     }
@@ -384,6 +388,7 @@ impl Muxer {
             conn.guest_shut_rcv = true;
         }
         if flags & SHUTDOWN_SEND != 0 {
+            conn.guest_shut_send = true;
             if flags & SHUTDOWN_RCV != 0 {
                 conn.state = State::Closing;
             }
@@ -398,7 +403,10 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if !conn.to_host.is_empty() {
+        // Called after every flush: only a guest that said it is done
+        // sending gets its host socket half-closed (a drained buffer alone
+        // means nothing).
+        if !conn.guest_shut_send || !conn.to_host.is_empty() {
             return;
         }
         if conn.state == State::Closing {
@@ -507,7 +515,8 @@ impl Muxer {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => conn.host_readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => self.rx_order.push_back(key),
-                Err(_) => {
+                Err(e) => {
+                    log::debug!("vsock: host socket of {key:?} failed: {e}");
                     self.remove(key);
                     return Some((self.header(key, OP_RST, 0, 0), 0));
                 }
@@ -577,6 +586,42 @@ mod tests {
         assert_eq!(out[0].0.op, OP_RST);
         assert_eq!((out[0].0.src_port, out[0].0.dst_port), (80, 5000));
         assert_eq!(m.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_drained_host_buffer_does_not_half_close_the_host_socket() {
+        let accept = Accept::default();
+        let mut m = Muxer::new(GUEST, Box::new(accept.clone()));
+        m.recv_from_guest(&pkt(OP_REQUEST, 5000, 80, 0), &[]);
+        drain(&mut m);
+        let mut host = accept.0.lock().unwrap()[0].try_clone().unwrap();
+        // More than the host socket takes at once: the rest waits in the
+        // muxer until the host reads.
+        let chunk = vec![7u8; 60 * 1024];
+        let mut sent = 0;
+        for _ in 0..4 {
+            m.recv_from_guest(&pkt(OP_RW, 5000, 80, chunk.len() as u32), &chunk);
+            sent += chunk.len();
+        }
+        let fd = m.conns.values().next().unwrap().stream.as_raw_fd();
+        let mut got = vec![0u8; sent];
+        let mut read = 0;
+        host.set_nonblocking(true).unwrap();
+        while read < sent {
+            match host.read(&mut got[read..]) {
+                Ok(0) => panic!("the host socket was closed after {read} of {sent} bytes"),
+                Ok(n) => read += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => m.host_event(fd, false, true),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // Drained, and still open: more data goes through.
+        m.host_event(fd, false, true);
+        m.recv_from_guest(&pkt(OP_RW, 5000, 80, 2), b"ok");
+        host.set_nonblocking(false).unwrap();
+        let mut more = [0u8; 2];
+        host.read_exact(&mut more).unwrap();
+        assert_eq!(&more, b"ok");
     }
 
     #[test]

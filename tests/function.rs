@@ -1,0 +1,226 @@
+//! Functions: a python handler snapshotted waiting, invoked in fresh clones
+//! through the hot path (guest memory + doorbell) and the vsock path.
+//!
+//! The template is made once per run (and cached across runs by its
+//! inputs): one cold boot of the python3 image plus the interpreter's
+//! start, about a minute on PVM hosts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ember::function::{
+    ensure_cached_function, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec,
+    HandlerResult, InvocationPath, TemplateOptions,
+};
+use serde_json::{json, Value};
+
+fn probe_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py")
+}
+
+fn template_options() -> TemplateOptions {
+    let (kernel, initrd) = common::guest_artifacts();
+    let image = ember::paths::default_python_image();
+    assert!(
+        image.exists(),
+        "{} is missing: run scripts/setup first",
+        image.display()
+    );
+    TemplateOptions::new(kernel, initrd, Some(image))
+}
+
+/// The probe function, made on first use.
+fn function() -> &'static Function {
+    static FUNCTION: OnceLock<Function> = OnceLock::new();
+    FUNCTION.get_or_init(|| {
+        let mut spec = FunctionSpec::python3(probe_py(), "handler");
+        spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
+        let dir = ensure_cached_function(&spec, &template_options(), |dir| {
+            eprintln!("making the probe function in {}", dir.display())
+        })
+        .expect("probe function template");
+        Function::open(&dir).expect("open the probe function")
+    })
+}
+
+fn invoke_with(event: &Value, options: &FunctionInvokeOptions) -> FunctionOutcome {
+    let event = serde_json::to_vec(event).unwrap();
+    function().invoke(&event, options).expect("invoke")
+}
+
+fn invoke(event: Value) -> FunctionOutcome {
+    invoke_with(&event, &FunctionInvokeOptions::default())
+}
+
+fn json_result(outcome: &FunctionOutcome) -> &Value {
+    match &outcome.result {
+        HandlerResult::Json { value } => value,
+        other => panic!("expected a JSON result, got {other:?}"),
+    }
+}
+
+#[test]
+fn echo_takes_the_hot_path() {
+    let event = json!({"op": "echo", "n": 42, "s": "héllo"});
+    let outcome = invoke(event.clone());
+    assert_eq!(json_result(&outcome), &json!({"echo": event}));
+    assert_eq!(outcome.path, InvocationPath::Hot);
+    assert!(
+        function().manifest().hot_path.is_some(),
+        "python runtime without a hot path"
+    );
+}
+
+#[test]
+fn vsock_path_gives_the_same_answer() {
+    let event = json!({"op": "echo", "via": "vsock"});
+    let options = FunctionInvokeOptions {
+        force_vsock: true,
+        ..FunctionInvokeOptions::default()
+    };
+    let outcome = invoke_with(&event, &options);
+    assert_eq!(outcome.path, InvocationPath::Vsock);
+    assert_eq!(json_result(&outcome), &json!({"echo": event}));
+}
+
+#[test]
+fn handler_exception_is_a_structured_error() {
+    let outcome = invoke(json!({"op": "fail", "why": "testing"}));
+    match outcome.result {
+        HandlerResult::Error {
+            error_type,
+            message,
+            traceback,
+        } => {
+            assert_eq!(error_type, "ValueError");
+            assert_eq!(message, "bad input: testing");
+            assert!(traceback.contains("Traceback"), "{traceback}");
+            assert!(traceback.contains("probe.py"), "{traceback}");
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn endless_handler_is_killed_at_the_timeout() {
+    let options = FunctionInvokeOptions {
+        timeout: Duration::from_secs(2),
+        ..FunctionInvokeOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let outcome = invoke_with(&json!({"op": "loop"}), &options);
+    assert_eq!(outcome.result, HandlerResult::TimedOut);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The host is fine: the next clone answers.
+    let outcome = invoke(json!({"op": "echo"}));
+    assert!(matches!(outcome.result, HandlerResult::Json { .. }));
+}
+
+#[test]
+fn event_larger_than_the_hot_path_buffer_takes_the_vsock_path() {
+    let big = "e".repeat(function().hot_path_capacity() as usize + 1000);
+    let event = json!({"op": "echo", "big": big});
+    let outcome = invoke(event.clone());
+    assert_eq!(outcome.path, InvocationPath::Vsock);
+    assert_eq!(json_result(&outcome), &json!({"echo": event}));
+}
+
+#[test]
+fn result_larger_than_the_hot_path_buffer_comes_back_through_the_agent() {
+    let n = function().hot_path_capacity() as usize + 1000;
+    let outcome = invoke(json!({"op": "big", "n": n}));
+    assert_eq!(outcome.path, InvocationPath::HotWithVsockResult);
+    assert_eq!(json_result(&outcome).as_str().map(str::len), Some(n));
+}
+
+#[test]
+fn eight_concurrent_invocations() {
+    let outcomes: Vec<FunctionOutcome> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..8)
+            .map(|i| scope.spawn(move || invoke(json!({"op": "echo", "i": i}))))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert_eq!(
+            json_result(outcome),
+            &json!({"echo": {"op": "echo", "i": i}})
+        );
+    }
+}
+
+#[test]
+fn clones_share_no_state() {
+    for _ in 0..3 {
+        let outcome = invoke(json!({"op": "count"}));
+        assert_eq!(json_result(&outcome), &json!({"count": 1}));
+    }
+}
+
+#[test]
+fn clones_see_different_urandom() {
+    let first = invoke(json!({"op": "rand"}));
+    let second = invoke(json!({"op": "rand"}));
+    assert_eq!(first.path, InvocationPath::Hot);
+    assert_ne!(json_result(&first), json_result(&second));
+    let options = FunctionInvokeOptions {
+        force_vsock: true,
+        ..FunctionInvokeOptions::default()
+    };
+    let third = invoke_with(&json!({"op": "rand"}), &options);
+    assert_ne!(json_result(&first), json_result(&third));
+    assert_ne!(json_result(&second), json_result(&third));
+}
+
+#[test]
+fn root_drive_cannot_be_written_from_the_guest() {
+    let image = ember::paths::default_python_image();
+    let before = std::fs::read(&image).unwrap();
+    let outcome = invoke(json!({"op": "write_root"}));
+    let result = json_result(&outcome);
+    for path in [
+        "/probe-write",
+        "/usr/lib/python3/probe-write",
+        "/etc/hostname",
+    ] {
+        assert_eq!(result[path], "Read-only file system", "{path}: {result}");
+    }
+    assert_ne!(result["/dev/vda"], "opened", "{result}");
+    assert_eq!(result["/tmp"], "private");
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the image changed"
+    );
+}
+
+#[test]
+fn output_and_bytes_results() {
+    let outcome = invoke(json!({"op": "print"}));
+    assert_eq!(json_result(&outcome), &json!("printed"));
+    assert_eq!(outcome.stdout, b"to stdout\n");
+    assert_eq!(outcome.stderr, b"to stderr\n");
+    let outcome = invoke(json!({"op": "bytes"}));
+    assert_eq!(
+        outcome.result,
+        HandlerResult::Bytes {
+            bytes: vec![0, 1, 2, 3]
+        }
+    );
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let options = FunctionInvokeOptions {
+        timeout: Duration::ZERO,
+        ..FunctionInvokeOptions::default()
+    };
+    assert!(function().invoke(b"{}", &options).is_err());
+    // A directory without a function in it.
+    let empty = common::temp_path("no-function");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(Function::open(&empty).is_err());
+    let _ = std::fs::remove_dir_all(&empty);
+}

@@ -1,0 +1,404 @@
+//! The functions a server serves (`ember serve --functions DIR`): opened
+//! once at start, each invoked in fresh clones, at most `max_live` clones
+//! alive at once with a bounded queue in front.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+use super::metrics::FunctionLoad;
+use super::ServerError;
+use crate::function::{Function, MANIFEST_FILE};
+
+/// Longest function name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Whether `name` can name a function: `[A-Za-z0-9_.-]{1,64}`, and not
+/// `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name != "."
+        && name != ".."
+}
+
+/// How a [`FunctionSet`] shares the host.
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionSetConfig {
+    /// Most clones alive at once, over all functions.
+    pub max_live: usize,
+    /// Most requests waiting for a slot; more are refused (429).
+    pub max_queue: usize,
+    /// Longest wait for a slot (then 503).
+    pub queue_timeout: Duration,
+    /// On shutdown, how long running invocations may go on.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for FunctionSetConfig {
+    fn default() -> Self {
+        FunctionSetConfig {
+            max_live: 8,
+            max_queue: 64,
+            queue_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One served function.
+#[derive(Debug)]
+pub struct ServedFunction {
+    /// Its name (the URL's `{name}`).
+    pub name: String,
+    /// Its index in the set (the metrics' slot).
+    pub index: usize,
+    /// Where its template is.
+    pub dir: PathBuf,
+    /// The opened template.
+    pub function: Arc<Function>,
+}
+
+/// The functions a server serves, by name.
+#[derive(Debug)]
+pub struct FunctionSet {
+    functions: BTreeMap<String, ServedFunction>,
+    limiter: Limiter,
+    config: FunctionSetConfig,
+}
+
+impl FunctionSet {
+    /// Opens every function in `dir`: each subdirectory holding a
+    /// `function.json` is one, named after the subdirectory. Names that
+    /// are not `[A-Za-z0-9_.-]{1,64}` are skipped with a warning; a
+    /// function that does not open is an error.
+    pub fn open(dir: &Path, config: FunctionSetConfig) -> Result<FunctionSet, ServerError> {
+        let bad = |e: std::io::Error| {
+            ServerError::Config(format!("cannot read functions in {}: {e}", dir.display()))
+        };
+        if dir.join(MANIFEST_FILE).exists() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the functions directory is itself a function; it serves its subdirectories only"
+            );
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(bad)? {
+            let path = entry.map_err(bad)?.path();
+            // Symlinks to template directories count.
+            if !path.is_dir() || !path.join(MANIFEST_FILE).is_file() {
+                continue;
+            }
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                tracing::warn!(dir = %path.display(), "function name is not UTF-8; skipped");
+                continue;
+            };
+            if !valid_name(&name) {
+                tracing::warn!(
+                    dir = %path.display(),
+                    "function name is not [A-Za-z0-9_.-]{{1,64}}; skipped"
+                );
+                continue;
+            }
+            found.push((name, path));
+        }
+        found.sort();
+        if found.is_empty() {
+            tracing::warn!(dir = %dir.display(), "no functions found");
+        }
+        let mut functions = Vec::with_capacity(found.len());
+        for (name, path) in found {
+            let function =
+                Function::open(&path).map_err(|e| ServerError::Function(name.clone(), e))?;
+            let manifest = function.manifest();
+            tracing::info!(
+                function = %name,
+                dir = %path.display(),
+                runtime = %manifest.runtime,
+                handler = %manifest.handler,
+                hot_path = manifest.hot_path.is_some(),
+                hot_path_capacity_bytes = function.hot_path_capacity(),
+                "function"
+            );
+            functions.push((name, path, function));
+        }
+        Self::new(functions, config)
+    }
+
+    /// A set of functions opened already: `(name, template dir, function)`.
+    pub fn new(
+        functions: Vec<(String, PathBuf, Function)>,
+        config: FunctionSetConfig,
+    ) -> Result<FunctionSet, ServerError> {
+        if config.max_live == 0 {
+            return Err(ServerError::Config("max_live must be at least 1".into()));
+        }
+        let mut set = BTreeMap::new();
+        for (name, dir, function) in functions {
+            if !valid_name(&name) {
+                return Err(ServerError::Config(format!(
+                    "{name:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})"
+                )));
+            }
+            if set.contains_key(&name) {
+                return Err(ServerError::Config(format!("function {name} given twice")));
+            }
+            set.insert(
+                name.clone(),
+                ServedFunction {
+                    name,
+                    index: 0,
+                    dir,
+                    function: Arc::new(function),
+                },
+            );
+        }
+        for (index, f) in set.values_mut().enumerate() {
+            f.index = index;
+        }
+        Ok(FunctionSet {
+            functions: set,
+            limiter: Limiter::new(&config),
+            config,
+        })
+    }
+
+    /// A set without functions.
+    pub fn empty() -> FunctionSet {
+        Self::new(Vec::new(), FunctionSetConfig::default()).expect("an empty set is valid")
+    }
+
+    /// The function called `name`.
+    pub fn get(&self, name: &str) -> Option<&ServedFunction> {
+        self.functions.get(name)
+    }
+
+    /// Every function, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &ServedFunction> {
+        self.functions.values()
+    }
+
+    /// Their names, in index order.
+    pub fn names(&self) -> Vec<String> {
+        self.functions.keys().cloned().collect()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+
+    /// How the set shares the host.
+    pub fn config(&self) -> &FunctionSetConfig {
+        &self.config
+    }
+
+    /// Clones alive and requests waiting.
+    pub fn load(&self) -> FunctionLoad {
+        self.limiter.load()
+    }
+
+    /// Waits for a slot to run one invocation in: at once, or in the
+    /// queue.
+    pub(crate) async fn acquire(&self) -> Result<Slot, Refusal> {
+        self.limiter.acquire().await
+    }
+
+    /// Refuses new invocations from now on (waiting ones too).
+    pub fn close(&self) {
+        self.limiter.permits.close();
+    }
+
+    /// Whether [`FunctionSet::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.limiter.permits.is_closed()
+    }
+
+    /// Waits until no clone is alive, at most the shutdown grace; returns
+    /// how many still are.
+    pub async fn drain(&self) -> usize {
+        let deadline = Instant::now() + self.config.shutdown_grace;
+        loop {
+            let live = self.load().live;
+            if live == 0 || Instant::now() >= deadline {
+                return live;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Why an invocation got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Every slot is taken and the queue is full.
+    Busy { max_live: usize, max_queue: usize },
+    /// No slot became free in time.
+    QueueTimeout(Duration),
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Busy {
+                max_live,
+                max_queue,
+            } => write!(
+                f,
+                "all {max_live} function slots are busy and {max_queue} callers wait already"
+            ),
+            Refusal::QueueTimeout(d) => write!(f, "no function slot became free within {d:?}"),
+            Refusal::ShuttingDown => write!(f, "the server is shutting down"),
+        }
+    }
+}
+
+/// A slot to run one clone in; freed when dropped.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// How long the request waited for it.
+    pub queued: Duration,
+}
+
+/// At most `max_live` slots; at most `max_queue` waiters (FIFO).
+#[derive(Debug)]
+struct Limiter {
+    permits: Arc<Semaphore>,
+    max_live: usize,
+    max_queue: usize,
+    queue_timeout: Duration,
+    queued: AtomicUsize,
+}
+
+/// Leaves the queue when dropped (also when the request is abandoned).
+struct InQueue<'a>(&'a AtomicUsize);
+
+impl Drop for InQueue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Limiter {
+    fn new(config: &FunctionSetConfig) -> Self {
+        Limiter {
+            permits: Arc::new(Semaphore::new(config.max_live)),
+            max_live: config.max_live,
+            max_queue: config.max_queue,
+            queue_timeout: config.queue_timeout,
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    fn load(&self) -> FunctionLoad {
+        FunctionLoad {
+            live: self
+                .max_live
+                .saturating_sub(self.permits.available_permits()),
+            queued: self.queued.load(Ordering::SeqCst),
+        }
+    }
+
+    async fn acquire(&self) -> Result<Slot, Refusal> {
+        let started = Instant::now();
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                return Ok(Slot {
+                    _permit: permit,
+                    queued: Duration::ZERO,
+                })
+            }
+            Err(TryAcquireError::Closed) => return Err(Refusal::ShuttingDown),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        let max_queue = self.max_queue;
+        if self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < max_queue).then_some(q + 1)
+            })
+            .is_err()
+        {
+            return Err(Refusal::Busy {
+                max_live: self.max_live,
+                max_queue,
+            });
+        }
+        let _in_queue = InQueue(&self.queued);
+        match tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Slot {
+                _permit: permit,
+                queued: started.elapsed(),
+            }),
+            Ok(Err(_)) => Err(Refusal::ShuttingDown),
+            Err(_) => Err(Refusal::QueueTimeout(self.queue_timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["probe", "a", "A.b-c_9", &"x".repeat(64)] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn limiter_queues_refuses_and_closes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let limiter = Arc::new(Limiter::new(&FunctionSetConfig {
+                max_live: 1,
+                max_queue: 1,
+                queue_timeout: Duration::from_millis(50),
+                shutdown_grace: Duration::ZERO,
+            }));
+            let first = limiter.acquire().await.unwrap();
+            assert_eq!(first.queued, Duration::ZERO);
+            assert_eq!(limiter.load(), FunctionLoad { live: 1, queued: 0 });
+            // One waits (and times out); meanwhile a third is refused.
+            let waiter = tokio::spawn({
+                let limiter = limiter.clone();
+                async move { limiter.acquire().await.map(|_| ()) }
+            });
+            while limiter.load().queued == 0 {
+                tokio::task::yield_now().await;
+            }
+            assert!(matches!(limiter.acquire().await, Err(Refusal::Busy { .. })));
+            assert_eq!(
+                waiter.await.unwrap(),
+                Err(Refusal::QueueTimeout(Duration::from_millis(50)))
+            );
+            assert_eq!(limiter.load().queued, 0);
+            drop(first);
+            let second = limiter.acquire().await.unwrap();
+            drop(second);
+            limiter.permits.close();
+            assert_eq!(limiter.acquire().await.unwrap_err(), Refusal::ShuttingDown);
+        });
+    }
+}
