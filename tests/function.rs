@@ -224,3 +224,90 @@ fn bad_requests_are_refused() {
     assert!(Function::open(&empty).is_err());
     let _ = std::fs::remove_dir_all(&empty);
 }
+
+#[test]
+fn exec_runtime_from_the_command_line() {
+    // Any executable speaking the runtime pipe protocol is a function; this
+    // one (POSIX sh) runs on the plain initramfs, without a root image.
+    let dir = common::temp_path("exec-echo");
+    let _ = std::fs::remove_dir_all(&dir);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/functions/echo.sh");
+    let dir_arg = dir.to_str().unwrap();
+    let create = common::run_ember(
+        &[
+            "function",
+            "create",
+            "--runtime",
+            "exec",
+            "--handler",
+            script.to_str().unwrap(),
+            "--warmup-event",
+            "{}",
+            "--out",
+            dir_arg,
+        ],
+        Duration::from_secs(600),
+    );
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+    let invoke = common::run_ember(
+        &[
+            "invoke",
+            "--function",
+            dir_arg,
+            "--event",
+            r#"{"from": "sh"}"#,
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        invoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&invoke.stderr)
+    );
+    let outcome: Value = serde_json::from_slice(&invoke.stdout).unwrap();
+    assert_eq!(outcome["result"]["kind"], "json");
+    assert_eq!(outcome["result"]["value"], json!({"from": "sh"}));
+    assert_eq!(outcome["path"], "vsock");
+    // A bad event file is a clear error, not a panic.
+    let missing = common::run_ember(
+        &[
+            "invoke",
+            "--function",
+            dir_arg,
+            "--event-file",
+            "/nonexistent/event.json",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("event"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn isolated_invocations_in_jailed_workers() {
+    let options = FunctionInvokeOptions {
+        isolation: Some(ember::worker::Isolation::new(env!("CARGO_BIN_EXE_ember"))),
+        ..FunctionInvokeOptions::default()
+    };
+    let event = json!({"op": "echo", "jailed": true});
+    let outcome = invoke_with(&event, &options);
+    assert_eq!(outcome.path, InvocationPath::Hot);
+    assert_eq!(json_result(&outcome), &json!({"echo": event}));
+    // The vsock path and a structured error come back through the worker too.
+    let options = FunctionInvokeOptions {
+        force_vsock: true,
+        ..options
+    };
+    let outcome = invoke_with(&json!({"op": "fail", "why": "jailed"}), &options);
+    assert_eq!(outcome.path, InvocationPath::Vsock);
+    assert!(matches!(
+        outcome.result,
+        HandlerResult::Error { ref message, .. } if message == "bad input: jailed"
+    ));
+}

@@ -81,8 +81,12 @@ pub struct InvokeArgs {
     #[arg(long)]
     vsock: bool,
     /// Write the clone's console to this file
-    #[arg(long)]
+    #[arg(long, conflicts_with = "isolate")]
     console: Option<PathBuf>,
+    /// Run the clone in its own jailed worker process (namespaces, cgroups,
+    /// an unprivileged uid, seccomp), as `ember serve` does
+    #[arg(long)]
+    isolate: bool,
     /// Print one JSON object with the outcome
     #[arg(long)]
     json: bool,
@@ -228,6 +232,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             .console
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
+        isolation: args.isolate.then(crate::isolation).transpose()?,
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&event, &options)?;

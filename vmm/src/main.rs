@@ -551,6 +551,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
                 max_queue: args.max_queue,
                 queue_timeout: ember::PoolConfig::default().queue_timeout,
                 shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+                isolation: (!args.in_process).then(isolation).transpose()?,
             },
         )?)),
         None => None,

@@ -41,6 +41,9 @@ pub struct FunctionInvokeOptions {
     pub console: ConsoleOutput,
     /// seccomp filters on the clone's threads (on by default).
     pub seccomp: bool,
+    /// Run the clone in its own jailed worker process (see
+    /// [`crate::worker`]); `None` runs it in this process.
+    pub isolation: Option<crate::worker::Isolation>,
 }
 
 impl Default for FunctionInvokeOptions {
@@ -51,6 +54,7 @@ impl Default for FunctionInvokeOptions {
             force_vsock: false,
             console: ConsoleOutput::default(),
             seccomp: true,
+            isolation: None,
         }
     }
 }
@@ -157,6 +161,12 @@ impl Function {
         Ok(Function { snapshot, manifest })
     }
 
+    /// A function from an opened snapshot and its manifest (a jailed
+    /// worker gets them as a descriptor and bytes).
+    pub fn from_parts(snapshot: Snapshot, manifest: Manifest) -> Self {
+        Function { snapshot, manifest }
+    }
+
     /// The template's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -187,6 +197,11 @@ impl Function {
             return Err(FunctionError::BadRequest(format!(
                 "timeout {timeout_ms} ms is not in 1..={MAX_TIMEOUT_MS}"
             )));
+        }
+        if let Some(isolation) = &options.isolation {
+            let mut outcome = crate::worker::function::invoke(self, event, options, isolation)?;
+            outcome.timings.total = requested.elapsed();
+            return Ok(outcome);
         }
         let hot = self
             .manifest
@@ -419,7 +434,11 @@ fn timed_out(path: InvocationPath) -> FunctionOutcome {
 }
 
 /// The guest is not trusted to have honoured the output limit.
-fn cap_output(mut stdout: Vec<u8>, mut stderr: Vec<u8>, max: u64) -> (Vec<u8>, Vec<u8>, bool) {
+pub(crate) fn cap_output(
+    mut stdout: Vec<u8>,
+    mut stderr: Vec<u8>,
+    max: u64,
+) -> (Vec<u8>, Vec<u8>, bool) {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
     let cut = stdout.len().saturating_add(stderr.len()) > max;
     stdout.truncate(max);

@@ -70,10 +70,26 @@ impl Manifest {
                 path.display()
             )));
         }
-        let manifest: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| FunctionError::Manifest(format!("{}: {e}", path.display())))?;
+        Self::from_json(&text, mem_bytes)
+            .map_err(|e| FunctionError::Manifest(format!("{}: {e}", path.display())))
+    }
+
+    /// Decodes and checks a manifest's JSON text (at most 1 MiB).
+    pub fn from_json(text: &[u8], mem_bytes: u64) -> Result<Self, FunctionError> {
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(FunctionError::Manifest(format!(
+                "over {MAX_MANIFEST_BYTES} bytes"
+            )));
+        }
+        let manifest: Manifest =
+            serde_json::from_slice(text).map_err(|e| FunctionError::Manifest(e.to_string()))?;
         manifest.validate(mem_bytes)?;
         Ok(manifest)
+    }
+
+    /// The manifest's JSON text.
+    pub fn to_json(&self) -> Result<Vec<u8>, FunctionError> {
+        serde_json::to_vec_pretty(self).map_err(|e| FunctionError::Manifest(format!("encode: {e}")))
     }
 
     fn validate(&self, mem_bytes: u64) -> Result<(), FunctionError> {
@@ -110,8 +126,7 @@ impl Manifest {
     pub(crate) fn write(&self, dir: &Path) -> Result<(), FunctionError> {
         let path = dir.join(MANIFEST_FILE);
         let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(self)
-            .map_err(|e| FunctionError::Manifest(format!("encode: {e}")))?;
+        let text = self.to_json()?;
         std::fs::write(&tmp, text).map_err(|e| FunctionError::Io(tmp.clone(), e))?;
         std::fs::rename(&tmp, &path).map_err(|e| FunctionError::Io(path, e))
     }

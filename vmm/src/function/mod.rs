@@ -35,6 +35,7 @@ mod template;
 use std::path::PathBuf;
 
 pub use cache::{cached_function_dir, ensure_cached_function};
+pub(crate) use invoke::cap_output;
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
     InvocationPath,

@@ -330,7 +330,10 @@ fn start_request(
         argv,
         env: spec.env.clone(),
         files_in,
-        hot_path: spec.hot_path,
+        // The hot path hands the runtime /dev/mem to map its doorbell; only
+        // ember's own python runtime is trusted to map it and close it
+        // before user code runs. `exec` runtimes use the vsock path.
+        hot_path: spec.hot_path && matches!(spec.runtime, Runtime::Python3 { .. }),
         ready_timeout_ms: duration_ms(options.startup_timeout),
     };
     start.validate().map_err(FunctionError::BadRequest)?;

@@ -29,7 +29,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// How a [`FunctionSet`] shares the host.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FunctionSetConfig {
     /// Most clones alive at once, over all functions.
     pub max_live: usize,
@@ -39,6 +39,9 @@ pub struct FunctionSetConfig {
     pub queue_timeout: Duration,
     /// On shutdown, how long running invocations may go on.
     pub shutdown_grace: Duration,
+    /// Run every clone in its own jailed worker process (`None`: in the
+    /// server's process, for trusted code only).
+    pub isolation: Option<crate::worker::Isolation>,
 }
 
 impl Default for FunctionSetConfig {
@@ -46,6 +49,7 @@ impl Default for FunctionSetConfig {
         FunctionSetConfig {
             max_live: 8,
             max_queue: 64,
+            isolation: None,
             queue_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -376,6 +380,7 @@ mod tests {
                 max_queue: 1,
                 queue_timeout: Duration::from_millis(50),
                 shutdown_grace: Duration::ZERO,
+                isolation: None,
             }));
             let first = limiter.acquire().await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);

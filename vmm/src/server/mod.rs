@@ -940,6 +940,10 @@ async fn function_invocations(
     // either way.
     let answer = tokio::task::spawn_blocking(move || {
         let function = functions.get(&name).expect("the function is in the set");
+        let options = FunctionInvokeOptions {
+            isolation: functions.config().isolation.clone(),
+            ..options
+        };
         log.run(function, &event, &options, slot)
     })
     .await;

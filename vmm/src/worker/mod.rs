@@ -14,6 +14,7 @@
 //! A worker serves one sandbox and exits when the control socket closes.
 
 pub mod cgroup;
+pub mod function;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -157,6 +158,40 @@ pub fn spawn(
     isolation: &Isolation,
 ) -> Result<(WorkerProcess, AgentClient, ReadyTimings), WorkerError> {
     let started = Instant::now();
+    let mode = isolation.violate_seccomp.then_some("violate-seccomp");
+    let (mut worker, mut control) = start(snapshot, options, isolation, mode)?;
+    control
+        .set_read_timeout(Some(RESTORE_CONNECT_TIMEOUT))
+        .map_err(WorkerError::Io)?;
+    let line = match read_line(&mut control) {
+        Ok(line) => line,
+        Err(e) => {
+            let status = worker.finish(Duration::from_secs(1));
+            return Err(WorkerError::Died(format!("{e}; {}", describe_exit(status))));
+        }
+    };
+    let ready = parse_ready(&line).ok_or_else(|| WorkerError::Failed(line.clone()))?;
+    control.set_read_timeout(None).map_err(WorkerError::Io)?;
+    let agent = AgentClient::attach(control, ready.hello)
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    // The agent's greeting reaches the parent with the ready line.
+    let timings = ReadyTimings {
+        start: ready.restore,
+        agent: started.elapsed(),
+        ready: started.elapsed(),
+    };
+    Ok((worker, agent, timings))
+}
+
+/// Starts a worker in `mode` (its third argument, if any) for a clone of
+/// `snapshot`, puts it in its cgroups and lets it go; returns it and the
+/// parent's end of its control socket.
+fn start(
+    snapshot: &Snapshot,
+    options: &RestoreOptions,
+    isolation: &Isolation,
+    mode: Option<&str>,
+) -> Result<(WorkerProcess, UnixStream), WorkerError> {
     if options.vsock_uds.is_some() {
         return Err(WorkerError::Unsupported(
             "a vsock Unix socket cannot be reached from inside the jail",
@@ -186,7 +221,7 @@ pub fn spawn(
         .arg(WORKER_SUBCOMMAND)
         .arg(isolation.jail.uid.to_string())
         .arg(isolation.jail.gid.to_string())
-        .args(isolation.violate_seccomp.then_some("violate-seccomp"))
+        .args(mode)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -238,27 +273,7 @@ pub fn spawn(
     }
     // Only now, limits in place, may the worker start the guest.
     control.write_all(b"g").map_err(WorkerError::Io)?;
-    control
-        .set_read_timeout(Some(RESTORE_CONNECT_TIMEOUT))
-        .map_err(WorkerError::Io)?;
-    let line = match read_line(&mut control) {
-        Ok(line) => line,
-        Err(e) => {
-            let status = worker.finish(Duration::from_secs(1));
-            return Err(WorkerError::Died(format!("{e}; {}", describe_exit(status))));
-        }
-    };
-    let ready = parse_ready(&line).ok_or_else(|| WorkerError::Failed(line.clone()))?;
-    control.set_read_timeout(None).map_err(WorkerError::Io)?;
-    let agent = AgentClient::attach(control, ready.hello)
-        .map_err(|e| WorkerError::Failed(e.to_string()))?;
-    // The agent's greeting reaches the parent with the ready line.
-    let timings = ReadyTimings {
-        start: ready.restore,
-        agent: started.elapsed(),
-        ready: started.elapsed(),
-    };
-    Ok((worker, agent, timings))
+    Ok((worker, control))
 }
 
 /// What a worker reports once ready.
@@ -358,6 +373,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     jail::enter_empty_root()?;
     jail::drop_privileges(&config)?;
 
+    if args.get(2).map(String::as_str) == Some(function::FUNCTION_MODE) {
+        return function::serve(control, snapshot);
+    }
     let mut machine = snapshot.restore(&RestoreOptions::default())?;
     let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
     let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)

@@ -1,0 +1,282 @@
+//! Function invocations in a jailed worker: the parent sends the worker
+//! the function's manifest and one event; the worker restores the clone,
+//! runs the invocation (hot path or vsock path) exactly as
+//! [`Function::invoke`] does in-process, sends the outcome back and exits.
+//!
+//! The worker is untrusted by the parent like the guest: its answer is one
+//! length-prefixed postcard message, bounded before anything is allocated
+//! for it, and the outputs in it are capped again.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{describe_exit, start, Isolation, WorkerError};
+use crate::agent::invoke_grace;
+use crate::function::{
+    Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionTimings,
+    HandlerResult, InvocationPath, Manifest,
+};
+use crate::host::HostKind;
+use crate::sandbox::RESTORE_CONNECT_TIMEOUT;
+use crate::snapshot::{RestoreOptions, Snapshot};
+
+/// The worker's third argument for function mode.
+pub const FUNCTION_MODE: &str = "function";
+/// Largest request a worker reads: an event of up to 64 MiB and a manifest.
+const MAX_REQUEST: u32 = (64 << 20) + (2 << 20);
+/// Largest answer the parent reads: a 24 MiB result plus capped outputs.
+const MAX_ANSWER: u32 = 96 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    manifest: Vec<u8>,
+    event: Vec<u8>,
+    timeout_ms: u64,
+    max_output_bytes: u64,
+    force_vsock: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireResult {
+    Json(String),
+    Bytes(Vec<u8>),
+    Error(String, String, String),
+    TimedOut,
+    RuntimeExited(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireOutcome {
+    result: WireResult,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    output_truncated: bool,
+    path: u8,
+    restore_us: u64,
+    run_us: u64,
+    handler_us: Option<u64>,
+    teardown_us: u64,
+}
+
+/// Parent side: one invocation of `function` in a fresh jailed worker.
+pub fn invoke(
+    function: &Function,
+    event: &[u8],
+    options: &FunctionInvokeOptions,
+    isolation: &Isolation,
+) -> Result<FunctionOutcome, FunctionError> {
+    let snapshot = function.snapshot();
+    let (mut worker, mut control) = start(
+        snapshot,
+        &RestoreOptions::default(),
+        isolation,
+        Some(FUNCTION_MODE),
+    )
+    .map_err(worker_error)?;
+    let request = Request {
+        manifest: function.manifest().to_json()?,
+        event: event.to_vec(),
+        timeout_ms: u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX),
+        max_output_bytes: options.max_output_bytes,
+        force_vsock: options.force_vsock,
+    };
+    write_message(&mut control, &request).map_err(worker_error)?;
+    // The worker enforces the timeout itself; this bound is for a worker
+    // that does not.
+    let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
+    let _ = control.set_read_timeout(Some(limit));
+    let answer: Result<Result<WireOutcome, String>, WorkerError> =
+        read_message(&mut control, MAX_ANSWER);
+    let status = worker.finish(Duration::from_secs(1));
+    match answer {
+        Ok(Ok(wire)) => Ok(from_wire(wire, options.max_output_bytes)),
+        Ok(Err(message)) => Err(FunctionError::Garbage(format!("worker: {message}"))),
+        Err(WorkerError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(FunctionOutcome {
+                result: HandlerResult::TimedOut,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                output_truncated: false,
+                path: InvocationPath::Vsock,
+                timings: FunctionTimings::default(),
+            })
+        }
+        Err(e) => Err(FunctionError::Garbage(format!(
+            "{e}; {}",
+            describe_exit(status)
+        ))),
+    }
+}
+
+fn worker_error(e: WorkerError) -> FunctionError {
+    FunctionError::Garbage(e.to_string())
+}
+
+/// Worker side: serves one function request on `control`, jailed, with
+/// `snapshot` opened from the descriptors the parent handed over.
+pub(super) fn serve(control: &mut UnixStream, snapshot: Snapshot) -> Result<(), WorkerError> {
+    let request: Request = read_message(control, MAX_REQUEST)?;
+    let answer = run(snapshot, request).map_err(|e| e.to_string());
+    write_message(control, &answer)
+}
+
+fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionError> {
+    let mem_bytes = u64::from(snapshot.mem_mib()) << 20;
+    let manifest = Manifest::from_json(&request.manifest, mem_bytes)?;
+    let function = Function::from_parts(snapshot, manifest);
+    let options = FunctionInvokeOptions {
+        timeout: Duration::from_millis(request.timeout_ms),
+        max_output_bytes: request.max_output_bytes,
+        force_vsock: request.force_vsock,
+        ..FunctionInvokeOptions::default()
+    };
+    let outcome = function.invoke(&request.event, &options)?;
+    Ok(to_wire(outcome))
+}
+
+fn to_wire(outcome: FunctionOutcome) -> WireOutcome {
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    WireOutcome {
+        result: match outcome.result {
+            HandlerResult::Json { value } => WireResult::Json(value.to_string()),
+            HandlerResult::Bytes { bytes } => WireResult::Bytes(bytes),
+            HandlerResult::Error {
+                error_type,
+                message,
+                traceback,
+            } => WireResult::Error(error_type, message, traceback),
+            HandlerResult::TimedOut => WireResult::TimedOut,
+            HandlerResult::RuntimeExited { status } => WireResult::RuntimeExited(status),
+        },
+        stdout: outcome.stdout,
+        stderr: outcome.stderr,
+        output_truncated: outcome.output_truncated,
+        path: match outcome.path {
+            InvocationPath::Hot => 0,
+            InvocationPath::HotWithVsockResult => 1,
+            InvocationPath::Vsock => 2,
+        },
+        restore_us: us(outcome.timings.restore),
+        run_us: us(outcome.timings.run),
+        handler_us: outcome.timings.handler.map(us),
+        teardown_us: us(outcome.timings.teardown),
+    }
+}
+
+fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
+    let result = match wire.result {
+        WireResult::Json(text) => match serde_json::from_str(&text) {
+            Ok(value) => HandlerResult::Json { value },
+            Err(e) => HandlerResult::Error {
+                error_type: "InvalidResult".into(),
+                message: format!("the worker's JSON result does not parse: {e}"),
+                traceback: String::new(),
+            },
+        },
+        WireResult::Bytes(bytes) => HandlerResult::Bytes { bytes },
+        WireResult::Error(error_type, message, traceback) => HandlerResult::Error {
+            error_type,
+            message,
+            traceback,
+        },
+        WireResult::TimedOut => HandlerResult::TimedOut,
+        WireResult::RuntimeExited(status) => HandlerResult::RuntimeExited { status },
+    };
+    let (stdout, stderr, cut) =
+        crate::function::cap_output(wire.stdout, wire.stderr, max_output_bytes);
+    FunctionOutcome {
+        result,
+        stdout,
+        stderr,
+        output_truncated: wire.output_truncated || cut,
+        path: match wire.path {
+            0 => InvocationPath::Hot,
+            1 => InvocationPath::HotWithVsockResult,
+            _ => InvocationPath::Vsock,
+        },
+        timings: FunctionTimings {
+            restore: Duration::from_micros(wire.restore_us),
+            run: Duration::from_micros(wire.run_us),
+            handler: wire.handler_us.map(Duration::from_micros),
+            teardown: Duration::from_micros(wire.teardown_us),
+            total: Duration::ZERO,
+        },
+    }
+}
+
+fn write_message<T: Serialize>(stream: &mut UnixStream, message: &T) -> Result<(), WorkerError> {
+    let payload =
+        postcard::to_allocvec(message).map_err(|e| WorkerError::Failed(format!("encode: {e}")))?;
+    let len = u32::try_from(payload.len())
+        .map_err(|_| WorkerError::Failed("message over 4 GiB".into()))?;
+    stream
+        .write_all(&len.to_le_bytes())
+        .and_then(|()| stream.write_all(&payload))
+        .map_err(WorkerError::Io)
+}
+
+fn read_message<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+    max: u32,
+) -> Result<T, WorkerError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).map_err(WorkerError::Io)?;
+    let len = u32::from_le_bytes(len);
+    if len > max {
+        return Err(WorkerError::Failed(format!(
+            "a {len}-byte message, over {max}"
+        )));
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).map_err(WorkerError::Io)?;
+    postcard::from_bytes(&payload).map_err(|e| WorkerError::Failed(format!("decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_cross_the_wire() {
+        let outcome = FunctionOutcome {
+            result: HandlerResult::Bytes {
+                bytes: vec![0, 255, 1],
+            },
+            stdout: b"out".to_vec(),
+            stderr: b"err".to_vec(),
+            output_truncated: false,
+            path: InvocationPath::HotWithVsockResult,
+            timings: FunctionTimings {
+                restore: Duration::from_micros(1500),
+                run: Duration::from_micros(20),
+                handler: Some(Duration::from_micros(7)),
+                teardown: Duration::from_micros(3),
+                total: Duration::ZERO,
+            },
+        };
+        let back = from_wire(to_wire(outcome.clone()), 1 << 20);
+        assert_eq!(back, outcome);
+        // The parent caps what a worker claims.
+        let back = from_wire(to_wire(outcome.clone()), 4);
+        assert_eq!((back.stdout.len(), back.stderr.len()), (3, 1));
+        assert!(back.output_truncated);
+    }
+
+    #[test]
+    fn oversized_and_garbage_messages_are_refused() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(MAX_ANSWER + 1).to_le_bytes()).unwrap();
+        assert!(read_message::<WireOutcome>(&mut b, MAX_ANSWER).is_err());
+        a.write_all(&3u32.to_le_bytes()).unwrap();
+        a.write_all(&[0xff, 0xff, 0xff]).unwrap();
+        assert!(read_message::<WireOutcome>(&mut b, MAX_ANSWER).is_err());
+    }
+}
