@@ -7,43 +7,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use ember::function::{
-    ensure_cached_function, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec,
-    HandlerResult, InvocationPath, TemplateOptions,
+    Function, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath,
 };
 use serde_json::{json, Value};
-
-fn probe_py() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py")
-}
-
-fn template_options() -> TemplateOptions {
-    let (kernel, initrd) = common::guest_artifacts();
-    let image = ember::paths::default_python_image();
-    assert!(
-        image.exists(),
-        "{} is missing: run scripts/setup first",
-        image.display()
-    );
-    TemplateOptions::new(kernel, initrd, Some(image))
-}
 
 /// The probe function, made on first use.
 fn function() -> &'static Function {
     static FUNCTION: OnceLock<Function> = OnceLock::new();
-    FUNCTION.get_or_init(|| {
-        let mut spec = FunctionSpec::python3(probe_py(), "handler");
-        spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
-        let dir = ensure_cached_function(&spec, &template_options(), |dir| {
-            eprintln!("making the probe function in {}", dir.display())
-        })
-        .expect("probe function template");
-        Function::open(&dir).expect("open the probe function")
-    })
+    FUNCTION
+        .get_or_init(|| Function::open(common::probe_template()).expect("open the probe function"))
 }
 
 fn invoke_with(event: &Value, options: &FunctionInvokeOptions) -> FunctionOutcome {

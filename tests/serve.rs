@@ -9,12 +9,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember::function::{ensure_cached_function, Function, FunctionSpec, TemplateOptions};
+use ember::function::Function;
 use ember::pool::{Pool, PoolConfig};
 use ember::server::api::Limits;
 use ember::server::client::{Client, Target};
@@ -281,29 +281,7 @@ fn outcome_count(m: &HashMap<String, f64>, outcome: &str) -> f64 {
 
 // --- Functions ------------------------------------------------------------
 
-/// The probe function's template directory: the same spec and options as
-/// tests/function.rs, so both share one cached template (made on first
-/// use: a cold boot of the python3 image, minutes on PVM hosts).
-fn probe_template() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let (kernel, initrd) = common::guest_artifacts();
-        let image = ember::paths::default_python_image();
-        assert!(
-            image.exists(),
-            "{} is missing: run scripts/setup first",
-            image.display()
-        );
-        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py");
-        let mut spec = FunctionSpec::python3(probe, "handler");
-        spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
-        let options = TemplateOptions::new(kernel, initrd, Some(image));
-        ensure_cached_function(&spec, &options, |dir| {
-            eprintln!("making the probe function in {}", dir.display())
-        })
-        .expect("probe function template")
-    })
-}
+use common::probe_template;
 
 /// A functions directory: `probe` (a symlink to the probe template), plus
 /// entries that are not functions.

@@ -116,7 +116,19 @@ impl Message for HostMessage {
             HostMessage::Refresh(refresh) => {
                 let _ = refresh.validate();
             }
-            HostMessage::Ping(_) => {}
+            HostMessage::FunctionStart(start) => {
+                if start.validate().is_ok() {
+                    assert!(!start.argv.is_empty() && !start.argv[0].is_empty());
+                    for file in &start.files_in {
+                        assert!(!file.path.starts_with('/'), "{:?}", file.path);
+                        assert!(!file.path.split('/').any(|c| c == ".."), "{:?}", file.path);
+                    }
+                }
+            }
+            HostMessage::FunctionInvoke(invoke) => {
+                let _ = invoke.validate();
+            }
+            HostMessage::Ping(_) | HostMessage::FunctionCollect(_) => {}
         }
     }
 }

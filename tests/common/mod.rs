@@ -86,3 +86,30 @@ pub fn cold_sandbox() -> ember::Sandbox {
 pub fn sh(script: &str) -> ember::Invocation {
     ember::Invocation::new(["sh", "-c", script])
 }
+
+/// The probe function's template directory (tests/functions/probe.py,
+/// warmed with `{"op": "warm"}`), shared by the test binaries that need it
+/// and cached across runs by its inputs: made on first use with a cold
+/// boot of the python3 image and the interpreter's start (a minute or two
+/// on PVM hosts).
+pub fn probe_template() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let (kernel, initrd) = guest_artifacts();
+        let image = ember::paths::default_python_image();
+        assert!(
+            image.exists(),
+            "{} is missing: run scripts/setup first",
+            image.display()
+        );
+        let probe =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py");
+        let mut spec = ember::function::FunctionSpec::python3(probe, "handler");
+        spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
+        let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
+        ember::function::ensure_cached_function(&spec, &options, |dir| {
+            eprintln!("making the probe function in {}", dir.display())
+        })
+        .expect("probe function template")
+    })
+}

@@ -115,6 +115,7 @@ impl Machine {
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
         let doorbell = Arc::new(Doorbell::new());
+        devices.exit.wake_on_exit(doorbell.clone());
         let vcpus: Vec<Vcpu> = vcpus
             .into_iter()
             .zip(0u8..)

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::bus::lock;
+use crate::devices::doorbell::Doorbell;
 use crate::devices::legacy::LineWatch;
 
 /// The reason a microVM stopped running.
@@ -68,6 +69,8 @@ pub struct ExitSignal {
     /// Console watches to close when the VM stops, so nobody waits for a
     /// line that cannot come.
     watches: Mutex<Vec<Arc<LineWatch>>>,
+    /// The hot-path doorbell, whose waiters must wake when the VM stops.
+    doorbell: Mutex<Option<Arc<Doorbell>>>,
 }
 
 impl ExitSignal {
@@ -77,6 +80,7 @@ impl ExitSignal {
             reason: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK)?,
             watches: Mutex::new(Vec::new()),
+            doorbell: Mutex::new(None),
         })
     }
 
@@ -92,7 +96,15 @@ impl ExitSignal {
             for watch in lock(&self.watches).iter() {
                 watch.close();
             }
+            if let Some(bell) = lock(&self.doorbell).as_ref() {
+                bell.wake();
+            }
         }
+    }
+
+    /// Wakes the waiters of `doorbell` when the VM stops.
+    pub fn wake_on_exit(&self, doorbell: Arc<Doorbell>) {
+        *lock(&self.doorbell) = Some(doorbell);
     }
 
     /// Closes `watch` when the VM stops.

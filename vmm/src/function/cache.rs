@@ -61,29 +61,12 @@ pub fn ensure_cached_function(
         return Ok(dir);
     }
     on_create(&dir);
-    let parent = paths::cache_dir();
-    std::fs::create_dir_all(&parent).map_err(|e| FunctionError::Io(parent.clone(), e))?;
-    let building = parent.join(format!(
-        ".{}.building.{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = create(spec, options, &building);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&building);
-        return Err(e);
-    }
     // The manifest is written last, so a directory with one is complete.
-    if std::fs::rename(&building, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&building);
-        if !dir.join(MANIFEST_FILE).exists() {
-            return Err(FunctionError::Io(
-                dir.clone(),
-                std::io::Error::other("cannot move the new template into place"),
-            ));
-        }
-    }
+    paths::build_cache_entry(
+        &dir,
+        MANIFEST_FILE,
+        |building| create(spec, options, building).map(drop),
+        FunctionError::Io,
+    )?;
     Ok(dir)
 }

@@ -25,8 +25,6 @@ use crate::snapshot::{RestoreOptions, Snapshot};
 /// hot-path invocation should take, short enough that a clone which does
 /// run long (or takes the vsock path) gets its tick back soon.
 const CLONE_TIMER_DELAY: Duration = Duration::from_millis(500);
-/// How often a hot-path wait looks whether the clone died.
-const EXIT_POLL: Duration = Duration::from_millis(20);
 
 /// How one invocation should run.
 #[derive(Debug, Clone)]
@@ -318,7 +316,10 @@ impl Function {
         let bell = machine.doorbell().clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (rings, rang) = bell.wait_until(left.min(EXIT_POLL), |r| r.done > 0);
+            // A stopping VM wakes the doorbell's waiters too.
+            let exit = &machine.devices.exit;
+            let (rings, rang) = bell.wait_until(left, |r| r.done > 0 || exit.reason().is_some());
+            let rang = rang && rings.done > 0;
             if rang {
                 let raw = buffers::read(machine.memory(), &pages.response, 0, pages.response.len)?;
                 let response = hotpath::decode_response(&raw, seq)

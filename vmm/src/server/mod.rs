@@ -407,6 +407,17 @@ pub fn init_logging() {
     let _ = tracing::subscriber::set_global_default(subscriber);
 }
 
+/// An error answer, with `Retry-After` when the client may try again.
+fn refusal(status: StatusCode, retry_after: Option<&'static str>, message: String) -> Response {
+    let mut response = error(status, message);
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
+    }
+    response
+}
+
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(ErrorBody { error: message })).into_response()
 }
@@ -465,13 +476,7 @@ impl RequestLog {
             error = %message,
             "invocation"
         );
-        let mut response = error(status, message);
-        if let Some(after) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
-        }
-        response
+        refusal(status, retry_after, message)
     }
 
     fn pool_error(&self, e: &PoolError) -> Response {
@@ -796,13 +801,7 @@ impl FunctionLog {
             error = %message,
             "invocation"
         );
-        let mut response = error(status, message);
-        if let Some(after) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(after));
-        }
-        response
+        refusal(status, retry_after, message)
     }
 
     /// Runs `event` in a clone of `function` (blocking) and answers.

@@ -59,34 +59,16 @@ pub fn ensure_cached_snapshot(
         return Ok(dir);
     }
     on_create(&dir);
-    let parent = paths::cache_dir();
-    std::fs::create_dir_all(&parent).map_err(|e| SnapshotError::Io(parent.clone(), e))?;
-    let building = parent.join(format!(
-        ".{}.building.{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
     let mut template = config.clone();
     template.console = ConsoleOutput::Sink;
     template.interactive = false;
     // The template's own socket would outlive nothing: clones get theirs.
     template.vsock_uds = None;
-    let result = create(&template, None, &building);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&building);
-        return Err(e);
-    }
-    if std::fs::rename(&building, &dir).is_err() {
-        // Somebody else finished first: theirs is as good as ours.
-        let _ = std::fs::remove_dir_all(&building);
-        if !dir.join(STATE_FILE).exists() {
-            return Err(SnapshotError::Io(
-                dir,
-                std::io::Error::other("cannot install the new snapshot"),
-            ));
-        }
-    }
+    paths::build_cache_entry(
+        &dir,
+        STATE_FILE,
+        |building| create(&template, None, building).map(drop),
+        SnapshotError::Io,
+    )?;
     Ok(dir)
 }
