@@ -108,20 +108,37 @@ fn serialize_lossy<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S:
     s.serialize_str(&String::from_utf8_lossy(bytes))
 }
 
-/// Where an invocation's time went (host clock).
+/// Where an invocation's time went (host clock). Serialized as
+/// milliseconds (`restore_ms`, ...).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct FunctionTimings {
     /// Request to the clone's vCPUs running.
+    #[serde(rename = "restore_ms", serialize_with = "as_ms")]
     pub restore: Duration,
     /// vCPUs running to the response (the handler plus getting the event
     /// in and the result out).
+    #[serde(rename = "run_ms", serialize_with = "as_ms")]
     pub run: Duration,
     /// The handler alone, as the runtime measured it (hot path only).
+    #[serde(rename = "handler_ms", serialize_with = "as_opt_ms")]
     pub handler: Option<Duration>,
     /// Destroying the clone.
+    #[serde(rename = "teardown_ms", serialize_with = "as_ms")]
     pub teardown: Duration,
     /// Request to the outcome, teardown included.
+    #[serde(rename = "total_ms", serialize_with = "as_ms")]
     pub total: Duration,
+}
+
+fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+fn as_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => as_ms(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// The outcome of one invocation.
@@ -560,6 +577,33 @@ mod tests {
         assert!(check_handler_result(Some(ResponseStatus::Bytes), b"x").is_ok());
         assert!(check_handler_result(Some(ResponseStatus::Error), error).is_err());
         assert!(check_handler_result(None, b"").is_err());
+    }
+
+    #[test]
+    fn outcomes_serialize_timings_in_milliseconds() {
+        let outcome = FunctionOutcome {
+            result: HandlerResult::Json {
+                value: serde_json::json!(1),
+            },
+            stdout: b"o".to_vec(),
+            stderr: Vec::new(),
+            output_truncated: false,
+            path: InvocationPath::Hot,
+            timings: FunctionTimings {
+                restore: Duration::from_micros(1500),
+                handler: None,
+                ..FunctionTimings::default()
+            },
+        };
+        let json = serde_json::to_value(&outcome).unwrap();
+        assert_eq!(json["timings"]["restore_ms"], 1.5);
+        assert!(json["timings"]["handler_ms"].is_null());
+        assert_eq!(json["path"], "hot");
+        assert_eq!(
+            json["result"],
+            serde_json::json!({"kind": "json", "value": 1})
+        );
+        assert_eq!(json["stdout"], "o");
     }
 
     #[test]
