@@ -661,10 +661,11 @@ fn main() -> ExitCode {
         _ => false,
     };
     let _ = log::set_logger(&StderrLogger);
-    log::set_max_level(if verbose {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Warn
+    log::set_max_level(match (&cli.command, verbose) {
+        // `invoke --verbose` is about the invocation, not the VMM's insides.
+        (Command::Invoke(_), true) => log::LevelFilter::Info,
+        (_, true) => log::LevelFilter::Debug,
+        (_, false) => log::LevelFilter::Warn,
     });
     let result = match cli.command {
         Command::Boot(args) => boot(args),
