@@ -288,3 +288,28 @@ fn isolated_invocations_in_jailed_workers() {
         HandlerResult::Error { ref message, .. } if message == "bad input: jailed"
     ));
 }
+
+#[test]
+fn clones_prepared_ahead_answer_after_waiting() {
+    let function = function();
+    let options = FunctionInvokeOptions::default();
+    let clones: Vec<_> = (0..2)
+        .map(|_| function.prepare(&options).expect("prepare"))
+        .collect();
+    // A prepared clone may wait in a pool for longer than its pushed-out
+    // timer; the timer is armed when it starts, not when it was made.
+    std::thread::sleep(Duration::from_millis(700));
+    for (i, clone) in clones.into_iter().enumerate() {
+        let event = serde_json::to_vec(&json!({"op": "echo", "prepared": i})).unwrap();
+        let outcome = function
+            .invoke_prepared(clone, &event, &options)
+            .expect("invoke a prepared clone");
+        assert_eq!(outcome.path, InvocationPath::Hot);
+        assert_eq!(
+            json_result(&outcome),
+            &json!({"echo": {"op": "echo", "prepared": i}})
+        );
+    }
+    // Dropping a prepared clone destroys it without running it.
+    drop(function.prepare(&options).expect("prepare"));
+}

@@ -685,15 +685,24 @@ impl Server {
         }
     }
 
+    /// Answers `Busy` (and returns true) while an invocation runs: the
+    /// function runtime is not served meanwhile.
+    fn refuse_if_busy(&mut self) -> bool {
+        if self.inv.is_some() {
+            self.reply_error(
+                ErrorKind::Busy,
+                "an invocation is running on this connection".into(),
+            );
+        }
+        self.inv.is_some()
+    }
+
     fn function_invoke(&mut self, invoke: FunctionInvoke) {
         if let Err(message) = invoke.validate() {
             return self.fatal(ErrorKind::BadRequest, message);
         }
-        if self.inv.is_some() {
-            return self.reply_error(
-                ErrorKind::Busy,
-                "an invocation is running on this connection".into(),
-            );
+        if self.refuse_if_busy() {
+            return;
         }
         let now = Instant::now();
         let result = match &mut self.function {
@@ -706,11 +715,8 @@ impl Server {
     }
 
     fn function_collect(&mut self, wait_ms: u64) {
-        if self.inv.is_some() {
-            return self.reply_error(
-                ErrorKind::Busy,
-                "an invocation is running on this connection".into(),
-            );
+        if self.refuse_if_busy() {
+            return;
         }
         let now = Instant::now();
         let result = match &mut self.function {

@@ -45,6 +45,14 @@ impl StepClock {
         }
     }
 
+    /// Starts counting again from now (a prepared clone that waited before
+    /// its start); the steps so far are kept.
+    pub(crate) fn restart(&mut self) {
+        let now = Instant::now();
+        self.started = now;
+        self.last = now;
+    }
+
     /// Ends the step called `name`.
     pub(crate) fn step(&mut self, name: &'static str) {
         let now = Instant::now();

@@ -26,7 +26,7 @@ use super::virtio::mmio::{
 };
 use super::virtio::vsock::backend::{InProcessBackend, UdsBackend, VsockBackend, VsockHub};
 use super::virtio::vsock::{Vsock, VsockEvents};
-use super::virtio::Interrupt;
+use super::virtio::{Interrupt, VirtioDevice};
 use super::{Bus, BusError};
 use crate::arch::x86_64::layout;
 use crate::config::ConsoleOutput;
@@ -274,19 +274,40 @@ fn attach_vsock(
             .map_err(DeviceError::Ioevent)?;
     }
     let device = Arc::new(Mutex::new(device));
-    let transport = match saved {
-        Some(state) => MmioTransport::restore(device.clone(), memory.clone(), interrupt, state)?,
-        None => MmioTransport::new(device.clone(), memory.clone(), interrupt)
-            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    mmio.insert(addr.raw_value(), MMIO_WINDOW_SIZE, transport.clone())?;
+    let transport = plug_transport(
+        mmio,
+        addr.raw_value(),
+        device.clone(),
+        memory,
+        interrupt,
+        saved,
+    )?;
     Ok(AttachedVsock {
         device,
         transport,
         connector,
         cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
     })
+}
+
+/// A virtio-mmio transport for `device` (fresh, or from its saved state),
+/// on the MMIO bus at `addr`.
+fn plug_transport(
+    mmio: &mut Bus,
+    addr: u64,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    memory: &GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    saved: Option<&MmioTransportState>,
+) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
+    let transport = match saved {
+        Some(state) => MmioTransport::restore(device, memory.clone(), interrupt, state)?,
+        None => MmioTransport::new(device, memory.clone(), interrupt)
+            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
+    };
+    let transport = Arc::new(Mutex::new(transport));
+    mmio.insert(addr, MMIO_WINDOW_SIZE, transport.clone())?;
+    Ok(transport)
 }
 
 /// Puts the root drive's block device in its virtio-mmio slot (interrupt
@@ -317,13 +338,14 @@ fn attach_block(
         .register_ioevent(device.queue_event(), &notify, 0u32)
         .map_err(DeviceError::Ioevent)?;
     let device = Arc::new(Mutex::new(device));
-    let transport = match saved {
-        Some(state) => MmioTransport::restore(device.clone(), memory.clone(), interrupt, state)?,
-        None => MmioTransport::new(device.clone(), memory.clone(), interrupt)
-            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    mmio.insert(addr.raw_value(), MMIO_WINDOW_SIZE, transport.clone())?;
+    let transport = plug_transport(
+        mmio,
+        addr.raw_value(),
+        device.clone(),
+        memory,
+        interrupt,
+        saved,
+    )?;
     subscribers.push(Arc::new(Mutex::new(BlockEvents::new(device))));
     cmdline_params.push(format!(
         "virtio_mmio.device=4K@{:#x}:{irq}",

@@ -83,6 +83,9 @@ pub struct FunctionBenchReport {
     pub bare_restore_ms: Percentiles,
     /// The hot path (absent for functions without one).
     pub hot: Option<PathFigures>,
+    /// The hot path into clones prepared ahead (`Function::prepare`, not
+    /// timed): restore is then only writing the request and starting.
+    pub prepared: Option<PathFigures>,
     /// The vsock path.
     pub vsock: Option<PathFigures>,
     /// A cold `python3 -c pass` in a fresh clone, request to exit.
@@ -102,26 +105,18 @@ pub fn run(
         drop(machine);
         bare.push(ms(started.elapsed()));
     }
-    let hot = match function.manifest().hot_path {
-        Some(_) => Some(measure(
-            function,
-            event,
-            config.iterations,
-            config.concurrency,
-            false,
-        )?),
-        None => None,
+    let run = |iterations: usize, mode: Mode| {
+        measure(function, event, iterations, config.concurrency, mode)
     };
+    let hot_path = function.manifest().hot_path.is_some();
+    let hot = hot_path
+        .then(|| run(config.iterations, Mode::Restore))
+        .transpose()?;
+    let prepared = hot_path
+        .then(|| run(config.iterations, Mode::Prepared))
+        .transpose()?;
     let vsock = (config.vsock_iterations > 0)
-        .then(|| {
-            measure(
-                function,
-                event,
-                config.vsock_iterations,
-                config.concurrency,
-                true,
-            )
-        })
+        .then(|| run(config.vsock_iterations, Mode::Vsock))
         .transpose()?;
     let cold_python_ms = config.cold.then(|| cold_python(function)).transpose()?;
     Ok(FunctionBenchReport {
@@ -134,9 +129,22 @@ pub fn run(
         concurrency: config.concurrency,
         bare_restore_ms: Percentiles::of(bare),
         hot,
+        prepared,
         vsock,
         cold_python_ms,
     })
+}
+
+/// How the measured invocations are made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `Function::invoke`: restore, deliver, destroy.
+    Restore,
+    /// `Function::prepare` untimed, then `Function::invoke_prepared`: the
+    /// request path of a caller that keeps clones prepared ahead.
+    Prepared,
+    /// `Function::invoke` on the vsock path.
+    Vsock,
 }
 
 fn measure(
@@ -144,11 +152,17 @@ fn measure(
     event: &[u8],
     iterations: usize,
     concurrency: usize,
-    force_vsock: bool,
+    mode: Mode,
 ) -> Result<PathFigures, FunctionError> {
     let options = FunctionInvokeOptions {
-        force_vsock,
+        force_vsock: mode == Mode::Vsock,
         ..FunctionInvokeOptions::default()
+    };
+    let invoke = |options: &FunctionInvokeOptions| match mode {
+        Mode::Prepared => function
+            .prepare(options)
+            .and_then(|clone| function.invoke_prepared(clone, event, options)),
+        Mode::Restore | Mode::Vsock => function.invoke(event, options),
     };
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<FunctionOutcome>> = Mutex::new(Vec::with_capacity(iterations));
@@ -158,7 +172,7 @@ fn measure(
         for _ in 0..concurrency.min(iterations) {
             scope.spawn(|| {
                 while next.fetch_add(1, Ordering::SeqCst) < iterations {
-                    match function.invoke(event, &options) {
+                    match invoke(&options) {
                         Ok(outcome) if matches!(outcome.result, HandlerResult::Json { .. }) => {
                             lock(&outcomes).push(outcome);
                         }
@@ -252,7 +266,11 @@ impl fmt::Display for FunctionBenchReport {
             "baseline: bare restore + teardown",
             &self.bare_restore_ms,
         )?;
-        for (name, figures) in [("hot path", &self.hot), ("vsock path", &self.vsock)] {
+        for (name, figures) in [
+            ("hot path", &self.hot),
+            ("hot path, clone prepared ahead", &self.prepared),
+            ("vsock path", &self.vsock),
+        ] {
             let Some(p) = figures else { continue };
             writeln!(
                 f,
@@ -278,6 +296,14 @@ impl fmt::Display for FunctionBenchReport {
                 "hot path result p50 = {:.2}x a bare restore+teardown",
                 p50 / self.bare_restore_ms.p50.max(1e-9)
             )?;
+            if let Some(prepared) = &self.prepared {
+                writeln!(
+                    f,
+                    "prepared clone: result p50 {:.2} ms ({:.2}x the restoring hot path)",
+                    prepared.result_ms.p50,
+                    prepared.result_ms.p50 / p50
+                )?;
+            }
             if let Some(vsock) = &self.vsock {
                 writeln!(
                     f,

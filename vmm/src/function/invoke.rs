@@ -19,7 +19,8 @@ use crate::config::ConsoleOutput;
 use crate::machine::Machine;
 use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
 use crate::snapshot::working_set::{touched_pages, PageRun};
-use crate::snapshot::{RestoreOptions, Snapshot};
+use crate::snapshot::{PreparedClone, RestoreOptions, Snapshot};
+use vm_memory::{Bytes, GuestAddress};
 
 /// How long a clone's first timer interrupt is held back: longer than any
 /// hot-path invocation should take, short enough that a clone which does
@@ -160,6 +161,24 @@ pub struct FunctionOutcome {
     pub timings: FunctionTimings,
 }
 
+/// A clone of a function's template, built but not started
+/// ([`Function::prepare`]); dropping it destroys it.
+#[derive(Debug)]
+pub struct PreparedFunction {
+    clone: PreparedClone,
+}
+
+/// The invocation timeout in milliseconds, checked.
+fn timeout_ms(options: &FunctionInvokeOptions) -> Result<u64, FunctionError> {
+    let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(FunctionError::BadRequest(format!(
+            "timeout {timeout_ms} ms is not in 1..={MAX_TIMEOUT_MS}"
+        )));
+    }
+    Ok(timeout_ms)
+}
+
 /// An opened function template, ready to be invoked any number of times
 /// (concurrently too: every invocation is its own clone).
 #[derive(Debug)]
@@ -207,27 +226,67 @@ impl Function {
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
         let requested = Instant::now();
-        let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
-        if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
-            return Err(FunctionError::BadRequest(format!(
-                "timeout {timeout_ms} ms is not in 1..={MAX_TIMEOUT_MS}"
-            )));
-        }
         if let Some(isolation) = &options.isolation {
+            timeout_ms(options)?;
             let mut outcome = crate::worker::function::invoke(self, event, options, isolation)?;
             outcome.timings.total = requested.elapsed();
             return Ok(outcome);
         }
+        let clone = self.prepare(options)?;
+        self.run(clone, event, options, requested)
+    }
+
+    /// Builds a clone ready for one event, without starting it: a caller
+    /// that keeps a few of these ahead of requests takes the restore off
+    /// the request's path ([`Function::invoke_prepared`]). Memory the
+    /// template's calibration found hot is populated; the clone's timer
+    /// is pushed out when it starts.
+    pub fn prepare(
+        &self,
+        options: &FunctionInvokeOptions,
+    ) -> Result<PreparedFunction, FunctionError> {
+        let restore = RestoreOptions {
+            console: options.console.clone(),
+            seccomp: options.seccomp,
+            timer_delay: Some(CLONE_TIMER_DELAY),
+            prefault: self.manifest.working_set.clone(),
+            ..RestoreOptions::default()
+        };
+        Ok(PreparedFunction {
+            clone: self.snapshot.prepare(&restore)?,
+        })
+    }
+
+    /// Delivers `event` to a clone made by [`Function::prepare`] (of this
+    /// function), starts it, and returns what the handler made of it; the
+    /// clone is destroyed. `options.isolation` does not apply: the clone
+    /// is in this process.
+    pub fn invoke_prepared(
+        &self,
+        clone: PreparedFunction,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Result<FunctionOutcome, FunctionError> {
+        self.run(clone, event, options, Instant::now())
+    }
+
+    fn run(
+        &self,
+        clone: PreparedFunction,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+        requested: Instant,
+    ) -> Result<FunctionOutcome, FunctionError> {
+        let timeout_ms = timeout_ms(options)?;
         let hot = self
             .manifest
             .hot_path
             .as_ref()
             .filter(|_| !options.force_vsock)
             .filter(|_| event.len() as u64 <= self.hot_path_capacity());
-        let restore = self.restore_options(hot.map(|_| event), timeout_ms, options, 0)?;
         let seq = self.manifest.next_seq;
         let deadline = requested + options.timeout;
-        let mut machine = self.snapshot.restore(&restore)?;
+        let mut machine = self.start(clone, hot.map(|_| event), timeout_ms, 0)?;
         let running = Instant::now();
         let outcome = match hot {
             Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options),
@@ -247,43 +306,41 @@ impl Function {
         Ok(outcome)
     }
 
-    /// How to restore a clone for one request: the CRNG reseed, the
-    /// working set, and for a hot-path runtime the request (with `event`
-    /// in memory, or without it: "read it from your pipe").
-    fn restore_options(
+    /// Writes one request into a prepared clone and starts it: a fresh
+    /// CRNG key and, for a hot-path runtime, the request (with `event` in
+    /// memory, or without it: "read it from your pipe").
+    fn start(
         &self,
+        clone: PreparedFunction,
         event: Option<&[u8]>,
         timeout_ms: u64,
-        options: &FunctionInvokeOptions,
         extra_flags: u32,
-    ) -> Result<RestoreOptions, FunctionError> {
-        let mut restore = RestoreOptions {
-            console: options.console.clone(),
-            seccomp: options.seccomp,
-            timer_delay: Some(CLONE_TIMER_DELAY),
-            prefault: self.manifest.working_set.clone(),
-            ..RestoreOptions::default()
-        };
+    ) -> Result<Machine, FunctionError> {
+        let memory = clone.clone.memory();
+        let mut writes = Vec::new();
         if let Some(rng) = &self.manifest.guest_rng {
             let mut key = [0u8; KEY_LEN];
             fill_random(&mut key);
-            restore.guest_writes.extend(rng.reseed_writes(key));
+            writes.extend(rng.reseed_writes(key));
         }
         if let Some(pages) = &self.manifest.hot_path {
             let mut header = request_header(self.manifest.next_seq, event, timeout_ms);
             header.flags |= extra_flags;
             if let Some(event) = event {
-                restore.guest_writes.extend(buffers::writes(
+                writes.extend(buffers::writes(
                     &pages.request,
                     REQUEST_HEADER_LEN as u64,
                     event,
                 )?);
             }
-            restore
-                .guest_writes
-                .extend(buffers::writes(&pages.request, 0, &header.encode())?);
+            writes.extend(buffers::writes(&pages.request, 0, &header.encode())?);
         }
-        Ok(restore)
+        for write in &writes {
+            memory
+                .write_slice(&write.bytes, GuestAddress(write.addr))
+                .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
+        }
+        Ok(clone.clone.start()?)
     }
 
     /// Runs one hot-path request (`event`, or a ping) in a clone and
@@ -300,10 +357,15 @@ impl Function {
             REQUEST_FLAG_PING
         };
         let payload = event.unwrap_or_default();
-        let mut restore = self.restore_options(Some(payload), 60_000, &options, flags)?;
-        restore.prefault.clear();
+        let restore = RestoreOptions {
+            timer_delay: Some(CLONE_TIMER_DELAY),
+            ..RestoreOptions::default()
+        };
+        let clone = PreparedFunction {
+            clone: self.snapshot.prepare(&restore)?,
+        };
         let deadline = Instant::now() + options.timeout;
-        let mut machine = self.snapshot.restore(&restore)?;
+        let mut machine = self.start(clone, Some(payload), 60_000, flags)?;
         let (outcome, _) = self.run_hot(
             &mut machine,
             pages,

@@ -23,6 +23,27 @@
 //!
 //! Every clone gets a fresh kernel CRNG key written into its memory
 //! ([`guest_rng`]) and fresh entropy for the runtime's own generators.
+//!
+//! ```no_run
+//! use ember::function::{self, Function, FunctionInvokeOptions, FunctionSpec, TemplateOptions};
+//! use ember::paths;
+//!
+//! // Once: boot the python image, import the handler, warm it, snapshot it.
+//! let mut spec = FunctionSpec::python3("examples/functions/echo.py", "handler");
+//! spec.warmup_event = Some(br#"{"warm": true}"#.to_vec());
+//! let options = TemplateOptions::new(
+//!     paths::default_kernel(),
+//!     paths::default_initrd(),
+//!     Some(paths::default_python_image()),
+//! );
+//! function::create(&spec, &options, "/tmp/echo".as_ref())?;
+//!
+//! // Every invocation: a fresh clone, destroyed after.
+//! let echo = Function::open("/tmp/echo".as_ref())?;
+//! let outcome = echo.invoke(br#"{"hello": "world"}"#, &FunctionInvokeOptions::default())?;
+//! println!("{:?} in {:?}", outcome.result, outcome.timings.total);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod bench;
 mod buffers;
@@ -38,7 +59,7 @@ pub use cache::{cached_function_dir, ensure_cached_function};
 pub(crate) use invoke::cap_output;
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
-    InvocationPath,
+    InvocationPath, PreparedFunction,
 };
 pub use manifest::{Manifest, MANIFEST_FILE};
 pub use template::{create, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};

@@ -37,7 +37,7 @@ pub use memory::{
     dump_memory, dump_memory_with_stats, map_memory, open_memory_file, DumpStats, MemoryFileError,
     MemoryRegionLayout,
 };
-pub use restore::{GuestWrite, RestoreOptions, Snapshot};
+pub use restore::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 
 use crate::agent::AgentError;
 use crate::arch::x86_64::state::StateError;

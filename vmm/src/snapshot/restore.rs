@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::contents::SnapshotState;
 use super::memory::validate_layout;
@@ -189,6 +189,15 @@ impl Snapshot {
 
     /// Builds and starts a clone. Returns once its vCPUs run.
     pub fn restore(&self, options: &RestoreOptions) -> Result<Machine, SnapshotError> {
+        self.prepare(options)?.start()
+    }
+
+    /// Builds a clone without starting it: everything of a restore but
+    /// the device thread and the vCPU threads, so that a clone can be made
+    /// ahead of the request it will serve (whose bytes can still be written
+    /// into its memory, [`PreparedClone::memory`]) and started in a fraction
+    /// of a restore.
+    pub fn prepare(&self, options: &RestoreOptions) -> Result<PreparedClone, SnapshotError> {
         let mut clock = StepClock::start(Instant::now());
         let state = &self.state;
         let host = HostKind::detect();
@@ -264,6 +273,7 @@ impl Snapshot {
         // Restoring vCPU state on another thread while the devices are
         // created was measured no faster: the ioctls serialize in KVM.
         let mut vcpus = Vec::with_capacity(state.vcpu_states.len());
+        let mut lapics = Vec::new();
         for (id, vcpu_state) in state.vcpu_states.iter().enumerate() {
             let fd = vm.fd().create_vcpu(id as u64).map_err(SnapshotError::Kvm)?;
             clock.step("create vCPU");
@@ -273,21 +283,69 @@ impl Snapshot {
                     let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
                     postpone_oneshot_timer(&mut vcpu_state.lapic, ns);
                     restore_vcpu(&fd, &vcpu_state)?;
+                    lapics.push(vcpu_state.lapic);
                 }
                 None => restore_vcpu(&fd, vcpu_state)?,
             }
             clock.step("restore vCPU state");
             vcpus.push(fd);
         }
-        Ok(Machine::start(
+        Ok(PreparedClone {
             vm,
             memory,
             devices,
             vcpus,
+            lapics,
             host,
             clock,
-            state.kernel_cmdline.clone(),
+            cmdline: state.kernel_cmdline.clone(),
             seccomp,
+        })
+    }
+}
+
+/// A clone built from a snapshot but not started (see
+/// [`Snapshot::prepare`]). Dropping it destroys it.
+#[derive(Debug)]
+pub struct PreparedClone {
+    vm: Vm,
+    memory: GuestMemoryMmap,
+    devices: DeviceSet,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// The LAPIC states with the timer pushed out, loaded again at the
+    /// start: the timer counts from when the state is loaded, and a clone
+    /// may wait before it starts.
+    lapics: Vec<kvm_bindings::kvm_lapic_state>,
+    host: HostKind,
+    clock: StepClock,
+    cmdline: String,
+    seccomp: bool,
+}
+
+impl PreparedClone {
+    /// The clone's memory, to write a request into before it starts.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Starts the clone's threads. Returns once its vCPUs run.
+    pub fn start(mut self) -> Result<Machine, SnapshotError> {
+        self.clock.restart();
+        for (fd, lapic) in self.vcpus.iter().zip(&self.lapics) {
+            fd.set_lapic(lapic).map_err(SnapshotError::Kvm)?;
+        }
+        if !self.lapics.is_empty() {
+            self.clock.step("re-arm LAPIC timers");
+        }
+        Ok(Machine::start(
+            self.vm,
+            self.memory,
+            self.devices,
+            self.vcpus,
+            self.host,
+            self.clock,
+            self.cmdline,
+            self.seccomp,
         )?)
     }
 }
