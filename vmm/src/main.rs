@@ -254,6 +254,21 @@ struct BenchHttpArgs {
 }
 
 impl VmArgs {
+    /// The arguments of a command that has none of its own: the default
+    /// kernel, initramfs and shape.
+    fn defaults() -> Self {
+        VmArgs {
+            kernel: None,
+            initrd: None,
+            vcpus: None,
+            mem_mib: None,
+            cmdline_extra: String::new(),
+            vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
+            vsock_uds: None,
+            root_drive: None,
+        }
+    }
+
     fn to_config(&self) -> Result<VmConfig> {
         let kernel = self.kernel.clone().unwrap_or_else(paths::default_kernel);
         let initrd = self.initrd.clone().unwrap_or_else(paths::default_initrd);
@@ -505,16 +520,7 @@ fn bench_boot(args: BenchBootArgs) -> Result<ExitCode> {
 }
 
 fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
-    let vm = VmArgs {
-        kernel: None,
-        initrd: None,
-        vcpus: None,
-        mem_mib: None,
-        cmdline_extra: String::new(),
-        vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
-        vsock_uds: None,
-        root_drive: None,
-    };
+    let vm = VmArgs::defaults();
     let snapshot = open_snapshot(args.snapshot.as_deref(), &vm)?;
     let options = RestoreOptions {
         isolation: args.isolate.then(isolation).transpose()?,
@@ -533,16 +539,7 @@ fn bench_restore(args: BenchRestoreArgs) -> Result<ExitCode> {
 fn serve(args: ServeArgs) -> Result<ExitCode> {
     use ember::server::{self, api::Limits, ServerConfig};
     server::init_logging();
-    let vm = VmArgs {
-        kernel: None,
-        initrd: None,
-        vcpus: None,
-        mem_mib: None,
-        cmdline_extra: String::new(),
-        vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
-        vsock_uds: None,
-        root_drive: None,
-    };
+    let vm = VmArgs::defaults();
     let functions = match &args.functions {
         Some(dir) => Some(std::sync::Arc::new(server::functions::FunctionSet::open(
             dir,

@@ -618,14 +618,9 @@ async fn invocations(
     match head_rx.await {
         Ok(Some(refusal)) => return refusal,
         Ok(None) => {}
-        Err(_) => {
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the invocation task failed".into(),
-            )
-        }
+        Err(_) => return task_failed(),
     }
-    let mut response = if query.stream {
+    let response = if query.stream {
         let mut response = Response::new(Body::from_stream(ReceiverStream::new(events_rx)));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -633,13 +628,21 @@ async fn invocations(
         );
         response
     } else {
-        done_rx.await.unwrap_or_else(|_| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the invocation task failed".into(),
-            )
-        })
+        done_rx.await.unwrap_or_else(|_| task_failed())
     };
+    with_id(response, id)
+}
+
+/// The answer when the blocking task serving a request went away.
+fn task_failed() -> Response {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the invocation task failed".into(),
+    )
+}
+
+/// `response` with the invocation's id header, when there is one.
+fn with_id(mut response: Response, id: Option<HeaderValue>) -> Response {
     if let Some(id) = id {
         response.headers_mut().insert("x-ember-invocation-id", id);
     }
@@ -946,16 +949,7 @@ async fn function_invocations(
         log.run(function, &event, &options, slot)
     })
     .await;
-    let mut response = answer.unwrap_or_else(|_| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the invocation task failed".into(),
-        )
-    });
-    if let Some(id) = id {
-        response.headers_mut().insert("x-ember-invocation-id", id);
-    }
-    response
+    with_id(answer.unwrap_or_else(|_| task_failed()), id)
 }
 
 #[cfg(test)]
