@@ -946,6 +946,26 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 /// The worker processes this test process started (other tests' child
 /// servers have workers too), with their descendants.
+/// The child's stderr, one JSON object per line (others wrapped as
+/// `{"unstructured": line}`), read on a thread until it closes.
+fn json_log_lines(
+    child: &mut std::process::Child,
+) -> (mpsc::Receiver<Value>, std::thread::JoinHandle<()>) {
+    let (lines_tx, lines) = mpsc::channel::<Value>();
+    let stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let value =
+                serde_json::from_str(&line).unwrap_or_else(|_| json!({"unstructured": line}));
+            let _ = lines_tx.send(value);
+        }
+    });
+    (lines, reader)
+}
+
 fn worker_processes() -> Vec<u32> {
     let is_worker = |pid: u32| {
         std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
@@ -1000,18 +1020,7 @@ fn sigterm_drains_in_flight_work_and_leaves_no_worker_behind() {
         .expect("ember serve starts");
     let pid = child.id();
     // Its stderr carries one JSON object per line.
-    let (lines_tx, lines) = mpsc::channel::<Value>();
-    let stderr = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let value =
-                serde_json::from_str(&line).unwrap_or_else(|_| json!({"unstructured": line}));
-            let _ = lines_tx.send(value);
-        }
-    });
+    let (lines, reader) = json_log_lines(&mut child);
     let mut log = Vec::new();
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     loop {
@@ -1122,18 +1131,7 @@ impl ChildServer {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("ember serve starts");
-        let (lines_tx, lines) = mpsc::channel::<Value>();
-        let stderr = child.stderr.take().expect("stderr");
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let value =
-                    serde_json::from_str(&line).unwrap_or_else(|_| json!({"unstructured": line}));
-                let _ = lines_tx.send(value);
-            }
-        });
+        let (lines, reader) = json_log_lines(&mut child);
         let mut server = ChildServer {
             child,
             lines,

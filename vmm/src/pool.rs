@@ -702,18 +702,7 @@ impl Shared {
                         .saturating_mul(1 << failures.min(16))
                         .min(self.config.max_backoff);
                     failures = failures.saturating_add(1);
-                    let until = Instant::now() + pause;
-                    while !state.closed {
-                        let left = until.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        state = self
-                            .changed
-                            .wait_timeout(state, left)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                    }
+                    state = self.wait_while(state, Instant::now() + pause, |s| !s.closed);
                 }
             }
         }
@@ -722,8 +711,19 @@ impl Shared {
     /// Waits until no sandbox is in use or being restored on demand, or
     /// `deadline`; returns the locked state.
     fn wait_idle(&self, deadline: Instant) -> MutexGuard<'_, State> {
-        let mut state = lock(&self.state);
-        while state.in_use + state.on_demand > 0 {
+        let state = lock(&self.state);
+        self.wait_while(state, deadline, |s| s.in_use + s.on_demand > 0)
+    }
+
+    /// Waits on the pool's changes while `busy(state)` holds, at most until
+    /// `deadline`; returns the locked state.
+    fn wait_while<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        deadline: Instant,
+        busy: impl Fn(&State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        while busy(&state) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;

@@ -267,12 +267,7 @@ fn attach_vsock(
     };
     let device = Vsock::new(options.vsock_cid, interrupt.clone(), backend, hub)
         .map_err(DeviceError::EventFd)?;
-    let notify = IoEventAddress::Mmio(addr.raw_value() + QUEUE_NOTIFY_OFFSET);
-    for (index, event) in device.queue_events().iter().enumerate() {
-        vm.fd()
-            .register_ioevent(event, &notify, index as u32)
-            .map_err(DeviceError::Ioevent)?;
-    }
+    register_queue_events(vm, addr.raw_value(), device.queue_events())?;
     let device = Arc::new(Mutex::new(device));
     let transport = plug_transport(
         mmio,
@@ -288,6 +283,19 @@ fn attach_vsock(
         connector,
         cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
     })
+}
+
+/// Makes the guest's writes of queue index `i` to the notify register of
+/// the device at `addr` signal `events[i]` (an ioeventfd: no vCPU exit to
+/// the VMM's own code).
+fn register_queue_events(vm: &Vm, addr: u64, events: &[EventFd]) -> Result<(), DeviceError> {
+    let notify = IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET);
+    for (index, event) in (0u32..).zip(events) {
+        vm.fd()
+            .register_ioevent(event, &notify, index)
+            .map_err(DeviceError::Ioevent)?;
+    }
+    Ok(())
 }
 
 /// A virtio-mmio transport for `device` (fresh, or from its saved state),
@@ -333,10 +341,11 @@ fn attach_block(
     vm.register_irqfd(interrupt.irqfd(), irq)?;
     let device =
         Block::new(disk.clone(), ROOT_DRIVE_ID, interrupt.clone()).map_err(DeviceError::EventFd)?;
-    let notify = IoEventAddress::Mmio(addr.raw_value() + QUEUE_NOTIFY_OFFSET);
-    vm.fd()
-        .register_ioevent(device.queue_event(), &notify, 0u32)
-        .map_err(DeviceError::Ioevent)?;
+    register_queue_events(
+        vm,
+        addr.raw_value(),
+        std::slice::from_ref(device.queue_event()),
+    )?;
     let device = Arc::new(Mutex::new(device));
     let transport = plug_transport(
         mmio,
