@@ -2,7 +2,10 @@
 //! list of 4 KiB pages (not contiguous in guest-physical memory), which the
 //! host writes to and reads from piecewise.
 
-use ember_agent::hotpath::{MAX_BUFFER_BYTES, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN};
+use ember_agent::hotpath::{
+    decode_response, Response, ResponseHeader, MAX_BUFFER_BYTES, REQUEST_HEADER_LEN,
+    RESPONSE_HEADER_LEN,
+};
 use ember_agent::protocol::{GuestBuffer, HotPathPages};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -114,6 +117,24 @@ pub fn write(
             .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Reads the response to request `seq` from a runtime's response buffer:
+/// the header first, then only as many bytes as it announces (checked
+/// against the buffer), not the whole buffer.
+pub fn read_response(
+    memory: &GuestMemoryMmap,
+    buffer: &GuestBuffer,
+    seq: u64,
+) -> Result<Response, FunctionError> {
+    let garbage = |e: ember_agent::hotpath::LayoutError| FunctionError::Garbage(e.to_string());
+    let header = read(memory, buffer, 0, RESPONSE_HEADER_LEN as u64)?;
+    let buffer_len = usize::try_from(buffer.len).unwrap_or(usize::MAX);
+    let total = ResponseHeader::decode(&header, buffer_len)
+        .map_err(garbage)?
+        .total_len();
+    let raw = read(memory, buffer, 0, total)?;
+    decode_response(&raw, seq).map_err(garbage)
 }
 
 /// Reads `len` bytes at `offset` in `buffer` from guest memory.

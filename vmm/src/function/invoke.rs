@@ -4,9 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_agent::hotpath::{
-    self, RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING,
-    REQUEST_FLAG_VIA_PIPE, REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED,
-    RESPONSE_FLAG_STDOUT_TRUNCATED,
+    RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_FLAG_VIA_PIPE,
+    REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED, RESPONSE_FLAG_STDOUT_TRUNCATED,
 };
 use ember_agent::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
@@ -400,9 +399,7 @@ impl Function {
             let (rings, rang) = bell.wait_until(left, |r| r.done > 0 || exit.reason().is_some());
             let rang = rang && rings.done > 0;
             if rang {
-                let raw = buffers::read(machine.memory(), &pages.response, 0, pages.response.len)?;
-                let response = hotpath::decode_response(&raw, seq)
-                    .map_err(|e| FunctionError::Garbage(e.to_string()))?;
+                let response = buffers::read_response(machine.memory(), &pages.response, seq)?;
                 if response.header.status == ResponseStatus::ViaPipe {
                     let outcome = collect_via_agent(machine, deadline, options)?;
                     return Ok((outcome, None));

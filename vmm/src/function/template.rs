@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_agent::hotpath::{
-    self, RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
+    RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
 };
 use ember_agent::protocol::{FileIn, FunctionInvoke, FunctionStart, HotPathPages};
 use vm_memory::{Bytes, GuestAddress};
@@ -436,9 +436,7 @@ fn warm_up_hot(
             options.warmup_timeout
         )));
     }
-    let raw = buffers::read(memory, &pages.response, 0, pages.response.len)?;
-    let response = hotpath::decode_response(&raw, header.seq)
-        .map_err(|e| FunctionError::Garbage(e.to_string()))?;
+    let response = buffers::read_response(memory, &pages.response, header.seq)?;
     if event.is_some() {
         check_handler_result(Some(response.header.status), &response.result)
             .map_err(FunctionError::Warmup)?;
