@@ -111,6 +111,7 @@ impl Machine {
         seccomp: bool,
     ) -> Result<Machine, BuildError> {
         let requested = clock.started();
+        let started = clock.resumed();
         let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), seccomp)?;
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
@@ -140,11 +141,13 @@ impl Machine {
             host,
             times: BootTimes {
                 requested,
+                started,
                 first_run,
                 steps: Vec::new(),
             },
             cmdline,
             doorbell,
+            seccomp,
         };
         // Started one by one so that a failure stops the vCPUs already
         // running when `machine` is dropped.

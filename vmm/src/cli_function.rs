@@ -1,6 +1,6 @@
 //! `ember function create`, `ember invoke` and `ember bench function`.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use ember::bench::function::{self as bench, BenchPath};
 use ember::function::{
-    self, bench, ensure_cached_function, Function, FunctionInvokeOptions, FunctionSpec,
-    HandlerResult, Runtime, TemplateOptions,
+    self, ensure_cached_function, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec,
+    HandlerResult, RecycleOptions, Runtime, TemplateOptions,
 };
 use ember::paths;
 
@@ -69,8 +70,16 @@ pub struct InvokeArgs {
     #[arg(long, conflicts_with = "event_file", value_name = "JSON")]
     event: Option<String>,
     /// Read the event from this file (- for stdin)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "events")]
     event_file: Option<PathBuf>,
+    /// Run the event this many times through one recycled microVM (reset
+    /// in place between invocations); one result per line
+    #[arg(long, value_name = "N", conflicts_with_all = ["events", "isolate"])]
+    repeat: Option<u64>,
+    /// One invocation per line of this JSON Lines file (- for stdin),
+    /// through one recycled microVM; one result per line, in order
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["event", "isolate"])]
+    events: Option<PathBuf>,
     /// Destroy the clone after this many milliseconds (exit status 124)
     #[arg(long, default_value_t = 60_000)]
     timeout_ms: u64,
@@ -101,7 +110,7 @@ pub struct BenchFunctionArgs {
     /// echo handler on the python3 image]
     #[arg(long)]
     function: Option<PathBuf>,
-    /// Invocations per path
+    /// Invocations on each hot path (fresh, prepared, recycled)
     #[arg(long, default_value_t = 30)]
     iterations: usize,
     /// Invocations in flight at once
@@ -114,6 +123,16 @@ pub struct BenchFunctionArgs {
     /// Skip the cold `python3 -c pass` baseline
     #[arg(long)]
     no_cold: bool,
+    /// The paths to measure, comma-separated: fresh, prepared, recycled,
+    /// vsock [default: all]
+    #[arg(long, value_name = "LIST")]
+    paths: Option<String>,
+    /// The event every invocation gets, JSON text [default: a small object]
+    #[arg(long, value_name = "JSON", conflicts_with = "event_file")]
+    event: Option<String>,
+    /// Read the event from this file
+    #[arg(long, value_name = "FILE")]
+    event_file: Option<PathBuf>,
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
@@ -209,6 +228,9 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
 }
 
 pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
+    if args.repeat.is_some() || args.events.is_some() {
+        return invoke_recycled(args);
+    }
     let event = match (&args.event, &args.event_file) {
         (Some(event), _) => event.clone().into_bytes(),
         (None, Some(path)) if path.as_os_str() == "-" => {
@@ -236,15 +258,97 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&event, &options)?;
+    report(&outcome, &args)?;
+    Ok(exit_code(&outcome.result))
+}
+
+/// `--repeat` / `--events`: invocations one after another through one
+/// recycled clone (a new one only if a reset fails).
+fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
+    let events: Box<dyn Iterator<Item = Result<Vec<u8>>>> = match (&args.events, args.repeat) {
+        (Some(path), _) => {
+            let reader: Box<dyn std::io::BufRead> = if path.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(path)
+                        .with_context(|| format!("cannot open {}", path.display()))?,
+                ))
+            };
+            Box::new(
+                reader
+                    .lines()
+                    .map(|line| line.map(String::into_bytes).map_err(anyhow::Error::from))
+                    .filter(|line| {
+                        !line
+                            .as_ref()
+                            .is_ok_and(|l| l.iter().all(u8::is_ascii_whitespace))
+                    }),
+            )
+        }
+        (None, Some(n)) => {
+            let event = args
+                .event
+                .clone()
+                .unwrap_or_else(|| "{}".into())
+                .into_bytes();
+            Box::new((0..n).map(move |_| Ok(event.clone())))
+        }
+        (None, None) => bail!("--repeat or --events is needed"),
+    };
+    let function = std::sync::Arc::new(
+        Function::open(&args.function)
+            .with_context(|| format!("cannot open the function {}", args.function.display()))?,
+    );
+    let recycle = RecycleOptions {
+        console: args
+            .console
+            .clone()
+            .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
+        ..RecycleOptions::default()
+    };
+    let options = FunctionInvokeOptions {
+        timeout: Duration::from_millis(args.timeout_ms),
+        max_output_bytes: args.max_output_bytes,
+        force_vsock: args.vsock,
+        ..FunctionInvokeOptions::default()
+    };
+    let mut clone = function.recycled(&recycle)?;
+    let mut code = ExitCode::SUCCESS;
+    for (line, event) in events.enumerate() {
+        let event = event.with_context(|| format!("cannot read event {}", line + 1))?;
+        if !clone.is_usable() {
+            clone = function.recycled(&recycle)?;
+        }
+        let outcome = clone.invoke(&event, &options)?;
+        report(&outcome, &args)?;
+        if !matches!(
+            outcome.result,
+            HandlerResult::Json { .. } | HandlerResult::Bytes { .. }
+        ) {
+            code = exit_code(&outcome.result);
+        }
+    }
+    Ok(code)
+}
+
+/// Prints one outcome: a JSON object with `--json`, else the result on
+/// stdout (the handler's output and errors on stderr).
+fn report(outcome: &FunctionOutcome, args: &InvokeArgs) -> Result<()> {
     if args.json {
-        println!("{}", serde_json::to_string(&outcome)?);
+        println!("{}", serde_json::to_string(outcome)?);
     } else {
         std::io::stderr().write_all(&outcome.stdout)?;
         std::io::stderr().write_all(&outcome.stderr)?;
         let mut stdout = std::io::stdout();
         match &outcome.result {
             HandlerResult::Json { value } => writeln!(stdout, "{value}")?,
-            HandlerResult::Bytes { bytes } => stdout.write_all(bytes)?,
+            HandlerResult::Bytes { bytes } => {
+                stdout.write_all(bytes)?;
+                if args.repeat.is_some() || args.events.is_some() {
+                    writeln!(stdout)?;
+                }
+            }
             HandlerResult::Error {
                 error_type,
                 message,
@@ -259,8 +363,22 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
     }
     if args.verbose {
         let t = &outcome.timings;
+        let teardown = match &outcome.recycle {
+            Some(r) => format!(
+                "reset {:.2}: {} pages{}{}",
+                ms(t.teardown),
+                r.pages,
+                if r.kernel_ran {
+                    ", guest kernel ran"
+                } else {
+                    ""
+                },
+                if r.reused { "" } else { ", clone destroyed" }
+            ),
+            None => format!("teardown {:.2}", ms(t.teardown)),
+        };
         eprintln!(
-            "ember: {:?} path: {:.2} ms (restore {:.2}, run {:.2}{}, teardown {:.2})",
+            "ember: {:?} path: {:.2} ms (restore {:.2}, run {:.2}{}, {teardown})",
             outcome.path,
             ms(t.total),
             ms(t.restore),
@@ -268,14 +386,17 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             t.handler
                 .map(|h| format!(" of which handler {:.3}", ms(h)))
                 .unwrap_or_default(),
-            ms(t.teardown)
         );
     }
-    Ok(match outcome.result {
+    Ok(())
+}
+
+fn exit_code(result: &HandlerResult) -> ExitCode {
+    match result {
         HandlerResult::Json { .. } | HandlerResult::Bytes { .. } => ExitCode::SUCCESS,
         HandlerResult::TimedOut => ExitCode::from(124),
         _ => ExitCode::FAILURE,
-    })
+    }
 }
 
 pub fn bench_function(args: BenchFunctionArgs) -> Result<ExitCode> {
@@ -298,23 +419,42 @@ pub fn bench_function(args: BenchFunctionArgs) -> Result<ExitCode> {
             })?
         }
     };
-    let function = Function::open(&dir)
-        .with_context(|| format!("cannot open the function {}", dir.display()))?;
+    let function = std::sync::Arc::new(
+        Function::open(&dir)
+            .with_context(|| format!("cannot open the function {}", dir.display()))?,
+    );
+    let paths = match &args.paths {
+        None => BenchPath::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|name| {
+                BenchPath::parse(name.trim()).with_context(|| {
+                    format!("unknown path {name:?} (fresh, prepared, recycled, vsock)")
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
+    let event = match (&args.event, &args.event_file) {
+        (Some(event), _) => event.clone().into_bytes(),
+        (None, Some(path)) => std::fs::read(path)
+            .with_context(|| format!("cannot read the event from {}", path.display()))?,
+        (None, None) => bench::DEFAULT_EVENT.to_vec(),
+    };
     let config = bench::FunctionBenchConfig {
         iterations: args.iterations,
         concurrency: args.concurrency.max(1),
         vsock_iterations: args.vsock_iterations,
         cold: !args.no_cold,
+        paths,
+        event,
     };
     let report = bench::run(&function, &config)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{report}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use ember::bench::ms;

@@ -15,13 +15,19 @@ use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
 use crate::exit::VmExit;
 use crate::host::HostKind;
+use crate::vstate::vcpu::VcpuError;
 use crate::vstate::{Vcpu, VcpuHandle, Vm};
 
 /// Timestamps of a boot or restore, for benchmarks and `--verbose`.
 #[derive(Debug, Clone)]
 pub struct BootTimes {
-    /// When `Machine::boot` (or the restore) was called.
+    /// When `Machine::boot` (or the restore, or the preparation of a
+    /// prepared clone) was called.
     pub requested: Instant,
+    /// When the threads were asked to start: `requested` for a boot or a
+    /// restore, later for a clone prepared ahead
+    /// ([`crate::snapshot::PreparedClone::start`]).
+    pub started: Instant,
     /// When the first vCPU entered KVM_RUN (shared with the vCPU threads).
     pub first_run: Arc<OnceLock<Instant>>,
     /// How long each step of building the VM took, in order.
@@ -32,6 +38,7 @@ pub struct BootTimes {
 #[derive(Debug)]
 pub(crate) struct StepClock {
     started: Instant,
+    resumed: Option<Instant>,
     last: Instant,
     steps: Vec<(&'static str, Duration)>,
 }
@@ -40,17 +47,24 @@ impl StepClock {
     pub(crate) fn start(at: Instant) -> Self {
         StepClock {
             started: at,
+            resumed: None,
             last: at,
             steps: Vec::with_capacity(16),
         }
     }
 
-    /// Starts counting again from now (a prepared clone that waited before
-    /// its start); the steps so far are kept.
+    /// Marks the start of a prepared clone, which may have waited since
+    /// its last step: the wait is no step. The steps so far are kept, and
+    /// so is the original start.
     pub(crate) fn restart(&mut self) {
         let now = Instant::now();
-        self.started = now;
+        self.resumed = Some(now);
         self.last = now;
+    }
+
+    /// When [`StepClock::restart`] was called, else the start.
+    pub(crate) fn resumed(&self) -> Instant {
+        self.resumed.unwrap_or(self.started)
     }
 
     /// Ends the step called `name`.
@@ -71,11 +85,20 @@ impl StepClock {
 }
 
 impl BootTimes {
-    /// Time the VMM spent before the guest first ran, once it has.
+    /// Time the VMM spent before the guest first ran, once it has: every
+    /// step, from the request (a prepared clone's preparation included).
     pub fn vmm_setup(&self) -> Option<Duration> {
         self.first_run
             .get()
             .map(|t| t.saturating_duration_since(self.requested))
+    }
+
+    /// From the threads' start to the guest's first run: for a prepared
+    /// clone, the part of a restore left on the request's path.
+    pub fn start_to_run(&self) -> Option<Duration> {
+        self.first_run
+            .get()
+            .map(|t| t.saturating_duration_since(self.started))
     }
 }
 
@@ -93,6 +116,8 @@ pub struct Machine {
     pub(crate) times: BootTimes,
     pub(crate) cmdline: String,
     pub(crate) doorbell: Arc<Doorbell>,
+    /// The vCPU threads are seccomp-filtered (resumed ones too).
+    pub(crate) seccomp: bool,
 }
 
 impl Machine {
@@ -159,6 +184,30 @@ impl Machine {
         self.event_loop.stop();
         lock(&self.devices.serial).flush();
         vcpus
+    }
+
+    /// Stops the vCPU threads (not the device event loop) and returns the
+    /// vCPUs, paused with any in-flight I/O completed, for their state to
+    /// be reset; [`Machine::resume_vcpus`] runs them again.
+    pub(crate) fn park_vcpus(&mut self) -> Vec<Vcpu> {
+        for vcpu in &self.vcpus {
+            vcpu.kick();
+        }
+        let vcpus = self.vcpus.iter_mut().filter_map(VcpuHandle::stop).collect();
+        self.vcpus.clear();
+        vcpus
+    }
+
+    /// Runs vCPUs parked by [`Machine::park_vcpus`] again, each on a new
+    /// thread filtered as the machine's first ones were.
+    pub(crate) fn resume_vcpus(&mut self, vcpus: Vec<Vcpu>) -> Result<(), VcpuError> {
+        for vcpu in vcpus {
+            self.vcpus.push(vcpu.start(self.seccomp)?);
+        }
+        for vcpu in &mut self.vcpus {
+            vcpu.started()?;
+        }
+        Ok(())
     }
 
     /// The console line the agent prints when it is ready.

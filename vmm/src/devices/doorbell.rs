@@ -70,6 +70,11 @@ impl Doorbell {
         self.park_on.store(value, Ordering::SeqCst);
     }
 
+    /// Forgets every ring (a clone reset in place starts counting again).
+    pub fn reset(&self) {
+        *self.lock() = Rings::default();
+    }
+
     /// What rang so far.
     pub fn rings(&self) -> Rings {
         *self.lock()

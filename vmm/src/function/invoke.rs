@@ -18,13 +18,13 @@ use crate::config::ConsoleOutput;
 use crate::machine::Machine;
 use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
 use crate::snapshot::working_set::{touched_pages, PageRun};
-use crate::snapshot::{PreparedClone, RestoreOptions, Snapshot};
+use crate::snapshot::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 use vm_memory::{Bytes, GuestAddress};
 
 /// How long a clone's first timer interrupt is held back: longer than any
 /// hot-path invocation should take, short enough that a clone which does
 /// run long (or takes the vsock path) gets its tick back soon.
-const CLONE_TIMER_DELAY: Duration = Duration::from_millis(500);
+pub(super) const CLONE_TIMER_DELAY: Duration = Duration::from_millis(500);
 
 /// How one invocation should run.
 #[derive(Debug, Clone)]
@@ -158,6 +158,9 @@ pub struct FunctionOutcome {
     pub path: InvocationPath,
     /// Where the time went.
     pub timings: FunctionTimings,
+    /// For a recycled clone: what its reset did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recycle: Option<super::RecycleInfo>,
 }
 
 /// A clone of a function's template, built but not started
@@ -168,7 +171,7 @@ pub struct PreparedFunction {
 }
 
 /// The invocation timeout in milliseconds, checked.
-fn timeout_ms(options: &FunctionInvokeOptions) -> Result<u64, FunctionError> {
+pub(super) fn timeout_ms(options: &FunctionInvokeOptions) -> Result<u64, FunctionError> {
     let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
         return Err(FunctionError::BadRequest(format!(
@@ -277,30 +280,23 @@ impl Function {
         requested: Instant,
     ) -> Result<FunctionOutcome, FunctionError> {
         let timeout_ms = timeout_ms(options)?;
-        let hot = self
-            .manifest
-            .hot_path
-            .as_ref()
-            .filter(|_| !options.force_vsock)
-            .filter(|_| event.len() as u64 <= self.hot_path_capacity());
+        let hot = self.hot_pages_for(event, options);
         let seq = self.manifest.next_seq;
         let deadline = requested + options.timeout;
         let mut machine = self.start(clone, hot.map(|_| event), timeout_ms, 0)?;
         let running = Instant::now();
         let outcome = match hot {
             Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options),
-            None => run_vsock(&machine, event, timeout_ms, deadline, options).map(|o| (o, None)),
+            None => run_vsock(&machine, event, timeout_ms, deadline, options),
         };
+        // The host holds the parsed result (or knows there is none).
         let answered = Instant::now();
         drop(machine);
         let done = Instant::now();
-        let (mut outcome, answered) = match outcome {
-            Ok((outcome, at)) => (outcome, at.unwrap_or(answered)),
-            Err(e) => return Err(e),
-        };
+        let mut outcome = outcome?;
         outcome.timings.restore = running.saturating_duration_since(requested);
         outcome.timings.run = answered.saturating_duration_since(running);
-        outcome.timings.teardown = done.saturating_duration_since(answered.max(running));
+        outcome.timings.teardown = done.saturating_duration_since(answered);
         outcome.timings.total = done.saturating_duration_since(requested);
         Ok(outcome)
     }
@@ -316,6 +312,23 @@ impl Function {
         extra_flags: u32,
     ) -> Result<Machine, FunctionError> {
         let memory = clone.clone.memory();
+        for write in self.request_writes(event, timeout_ms, extra_flags)? {
+            memory
+                .write_slice(&write.bytes, GuestAddress(write.addr))
+                .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
+        }
+        Ok(clone.clone.start()?)
+    }
+
+    /// What the host writes into a clone's memory for one request, in
+    /// order: a fresh CRNG key and, for a hot-path runtime, the event and
+    /// then the request header (whose sequence number the runtime polls).
+    pub(super) fn request_writes(
+        &self,
+        event: Option<&[u8]>,
+        timeout_ms: u64,
+        extra_flags: u32,
+    ) -> Result<Vec<GuestWrite>, FunctionError> {
         let mut writes = Vec::new();
         if let Some(rng) = &self.manifest.guest_rng {
             let mut key = [0u8; KEY_LEN];
@@ -334,12 +347,28 @@ impl Function {
             }
             writes.extend(buffers::writes(&pages.request, 0, &header.encode())?);
         }
-        for write in &writes {
-            memory
-                .write_slice(&write.bytes, GuestAddress(write.addr))
-                .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
+        Ok(writes)
+    }
+
+    /// The hot-path pages, if `event` takes the hot path under `options`.
+    pub(super) fn hot_pages_for(
+        &self,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Option<&HotPathPages> {
+        self.manifest
+            .hot_path
+            .as_ref()
+            .filter(|_| !options.force_vsock)
+            .filter(|_| event.len() as u64 <= self.hot_path_capacity())
+    }
+
+    /// Which path `event` takes under `options`.
+    pub fn path_for(&self, event: &[u8], options: &FunctionInvokeOptions) -> InvocationPath {
+        match self.hot_pages_for(event, options) {
+            Some(_) => InvocationPath::Hot,
+            None => InvocationPath::Vsock,
         }
-        Ok(clone.clone.start()?)
     }
 
     /// Runs one hot-path request (`event`, or a ping) in a clone and
@@ -365,7 +394,7 @@ impl Function {
         };
         let deadline = Instant::now() + options.timeout;
         let mut machine = self.start(clone, Some(payload), 60_000, flags)?;
-        let (outcome, _) = self.run_hot(
+        let outcome = self.run_hot(
             &mut machine,
             pages,
             self.manifest.next_seq,
@@ -382,15 +411,15 @@ impl Function {
     }
 
     /// Waits for the clone's "done" ring and reads the response from its
-    /// memory; returns it and when the ring came.
-    fn run_hot(
+    /// memory.
+    pub(super) fn run_hot(
         &self,
         machine: &mut Machine,
         pages: &HotPathPages,
         seq: u64,
         deadline: Instant,
         options: &FunctionInvokeOptions,
-    ) -> Result<(FunctionOutcome, Option<Instant>), FunctionError> {
+    ) -> Result<FunctionOutcome, FunctionError> {
         let bell = machine.doorbell().clone();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -401,8 +430,7 @@ impl Function {
             if rang {
                 let response = buffers::read_response(machine.memory(), &pages.response, seq)?;
                 if response.header.status == ResponseStatus::ViaPipe {
-                    let outcome = collect_via_agent(machine, deadline, options)?;
-                    return Ok((outcome, None));
+                    return collect_via_agent(machine, deadline, options);
                 }
                 let truncated = response.header.flags
                     & (RESPONSE_FLAG_STDOUT_TRUNCATED | RESPONSE_FLAG_STDERR_TRUNCATED)
@@ -421,22 +449,23 @@ impl Function {
                         handler,
                         ..FunctionTimings::default()
                     },
+                    recycle: None,
                 };
-                return Ok((outcome, rings.last_done));
+                return Ok(outcome);
             }
             if let Some(exit) = machine.devices.exit.reason() {
                 return Err(FunctionError::Stopped(exit));
             }
             if left.is_zero() {
                 machine.stop();
-                return Ok((timed_out(InvocationPath::Hot), None));
+                return Ok(timed_out(InvocationPath::Hot));
             }
         }
     }
 }
 
 /// The vsock path: the agent hands the event to the runtime's pipe.
-fn run_vsock(
+pub(super) fn run_vsock(
     machine: &Machine,
     event: &[u8],
     timeout_ms: u64,
@@ -496,10 +525,11 @@ fn outcome_of(
         output_truncated: result.output_truncated || cut,
         path,
         timings: FunctionTimings::default(),
+        recycle: None,
     }
 }
 
-fn timed_out(path: InvocationPath) -> FunctionOutcome {
+pub(crate) fn timed_out(path: InvocationPath) -> FunctionOutcome {
     FunctionOutcome {
         result: HandlerResult::TimedOut,
         stdout: Vec::new(),
@@ -507,6 +537,7 @@ fn timed_out(path: InvocationPath) -> FunctionOutcome {
         output_truncated: false,
         path,
         timings: FunctionTimings::default(),
+        recycle: None,
     }
 }
 
@@ -653,6 +684,7 @@ mod tests {
                 handler: None,
                 ..FunctionTimings::default()
             },
+            recycle: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["timings"]["restore_ms"], 1.5);

@@ -45,12 +45,12 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod bench;
 mod buffers;
 mod cache;
 pub mod guest_rng;
 mod invoke;
 mod manifest;
+mod recycled;
 mod template;
 
 use std::path::PathBuf;
@@ -62,6 +62,10 @@ pub use invoke::{
     InvocationPath, PreparedFunction,
 };
 pub use manifest::{Manifest, MANIFEST_FILE};
+pub use recycled::{
+    FunctionPool, PoolOptions, PoolStats, RecycleInfo, RecycleOptions, RecycledFunction,
+    VERIFY_RESET_ENV,
+};
 pub use template::{create, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};
 
 use crate::agent::AgentError;
@@ -101,6 +105,9 @@ pub enum FunctionError {
     /// The clone stopped before it answered.
     #[error("the function's microVM stopped: {0}")]
     Stopped(VmExit),
+    /// A recycled clone could not be reset, or differs from its template.
+    #[error(transparent)]
+    Reset(#[from] crate::snapshot::ResetError),
     /// The runtime answered something that does not decode.
     #[error("the function runtime answered garbage: {0}")]
     Garbage(String),

@@ -23,6 +23,7 @@ pub mod contents;
 pub mod create;
 pub mod format;
 pub mod memory;
+pub mod reset;
 pub mod restore;
 pub mod working_set;
 
@@ -37,6 +38,7 @@ pub use memory::{
     dump_memory, dump_memory_with_stats, map_memory, open_memory_file, DumpStats, MemoryFileError,
     MemoryRegionLayout,
 };
+pub use reset::{ResetError, ResetReport, ResettableClone};
 pub use restore::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 
 use crate::agent::AgentError;
@@ -91,6 +93,9 @@ pub enum SnapshotError {
     /// The devices could not be restored.
     #[error(transparent)]
     Devices(#[from] DeviceError),
+    /// A resettable clone could not be set up.
+    #[error(transparent)]
+    Reset(#[from] reset::ResetError),
     /// A snapshot directory operation failed.
     #[error("{path}: {source}", path = .0.display(), source = .1)]
     Io(PathBuf, io::Error),

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::contents::SnapshotState;
 use super::memory::validate_layout;
+use super::reset::{next_template_id, ResetError, TemplateMemory};
 use super::working_set::{prefault, PageRun};
 use super::{map_memory, open_memory_file, read_state, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
@@ -85,10 +86,15 @@ impl Default for RestoreOptions {
 #[derive(Debug)]
 pub struct Snapshot {
     dir: PathBuf,
-    state: SnapshotState,
+    pub(super) state: SnapshotState,
     memory: File,
     /// The root drive, opened with the snapshot (for jailed clones too).
     root_drive: Option<SnapshotDrive>,
+    /// This opened snapshot's identity: resettable clones are only ever
+    /// reset to the snapshot they came from.
+    pub(super) template_id: u64,
+    /// The memory file mapped read-only, for resets (made on first use).
+    template: std::sync::OnceLock<TemplateMemory>,
 }
 
 impl Snapshot {
@@ -134,7 +140,18 @@ impl Snapshot {
             state,
             memory,
             root_drive,
+            template_id: next_template_id(),
+            template: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The template's memory, mapped read-only on first use.
+    pub(super) fn template_memory(&self) -> Result<&TemplateMemory, ResetError> {
+        if let Some(template) = self.template.get() {
+            return Ok(template);
+        }
+        let template = TemplateMemory::map(&self.memory, &self.state.memory)?;
+        Ok(self.template.get_or_init(|| template))
     }
 
     /// The snapshot's memory file (shared by every clone).
@@ -198,6 +215,16 @@ impl Snapshot {
     /// into its memory, [`PreparedClone::memory`]) and started in a fraction
     /// of a restore.
     pub fn prepare(&self, options: &RestoreOptions) -> Result<PreparedClone, SnapshotError> {
+        self.prepare_tracked(options, false)
+    }
+
+    /// [`Snapshot::prepare`], with KVM logging the pages the guest writes
+    /// when `dirty_log` is set (for in-place resets).
+    pub(super) fn prepare_tracked(
+        &self,
+        options: &RestoreOptions,
+        dirty_log: bool,
+    ) -> Result<PreparedClone, SnapshotError> {
         let mut clock = StepClock::start(Instant::now());
         let state = &self.state;
         let host = HostKind::detect();
@@ -222,7 +249,10 @@ impl Snapshot {
             )));
         }
         clock.step("checks, open /dev/kvm");
-        let vm = Vm::new(kvm)?;
+        let mut vm = Vm::new(kvm)?;
+        if dirty_log {
+            vm.enable_dirty_log()?;
+        }
         clock.step("create VM");
         // Memory before the irqchip (PLATFORM.md): the other order costs
         // ~7 ms per slot on PVM hosts.

@@ -1,6 +1,7 @@
 //! The KVM side of a microVM: the VM, its vCPUs, and guest memory.
 
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 

@@ -107,6 +107,7 @@ pub fn invoke(
                 output_truncated: false,
                 path: InvocationPath::Vsock,
                 timings: FunctionTimings::default(),
+                recycle: None,
             })
         }
         Err(e) => Err(FunctionError::Garbage(format!(
@@ -209,6 +210,7 @@ fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
             teardown: Duration::from_micros(wire.teardown_us),
             total: Duration::ZERO,
         },
+        recycle: None,
     }
 }
 
@@ -261,6 +263,7 @@ mod tests {
                 teardown: Duration::from_micros(3),
                 total: Duration::ZERO,
             },
+            recycle: None,
         };
         let back = from_wire(to_wire(outcome.clone()), 1 << 20);
         assert_eq!(back, outcome);

@@ -1,4 +1,7 @@
-//! Benchmarks that print figures: cold boot and snapshot restore.
+//! Benchmarks that print figures: cold boot, snapshot restore
+//! ([`restore`]) and function invocations ([`function`]). Every figure is a
+//! [`Stats`]: nearest-rank percentiles with the sample count, no p99 from
+//! fewer than 100 samples.
 //!
 //! A boot is measured from the moment a fresh `ember` process is spawned,
 //! so process start, dynamic loading and VMM setup are all counted. The
@@ -11,6 +14,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+
+pub mod function;
+pub mod stats;
+
+pub use stats::{ms, Stats};
 
 use crate::config::VmConfig;
 use crate::sandbox::{Invocation, Sandbox};
@@ -68,37 +76,6 @@ pub struct BootSample {
     pub vmm_ms: f64,
 }
 
-/// Minimum, median and maximum of a series.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Summary {
-    /// Smallest value.
-    pub min: f64,
-    /// Median.
-    pub p50: f64,
-    /// Largest value.
-    pub max: f64,
-}
-
-impl Summary {
-    /// Summarises `values` (empty gives zeros).
-    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
-        let mut v: Vec<f64> = values.into_iter().collect();
-        v.sort_by(f64::total_cmp);
-        match (v.first(), v.last()) {
-            (Some(&min), Some(&max)) => Summary {
-                min,
-                p50: v[v.len() / 2],
-                max,
-            },
-            _ => Summary {
-                min: 0.0,
-                p50: 0.0,
-                max: 0.0,
-            },
-        }
-    }
-}
-
 /// The result of `ember bench boot`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootReport {
@@ -109,11 +86,11 @@ pub struct BootReport {
     /// Guest memory.
     pub mem_mib: u32,
     /// Process spawn to agent ready.
-    pub ready_ms: Summary,
+    pub ready_ms: Stats,
     /// Process spawn to first KVM_RUN.
-    pub vmm_ms: Summary,
+    pub vmm_ms: Stats,
     /// The guest's share: first KVM_RUN to agent ready.
-    pub guest_ms: Summary,
+    pub guest_ms: Stats,
     /// Every sample.
     pub samples: Vec<BootSample>,
 }
@@ -124,9 +101,9 @@ impl BootReport {
             iterations: samples.len(),
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
-            ready_ms: Summary::of(samples.iter().map(|s| s.ready_ms)),
-            vmm_ms: Summary::of(samples.iter().map(|s| s.vmm_ms)),
-            guest_ms: Summary::of(samples.iter().map(|s| s.ready_ms - s.vmm_ms)),
+            ready_ms: Stats::of(samples.iter().map(|s| s.ready_ms)),
+            vmm_ms: Stats::of(samples.iter().map(|s| s.vmm_ms)),
+            guest_ms: Stats::of(samples.iter().map(|s| s.ready_ms - s.vmm_ms)),
             samples,
         }
     }
@@ -138,29 +115,20 @@ impl BootReport {
 
     /// A human-readable table.
     pub fn to_table(&self) -> String {
-        let row = |name: &str, s: &Summary| {
-            format!(
-                "{name:<34} {:>10.2} {:>10.2} {:>10.2}\n",
-                s.min, s.p50, s.max
-            )
-        };
         let vmm_share = if self.ready_ms.p50 > 0.0 {
             100.0 * self.vmm_ms.p50 / self.ready_ms.p50
         } else {
             0.0
         };
         format!(
-            "cold boot, {} iterations, {} vCPU(s), {} MiB\n{:<34} {:>10} {:>10} {:>10}\n{}{}{}VMM share of boot (p50): {vmm_share:.3}%\n",
+            "cold boot, {} iterations, {} vCPU(s), {} MiB\n{}{}{}{}VMM share of boot (p50): {vmm_share:.3}%\n",
             self.iterations,
             self.vcpus,
             self.mem_mib,
-            "(ms)",
-            "min",
-            "p50",
-            "max",
-            row("process start -> agent ready", &self.ready_ms),
-            row("process start -> first KVM_RUN", &self.vmm_ms),
-            row("first KVM_RUN -> agent ready", &self.guest_ms),
+            Stats::header("ms"),
+            self.ready_ms.row("process start -> agent ready"),
+            self.vmm_ms.row("process start -> first KVM_RUN"),
+            self.guest_ms.row("first KVM_RUN -> agent ready"),
         )
     }
 }
@@ -248,20 +216,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn summary_of_samples() {
-        let s = Summary::of([3.0, 1.0, 2.0]);
-        assert_eq!(
-            s,
-            Summary {
-                min: 1.0,
-                p50: 2.0,
-                max: 3.0
-            }
-        );
-        assert_eq!(Summary::of([]).p50, 0.0);
-    }
-
-    #[test]
     fn timings_round_trip() {
         let now = Instant::now();
         let line = timings_line(Some(now), None);
@@ -269,40 +223,6 @@ mod tests {
         assert!(first > 0);
         assert_eq!(ready, 0);
         assert!(parse_timings("something else").is_none());
-    }
-}
-
-/// Percentiles of a series, for the restore benchmark.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct Percentiles {
-    /// Smallest value.
-    pub min: f64,
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Largest value.
-    pub max: f64,
-}
-
-impl Percentiles {
-    /// Percentiles of `values` (nearest rank; empty gives zeros).
-    pub fn of(values: impl IntoIterator<Item = f64>) -> Self {
-        let mut v: Vec<f64> = values.into_iter().collect();
-        v.sort_by(f64::total_cmp);
-        let rank = |q: f64| -> f64 {
-            if v.is_empty() {
-                return 0.0;
-            }
-            let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-            v[i]
-        };
-        Percentiles {
-            min: rank(0.0),
-            p50: rank(0.5),
-            p99: rank(0.99),
-            max: v.last().copied().unwrap_or(0.0),
-        }
     }
 }
 
@@ -321,12 +241,17 @@ pub struct RestoreReport {
     pub concurrency: usize,
     /// Each clone ran in its own jailed worker process.
     pub isolated: bool,
-    /// Restore request until the restored vCPUs run.
-    pub restore_ms: Percentiles,
+    /// Restore request until the restored vCPUs run: every step.
+    pub restore_ms: Stats,
+    /// Of which the last part: the clone's threads started until its
+    /// vCPUs run (what is left on a request's path when a clone is
+    /// prepared ahead, [`Snapshot::prepare`]).
+    pub start_ms: Stats,
     /// Restore request until the agent's first frame.
-    pub agent_ms: Percentiles,
-    /// Restore request until `true` has run and the clone is torn down.
-    pub e2e_ms: Percentiles,
+    pub agent_ms: Stats,
+    /// Restore request until `true` has run and the clone is destroyed
+    /// (VM fd closed, memory unmapped).
+    pub e2e_ms: Stats,
     /// Host memory (PSS) per live clone beyond what the process had before,
     /// with `concurrency` clones connected and idle. Shared snapshot pages
     /// count once, divided among the clones mapping them.
@@ -338,7 +263,7 @@ pub struct RestoreReport {
     /// Baseline measured in the same run: opening `/dev/kvm`, creating an
     /// empty VM and one vCPU, and closing them (what every restore must at
     /// least pay).
-    pub baseline_create_vm_ms: Percentiles,
+    pub baseline_create_vm_ms: Stats,
     /// Median time of each restore step, in order (where `restore_ms` goes).
     pub restore_steps_p50_ms: Vec<(String, f64)>,
 }
@@ -351,12 +276,6 @@ impl RestoreReport {
 
     /// A human-readable table.
     pub fn to_table(&self) -> String {
-        let row = |name: &str, p: &Percentiles| {
-            format!(
-                "{name:<36} {:>9.3} {:>9.3} {:>9.3} {:>9.3}\n",
-                p.min, p.p50, p.p99, p.max
-            )
-        };
         let ratio = if self.baseline_create_vm_ms.p50 > 0.0 {
             self.restore_ms.p50 / self.baseline_create_vm_ms.p50
         } else {
@@ -367,23 +286,21 @@ impl RestoreReport {
             .iter()
             .map(|(name, ms)| format!("  {name:<34} {ms:>9.3}\n"))
             .collect();
+        let step_sum: f64 = self.restore_steps_p50_ms.iter().map(|s| s.1).sum();
         format!(
-            "restore {}{}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{:<36} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}per live clone: PSS {:.0} KiB, private {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x\nrestore steps (p50 ms):\n{steps}",
+            "restore {}{}: {} iterations, {} at once, {} vCPU(s), {} MiB\n{}{}{}{}{}{}per live clone: PSS {:.0} KiB, private {:.0} KiB\nrestore p50 / bare create-VM p50: {ratio:.2}x (same run)\nrestore steps (p50 of each, ms; they sum to {step_sum:.3}):\n{steps}",
             self.snapshot,
             if self.isolated { " (isolated workers)" } else { "" },
             self.iterations,
             self.concurrency,
             self.vcpus,
             self.mem_mib,
-            "(ms)",
-            "min",
-            "p50",
-            "p99",
-            "max",
-            row("restore (request -> vCPUs run)", &self.restore_ms),
-            row("agent (request -> first frame)", &self.agent_ms),
-            row("end to end (`true`, teardown)", &self.e2e_ms),
-            row("baseline: create VM + vCPU", &self.baseline_create_vm_ms),
+            Stats::header("ms"),
+            self.restore_ms.row("restore (request -> vCPUs run)"),
+            self.start_ms.row("  of which start (threads -> vCPUs run)"),
+            self.agent_ms.row("agent (request -> first frame)"),
+            self.e2e_ms.row("end to end (`true`, clone destroyed)"),
+            self.baseline_create_vm_ms.row("baseline: create VM + vCPU"),
             self.pss_kib_per_clone,
             self.private_kib_per_clone,
         )
@@ -411,6 +328,7 @@ struct CloneSample {
     /// An isolated clone's worker memory (PSS, anonymous) while idle.
     worker_memory: Option<(u64, u64)>,
     restore_ms: f64,
+    start_ms: f64,
     agent_ms: f64,
     e2e_ms: f64,
     steps: Vec<(&'static str, Duration)>,
@@ -482,12 +400,13 @@ pub fn restore(
         iterations: samples.len(),
         concurrency,
         isolated: options.isolation.is_some(),
-        restore_ms: Percentiles::of(samples.iter().map(|s| s.restore_ms)),
-        agent_ms: Percentiles::of(samples.iter().map(|s| s.agent_ms)),
-        e2e_ms: Percentiles::of(samples.iter().map(|s| s.e2e_ms)),
-        pss_kib_per_clone: Summary::of(pss_per_clone).p50,
-        private_kib_per_clone: Summary::of(private_per_clone).p50,
-        baseline_create_vm_ms: Percentiles::of(baseline),
+        restore_ms: Stats::of(samples.iter().map(|s| s.restore_ms)),
+        start_ms: Stats::of(samples.iter().map(|s| s.start_ms)),
+        agent_ms: Stats::of(samples.iter().map(|s| s.agent_ms)),
+        e2e_ms: Stats::of(samples.iter().map(|s| s.e2e_ms)),
+        pss_kib_per_clone: Stats::of(pss_per_clone).p50,
+        private_kib_per_clone: Stats::of(private_per_clone).p50,
+        baseline_create_vm_ms: Stats::of(baseline),
         restore_steps_p50_ms: step_medians(&samples),
     })
 }
@@ -512,6 +431,10 @@ fn restore_once(
         .machine()
         .map(|m| m.times().steps.clone())
         .unwrap_or_default();
+    let start = sandbox
+        .machine()
+        .and_then(|m| m.times().start_to_run())
+        .unwrap_or_default();
     let invoke_started = Instant::now();
     let outcome = sandbox
         .invoke(&Invocation::new(["true"]))
@@ -522,12 +445,15 @@ fn restore_once(
             outcome.status
         )));
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // Destroying the clone (closing the VM fd, unmapping its memory) is
+    // part of the end-to-end figure.
+    drop(sandbox);
     // The wait at the barriers is not the clone's time.
     let e2e = ready.ready + invoke_started.elapsed();
     Ok(CloneSample {
         worker_memory,
         restore_ms: ms(ready.start),
+        start_ms: ms(start),
         agent_ms: ms(ready.agent),
         e2e_ms: ms(e2e),
         steps,
@@ -553,7 +479,7 @@ fn step_medians(samples: &[CloneSample]) -> Vec<(String, f64)> {
                     .map(|(_, d)| d.as_secs_f64() * 1e3)
                     .sum::<f64>()
             });
-            (name.to_string(), Percentiles::of(per_sample).p50)
+            (name.to_string(), Stats::of(per_sample).p50)
         })
         .collect()
 }

@@ -1,0 +1,466 @@
+//! `ember bench function`: what an invocation costs on each path, measured
+//! the same way in the same run:
+//!
+//! - `fresh`: [`Function::invoke`], a new clone restored per event;
+//! - `prepared`: clones made ahead ([`Function::prepare`], not timed), the
+//!   request written and the clone started ([`Function::invoke_prepared`]);
+//! - `recycled`: a [`FunctionPool`] of clones reset in place after each
+//!   invocation;
+//! - `vsock`: the agent path, a new clone per event.
+//!
+//! Every path's headline, `e2e_ms`, runs from the request to the moment the
+//! host holds the parsed result. Teardown (destroying a clone, or resetting
+//! a recycled one) comes after the result and is reported on its own; it
+//! still occupies the clone's thread, so `per_s` (invocations over the
+//! section's wall time at `concurrency`) includes it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::own_memory_kib;
+use super::stats::{ms, Stats};
+use crate::function::{
+    Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionPool, FunctionSpec,
+    HandlerResult, InvocationPath, PoolOptions, RecycleOptions,
+};
+use crate::sandbox::{ExitStatus, Invocation, Sandbox};
+use crate::snapshot::RestoreOptions;
+
+/// The built-in echo handler (`examples/functions/echo.py`).
+const ECHO_PY: &str = include_str!("../../../examples/functions/echo.py");
+
+/// The event sent when none is given.
+pub const DEFAULT_EVENT: &[u8] = br#"{"hello": "ember"}"#;
+
+/// The echo function's spec, its handler written into the cache directory.
+pub fn echo_spec() -> Result<FunctionSpec, FunctionError> {
+    let dir = crate::paths::cache_dir().join("handlers");
+    std::fs::create_dir_all(&dir).map_err(|e| FunctionError::Io(dir.clone(), e))?;
+    let file: PathBuf = dir.join("echo.py");
+    if std::fs::read_to_string(&file).ok().as_deref() != Some(ECHO_PY) {
+        std::fs::write(&file, ECHO_PY).map_err(|e| FunctionError::Io(file.clone(), e))?;
+    }
+    let mut spec = FunctionSpec::python3(file, "handler");
+    spec.warmup_event = Some(br#"{"warm": true}"#.to_vec());
+    Ok(spec)
+}
+
+/// A path [`run`] can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchPath {
+    /// A fresh clone per event.
+    Fresh,
+    /// Clones prepared ahead.
+    Prepared,
+    /// Clones reset in place.
+    Recycled,
+    /// The agent path.
+    Vsock,
+}
+
+impl BenchPath {
+    /// Every path, in report order.
+    pub const ALL: [BenchPath; 4] = [
+        BenchPath::Fresh,
+        BenchPath::Prepared,
+        BenchPath::Recycled,
+        BenchPath::Vsock,
+    ];
+
+    /// Its name on the command line and in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchPath::Fresh => "fresh",
+            BenchPath::Prepared => "prepared",
+            BenchPath::Recycled => "recycled",
+            BenchPath::Vsock => "vsock",
+        }
+    }
+
+    /// The path called `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct FunctionBenchConfig {
+    /// Invocations on each hot path (fresh, prepared, recycled).
+    pub iterations: usize,
+    /// Invocations in flight at once.
+    pub concurrency: usize,
+    /// vsock-path invocations.
+    pub vsock_iterations: usize,
+    /// Measure one cold `python3 -c pass` in a fresh clone.
+    pub cold: bool,
+    /// The paths to measure.
+    pub paths: Vec<BenchPath>,
+    /// The event every invocation gets.
+    pub event: Vec<u8>,
+}
+
+/// What the resets of the recycled path did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetFigures {
+    /// Guest pages copied back per reset.
+    pub pages: Stats,
+    /// Of which the guest wrote.
+    pub guest_pages: Stats,
+    /// Invocations during which the guest kernel ran.
+    pub kernel_ran: usize,
+    /// Resets that dropped KVM's mappings (shadow paging, kernel ran).
+    pub mappings_dropped: usize,
+    /// Clones destroyed and replaced (a reset that could not be done).
+    pub replaced: u64,
+    /// Clones made in all (`concurrency` up front, plus replacements).
+    pub clones: u64,
+    /// This process's memory (PSS, KiB) with the pool made, before the
+    /// first invocation.
+    pub pss_kib_before: u64,
+    /// The same after the last invocation.
+    pub pss_kib_after: u64,
+    /// Anonymous memory (KiB) before the first invocation.
+    pub anon_kib_before: u64,
+    /// The same after the last invocation.
+    pub anon_kib_after: u64,
+}
+
+/// Figures of one path.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathFigures {
+    /// Which path the invocations took (the last one's).
+    pub path: Option<InvocationPath>,
+    /// Request to the host holding the parsed result.
+    pub e2e_ms: Stats,
+    /// Invocations per second over the section's wall time, at
+    /// `concurrency` (teardown or reset included).
+    pub per_s: f64,
+    /// Request to vCPUs running: restoring a clone (fresh, vsock),
+    /// writing the request and starting it (prepared), writing it and
+    /// resuming the reset clone (recycled).
+    pub restore_ms: Stats,
+    /// vCPUs running to the host holding the parsed result.
+    pub run_ms: Stats,
+    /// The handler alone (the runtime's clock; hot path only).
+    pub handler_ms: Option<Stats>,
+    /// After the result: destroying the clone, or resetting it (recycled).
+    pub teardown_ms: Stats,
+    /// Request to the clone destroyed (or reset).
+    pub total_ms: Stats,
+    /// The recycled path's resets.
+    pub reset: Option<ResetFigures>,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionBenchReport {
+    /// The function.
+    pub function: String,
+    /// Its runtime and handler.
+    pub handler: String,
+    /// Invocations in flight at once.
+    pub concurrency: usize,
+    /// A fresh clone per event.
+    pub fresh: Option<PathFigures>,
+    /// Clones prepared ahead (preparation not timed).
+    pub prepared: Option<PathFigures>,
+    /// Clones reset in place.
+    pub recycled: Option<PathFigures>,
+    /// The agent path.
+    pub vsock: Option<PathFigures>,
+    /// Cold `python3 -c pass` in a fresh clone, request to exit.
+    pub cold_python_ms: Option<Stats>,
+}
+
+/// Runs the benchmark.
+pub fn run(
+    function: &Arc<Function>,
+    config: &FunctionBenchConfig,
+) -> Result<FunctionBenchReport, FunctionError> {
+    let hot = function.manifest().hot_path.is_some();
+    let wants = |p: BenchPath| config.paths.contains(&p);
+    let measure =
+        |mode: BenchPath, iterations: usize| -> Result<Option<PathFigures>, FunctionError> {
+            if !wants(mode) || iterations == 0 || (mode != BenchPath::Vsock && !hot) {
+                return Ok(None);
+            }
+            measure(
+                function,
+                &config.event,
+                iterations,
+                config.concurrency,
+                mode,
+            )
+            .map(Some)
+        };
+    let fresh = measure(BenchPath::Fresh, config.iterations)?;
+    let prepared = measure(BenchPath::Prepared, config.iterations)?;
+    let recycled = measure(BenchPath::Recycled, config.iterations)?;
+    let vsock = measure(BenchPath::Vsock, config.vsock_iterations)?;
+    let cold_python_ms = config
+        .cold
+        .then(|| cold_python(function).map(|ms| Stats::of([ms])))
+        .transpose()?;
+    Ok(FunctionBenchReport {
+        function: function.snapshot().dir().display().to_string(),
+        handler: format!(
+            "{} {}",
+            function.manifest().runtime,
+            function.manifest().handler
+        ),
+        concurrency: config.concurrency,
+        fresh,
+        prepared,
+        recycled,
+        vsock,
+        cold_python_ms,
+    })
+}
+
+fn measure(
+    function: &Arc<Function>,
+    event: &[u8],
+    iterations: usize,
+    concurrency: usize,
+    mode: BenchPath,
+) -> Result<PathFigures, FunctionError> {
+    let concurrency = concurrency.clamp(1, iterations.max(1));
+    let options = FunctionInvokeOptions {
+        force_vsock: mode == BenchPath::Vsock,
+        ..FunctionInvokeOptions::default()
+    };
+    let pool = (mode == BenchPath::Recycled)
+        .then(|| {
+            FunctionPool::new(
+                Arc::clone(function),
+                PoolOptions {
+                    min: concurrency,
+                    max: concurrency,
+                    recycle: RecycleOptions::default(),
+                },
+            )
+        })
+        .transpose()?;
+    let invoke = |options: &FunctionInvokeOptions| match (mode, &pool) {
+        (BenchPath::Prepared, _) => function
+            .prepare(options)
+            .and_then(|clone| function.invoke_prepared(clone, event, options)),
+        (BenchPath::Recycled, Some(pool)) => pool.invoke(event, options),
+        _ => function.invoke(event, options),
+    };
+    let memory_before = own_memory_kib();
+    let next = AtomicUsize::new(0);
+    let outcomes: Mutex<Vec<FunctionOutcome>> = Mutex::new(Vec::with_capacity(iterations));
+    let failure: Mutex<Option<FunctionError>> = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency {
+            scope.spawn(|| {
+                while next.fetch_add(1, Ordering::SeqCst) < iterations {
+                    match invoke(&options) {
+                        Ok(outcome)
+                            if matches!(
+                                outcome.result,
+                                HandlerResult::Json { .. } | HandlerResult::Bytes { .. }
+                            ) =>
+                        {
+                            lock(&outcomes).push(outcome);
+                        }
+                        Ok(outcome) => {
+                            lock(&failure).get_or_insert(FunctionError::BadRequest(format!(
+                                "the benchmark's handler failed: {:?}",
+                                outcome.result
+                            )));
+                            return;
+                        }
+                        Err(e) => {
+                            lock(&failure).get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    if let Some(e) = lock(&failure).take() {
+        return Err(e);
+    }
+    let memory_after = own_memory_kib();
+    let outcomes = std::mem::take(&mut *lock(&outcomes));
+    let stats = |f: &dyn Fn(&FunctionOutcome) -> f64| Stats::of(outcomes.iter().map(f));
+    let handlers: Vec<f64> = outcomes
+        .iter()
+        .filter_map(|o| o.timings.handler.map(ms))
+        .collect();
+    let reset = pool.as_ref().map(|pool| {
+        let resets: Vec<_> = outcomes.iter().filter_map(|o| o.recycle).collect();
+        let pool_stats = pool.stats();
+        let (pss_before, anon_before) = memory_before.unwrap_or_default();
+        let (pss_after, anon_after) = memory_after.unwrap_or_default();
+        ResetFigures {
+            pages: Stats::of(resets.iter().map(|r| r.pages as f64)),
+            guest_pages: Stats::of(resets.iter().map(|r| r.guest_pages as f64)),
+            kernel_ran: resets.iter().filter(|r| r.kernel_ran).count(),
+            mappings_dropped: resets.iter().filter(|r| r.mappings_dropped).count(),
+            replaced: pool_stats.replaced,
+            clones: pool_stats.created,
+            pss_kib_before: pss_before,
+            pss_kib_after: pss_after,
+            anon_kib_before: anon_before,
+            anon_kib_after: anon_after,
+        }
+    });
+    Ok(PathFigures {
+        path: outcomes.last().map(|o| o.path),
+        e2e_ms: stats(&|o| ms(o.timings.restore + o.timings.run)),
+        per_s: outcomes.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+        restore_ms: stats(&|o| ms(o.timings.restore)),
+        run_ms: stats(&|o| ms(o.timings.run)),
+        handler_ms: (!handlers.is_empty()).then(|| Stats::of(handlers)),
+        teardown_ms: stats(&|o| ms(o.timings.teardown)),
+        total_ms: stats(&|o| ms(o.timings.total)),
+        reset,
+    })
+}
+
+/// One cold `python3 -c pass` through the agent of a fresh clone.
+fn cold_python(function: &Function) -> Result<f64, FunctionError> {
+    let started = Instant::now();
+    let mut sandbox = Sandbox::restore(function.snapshot(), &RestoreOptions::default())
+        .map_err(|e| FunctionError::Startup(format!("cold python clone: {e}")))?;
+    let mut invocation = Invocation::new(["python3", "-c", "pass"]);
+    invocation.timeout_ms = 300_000;
+    let outcome = sandbox
+        .invoke(&invocation)
+        .map_err(|e| FunctionError::Startup(format!("cold python: {e}")))?;
+    if outcome.status != ExitStatus::Code(0) {
+        return Err(FunctionError::Startup(format!(
+            "cold python3 -c pass: {:?}: {}",
+            outcome.status,
+            String::from_utf8_lossy(&outcome.stderr)
+        )));
+    }
+    Ok(ms(started.elapsed()))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl FunctionBenchReport {
+    /// The paths measured, with their names.
+    fn sections(&self) -> [(&'static str, &Option<PathFigures>); 4] {
+        [
+            ("fresh", &self.fresh),
+            ("prepared", &self.prepared),
+            ("recycled", &self.recycled),
+            ("vsock", &self.vsock),
+        ]
+    }
+}
+
+impl fmt::Display for FunctionBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "function {} ({})", self.function, self.handler)?;
+        writeln!(
+            f,
+            "concurrency {}; e2e = request -> host holds the parsed result; p99 only from >= 100 samples",
+            self.concurrency
+        )?;
+        write!(f, "{}", Stats::header("ms"))?;
+        for (name, figures) in self.sections() {
+            let Some(p) = figures else { continue };
+            writeln!(f, "{name} ({:.1} invocations/s):", p.per_s)?;
+            let (restore, teardown) = match name {
+                "recycled" => ("write request + resume", "reset (after the result)"),
+                "prepared" => ("write request + start", "teardown (after the result)"),
+                _ => (
+                    "restore (request -> vCPUs run)",
+                    "teardown (after the result)",
+                ),
+            };
+            write!(f, "{}", p.e2e_ms.row("  e2e"))?;
+            write!(f, "{}", p.restore_ms.row(&format!("    {restore}")))?;
+            write!(
+                f,
+                "{}",
+                p.run_ms.row("    run (vCPUs run -> parsed result)")
+            )?;
+            if let Some(h) = &p.handler_ms {
+                write!(f, "{}", h.row("      of which the handler"))?;
+            }
+            write!(f, "{}", p.teardown_ms.row(&format!("  {teardown}")))?;
+            write!(
+                f,
+                "{}",
+                p.total_ms.row("  total (request -> teardown done)")
+            )?;
+            if let Some(r) = &p.reset {
+                write!(f, "{}", r.pages.row("  pages restored per reset (count)"))?;
+                write!(f, "{}", r.guest_pages.row("    of which the guest wrote"))?;
+                writeln!(
+                    f,
+                    "  guest kernel ran in {} of {} invocations ({} dropped KVM's mappings); {} clones made, {} replaced",
+                    r.kernel_ran, p.e2e_ms.n, r.mappings_dropped, r.clones, r.replaced
+                )?;
+                writeln!(
+                    f,
+                    "  process memory before the first / after the last invocation: PSS {} / {} KiB, anonymous {} / {} KiB",
+                    r.pss_kib_before, r.pss_kib_after, r.anon_kib_before, r.anon_kib_after
+                )?;
+            }
+        }
+        if let Some(cold) = &self.cold_python_ms {
+            writeln!(
+                f,
+                "cold `python3 -c pass` in a fresh clone, request -> exit: {:.0} ms (n={})",
+                cold.p50, cold.n
+            )?;
+        }
+        // Ratios of e2e p50s, each pair measured the same way in this run.
+        let e2e = |p: &Option<PathFigures>| p.as_ref().map(|p| p.e2e_ms);
+        let ratio =
+            |f: &mut fmt::Formatter<'_>, a: &str, x: Option<Stats>, b: &str, y: Option<Stats>| {
+                if let (Some(x), Some(y)) = (x, y) {
+                    writeln!(
+                        f,
+                        "e2e p50 {a} / {b}: {:.1}x ({a} n={}, {b} n={})",
+                        x.p50 / y.p50.max(1e-9),
+                        x.n,
+                        y.n
+                    )?;
+                }
+                Ok(())
+            };
+        ratio(
+            f,
+            "fresh",
+            e2e(&self.fresh),
+            "recycled",
+            e2e(&self.recycled),
+        )?;
+        ratio(
+            f,
+            "fresh",
+            e2e(&self.fresh),
+            "prepared",
+            e2e(&self.prepared),
+        )?;
+        ratio(f, "vsock", e2e(&self.vsock), "fresh", e2e(&self.fresh))?;
+        ratio(
+            f,
+            "cold python",
+            self.cold_python_ms,
+            "fresh",
+            e2e(&self.fresh),
+        )?;
+        Ok(())
+    }
+}

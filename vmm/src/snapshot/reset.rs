@@ -1,0 +1,675 @@
+//! Resetting a clone in place: after an invocation, a [`ResettableClone`]
+//! is returned to its template's exact state (guest memory, every vCPU
+//! register, the interrupt controllers, the PIT and the clock) without
+//! destroying the VM, so the next invocation pays for what the last one
+//! dirtied rather than for a new VM.
+//!
+//! **Memory.** The clone's memory is the template's `memory` file mapped
+//! copy-on-write, and KVM logs the pages the guest writes (manual-protect
+//! mode: reading the log re-protects nothing). The VMM records the pages
+//! it writes itself (a request, a key). A reset copies the template's
+//! content back into exactly those pages, then re-arms the log for them.
+//! Pages keep their host and KVM mappings, so the next invocation takes no
+//! fault on pages it touched before: cost follows the pages dirtied, not
+//! the guest's size.
+//!
+//! **Devices** are not reset: a reset requires their state to equal the
+//! template's (before and after the memory copy, so nothing ran in
+//! between) and fails otherwise. An invocation that used a device (the
+//! vsock path, a disk read) changed queue indices, and its clone is
+//! destroyed by its owner, never reused.
+//!
+//! **Shadow paging.** Without EPT/NPT (PVM hosts, or `ept=0`), KVM builds
+//! shadow page tables from the guest's and keeps them in sync by trapping
+//! the guest's writes to them. Copying page-table pages back from the
+//! host bypasses that, so a mapping the last invocation made could
+//! survive in KVM's shadow. Page tables change only when the guest kernel
+//! runs (a pure user-mode invocation on the hot path changes only
+//! accessed/dirty bits, which KVM sets and which the warm-up already set
+//! for the pages a handler uses). So the reset reads KVM's statistics: if
+//! the guest kernel ran during the invocation (emulated instructions
+//! beyond the doorbell's, guest page faults, injected interrupts, trapped
+//! page-table writes), it drops and re-adds the memory slots, which makes
+//! KVM discard every shadow page; the next invocation rebuilds them from
+//! the restored tables. On hosts with EPT/NPT the CPU walks the guest's
+//! tables in guest memory, so restored content is what it reads; stale
+//! translations can only be in the guest's TLB, and KVM flushes that when
+//! the reset loads the vCPU's control registers (`KVM_SET_SREGS` resets
+//! the MMU context; the root is loaded again with a TLB flush before the
+//! next entry).
+//!
+//! **Verification** ([`ResettableClone::verify`]) compares every guest page
+//! the clone has ever written, every vCPU register set, the VM's
+//! interrupt controllers and PIT and the device states against the
+//! template, and reports any difference.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_pit_state2;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::MemoryRegionLayout;
+use super::restore::Snapshot;
+use super::working_set::touched_pages;
+use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
+use crate::arch::x86_64::state::{
+    load_vcpu_registers, restore_vm, save_vcpu, save_vm, StateError, VcpuState, MSR_IA32_TSC,
+};
+use crate::exit::VmExit;
+use crate::host::HostKind;
+use crate::machine::Machine;
+use crate::vstate::stats::{KvmStats, StatsError};
+use crate::vstate::vcpu::VcpuError;
+use crate::vstate::vm::{VmError, PAGES_PER_WORD};
+use crate::vstate::Vcpu;
+
+const PAGE: u64 = 4096;
+
+/// Per-vCPU KVM counters that show the guest kernel ran. On PVM hosts every
+/// guest-kernel instruction is emulated (`insn_emulation`); everywhere, a
+/// page fault reflected to the guest or an injected interrupt means its
+/// kernel handled it.
+const VCPU_COUNTERS: [&str; 3] = ["insn_emulation", "pf_guest", "irq_injections"];
+/// Per-VM counter: guest writes to page tables KVM shadows.
+const VM_COUNTERS: [&str; 1] = ["mmu_pte_write"];
+
+/// Distinguishes snapshots within a process, so a clone is only ever reset
+/// to the template it was made from.
+static NEXT_TEMPLATE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh identity for an opened snapshot.
+pub(super) fn next_template_id() -> u64 {
+    NEXT_TEMPLATE_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The template's memory, mapped read-only and shared (the page cache
+/// pages every clone maps copy-on-write), to copy pages back from.
+#[derive(Debug)]
+pub(super) struct TemplateMemory {
+    base: *const u8,
+    len: usize,
+    layout: Vec<MemoryRegionLayout>,
+}
+
+// SAFETY: the mapping is read-only and never unmapped while the value
+// lives; reading it from several threads is fine.
+unsafe impl Send for TemplateMemory {}
+// SAFETY: as above: shared read-only access only.
+unsafe impl Sync for TemplateMemory {}
+
+impl TemplateMemory {
+    /// Maps `file` (a snapshot's memory file, already checked against
+    /// `layout`) read-only.
+    pub(super) fn map(
+        file: &std::fs::File,
+        layout: &[MemoryRegionLayout],
+    ) -> Result<Self, ResetError> {
+        use std::os::fd::AsRawFd;
+        let len = layout
+            .iter()
+            .map(|r| r.file_offset.saturating_add(r.size))
+            .max()
+            .and_then(|end| usize::try_from(end).ok())
+            .filter(|&len| len > 0)
+            .ok_or_else(|| ResetError::Memory("the snapshot has no memory".into()))?;
+        // SAFETY: a new read-only shared mapping of an open file; nothing
+        // else is at the address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(ResetError::Memory(format!(
+                "cannot map the template's memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(TemplateMemory {
+            base: base.cast(),
+            len,
+            layout: layout.to_vec(),
+        })
+    }
+
+    /// The template's content of the 4 KiB guest page at `gpa`.
+    fn page(&self, gpa: u64) -> Option<&[u8]> {
+        let region = self
+            .layout
+            .iter()
+            .find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.size)?;
+        let offset = usize::try_from(region.file_offset + (gpa - region.guest_addr)).ok()?;
+        if offset.checked_add(PAGE as usize)? > self.len {
+            return None;
+        }
+        // SAFETY: `offset..offset + 4096` lies inside the mapping, which
+        // lives as long as `self`; the snapshot's files are not modified
+        // while it is open (see the snapshot module).
+        Some(unsafe { std::slice::from_raw_parts(self.base.add(offset), PAGE as usize) })
+    }
+}
+
+impl Drop for TemplateMemory {
+    fn drop(&mut self) {
+        // SAFETY: `base..base + len` is the mapping made in `map`, unmapped
+        // once.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// What one reset did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResetReport {
+    /// Guest pages copied back from the template.
+    pub pages: usize,
+    /// Of which the guest wrote (KVM's dirty log).
+    pub guest_pages: usize,
+    /// Of which the VMM wrote (requests, keys).
+    pub host_pages: usize,
+    /// The guest kernel ran during the invocation.
+    pub kernel_ran: bool,
+    /// KVM's mappings of guest memory were dropped (shadow paging and the
+    /// guest kernel ran): the next invocation faults its pages in again.
+    pub mappings_dropped: bool,
+    /// How long the reset took.
+    pub duration: Duration,
+}
+
+/// A clone that can be reset to its template in place (see the module
+/// documentation). Made by [`Snapshot::prepare_resettable`]; its vCPUs are
+/// parked (not running) except between [`ResettableClone::resume`] and
+/// [`ResettableClone::park`]. Dropping it destroys the VM.
+#[derive(Debug)]
+pub struct ResettableClone {
+    machine: Machine,
+    /// The vCPUs while parked.
+    parked: Vec<Vcpu>,
+    template_id: u64,
+    /// The template's vCPU states, the one-shot timer pushed out as for a
+    /// fresh clone.
+    vcpu_states: Vec<VcpuState>,
+    /// The PIT as a fresh clone has it (created, never restored).
+    initial_pit: kvm_pit_state2,
+    /// Guest-physical pages the VMM wrote since the last reset.
+    host_written: Vec<u64>,
+    vcpu_stats: Vec<KvmStats>,
+    vm_stats: KvmStats,
+    /// Counter values when the vCPUs last resumed.
+    baseline: Vec<u64>,
+    shadow_paging: bool,
+    /// Doorbell rings the owner expects per run (each is one emulated
+    /// store on PVM hosts, not guest-kernel work).
+    expected_emulations: u64,
+}
+
+impl Snapshot {
+    /// Builds a clone that can be reset in place: like
+    /// [`Snapshot::prepare`] with KVM's dirty log on, started once and
+    /// parked, and reset (so it is exactly the template, parked, ready for
+    /// a request to be written and [`ResettableClone::resume`]).
+    pub fn prepare_resettable(
+        &self,
+        options: &super::RestoreOptions,
+    ) -> Result<ResettableClone, super::SnapshotError> {
+        let prepared = self.prepare_tracked(options, true)?;
+        let timer_delay = options.timer_delay;
+        let mut machine = prepared.start()?;
+        let initial_pit = machine
+            .vm()
+            .fd()
+            .get_pit2()
+            .map_err(super::SnapshotError::Kvm)?;
+        let vcpu_states = self
+            .state
+            .vcpu_states
+            .iter()
+            .map(|state| {
+                let mut state = state.clone();
+                if let Some(delay) = timer_delay {
+                    let ns = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+                    postpone_oneshot_timer(&mut state.lapic, ns);
+                }
+                state
+            })
+            .collect();
+        let parked = machine.park_vcpus();
+        let vcpu_stats = parked
+            .iter()
+            .map(|v| KvmStats::open(v.fd(), &VCPU_COUNTERS))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ResetError::Stats)?;
+        let vm_stats =
+            KvmStats::open(machine.vm().fd(), &VM_COUNTERS).map_err(ResetError::Stats)?;
+        let mut clone = ResettableClone {
+            machine,
+            parked,
+            template_id: self.template_id,
+            vcpu_states,
+            initial_pit,
+            host_written: Vec::new(),
+            vcpu_stats,
+            vm_stats,
+            baseline: Vec::new(),
+            shadow_paging: shadow_paging(HostKind::detect()),
+            expected_emulations: 0,
+        };
+        // The clone ran briefly: put it back, dropping KVM's mappings (it
+        // is not known what ran).
+        clone.baseline.clear();
+        clone.reset(self)?;
+        Ok(clone)
+    }
+}
+
+/// Whether KVM shadows the guest's page tables on this host.
+fn shadow_paging(host: HostKind) -> bool {
+    if host == HostKind::Pvm {
+        return true;
+    }
+    let enabled = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|v| matches!(v.trim(), "Y" | "y" | "1"))
+            .ok()
+    };
+    // Either module's flag says two-dimensional paging is on; a host where
+    // neither can be read is assumed to shadow (the safe answer).
+    !(enabled("/sys/module/kvm_intel/parameters/ept").unwrap_or(false)
+        || enabled("/sys/module/kvm_amd/parameters/npt").unwrap_or(false))
+}
+
+impl ResettableClone {
+    /// The running (or parked) machine: its doorbell, memory, exit state.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Mutable access, to stop a clone whose invocation timed out.
+    pub fn machine_mut(&mut self) -> &mut Machine {
+        &mut self.machine
+    }
+
+    /// Writes `bytes` into guest memory at `addr` and records the pages
+    /// for the next reset. Only while parked.
+    pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ResetError> {
+        self.machine
+            .memory()
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| {
+                ResetError::Memory(format!(
+                    "cannot write {} bytes at guest address {addr:#x}: {e}",
+                    bytes.len()
+                ))
+            })?;
+        let end = addr.saturating_add(bytes.len() as u64);
+        let mut page = addr & !(PAGE - 1);
+        while page < end {
+            self.host_written.push(page);
+            page += PAGE;
+        }
+        Ok(())
+    }
+
+    /// Says how many doorbell rings (emulated MMIO stores on PVM hosts) a
+    /// run is expected to make, so they are not taken for guest-kernel
+    /// work.
+    pub fn expect_doorbell_rings(&mut self, rings: u64) {
+        self.expected_emulations = rings;
+    }
+
+    /// Runs the parked vCPUs: the LAPIC timer is armed (pushed out as for a
+    /// fresh clone, counting from now) and the clock set to the template's.
+    pub fn resume(&mut self, snapshot: &Snapshot) -> Result<(), ResetError> {
+        self.check_template(snapshot)?;
+        if self.parked.is_empty() {
+            return Err(ResetError::NotParked);
+        }
+        for (vcpu, state) in self.parked.iter().zip(&self.vcpu_states) {
+            vcpu.fd()
+                .set_lapic(&state.lapic)
+                .map_err(|e| ResetError::Kvm("KVM_SET_LAPIC", e))?;
+        }
+        restore_clock(&self.machine, snapshot)?;
+        self.baseline = self.counters()?;
+        let parked = std::mem::take(&mut self.parked);
+        self.machine.resume_vcpus(parked).map_err(ResetError::Vcpu)
+    }
+
+    /// Stops the vCPUs wherever they are (a reset puts everything back).
+    pub fn park(&mut self) {
+        if self.parked.is_empty() {
+            self.parked = self.machine.park_vcpus();
+        }
+    }
+
+    /// Puts the parked clone back into the template's state. An error
+    /// means the clone must not be used again (drop it).
+    pub fn reset(&mut self, snapshot: &Snapshot) -> Result<ResetReport, ResetError> {
+        let started = Instant::now();
+        self.check_template(snapshot)?;
+        if self.parked.is_empty() {
+            return Err(ResetError::NotParked);
+        }
+        if let Some(exit) = self.machine.devices.exit.reason() {
+            return Err(ResetError::Stopped(exit));
+        }
+        self.check_devices(snapshot)?;
+        let kernel_ran = self.kernel_ran()?;
+        let drop_mappings = kernel_ran && self.shadow_paging;
+        let template = snapshot.template_memory()?;
+        let mut report = ResetReport {
+            kernel_ran,
+            mappings_dropped: drop_mappings,
+            ..ResetReport::default()
+        };
+        self.host_written.sort_unstable();
+        self.host_written.dedup();
+        let memory = self.machine.memory.clone();
+        for (slot, region) in memory.iter().enumerate() {
+            let slot = u32::try_from(slot).map_err(|_| ResetError::Memory("slot".into()))?;
+            let start = region.start_addr().0;
+            let pages = region.len() / PAGE;
+            let mut bitmap = self
+                .machine
+                .vm()
+                .dirty_bitmap(slot, pages)
+                .map_err(ResetError::Vm)?;
+            for (word_index, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let page = word_index as u64 * PAGES_PER_WORD + bit;
+                    if page < pages {
+                        copy_back(&memory, template, start + page * PAGE)?;
+                        report.guest_pages += 1;
+                    }
+                }
+            }
+            for &gpa in &self.host_written {
+                if gpa >= start && gpa - start < region.len() {
+                    // A page both sides wrote is copied once.
+                    let page = (gpa - start) / PAGE;
+                    let word =
+                        bitmap.get(usize::try_from(page / PAGES_PER_WORD).unwrap_or(usize::MAX));
+                    if word.is_some_and(|w| w & (1 << (page % PAGES_PER_WORD)) != 0) {
+                        continue;
+                    }
+                    copy_back(&memory, template, gpa)?;
+                    report.host_pages += 1;
+                }
+            }
+            if !drop_mappings && bitmap.iter().any(|&w| w != 0) {
+                self.machine
+                    .vm()
+                    .clear_dirty(slot, pages, &mut bitmap)
+                    .map_err(ResetError::Vm)?;
+            }
+        }
+        report.pages = report.guest_pages + report.host_pages;
+        self.host_written.clear();
+        if drop_mappings {
+            self.machine
+                .vm()
+                .reregister_memory(&memory)
+                .map_err(ResetError::Vm)?;
+        }
+        // Nothing a device did may have landed while memory was copied.
+        self.check_devices(snapshot)?;
+        for (vcpu, state) in self.parked.iter().zip(&self.vcpu_states) {
+            load_vcpu_registers(vcpu.fd(), state).map_err(ResetError::State)?;
+        }
+        restore_vm(self.machine.vm().fd(), &snapshot.state.vm, false).map_err(ResetError::State)?;
+        self.machine
+            .vm()
+            .fd()
+            .set_pit2(&self.initial_pit)
+            .map_err(|e| ResetError::Kvm("KVM_SET_PIT2", e))?;
+        self.machine.doorbell().reset();
+        report.duration = started.elapsed();
+        Ok(report)
+    }
+
+    /// Compares the parked clone with its template: every guest page the
+    /// clone ever wrote (the others are the template's file pages by
+    /// construction), every vCPU's registers, the interrupt controllers,
+    /// the PIT and the devices. Meant right after [`ResettableClone::reset`].
+    pub fn verify(&self, snapshot: &Snapshot) -> Result<(), ResetError> {
+        self.check_template(snapshot)?;
+        if self.parked.is_empty() {
+            return Err(ResetError::NotParked);
+        }
+        let template = snapshot.template_memory()?;
+        let memory = self.machine.memory();
+        let runs = touched_pages(memory).map_err(|e| ResetError::Memory(e.to_string()))?;
+        let mut differ = Vec::new();
+        let mut page = vec![0u8; PAGE as usize];
+        for run in runs.iter().filter(|r| r.write) {
+            for i in 0..u64::from(run.pages) {
+                let gpa = run.addr + i * PAGE;
+                memory
+                    .read_slice(&mut page, GuestAddress(gpa))
+                    .map_err(|e| ResetError::Memory(e.to_string()))?;
+                let expected = template
+                    .page(gpa)
+                    .ok_or_else(|| ResetError::Memory(format!("no template page at {gpa:#x}")))?;
+                if page != expected {
+                    differ.push(gpa);
+                }
+            }
+        }
+        if !differ.is_empty() {
+            let shown: Vec<String> = differ.iter().take(8).map(|a| format!("{a:#x}")).collect();
+            return Err(ResetError::Verify(format!(
+                "{} guest pages differ from the template: {}",
+                differ.len(),
+                shown.join(", ")
+            )));
+        }
+        for (vcpu, expected) in self.parked.iter().zip(&self.vcpu_states) {
+            let indices: Vec<u32> = expected.msrs.iter().map(|m| m.0).collect();
+            let actual = save_vcpu(vcpu.fd(), &indices).map_err(ResetError::State)?;
+            compare_vcpu(vcpu.id(), expected, &actual)?;
+        }
+        let vm = save_vm(self.machine.vm().fd()).map_err(ResetError::State)?;
+        let template_vm = &snapshot.state.vm;
+        for (name, a, b) in [
+            ("master PIC", &vm.pic_master, &template_vm.pic_master),
+            ("slave PIC", &vm.pic_slave, &template_vm.pic_slave),
+            ("IOAPIC", &vm.ioapic, &template_vm.ioapic),
+        ] {
+            if encode(a)? != encode(b)? {
+                return Err(ResetError::Verify(format!("the {name} differs")));
+            }
+        }
+        if encode(&vm.pit)? != encode(&self.initial_pit)? {
+            return Err(ResetError::Verify("the PIT differs".into()));
+        }
+        if self.machine.devices.state() != snapshot.state.devices {
+            return Err(ResetError::Verify("the device state differs".into()));
+        }
+        Ok(())
+    }
+
+    fn check_template(&self, snapshot: &Snapshot) -> Result<(), ResetError> {
+        if snapshot.template_id != self.template_id {
+            return Err(ResetError::WrongTemplate);
+        }
+        Ok(())
+    }
+
+    fn check_devices(&self, snapshot: &Snapshot) -> Result<(), ResetError> {
+        if self.machine.devices.state() != snapshot.state.devices {
+            return Err(ResetError::DevicesChanged);
+        }
+        Ok(())
+    }
+
+    /// The vCPU counters, then the VM's, as one vector.
+    fn counters(&self) -> Result<Vec<u64>, ResetError> {
+        let mut values = Vec::new();
+        for stats in &self.vcpu_stats {
+            values.extend(stats.read(&VCPU_COUNTERS).map_err(ResetError::Stats)?);
+        }
+        values.extend(
+            self.vm_stats
+                .read(&VM_COUNTERS)
+                .map_err(ResetError::Stats)?,
+        );
+        Ok(values)
+    }
+
+    /// Whether the guest kernel ran since the last resume (always true
+    /// when that is unknown).
+    fn kernel_ran(&self) -> Result<bool, ResetError> {
+        if self.baseline.is_empty() {
+            return Ok(true);
+        }
+        let now = self.counters()?;
+        let delta = |i: usize| {
+            now.get(i)
+                .zip(self.baseline.get(i))
+                .map(|(a, b)| a.wrapping_sub(*b))
+        };
+        let per_vcpu = VCPU_COUNTERS.len();
+        let mut emulated = 0u64;
+        for vcpu in 0..self.vcpu_stats.len() {
+            let base = vcpu * per_vcpu;
+            emulated = emulated.saturating_add(delta(base).unwrap_or(u64::MAX));
+            if delta(base + 1) != Some(0) || delta(base + 2) != Some(0) {
+                return Ok(true);
+            }
+        }
+        let pte_writes = delta(self.vcpu_stats.len() * per_vcpu).unwrap_or(u64::MAX);
+        log::debug!("reset: {emulated} emulated instructions, {pte_writes} page-table writes");
+        Ok(emulated > self.expected_emulations || pte_writes != 0)
+    }
+}
+
+/// Sets the clock to the template's kvm-clock value: the guest's monotonic
+/// clock continues from the snapshot instant, as in a fresh clone.
+fn restore_clock(machine: &Machine, snapshot: &Snapshot) -> Result<(), ResetError> {
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: snapshot.state.vm.clock.clock,
+        ..Default::default()
+    };
+    machine
+        .vm()
+        .fd()
+        .set_clock(&clock)
+        .map_err(|e| ResetError::Kvm("KVM_SET_CLOCK", e))
+}
+
+/// Copies the template's page at `gpa` into the clone.
+fn copy_back(
+    memory: &vm_memory::GuestMemoryMmap,
+    template: &TemplateMemory,
+    gpa: u64,
+) -> Result<(), ResetError> {
+    let page = template
+        .page(gpa)
+        .ok_or_else(|| ResetError::Memory(format!("no template page at {gpa:#x}")))?;
+    memory
+        .write_slice(page, GuestAddress(gpa))
+        .map_err(|e| ResetError::Memory(format!("guest page {gpa:#x}: {e}")))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, ResetError> {
+    postcard::to_allocvec(value).map_err(|e| ResetError::Verify(e.to_string()))
+}
+
+/// The LAPIC's current-count register: computed from the time of reading.
+const APIC_TMCCT: usize = 0x390;
+
+/// Compares a vCPU's state read back after a reset with what was loaded.
+/// Left out: `IA32_TSC` (it counts on) and the LAPIC timer's current count.
+fn compare_vcpu(id: u8, expected: &VcpuState, actual: &VcpuState) -> Result<(), ResetError> {
+    let differs = |what: &str| ResetError::Verify(format!("vCPU {id}: {what} differs"));
+    if encode(&expected.regs)? != encode(&actual.regs)? {
+        return Err(differs("the general registers"));
+    }
+    if encode(&expected.sregs)? != encode(&actual.sregs)? {
+        return Err(differs("the system registers"));
+    }
+    if expected.xsave != actual.xsave {
+        return Err(differs("the XSAVE area"));
+    }
+    if encode(&expected.xcrs)? != encode(&actual.xcrs)? {
+        return Err(differs("XCR0"));
+    }
+    if encode(&expected.debug_regs)? != encode(&actual.debug_regs)? {
+        return Err(differs("the debug registers"));
+    }
+    if encode(&expected.mp_state)? != encode(&actual.mp_state)? {
+        return Err(differs("the MP state"));
+    }
+    if encode(&expected.vcpu_events)? != encode(&actual.vcpu_events)? {
+        return Err(differs("the pending events"));
+    }
+    let mut lapic_expected = expected.lapic;
+    let mut lapic_actual = actual.lapic;
+    for lapic in [&mut lapic_expected, &mut lapic_actual] {
+        for byte in &mut lapic.regs[APIC_TMCCT..APIC_TMCCT + 4] {
+            *byte = 0;
+        }
+    }
+    if lapic_expected.regs != lapic_actual.regs {
+        return Err(differs("the LAPIC"));
+    }
+    for &(index, value) in &expected.msrs {
+        if index == MSR_IA32_TSC {
+            continue;
+        }
+        let got = actual.msrs.iter().find(|m| m.0 == index).map(|m| m.1);
+        if got != Some(value) {
+            return Err(ResetError::Verify(format!(
+                "vCPU {id}: MSR {index:#x} is {got:?}, the template has {value:#x}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A clone could not be reset (it must then be destroyed), or differs from
+/// its template after a reset.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// The clone belongs to another template.
+    #[error("the clone was made from another template")]
+    WrongTemplate,
+    /// The operation needs the vCPUs parked.
+    #[error("the clone's vCPUs are running")]
+    NotParked,
+    /// The VM stopped (powered off, crashed, was stopped at a timeout).
+    #[error("the clone stopped: {0}")]
+    Stopped(VmExit),
+    /// A device was used; devices are not reset in place.
+    #[error("a device's state changed (the invocation used a device)")]
+    DevicesChanged,
+    /// Guest memory could not be read, written or mapped.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// A KVM VM call failed.
+    #[error(transparent)]
+    Vm(VmError),
+    /// A KVM call failed.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// vCPU or VM state could not be loaded or read.
+    #[error(transparent)]
+    State(StateError),
+    /// KVM's statistics could not be read.
+    #[error(transparent)]
+    Stats(StatsError),
+    /// The vCPU threads could not be started again.
+    #[error(transparent)]
+    Vcpu(VcpuError),
+    /// Verification found a difference from the template.
+    #[error("reset verification failed: {0}")]
+    Verify(String),
+}
