@@ -21,6 +21,7 @@ use crate::kernel_cmdline::{self, CmdlineError};
 use crate::loader::{self, LoaderError};
 use crate::machine::{BootTimes, Machine, StepClock};
 use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::stats::KvmStats;
 use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::VmError;
 use crate::vstate::{Vcpu, Vm};
@@ -117,6 +118,14 @@ impl Machine {
         let first_run = Arc::new(OnceLock::new());
         let doorbell = Arc::new(Doorbell::new());
         devices.exit.wake_on_exit(doorbell.clone());
+        // Opened while this thread still holds the vCPU fds; diagnostics
+        // only, so a KVM without binary statistics just has none.
+        let vcpu_stats = vcpus
+            .iter()
+            .map(KvmStats::open_vcpu)
+            .collect::<Result<Vec<_>, _>>()
+            .inspect_err(|e| log::debug!("no vCPU statistics: {e}"))
+            .unwrap_or_default();
         let vcpus: Vec<Vcpu> = vcpus
             .into_iter()
             .zip(0u8..)
@@ -148,6 +157,7 @@ impl Machine {
             cmdline,
             doorbell,
             seccomp,
+            vcpu_stats,
         };
         // Started one by one so that a failure stops the vCPUs already
         // running when `machine` is dropped.

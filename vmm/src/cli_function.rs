@@ -377,6 +377,10 @@ fn report(outcome: &FunctionOutcome, args: &InvokeArgs) -> Result<()> {
             ),
             None => format!("teardown {:.2}", ms(t.teardown)),
         };
+        let teardown = match t.isolation {
+            Some(worker) => format!("{teardown}; worker spawn + jail + IPC {:.2}", ms(worker)),
+            None => teardown,
+        };
         eprintln!(
             "ember: {:?} path: {:.2} ms (restore {:.2}, run {:.2}{}, {teardown})",
             outcome.path,

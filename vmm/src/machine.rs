@@ -15,6 +15,7 @@ use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
 use crate::exit::VmExit;
 use crate::host::HostKind;
+use crate::vstate::stats::{GuestKernelWork, KvmStats};
 use crate::vstate::vcpu::VcpuError;
 use crate::vstate::{Vcpu, VcpuHandle, Vm};
 
@@ -118,6 +119,8 @@ pub struct Machine {
     pub(crate) doorbell: Arc<Doorbell>,
     /// The vCPU threads are seccomp-filtered (resumed ones too).
     pub(crate) seccomp: bool,
+    /// Each vCPU's KVM counters (empty where KVM has none).
+    pub(crate) vcpu_stats: Vec<KvmStats>,
 }
 
 impl Machine {
@@ -208,6 +211,14 @@ impl Machine {
             vcpu.started()?;
         }
         Ok(())
+    }
+
+    /// How much guest-kernel work the vCPUs did so far (all zero where KVM
+    /// keeps no statistics).
+    pub fn guest_kernel_work(&self) -> GuestKernelWork {
+        GuestKernelWork::read(&self.vcpu_stats)
+            .inspect_err(|e| log::debug!("vCPU statistics: {e}"))
+            .unwrap_or_default()
     }
 
     /// The console line the agent prints when it is ready.

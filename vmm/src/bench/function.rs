@@ -155,6 +155,21 @@ pub struct PathFigures {
     pub total_ms: Stats,
     /// The recycled path's resets.
     pub reset: Option<ResetFigures>,
+    /// Guest-kernel work per invocation (KVM's counters; in-process
+    /// clones where KVM keeps them).
+    pub guest_kernel: Option<GuestKernelFigures>,
+}
+
+/// Guest-kernel work per invocation, from KVM's counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestKernelFigures {
+    /// Instructions KVM emulated (on PVM hosts: every guest-kernel
+    /// instruction, and MMIO stores such as the doorbell's two).
+    pub emulated_instructions: Stats,
+    /// Page faults reflected to the guest kernel.
+    pub guest_page_faults: Stats,
+    /// Interrupts injected.
+    pub injected_interrupts: Stats,
 }
 
 /// The report.
@@ -317,8 +332,15 @@ fn measure(
             anon_kib_after: anon_after,
         }
     });
+    let works: Vec<_> = outcomes.iter().filter_map(|o| o.guest_kernel).collect();
+    let guest_kernel = (!works.is_empty()).then(|| GuestKernelFigures {
+        emulated_instructions: Stats::of(works.iter().map(|w| w.emulated_instructions as f64)),
+        guest_page_faults: Stats::of(works.iter().map(|w| w.guest_page_faults as f64)),
+        injected_interrupts: Stats::of(works.iter().map(|w| w.injected_interrupts as f64)),
+    });
     Ok(PathFigures {
         path: outcomes.last().map(|o| o.path),
+        guest_kernel,
         e2e_ms: stats(&|o| ms(o.timings.restore + o.timings.run)),
         per_s: outcomes.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         restore_ms: stats(&|o| ms(o.timings.restore)),

@@ -19,6 +19,7 @@ use crate::machine::Machine;
 use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
 use crate::snapshot::working_set::{touched_pages, PageRun};
 use crate::snapshot::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
+use crate::vstate::stats::GuestKernelWork;
 use vm_memory::{Bytes, GuestAddress};
 
 /// How long a clone's first timer interrupt is held back: longer than any
@@ -128,6 +129,11 @@ pub struct FunctionTimings {
     /// Request to the outcome, teardown included.
     #[serde(rename = "total_ms", serialize_with = "as_ms")]
     pub total: Duration,
+    /// Isolated invocations only: what the jailed worker added around its
+    /// own restore, run and teardown (spawning it, jailing it, sending the
+    /// request and reading the answer): `total` minus those three.
+    #[serde(rename = "isolation_ms", serialize_with = "as_opt_ms")]
+    pub isolation: Option<Duration>,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -161,6 +167,10 @@ pub struct FunctionOutcome {
     /// For a recycled clone: what its reset did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recycle: Option<super::RecycleInfo>,
+    /// How much guest-kernel work the invocation caused, from KVM's
+    /// counters (in-process clones; `None` where KVM keeps none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_kernel: Option<GuestKernelWork>,
 }
 
 /// A clone of a function's template, built but not started
@@ -231,7 +241,9 @@ impl Function {
         if let Some(isolation) = &options.isolation {
             timeout_ms(options)?;
             let mut outcome = crate::worker::function::invoke(self, event, options, isolation)?;
-            outcome.timings.total = requested.elapsed();
+            let t = &mut outcome.timings;
+            t.total = requested.elapsed();
+            t.isolation = Some(t.total.saturating_sub(t.restore + t.run + t.teardown));
             return Ok(outcome);
         }
         let clone = self.prepare(options)?;
@@ -291,6 +303,7 @@ impl Function {
         };
         // The host holds the parsed result (or knows there is none).
         let answered = Instant::now();
+        let work = machine.guest_kernel_work();
         drop(machine);
         let done = Instant::now();
         let mut outcome = outcome?;
@@ -298,6 +311,7 @@ impl Function {
         outcome.timings.run = answered.saturating_duration_since(running);
         outcome.timings.teardown = done.saturating_duration_since(answered);
         outcome.timings.total = done.saturating_duration_since(requested);
+        outcome.guest_kernel = Some(work);
         Ok(outcome)
     }
 
@@ -450,6 +464,7 @@ impl Function {
                         ..FunctionTimings::default()
                     },
                     recycle: None,
+                    guest_kernel: None,
                 };
                 return Ok(outcome);
             }
@@ -526,6 +541,7 @@ fn outcome_of(
         path,
         timings: FunctionTimings::default(),
         recycle: None,
+        guest_kernel: None,
     }
 }
 
@@ -538,6 +554,7 @@ pub(crate) fn timed_out(path: InvocationPath) -> FunctionOutcome {
         path,
         timings: FunctionTimings::default(),
         recycle: None,
+        guest_kernel: None,
     }
 }
 
@@ -685,6 +702,7 @@ mod tests {
                 ..FunctionTimings::default()
             },
             recycle: None,
+            guest_kernel: None,
         };
         let json = serde_json::to_value(&outcome).unwrap();
         assert_eq!(json["timings"]["restore_ms"], 1.5);

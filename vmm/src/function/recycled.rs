@@ -135,6 +135,12 @@ impl RecycledFunction {
         self.clone.is_some()
     }
 
+    /// The clone's guest memory, between invocations (for audits); `None`
+    /// once the clone ended.
+    pub fn guest_memory(&self) -> Option<&vm_memory::GuestMemoryMmap> {
+        self.clone.as_ref().map(|c| c.machine().memory())
+    }
+
     /// Invocations served so far.
     pub fn invocations(&self) -> u64 {
         self.invocations
@@ -178,6 +184,7 @@ impl RecycledFunction {
         };
         let answered = Instant::now();
         clone.park();
+        let work = clone.kernel_work();
         // Only a clean hot-path answer leaves a clone a reset can restore.
         let clean = outcome.as_ref().is_ok_and(|o| {
             hot.is_some()
@@ -217,6 +224,7 @@ impl RecycledFunction {
         outcome.timings.teardown = done.saturating_duration_since(answered);
         outcome.timings.total = done.saturating_duration_since(requested);
         outcome.recycle = Some(info);
+        outcome.guest_kernel = work;
         Ok(outcome)
     }
 

@@ -38,7 +38,7 @@ pub use memory::{
     dump_memory, dump_memory_with_stats, map_memory, open_memory_file, DumpStats, MemoryFileError,
     MemoryRegionLayout,
 };
-pub use reset::{ResetError, ResetReport, ResettableClone};
+pub use reset::{guest_memory_contains, ResetError, ResetReport, ResettableClone};
 pub use restore::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 
 use crate::agent::AgentError;

@@ -59,18 +59,13 @@ use crate::arch::x86_64::state::{
 use crate::exit::VmExit;
 use crate::host::HostKind;
 use crate::machine::Machine;
-use crate::vstate::stats::{KvmStats, StatsError};
+use crate::vstate::stats::{GuestKernelWork, KvmStats, StatsError};
 use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::{VmError, PAGES_PER_WORD};
 use crate::vstate::Vcpu;
 
 const PAGE: u64 = 4096;
 
-/// Per-vCPU KVM counters that show the guest kernel ran. On PVM hosts every
-/// guest-kernel instruction is emulated (`insn_emulation`); everywhere, a
-/// page fault reflected to the guest or an injected interrupt means its
-/// kernel handled it.
-const VCPU_COUNTERS: [&str; 3] = ["insn_emulation", "pf_guest", "irq_injections"];
 /// Per-VM counter: guest writes to page tables KVM shadows.
 const VM_COUNTERS: [&str; 1] = ["mmu_pte_write"];
 
@@ -198,10 +193,9 @@ pub struct ResettableClone {
     initial_pit: kvm_pit_state2,
     /// Guest-physical pages the VMM wrote since the last reset.
     host_written: Vec<u64>,
-    vcpu_stats: Vec<KvmStats>,
     vm_stats: KvmStats,
-    /// Counter values when the vCPUs last resumed.
-    baseline: Vec<u64>,
+    /// The guest-kernel counters and the VM's when the vCPUs last resumed.
+    baseline: Option<(GuestKernelWork, u64)>,
     shadow_paging: bool,
     /// Doorbell rings the owner expects per run (each is one emulated
     /// store on PVM hosts, not guest-kernel work).
@@ -239,11 +233,6 @@ impl Snapshot {
             })
             .collect();
         let parked = machine.park_vcpus();
-        let vcpu_stats = parked
-            .iter()
-            .map(|v| KvmStats::open(v.fd(), &VCPU_COUNTERS))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ResetError::Stats)?;
         let vm_stats =
             KvmStats::open(machine.vm().fd(), &VM_COUNTERS).map_err(ResetError::Stats)?;
         let mut clone = ResettableClone {
@@ -253,15 +242,13 @@ impl Snapshot {
             vcpu_states,
             initial_pit,
             host_written: Vec::new(),
-            vcpu_stats,
             vm_stats,
-            baseline: Vec::new(),
+            baseline: None,
             shadow_paging: shadow_paging(HostKind::detect()),
             expected_emulations: 0,
         };
         // The clone ran briefly: put it back, dropping KVM's mappings (it
         // is not known what ran).
-        clone.baseline.clear();
         clone.reset(self)?;
         Ok(clone)
     }
@@ -335,7 +322,7 @@ impl ResettableClone {
                 .map_err(|e| ResetError::Kvm("KVM_SET_LAPIC", e))?;
         }
         restore_clock(&self.machine, snapshot)?;
-        self.baseline = self.counters()?;
+        self.baseline = Some(self.counters()?);
         let parked = std::mem::take(&mut self.parked);
         self.machine.resume_vcpus(parked).map_err(ResetError::Vcpu)
     }
@@ -510,45 +497,71 @@ impl ResettableClone {
         Ok(())
     }
 
-    /// The vCPU counters, then the VM's, as one vector.
-    fn counters(&self) -> Result<Vec<u64>, ResetError> {
-        let mut values = Vec::new();
-        for stats in &self.vcpu_stats {
-            values.extend(stats.read(&VCPU_COUNTERS).map_err(ResetError::Stats)?);
+    /// The guest-kernel counters of the vCPUs, and the VM's page-table
+    /// write count.
+    fn counters(&self) -> Result<(GuestKernelWork, u64), ResetError> {
+        if self.machine.vcpu_stats.is_empty() {
+            return Err(ResetError::Stats(StatsError::Format(
+                "no vCPU statistics".into(),
+            )));
         }
-        values.extend(
-            self.vm_stats
-                .read(&VM_COUNTERS)
-                .map_err(ResetError::Stats)?,
-        );
-        Ok(values)
+        let work = GuestKernelWork::read(&self.machine.vcpu_stats).map_err(ResetError::Stats)?;
+        let pte_writes = self
+            .vm_stats
+            .read(&VM_COUNTERS)
+            .map_err(ResetError::Stats)?;
+        Ok((work, pte_writes.first().copied().unwrap_or(0)))
     }
 
-    /// Whether the guest kernel ran since the last resume (always true
-    /// when that is unknown).
-    fn kernel_ran(&self) -> Result<bool, ResetError> {
-        if self.baseline.is_empty() {
-            return Ok(true);
-        }
-        let now = self.counters()?;
-        let delta = |i: usize| {
-            now.get(i)
-                .zip(self.baseline.get(i))
-                .map(|(a, b)| a.wrapping_sub(*b))
-        };
-        let per_vcpu = VCPU_COUNTERS.len();
-        let mut emulated = 0u64;
-        for vcpu in 0..self.vcpu_stats.len() {
-            let base = vcpu * per_vcpu;
-            emulated = emulated.saturating_add(delta(base).unwrap_or(u64::MAX));
-            if delta(base + 1) != Some(0) || delta(base + 2) != Some(0) {
-                return Ok(true);
-            }
-        }
-        let pte_writes = delta(self.vcpu_stats.len() * per_vcpu).unwrap_or(u64::MAX);
-        log::debug!("reset: {emulated} emulated instructions, {pte_writes} page-table writes");
-        Ok(emulated > self.expected_emulations || pte_writes != 0)
+    /// What the guest kernel did since the last resume; `None` when that
+    /// is unknown (taken as "it ran").
+    pub fn kernel_work(&self) -> Option<GuestKernelWork> {
+        let (before, _) = self.baseline?;
+        let (now, _) = self.counters().ok()?;
+        Some(now.since(&before))
     }
+
+    /// Whether the guest kernel ran since the last resume (true when that
+    /// is unknown).
+    fn kernel_ran(&self) -> Result<bool, ResetError> {
+        let Some((before, pte_before)) = self.baseline else {
+            return Ok(true);
+        };
+        let (now, pte_now) = self.counters()?;
+        let work = now.since(&before);
+        log::debug!(
+            "reset: {work:?}, {} page-table writes",
+            pte_now.wrapping_sub(pte_before)
+        );
+        Ok(work.emulated_instructions > self.expected_emulations
+            || work.guest_page_faults != 0
+            || work.injected_interrupts != 0
+            || pte_now != pte_before)
+    }
+}
+
+/// Whether `needle` occurs anywhere in `memory` (an audit: e.g. that no
+/// trace of an invocation's data is left after a reset). Reads every page,
+/// so it populates the whole mapping; the clone must not be running.
+pub fn guest_memory_contains(memory: &vm_memory::GuestMemoryMmap, needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    memory.iter().any(|region| {
+        let len = usize::try_from(region.len()).unwrap_or(0);
+        // SAFETY: the region's mapping is `len` bytes and lives as long as
+        // `memory`; with the vCPUs parked nothing writes it while memmem
+        // reads, and memmem only reads both buffers within their lengths.
+        let found = unsafe {
+            libc::memmem(
+                region.as_ptr().cast(),
+                len,
+                needle.as_ptr().cast(),
+                needle.len(),
+            )
+        };
+        !found.is_null()
+    })
 }
 
 /// Sets the clock to the template's kvm-clock value: the guest's monotonic

@@ -100,14 +100,16 @@ pub fn invoke(
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
+            // The worker did not say which path it took: the one it would.
             Ok(FunctionOutcome {
                 result: HandlerResult::TimedOut,
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 output_truncated: false,
-                path: InvocationPath::Vsock,
+                path: function.path_for(event, options),
                 timings: FunctionTimings::default(),
                 recycle: None,
+                guest_kernel: None,
             })
         }
         Err(e) => Err(FunctionError::Garbage(format!(
@@ -209,8 +211,10 @@ fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
             handler: wire.handler_us.map(Duration::from_micros),
             teardown: Duration::from_micros(wire.teardown_us),
             total: Duration::ZERO,
+            isolation: None,
         },
         recycle: None,
+        guest_kernel: None,
     }
 }
 
@@ -262,8 +266,10 @@ mod tests {
                 handler: Some(Duration::from_micros(7)),
                 teardown: Duration::from_micros(3),
                 total: Duration::ZERO,
+                isolation: None,
             },
             recycle: None,
+            guest_kernel: None,
         };
         let back = from_wire(to_wire(outcome.clone()), 1 << 20);
         assert_eq!(back, outcome);
