@@ -1,7 +1,13 @@
 """A handler for ember's function tests: the event's "op" picks what it does."""
 
+import ctypes
+import gc
 import os
+import resource
+import signal
+import socket
 import sys
+import threading
 
 # Module-level state: every clone starts from the template's copy of it.
 counter = 0
@@ -66,8 +72,6 @@ leftovers = []
 
 
 def _libc():
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -90,11 +94,8 @@ def _map_fixed(libc):
 
 
 def _adversary(step):
-    """One of the things a handler can change, chosen by step."""
-    import signal
-    import socket
-    import threading
-
+    """One of the things a handler can change, chosen by step (its modules
+    are imported with the handler, as a real handler's would be)."""
     kind = step % 12
     if kind == 0:
         leftovers.append(bytearray(os.urandom(64)) * 4096)  # heap, 256 KiB
@@ -125,8 +126,6 @@ def _adversary(step):
         leftovers.append(open("/tmp/fd-leftover", "w"))
         leftovers.append(socket.socketpair())
     elif kind == 9:
-        import resource
-
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
     elif kind == 10:
         if step % 36 == 10:
@@ -136,8 +135,6 @@ def _adversary(step):
                     pass
     elif kind == 11:
         leftovers.clear()
-        import gc
-
         gc.collect()
     return kind
 

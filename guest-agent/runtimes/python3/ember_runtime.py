@@ -746,6 +746,10 @@ def allocate_buffer(size, libc):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     except (AttributeError, OSError):
         pass
+    # Nor may a fork move them: a child sharing them copy-on-write would
+    # make the runtime's next write land in a new physical page the host
+    # does not read. A handler's child simply does not have them.
+    buf.madvise(mmap.MADV_DONTFORK)
     for offset in range(0, size, PAGE_SIZE):
         buf[offset] = 0  # a write fault now, not in a clone
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))

@@ -58,6 +58,8 @@ pub struct RecycleInfo {
     pub guest_pages: usize,
     /// Of which the host wrote (the request, the CRNG key).
     pub host_pages: usize,
+    /// Of which a device wrote (the block device, after a disk read).
+    pub device_pages: usize,
     /// The guest kernel ran during the invocation.
     pub kernel_ran: bool,
     /// KVM's mappings were dropped (shadow paging and the kernel ran).
@@ -75,6 +77,7 @@ impl RecycleInfo {
             pages: report.pages,
             guest_pages: report.guest_pages,
             host_pages: report.host_pages,
+            device_pages: report.device_pages,
             kernel_ran: report.kernel_ran,
             mappings_dropped: report.mappings_dropped,
             reused: false,

@@ -115,7 +115,10 @@ impl MmioTransport {
     /// Captures the transport (the device must be quiescent: no vCPU and
     /// no event-loop activity).
     pub fn state(&self) -> MmioTransportState {
-        let device = lock(&self.device);
+        self.state_with(&*lock(&self.device))
+    }
+
+    fn state_with(&self, device: &dyn VirtioDevice) -> MmioTransportState {
         let queues = match device.active_queues() {
             Some(live) => live.iter().map(QueueSnapshot::of).collect(),
             None => self.queues.iter().map(QueueSnapshot::of).collect(),
@@ -143,56 +146,86 @@ impl MmioTransport {
         state: &MmioTransportState,
     ) -> Result<Self, RestoreError> {
         let mut transport = Self::new(device, memory, interrupt).map_err(RestoreError::Queue)?;
-        if state.queues.len() != transport.queues.len() {
+        transport.apply(state, None)?;
+        Ok(transport)
+    }
+
+    /// Puts a live transport back into `state` (a clone reset in place),
+    /// re-activating its device with the saved queues. Refused, with
+    /// nothing changed, unless the transport is still in `observed` (the
+    /// state its owner saw before resetting guest memory): a request the
+    /// device served since then wrote memory that reset did not see.
+    pub fn reset_to(
+        &mut self,
+        observed: &MmioTransportState,
+        state: &MmioTransportState,
+    ) -> Result<(), RestoreError> {
+        self.apply(state, Some(observed))
+    }
+
+    /// Sets registers and queues from `state`; with `observed`, only if the
+    /// transport is in that state (checked under the device's lock, which
+    /// the device's event handler also takes).
+    fn apply(
+        &mut self,
+        state: &MmioTransportState,
+        observed: Option<&MmioTransportState>,
+    ) -> Result<(), RestoreError> {
+        if state.queues.len() != self.queues.len() {
             return Err(RestoreError::QueueCount {
                 saved: state.queues.len(),
-                device: transport.queues.len(),
+                device: self.queues.len(),
             });
         }
         let queues = state
             .queues
             .iter()
-            .zip(&transport.queues)
+            .zip(&self.queues)
             .map(|(saved, fresh)| {
                 if saved.max_size != fresh.max_size() {
                     return Err(RestoreError::Queue(virtio_queue::Error::InvalidSize));
                 }
-                saved
-                    .to_queue(&transport.memory)
-                    .map_err(RestoreError::Queue)
+                saved.to_queue(&self.memory).map_err(RestoreError::Queue)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        transport.status = state.status;
-        transport.acked_features = state.acked_features;
-        transport.queue_select = state.queue_select;
-        transport.device_features_select = state.device_features_select;
-        transport.driver_features_select = state.driver_features_select;
-        transport.config_generation = state.config_generation;
-        transport.interrupt.set_status(state.interrupt_status);
         let running = state.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
             && state.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0;
-        {
-            let mut device = lock(&transport.device);
-            if state.acked_features & !device.features() != 0 {
-                return Err(RestoreError::Features(state.acked_features));
-            }
-            device.ack_features(state.acked_features);
-            if running {
-                let live = queues
-                    .iter()
-                    .map(|q| Queue::try_from(q.state()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(RestoreError::Queue)?;
-                device
-                    .activate(Activation {
-                        memory: transport.memory.clone(),
-                        queues: live,
-                    })
-                    .map_err(RestoreError::Activate)?;
+        let device = Arc::clone(&self.device);
+        let mut device = lock(&device);
+        if let Some(observed) = observed {
+            if self.state_with(&*device) != *observed {
+                return Err(RestoreError::Changed);
             }
         }
-        transport.queues = queues;
-        Ok(transport)
+        if state.acked_features & !device.features() != 0 {
+            return Err(RestoreError::Features(state.acked_features));
+        }
+        self.status = state.status;
+        self.acked_features = state.acked_features;
+        self.queue_select = state.queue_select;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        device.ack_features(state.acked_features);
+        if running {
+            let live = queues
+                .iter()
+                .map(|q| Queue::try_from(q.state()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(RestoreError::Queue)?;
+            device
+                .activate(Activation {
+                    memory: self.memory.clone(),
+                    queues: live,
+                })
+                .map_err(RestoreError::Activate)?;
+        } else if observed.is_some() {
+            // A live device the guest had not (or no longer) driven.
+            device.reset();
+        }
+        self.queues = queues;
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -413,6 +446,9 @@ pub enum RestoreError {
     /// The device refused the saved queues.
     #[error("cannot restart the virtio device: {0}")]
     Activate(ActivateError),
+    /// The device served a request after its owner last looked.
+    #[error("the virtio device changed while it was being reset")]
+    Changed,
 }
 
 impl BusDevice for MmioTransport {
