@@ -235,3 +235,57 @@ fn rand_byte() -> u8 {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The host's wall clock, seconds since the epoch.
+fn host_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `time.time()` and `datetime.now()` in a handler read the host's clock
+/// (within 50 ms), not the snapshot's, on every path.
+fn assert_clock_is_the_hosts(path: &str, outcome: &FunctionOutcome, before: f64, after: f64) {
+    let value = json_result(outcome);
+    for key in ["time", "now"] {
+        let t = value[key].as_f64().expect("a time");
+        assert!(
+            t > before - 0.05 && t < after + 0.05,
+            "{path}: {key} = {t:.3}, the host read {before:.3} .. {after:.3}"
+        );
+    }
+}
+
+#[test]
+fn handlers_read_the_hosts_wall_clock_on_every_path() {
+    let function = function();
+    let created = function.manifest().created_unix_ms as f64 / 1e3;
+    eprintln!("the template is {:.0} s old", host_time() - created);
+    assert!(
+        function.manifest().guest_clock.is_some(),
+        "the template records no guest clock"
+    );
+    let event = br#"{"op": "clock"}"#;
+    let options = FunctionInvokeOptions::default();
+
+    let before = host_time();
+    let fresh = function.invoke(event, &options).expect("fresh");
+    assert_clock_is_the_hosts("fresh", &fresh, before, host_time());
+
+    let prepared = function.prepare(&options).expect("prepare");
+    // A prepared clone may wait in a pool before its request comes.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = host_time();
+    let outcome = function
+        .invoke_prepared(prepared, event, &options)
+        .expect("prepared");
+    assert_clock_is_the_hosts("prepared", &outcome, before, host_time());
+
+    let mut clone = function.recycled(&verified()).expect("recycled clone");
+    for round in 0..3 {
+        let before = host_time();
+        let outcome = clone.invoke(event, &options).expect("recycled");
+        assert_clock_is_the_hosts(&format!("recycled #{round}"), &outcome, before, host_time());
+    }
+}

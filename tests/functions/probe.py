@@ -1,6 +1,7 @@
 """A handler for ember's function tests: the event's "op" picks what it does."""
 
 import ctypes
+import datetime
 import gc
 import os
 import resource
@@ -8,6 +9,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 # Module-level state: every clone starts from the template's copy of it.
 counter = 0
@@ -23,6 +25,9 @@ def handler(event, context):
     if op == "count":
         counter += 1
         return {"count": counter}
+    if op == "clock":
+        # The wall clock, through the vDSO (no system call).
+        return {"time": time.time(), "now": datetime.datetime.now().timestamp()}
     if op == "rand":
         return {"rand": os.urandom(16).hex()}
     if op == "fail":

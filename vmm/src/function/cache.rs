@@ -9,6 +9,11 @@ use crate::host::HostKind;
 use crate::paths;
 use crate::snapshot::FORMAT_VERSION;
 
+/// What a template records besides its snapshot (the manifest's
+/// contents): bumped when ember starts recording something new in it, so
+/// cached templates are made again (2: the guest's clock addresses).
+const TEMPLATE_CONTENTS: u32 = 2;
+
 /// Where the cached template of `spec` in `options`'s VM lives. The key
 /// covers everything the template depends on: the kernel, initramfs and
 /// root image (resolved to their content-addressed cache entries, plus the
@@ -28,7 +33,7 @@ pub fn cached_function_dir(spec: &FunctionSpec, options: &TemplateOptions) -> Pa
         Runtime::Exec { program, args } => format!("exec:{:08x}:{args:?}", contents(program)),
     };
     let key = format!(
-        "{}|{}|{:?}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}",
+        "{}|{}|{:?}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}|{}",
         resolve(&options.kernel).display(),
         resolve(&options.initrd).display(),
         options
@@ -44,6 +49,7 @@ pub fn cached_function_dir(spec: &FunctionSpec, options: &TemplateOptions) -> Pa
         crate::kernel_cmdline::fingerprint(HostKind::detect()),
         FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
+        TEMPLATE_CONTENTS,
     );
     paths::cache_dir().join(format!("function-{:08x}", crc32fast::hash(key.as_bytes())))
 }

@@ -77,6 +77,20 @@ pub fn find_base_crng(vmlinux: &Path) -> Option<u64> {
     elf.physical(vaddr)
 }
 
+/// The guest-physical addresses of `names` in an ELF `vmlinux` (`None`
+/// for each one missing; all `None` if the file is not such an ELF).
+pub fn find_symbols(vmlinux: &Path, names: &[&[u8]]) -> Vec<Option<u64>> {
+    let image = std::fs::read(vmlinux).unwrap_or_default();
+    let elf = Elf::parse(&image);
+    names
+        .iter()
+        .map(|name| {
+            let elf = elf.as_ref()?;
+            elf.physical(elf.symbol(name)?)
+        })
+        .collect()
+}
+
 /// The few parts of an ELF64 little-endian file this needs. Every offset
 /// read from the file is bounds-checked: a kernel image is a file, and
 /// files are untrusted.

@@ -326,7 +326,7 @@ impl Function {
         extra_flags: u32,
     ) -> Result<Machine, FunctionError> {
         let memory = clone.clone.memory();
-        for write in self.request_writes(event, timeout_ms, extra_flags)? {
+        for write in self.request_writes(memory, event, timeout_ms, extra_flags)? {
             memory
                 .write_slice(&write.bytes, GuestAddress(write.addr))
                 .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
@@ -334,16 +334,22 @@ impl Function {
         Ok(clone.clone.start()?)
     }
 
-    /// What the host writes into a clone's memory for one request, in
-    /// order: a fresh CRNG key and, for a hot-path runtime, the event and
+    /// What the host writes into a clone's memory (`memory`, the
+    /// template's content) for one request, in order: the host's wall
+    /// clock, a fresh CRNG key and, for a hot-path runtime, the event and
     /// then the request header (whose sequence number the runtime polls).
+    /// The clone must start with kvm-clock at the snapshot's value, now.
     pub(super) fn request_writes(
         &self,
+        memory: &vm_memory::GuestMemoryMmap,
         event: Option<&[u8]>,
         timeout_ms: u64,
         extra_flags: u32,
     ) -> Result<Vec<GuestWrite>, FunctionError> {
         let mut writes = Vec::new();
+        if let Some(clock) = &self.manifest.guest_clock {
+            writes.extend(clock.sync_writes(memory, self.snapshot.clock_ns(), unix_time_ns()));
+        }
         if let Some(rng) = &self.manifest.guest_rng {
             let mut key = [0u8; KEY_LEN];
             fill_random(&mut key);

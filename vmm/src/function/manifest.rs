@@ -6,6 +6,7 @@ use std::path::Path;
 use ember_agent::protocol::HotPathPages;
 use serde::{Deserialize, Serialize};
 
+use super::guest_clock::GuestClock;
 use super::guest_rng::GuestRng;
 use super::FunctionError;
 use crate::snapshot::working_set::PageRun;
@@ -32,6 +33,10 @@ pub struct Manifest {
     pub next_seq: u64,
     /// Where the guest kernel's CRNG lives, for reseeding clones in memory.
     pub guest_rng: Option<GuestRng>,
+    /// Where the guest kernel keeps its wall clock, for setting clones'
+    /// clocks in memory (absent in templates made before it existed).
+    #[serde(default)]
+    pub guest_clock: Option<GuestClock>,
     /// When the template was made, Unix milliseconds.
     pub created_unix_ms: u64,
     /// The guest pages a hot-path request touched in a calibration clone,
@@ -49,6 +54,7 @@ impl Manifest {
             hot_path: None,
             next_seq: 1,
             guest_rng: None,
+            guest_clock: None,
             created_unix_ms: 0,
             working_set: Vec::new(),
         }
@@ -110,6 +116,16 @@ impl Manifest {
             return Err(FunctionError::Manifest(format!(
                 "a working set of {ws_pages} pages in {mem_bytes} bytes of memory"
             )));
+        }
+        if let Some(clock) = &self.guest_clock {
+            if let Some(addr) = clock
+                .addresses()
+                .find(|a| a.saturating_add(4096) > (4u64 << 30) + mem_bytes)
+            {
+                return Err(FunctionError::Manifest(format!(
+                    "clock address {addr:#x} outside guest memory"
+                )));
+            }
         }
         if let Some(rng) = &self.guest_rng {
             if rng.addr.saturating_add(64) > (4u64 << 30) + mem_bytes {

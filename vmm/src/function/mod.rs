@@ -47,6 +47,7 @@
 
 mod buffers;
 mod cache;
+pub mod guest_clock;
 pub mod guest_rng;
 mod invoke;
 mod manifest;

@@ -236,6 +236,7 @@ pub fn create(
             generation: u64::from_le_bytes(generation),
         })
     });
+    manifest.guest_clock = super::guest_clock::GuestClock::find(&options.kernel);
     let saving = Instant::now();
     crate::snapshot::create::save(&mut machine, out)?;
     manifest.created_unix_ms = SystemTime::now()

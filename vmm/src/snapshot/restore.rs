@@ -174,6 +174,11 @@ impl Snapshot {
         self.state.mem_mib
     }
 
+    /// The kvm-clock value every clone starts at (guest nanoseconds).
+    pub fn clock_ns(&self) -> u64 {
+        self.state.vm.clock.clock
+    }
+
     /// The guest kernel's command line.
     pub fn kernel_cmdline(&self) -> &str {
         &self.state.kernel_cmdline
@@ -321,6 +326,7 @@ impl Snapshot {
             vcpus.push(fd);
         }
         Ok(PreparedClone {
+            clock_ns: state.vm.clock.clock,
             vm,
             memory,
             devices,
@@ -350,6 +356,9 @@ pub struct PreparedClone {
     clock: StepClock,
     cmdline: String,
     seccomp: bool,
+    /// The snapshot's kvm-clock value, set again at the start: a clone
+    /// prepared ahead starts with the clock a fresh restore has.
+    clock_ns: u64,
 }
 
 impl PreparedClone {
@@ -367,6 +376,12 @@ impl PreparedClone {
         if !self.lapics.is_empty() {
             self.clock.step("re-arm LAPIC timers");
         }
+        let clock = kvm_bindings::kvm_clock_data {
+            clock: self.clock_ns,
+            ..Default::default()
+        };
+        self.vm.fd().set_clock(&clock).map_err(SnapshotError::Kvm)?;
+        self.clock.step("set kvm-clock");
         Ok(Machine::start(
             self.vm,
             self.memory,
