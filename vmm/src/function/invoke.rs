@@ -10,6 +10,7 @@ use ember_agent::hotpath::{
 use ember_agent::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
 
+use super::guest_clock::ClockReading;
 use super::guest_rng::KEY_LEN;
 use super::manifest::Manifest;
 use super::{buffers, FunctionError};
@@ -326,7 +327,8 @@ impl Function {
         extra_flags: u32,
     ) -> Result<Machine, FunctionError> {
         let memory = clone.clone.memory();
-        for write in self.request_writes(memory, event, timeout_ms, extra_flags)? {
+        let tsc = clone.clone.guest_tsc();
+        for write in self.request_writes(memory, tsc, event, timeout_ms, extra_flags)? {
             memory
                 .write_slice(&write.bytes, GuestAddress(write.addr))
                 .map_err(|e| FunctionError::GuestMemory(e.to_string()))?;
@@ -338,17 +340,23 @@ impl Function {
     /// template's content) for one request, in order: the host's wall
     /// clock, a fresh CRNG key and, for a hot-path runtime, the event and
     /// then the request header (whose sequence number the runtime polls).
-    /// The clone must start with kvm-clock at the snapshot's value, now.
+    /// The clone must start with kvm-clock at the snapshot's value, now;
+    /// `guest_tsc` is its TSC now.
     pub(super) fn request_writes(
         &self,
         memory: &vm_memory::GuestMemoryMmap,
+        guest_tsc: Option<u64>,
         event: Option<&[u8]>,
         timeout_ms: u64,
         extra_flags: u32,
     ) -> Result<Vec<GuestWrite>, FunctionError> {
         let mut writes = Vec::new();
         if let Some(clock) = &self.manifest.guest_clock {
-            writes.extend(clock.sync_writes(memory, self.snapshot.clock_ns(), unix_time_ns()));
+            let reading = ClockReading {
+                kvmclock_ns: self.snapshot.clock_ns(),
+                tsc: guest_tsc,
+            };
+            writes.extend(clock.sync_writes(memory, reading, unix_time_ns()));
         }
         if let Some(rng) = &self.manifest.guest_rng {
             let mut key = [0u8; KEY_LEN];

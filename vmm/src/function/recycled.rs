@@ -169,8 +169,13 @@ impl RecycledFunction {
         let snapshot = function.snapshot();
         let deadline = requested + options.timeout;
         let hot = function.hot_pages_for(event, options);
-        let writes =
-            function.request_writes(clone.machine().memory(), hot.map(|_| event), timeout_ms, 0)?;
+        let writes = function.request_writes(
+            clone.machine().memory(),
+            clone.guest_tsc(),
+            hot.map(|_| event),
+            timeout_ms,
+            0,
+        )?;
         for write in &writes {
             clone.write(write.addr, &write.bytes).map_err(reset_error)?;
         }

@@ -309,6 +309,11 @@ impl ResettableClone {
         Ok(())
     }
 
+    /// The first vCPU's TSC as the guest would read it now (parked only).
+    pub fn guest_tsc(&self) -> Option<u64> {
+        crate::arch::x86_64::state::read_tsc(self.parked.first()?.fd()).ok()
+    }
+
     /// Says how many doorbell rings (emulated MMIO stores on PVM hosts) a
     /// run is expected to make, so they are not taken for guest-kernel
     /// work.

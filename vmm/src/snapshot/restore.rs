@@ -367,6 +367,11 @@ impl PreparedClone {
         &self.memory
     }
 
+    /// The first vCPU's TSC as the guest would read it now.
+    pub fn guest_tsc(&self) -> Option<u64> {
+        crate::arch::x86_64::state::read_tsc(self.vcpus.first()?).ok()
+    }
+
     /// Starts the clone's threads. Returns once its vCPUs run.
     pub fn start(mut self) -> Result<Machine, SnapshotError> {
         self.clock.restart();

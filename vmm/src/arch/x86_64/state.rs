@@ -240,6 +240,19 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |source| StateError::Kvm { op, source }
 }
 
+/// The vCPU's TSC as the guest reads it.
+pub fn read_tsc(vcpu: &VcpuFd) -> Result<u64, StateError> {
+    read_msrs(vcpu, &[MSR_IA32_TSC])?
+        .first()
+        .map(|m| m.1)
+        .ok_or(StateError::MsrRejected {
+            set: 0,
+            total: 1,
+            index: MSR_IA32_TSC,
+            value: 0,
+        })
+}
+
 /// Reads `indices` with as few `KVM_GET_MSRS` calls as possible: one when
 /// KVM reads them all. KVM stops at the first MSR it refuses and returns
 /// how many it read; that one is dropped and reading goes on after it.
