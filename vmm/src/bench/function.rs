@@ -424,6 +424,16 @@ impl fmt::Display for FunctionBenchReport {
                 "{}",
                 p.total_ms.row("  total (request -> teardown done)")
             )?;
+            if let Some(k) = &p.guest_kernel {
+                let row = |s: &Stats, name: &str| s.row(name);
+                write!(
+                    f,
+                    "{}{}{}",
+                    row(&k.emulated_instructions, "  emulated instructions (count)"),
+                    row(&k.guest_page_faults, "  guest page faults (count)"),
+                    row(&k.injected_interrupts, "  injected interrupts (count)")
+                )?;
+            }
             if let Some(r) = &p.reset {
                 write!(f, "{}", r.pages.row("  pages restored per reset (count)"))?;
                 write!(f, "{}", r.guest_pages.row("    of which the guest wrote"))?;
