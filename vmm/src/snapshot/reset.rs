@@ -33,10 +33,14 @@
 //! KVM discard every shadow page; the next invocation rebuilds them from
 //! the restored tables. On hosts with EPT/NPT the CPU walks the guest's
 //! tables in guest memory, so restored content is what it reads; stale
-//! translations can only be in the guest's TLB, and KVM flushes that when
-//! the reset loads the vCPU's control registers (`KVM_SET_SREGS` resets
-//! the MMU context; the root is loaded again with a TLB flush before the
-//! next entry).
+//! translations can only be in the guest's TLB (tagged by VPID/ASID, so a
+//! VM entry keeps them). The reset makes KVM drop them: it loads the
+//! control registers through a CR4 with PGE flipped, so `KVM_SET_SREGS`
+//! sees a change and resets the vCPU's MMU context, and KVM loads the root
+//! again with a flush of the guest's TLB before the next entry
+//! (`kvm_mmu_load`). On shadow-paging hosts the same reload also re-syncs
+//! the shadow pages KVM had let the guest write without trapping
+//! ("unsync" leaf tables) against the restored memory.
 //!
 //! **Verification** ([`ResettableClone::verify`]) compares every guest page
 //! the clone has ever written, every vCPU register set, the VM's
@@ -66,6 +70,8 @@ use crate::vstate::vm::{VmError, PAGES_PER_WORD};
 use crate::vstate::Vcpu;
 
 const PAGE: u64 = 4096;
+/// CR4.PGE: global pages (flipping it flushes every TLB entry).
+const X86_CR4_PGE: u64 = 1 << 7;
 /// Most pages a clone keeps writable between resets (32 MiB): beyond,
 /// pages a reset finds unchanged are write-protected again.
 const HOT_PAGES_MAX: u64 = 8192;
@@ -456,6 +462,17 @@ impl ResettableClone {
             return Err(ResetError::DevicesChanged("block"));
         }
         for (vcpu, state) in self.parked.iter().zip(&self.vcpu_states) {
+            // KVM_SET_SREGS resets the vCPU's MMU context (and the next
+            // entry then loads its root with a flush of the guest's TLB)
+            // only when CR0, CR3, CR4 or EFER change; the template's are
+            // likely the ones the vCPU has. Loading them from a CR4 with
+            // PGE flipped makes KVM see a change, so translations the
+            // last invocation cached never survive the reset.
+            let mut flipped = state.sregs;
+            flipped.cr4 ^= X86_CR4_PGE;
+            vcpu.fd()
+                .set_sregs(&flipped)
+                .map_err(|e| ResetError::Kvm("KVM_SET_SREGS", e))?;
             load_vcpu_registers(vcpu.fd(), state).map_err(ResetError::State)?;
         }
         restore_vm(self.machine.vm().fd(), &snapshot.state.vm, false).map_err(ResetError::State)?;
