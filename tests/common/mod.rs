@@ -45,9 +45,18 @@ pub fn run_ember(args: &[&str], timeout: Duration) -> Output {
     cmd.output().expect("cannot run ember")
 }
 
-/// A fresh temporary file path for this test process.
+/// A fresh temporary file path for this test process: whatever an earlier
+/// process with the same pid left there is removed first.
 pub fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()))
+    let path = std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()));
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot remove the leftover {}: {e}", path.display())),
+        Ok(_) => std::fs::remove_file(&path)
+            .unwrap_or_else(|e| panic!("cannot remove the leftover {}: {e}", path.display())),
+        Err(_) => {}
+    }
+    path
 }
 
 /// The default config: default artifacts, 1 vCPU, console discarded.

@@ -48,13 +48,16 @@ pub(crate) fn build_cache_entry<E>(
         .parent()
         .map_or_else(cache_dir, std::path::Path::to_path_buf);
     std::fs::create_dir_all(&parent).map_err(|e| io(parent.clone(), e))?;
-    let building = parent.join(format!(
-        ".{}.building.{}",
+    let prefix = format!(
+        ".{}.building.",
         dir.file_name()
             .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+            .unwrap_or_default()
+    );
+    remove_abandoned_builds(&parent, &prefix);
+    let building = parent.join(format!("{prefix}{}", std::process::id()));
+    // A leftover of an earlier process with our pid.
+    let _ = std::fs::remove_dir_all(&building);
     if let Err(e) = build(&building) {
         let _ = std::fs::remove_dir_all(&building);
         return Err(e);
@@ -70,4 +73,75 @@ pub(crate) fn build_cache_entry<E>(
         }
     }
     Ok(())
+}
+
+/// Removes the `<prefix><pid>` build directories in `parent` whose builder
+/// is gone (killed mid-build): a snapshot's memory file is as large as the
+/// guest's RAM, and nothing else would ever remove them.
+fn remove_abandoned_builds(parent: &std::path::Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let gone = pid.parse::<u32>().is_ok_and(|pid| {
+            pid != std::process::id()
+                && !std::path::Path::new("/proc").join(pid.to_string()).exists()
+        });
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abandoned_builds_are_removed_and_live_ones_kept() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        // pid 1 is alive; no pid is above the kernel's limit of 2^22.
+        let (live, dead, other) = (
+            ".x.building.1",
+            ".x.building.99999999",
+            ".y.building.99999999",
+        );
+        for name in [live, dead, other] {
+            std::fs::create_dir_all(parent.join(name).join("inside")).unwrap();
+        }
+        remove_abandoned_builds(&parent, ".x.building.");
+        assert!(parent.join(live).exists());
+        assert!(!parent.join(dead).exists());
+        assert!(parent.join(other).exists(), "another entry's");
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_build_leftover_with_our_pid_is_replaced() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-own-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let dir = parent.join("entry");
+        let leftover = parent.join(format!(".entry.building.{}", std::process::id()));
+        std::fs::create_dir_all(&leftover).unwrap();
+        std::fs::write(leftover.join("stale"), "from a killed run").unwrap();
+        build_cache_entry(
+            &dir,
+            "done",
+            |building| {
+                assert!(!building.join("stale").exists());
+                std::fs::create_dir_all(building)?;
+                std::fs::write(building.join("done"), "")
+            },
+            |_, e| e,
+        )
+        .unwrap();
+        assert!(dir.join("done").exists());
+        assert!(!dir.join("stale").exists());
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
 }
