@@ -15,8 +15,14 @@ use std::time::Duration;
 /// tests on take ~30 s, hardware KVM well under a second.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The guest kernel and initramfs built by `scripts/setup`.
+/// The guest kernel and initramfs built by `scripts/setup`. Fails the
+/// test, saying what is missing, when this host cannot boot microVMs.
 pub fn guest_artifacts() -> (PathBuf, PathBuf) {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: these tests boot microVMs and need KVM \
+         (load kvm_intel or kvm_amd, or run them on a machine with KVM)"
+    );
     let kernel = ember::paths::default_kernel();
     let initrd = ember::paths::default_initrd();
     for path in [&kernel, &initrd] {
