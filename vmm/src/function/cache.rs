@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ember_agent::protocol::FunctionStart;
 
+use super::manifest::MANIFEST_VERSION;
 use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
 use super::{create, FunctionError, MANIFEST_FILE};
 use crate::cache_key::KeyBuilder;
@@ -24,7 +25,7 @@ pub fn cached_function_dir(
 /// what the template is made from: the VM, keyed as its default snapshot
 /// would be (the contents of the kernel, the initramfs with the agent and
 /// the root image, the VM's shape, the host's kernel parameters and the
-/// state format), and the runtime's start request as the guest gets it
+/// state format), the manifest's format, and the runtime's start request as the guest gets it
 /// (argv, environment, and every file put in the function directory: the
 /// handler or executable, and ember's python runtime), the hot path
 /// setting and the warm-up event.
@@ -39,7 +40,8 @@ pub fn function_key(
 
 fn key_of(vm: &str, start: &FunctionStart, warmup_event: Option<&[u8]>) -> String {
     let mut key = KeyBuilder::new("function");
-    key.field("vm", vm);
+    key.field("manifest", MANIFEST_VERSION.to_le_bytes())
+        .field("vm", vm);
     for arg in &start.argv {
         key.field("arg", arg);
     }
