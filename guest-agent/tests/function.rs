@@ -117,9 +117,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn check_echo_runtime(cgroup: bool) {
-    let Some(agent) = start_agent(cgroup) else {
-        return;
-    };
+    let agent = start_agent(cgroup);
     let mut c = Client::connect(&agent);
     // Nothing to invoke yet.
     let err = error(&mut c, event(b"x", 1000));
@@ -217,9 +215,7 @@ fn echo_runtime_in_its_cgroup() {
 
 #[test]
 fn runtime_that_never_gets_ready() {
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     let mut start = runtime("echo booting slowly >&2; sleep 30");
     start.ready_timeout_ms = 500;
@@ -274,9 +270,7 @@ fn runtime_that_never_gets_ready() {
 
 #[test]
 fn runtime_that_loops_is_killed_at_the_timeout() {
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     ready(&mut c, runtime(ECHO));
     let started = Instant::now();
@@ -296,9 +290,7 @@ fn runtime_that_loops_is_killed_at_the_timeout() {
 
 #[test]
 fn runtime_that_breaks_the_protocol() {
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     for (what, expect) in [
         (&b"garbage"[..], "malformed header"),
@@ -328,9 +320,7 @@ fn runtime_that_breaks_the_protocol() {
 
 #[test]
 fn runtime_that_exits() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     ready(&mut c, runtime(ECHO));
     // It answers, then exits: the answer counts, and says so.
@@ -374,9 +364,7 @@ fn runtime_that_exits() {
 
 #[test]
 fn result_without_event_is_collected() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     // As a hot-path runtime does when a response does not fit its buffer:
     // a RESULT on fd 4 with no EVENT before it.
@@ -408,9 +396,7 @@ fn result_without_event_is_collected() {
 
 #[test]
 fn hot_path_is_reported() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     // A shell cannot lock buffers: it says READY {} and tells what it got.
     let script = r#"echo "env=${EMBER_HOT_PATH:-}"; grep 'locked memory' /proc/self/limits; printf 'READY 2\n{}' >&4; sleep 30"#;
@@ -456,23 +442,89 @@ impl Drop for RootImage {
     }
 }
 
-fn root_image() -> Option<RootImage> {
-    let static_busybox = Command::new("sh")
-        .args(["-c", "readelf -lW /bin/busybox | grep -q INTERP"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.code() == Some(1));
-    let tools = ["mkfs.ext4", "losetup"].iter().all(|tool| {
+/// What `root_image` needs from the host that this one lacks, if anything.
+fn missing_root_image_tools() -> Vec<&'static str> {
+    let found = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
-    });
-    if !static_busybox || !tools || !Path::new("/dev/loop-control").exists() {
-        eprintln!("skipped: needs a static /bin/busybox, mkfs.ext4, losetup and loop devices");
-        return None;
+    };
+    let mut missing = Vec::new();
+    if !found("readelf") {
+        missing.push("readelf (apt-get install binutils)");
     }
+    // An ELF without a program interpreter is static.
+    let static_busybox = Command::new("sh")
+        .args([
+            "-c",
+            "headers=$(readelf -lW /bin/busybox) && ! printf '%s' \"$headers\" | grep -q INTERP",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !static_busybox {
+        missing.push("a static /bin/busybox (scripts/setup installs busybox-static)");
+    }
+    if !found("mkfs.ext4") {
+        missing.push("mkfs.ext4 (scripts/setup installs e2fsprogs)");
+    }
+    if !found("losetup") || !Path::new("/dev/loop-control").exists() {
+        missing.push("losetup and loop devices (apt-get install util-linux; modprobe loop)");
+    }
+    missing
+}
+
+/// Whether the process `pid` (a decimal string) is alive.
+fn alive(pid: &str) -> bool {
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && Path::new("/proc").join(pid).exists()
+}
+
+/// Detaches loop devices and removes image directories left by test
+/// processes that died before their `RootImage` was dropped (the
+/// directories name their pid).
+fn remove_stale_root_images() {
+    if let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(pid) = name.strip_prefix("ember-root-image-") {
+                if !alive(pid) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    let Ok(out) = Command::new("losetup")
+        .args(["--list", "--noheadings", "--output", "NAME,BACK-FILE"])
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((device, file)) = line.trim().split_once(' ') else {
+            continue;
+        };
+        let Some(rest) = file.split("/ember-root-image-").nth(1) else {
+            continue;
+        };
+        if !alive(rest.split('/').next().unwrap_or_default()) {
+            let _ = Command::new("losetup").arg("-d").arg(device).status();
+        }
+    }
+}
+
+fn root_image() -> RootImage {
+    let missing = missing_root_image_tools();
+    assert!(
+        missing.is_empty(),
+        "the root drive test needs {}",
+        missing.join(", ")
+    );
+    remove_stale_root_images();
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("ember-root-image-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -503,32 +555,24 @@ fn root_image() -> Option<RootImage> {
         .output()
         .unwrap();
     if !out.status.success() {
-        eprintln!(
-            "skipped: losetup: {}",
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!(
+            "the root drive test needs a free loop device: losetup: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
-        let _ = std::fs::remove_dir_all(&dir);
-        return None;
     }
     let device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    Some(RootImage { device, dir })
+    RootImage { device, dir }
 }
 
 #[test]
 fn root_drive() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let Some(image) = root_image() else {
-        return;
-    };
-    let Some(agent) = start_agent_with(Options {
+    require_namespaces();
+    let image = root_image();
+    let agent = start_agent_with(Options {
         cgroup: cgroup2_available(),
         root: Some(image.device.clone()),
-    }) else {
-        return;
-    };
+    });
     let mut c = Client::connect(&agent);
     let out = c.run(sh("cat /etc/ember-test-root; id -u; pwd; \
          touch /x 2>/dev/null && echo root-writable || echo root-read-only; \
@@ -581,32 +625,27 @@ fn root_drive() {
 
 #[test]
 fn bad_root_drive_keeps_the_initramfs() {
-    let Some(agent) = start_agent_with(Options {
+    let agent = start_agent_with(Options {
         cgroup: false,
         root: Some("/dev/ember-no-such-drive".into()),
-    }) else {
-        return;
-    };
+    });
     // It still serves (from where it was), after saying why.
     let mut c = Client::connect(&agent);
     assert_eq!(c.run(sh("echo still here")).stdout, b"still here\n");
 }
 
 /// The python runtime (`runtimes/python3`) over the pipes, with the host's
-/// python3, when there is one.
+/// python3.
 #[test]
 fn python_runtime_over_the_pipes() {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("runtimes/python3/ember_runtime.py");
-    let (Ok(runtime_py), true) = (
-        std::fs::read(&source),
+    let runtime_py = std::fs::read(&source)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", source.display()));
+    assert!(
         Path::new("/usr/bin/python3").exists(),
-    ) else {
-        eprintln!("skipped: needs /usr/bin/python3 and {}", source.display());
-        return;
-    };
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+        "this test needs /usr/bin/python3 (apt-get install python3)"
+    );
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     let start = FunctionStart {
         argv: [

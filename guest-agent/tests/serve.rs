@@ -18,9 +18,7 @@ use ember_agent::{
 
 #[test]
 fn streams_exit_codes_and_signals() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let out = c.run(sh("echo out; echo err >&2; exit 7"));
     assert_eq!(out.stdout, b"out\n");
@@ -52,9 +50,7 @@ fn streams_exit_codes_and_signals() {
 
 #[test]
 fn stdin_passthrough_1mib() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let data = pseudo_random(1 << 20, 7);
     let mut invoke = Invoke::new(["cat"]);
@@ -76,9 +72,7 @@ fn stdin_passthrough_1mib() {
 
 #[test]
 fn output_cap() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let mut invoke = Invoke::new(["head", "-c", "4194304", "/dev/zero"]);
     invoke.max_output_bytes = 1 << 20;
@@ -101,9 +95,7 @@ fn output_cap() {
 }
 
 fn check_timeout_kills_everything(cgroup: bool) {
-    let Some(agent) = start_agent(cgroup) else {
-        return;
-    };
+    let agent = start_agent(cgroup);
     assert_eq!(agent.cgroup, cgroup);
     let mut c = Client::connect(&agent);
     let mut invoke = sh("sleep 30 & sleep 30");
@@ -137,9 +129,7 @@ fn timeout_kills_the_cgroup() {
 
 #[test]
 fn nothing_escapes_the_cgroup() {
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     // Each invocation in a group of its own (paths are relative to the
     // agent's cgroup namespace).
@@ -167,9 +157,7 @@ fn nothing_escapes_the_cgroup() {
 
 #[test]
 fn env_cwd_and_workdir() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let mut invoke = sh("echo $FOO; echo \"$EMPTY\"; pwd; stat -c '%u %g %a' .");
     invoke.env = vec![
@@ -218,9 +206,7 @@ fn env_cwd_and_workdir() {
 
 #[test]
 fn files_in_and_out() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let mut invoke = Invoke::new(["./bin/run.sh", "arg"]);
     invoke.files_in = vec![
@@ -291,9 +277,7 @@ fn files_in_and_out() {
 
 #[test]
 fn malformed_frames_close_the_connection_but_not_the_agent() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
 
     // Bad magic.
     let mut c = Client::connect(&agent);
@@ -391,9 +375,7 @@ fn malformed_frames_close_the_connection_but_not_the_agent() {
 
 #[test]
 fn busy_ping_and_spawn_failures() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     c.send(&HostMessage::Invoke(sh("sleep 30")));
     // While it runs: pings are answered, a second Invoke is refused.
@@ -429,9 +411,7 @@ fn busy_ping_and_spawn_failures() {
 
 #[test]
 fn disconnect_kills_the_invocation() {
-    let Some(agent) = start_agent(true) else {
-        return;
-    };
+    let agent = start_agent(true);
     let mut c = Client::connect(&agent);
     c.send(&HostMessage::Invoke(sh("setsid sleep 30 & sleep 30")));
     c.ping(1);
@@ -442,9 +422,7 @@ fn disconnect_kills_the_invocation() {
 
 #[test]
 fn output_cannot_forge_frames() {
-    let Some(agent) = start_agent(false) else {
-        return;
-    };
+    let agent = start_agent(false);
     let mut c = Client::connect(&agent);
     let binary = std::fs::read(env!("CARGO_BIN_EXE_ember-agent")).unwrap();
     let mut invoke = Invoke::new(["./ember-agent", "protocol-junk", "50"]);

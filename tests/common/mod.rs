@@ -15,8 +15,14 @@ use std::time::Duration;
 /// tests on take ~30 s, hardware KVM well under a second.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The guest kernel and initramfs built by `scripts/setup`.
+/// The guest kernel and initramfs built by `scripts/setup`. Fails the
+/// test, saying what is missing, when this host cannot boot microVMs.
 pub fn guest_artifacts() -> (PathBuf, PathBuf) {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: these tests boot microVMs and need KVM \
+         (load kvm_intel or kvm_amd, or run them on a machine with KVM)"
+    );
     let kernel = ember::paths::default_kernel();
     let initrd = ember::paths::default_initrd();
     for path in [&kernel, &initrd] {
@@ -45,9 +51,18 @@ pub fn run_ember(args: &[&str], timeout: Duration) -> Output {
     cmd.output().expect("cannot run ember")
 }
 
-/// A fresh temporary file path for this test process.
+/// A fresh temporary file path for this test process: whatever an earlier
+/// process with the same pid left there is removed first.
 pub fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()))
+    let path = std::env::temp_dir().join(format!("ember-test-{}-{name}", std::process::id()));
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot remove the leftover {}: {e}", path.display())),
+        Ok(_) => std::fs::remove_file(&path)
+            .unwrap_or_else(|e| panic!("cannot remove the leftover {}: {e}", path.display())),
+        Err(_) => {}
+    }
+    path
 }
 
 /// The default config: default artifacts, 1 vCPU, console discarded.

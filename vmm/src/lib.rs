@@ -23,6 +23,7 @@ pub mod agent;
 pub mod arch;
 pub mod bench;
 pub mod builder;
+pub mod cache_key;
 pub mod config;
 pub mod devices;
 pub mod event_loop;

@@ -35,8 +35,10 @@ pub fn default_python_image() -> PathBuf {
 
 /// Makes the cache entry `dir` (a directory that is complete once it holds
 /// `complete`): `build` fills a private temporary directory next to it,
-/// which is then renamed into place. Concurrent builders may each build
-/// one; the first rename wins and the others use it. `io` wraps a file
+/// which is then renamed into place. One builder at a time: concurrent
+/// callers (test binaries, `ember run`s started together) wait on a lock
+/// file next to the entry and then use the entry the first one made,
+/// rather than each paying a cold boot on a cold cache. `io` wraps a file
 /// system error into the caller's error type.
 pub(crate) fn build_cache_entry<E>(
     dir: &std::path::Path,
@@ -48,13 +50,22 @@ pub(crate) fn build_cache_entry<E>(
         .parent()
         .map_or_else(cache_dir, std::path::Path::to_path_buf);
     std::fs::create_dir_all(&parent).map_err(|e| io(parent.clone(), e))?;
-    let building = parent.join(format!(
-        ".{}.building.{}",
-        dir.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = parent.join(format!(".{name}.lock"));
+    // Held until this function returns (closing the file releases it, and
+    // so does the death of a builder that is killed).
+    let _lock = lock_exclusive(&lock_path).map_err(|e| io(lock_path.clone(), e))?;
+    if dir.join(complete).exists() {
+        return Ok(());
+    }
+    let prefix = format!(".{name}.building.");
+    remove_abandoned_builds(&parent, &prefix);
+    let building = parent.join(format!("{prefix}{}", std::process::id()));
+    // A leftover of an earlier process with our pid.
+    let _ = std::fs::remove_dir_all(&building);
     if let Err(e) = build(&building) {
         let _ = std::fs::remove_dir_all(&building);
         return Err(e);
@@ -70,4 +81,126 @@ pub(crate) fn build_cache_entry<E>(
         }
     }
     Ok(())
+}
+
+/// Opens (creating it) and locks the file at `path` exclusively, waiting
+/// for the holder if there is one.
+fn lock_exclusive(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; no memory is
+        // passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(file);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Removes the `<prefix><pid>` build directories in `parent` whose builder
+/// is gone (killed mid-build): a snapshot's memory file is as large as the
+/// guest's RAM, and nothing else would ever remove them.
+fn remove_abandoned_builds(parent: &std::path::Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+            continue;
+        };
+        let gone = pid.parse::<u32>().is_ok_and(|pid| {
+            pid != std::process::id()
+                && !std::path::Path::new("/proc").join(pid.to_string()).exists()
+        });
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abandoned_builds_are_removed_and_live_ones_kept() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        // pid 1 is alive; no pid is above the kernel's limit of 2^22.
+        let (live, dead, other) = (
+            ".x.building.1",
+            ".x.building.99999999",
+            ".y.building.99999999",
+        );
+        for name in [live, dead, other] {
+            std::fs::create_dir_all(parent.join(name).join("inside")).unwrap();
+        }
+        remove_abandoned_builds(&parent, ".x.building.");
+        assert!(parent.join(live).exists());
+        assert!(!parent.join(dead).exists());
+        assert!(parent.join(other).exists(), "another entry's");
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn concurrent_builders_build_once() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-once-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let dir = parent.join("entry");
+        let builds = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    build_cache_entry(
+                        &dir,
+                        "done",
+                        |building| {
+                            builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            std::fs::create_dir_all(building)?;
+                            std::fs::write(building.join("done"), "")
+                        },
+                        |_, e| e,
+                    )
+                    .unwrap();
+                });
+            }
+        });
+        assert_eq!(builds.into_inner(), 1);
+        assert!(dir.join("done").exists());
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_build_leftover_with_our_pid_is_replaced() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-own-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let dir = parent.join("entry");
+        let leftover = parent.join(format!(".entry.building.{}", std::process::id()));
+        std::fs::create_dir_all(&leftover).unwrap();
+        std::fs::write(leftover.join("stale"), "from a killed run").unwrap();
+        build_cache_entry(
+            &dir,
+            "done",
+            |building| {
+                assert!(!building.join("stale").exists());
+                std::fs::create_dir_all(building)?;
+                std::fs::write(building.join("done"), "")
+            },
+            |_, e| e,
+        )
+        .unwrap();
+        assert!(dir.join("done").exists());
+        assert!(!dir.join("stale").exists());
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
 }

@@ -3,17 +3,23 @@
 //! test-only `EMBER_AGENT_TEST_LISTEN=unix:<path>` makes it listen on a
 //! Unix socket instead of vsock) and talks to it.
 //!
-//! Needs root and util-linux `unshare`; without them every test says it
-//! is skipped and passes. The agent gets a PID, mount and UTS namespace of
-//! its own (its mounts, hostname and final `kill(-1)` stay inside), and a
-//! private tmpfs on `/run` (or on `/run/ember` when the socket is under
-//! `/run`), where it makes the function directory. The cgroup variants
-//! mount the cgroup2 hierarchy only inside a private mount namespace, make
-//! one group for the test and give the agent a cgroup namespace rooted
-//! there, so the groups the agent makes stay inside it; the group is
-//! removed at the end. With a root device (`EMBER_AGENT_TEST_ROOT`) the
-//! agent switches its root to it, binds its socket inside it, and the test
-//! reaches the socket through `/proc/<agent>/root`.
+//! Needs root and util-linux `unshare`; a test that finds either missing
+//! fails and says so (see [`require_namespaces`]). The agent gets a PID,
+//! mount and UTS namespace of its own (its mounts, hostname and final
+//! `kill(-1)` stay inside), and a private tmpfs on `/run`, where it makes
+//! the function directory and binds its socket; the test reaches the
+//! socket through `/proc/<agent>/root`. Nothing is made on the host's file
+//! systems, so the tests do not depend on where the repository is checked
+//! out (`/tmp`, `/run` and the agent's other mount points included), and a
+//! run that was killed leaves nothing a later one could trip over.
+//!
+//! The cgroup variants mount the cgroup2 hierarchy only inside a private
+//! mount namespace, on a tmpfs of their own, make one group for the test
+//! and give the agent a cgroup namespace rooted there, so the groups the
+//! agent makes stay inside it; the group is removed at the end, and groups
+//! left by wrappers that died are removed at the next start. With a root
+//! device (`EMBER_AGENT_TEST_ROOT`) the agent switches its root to it and
+//! binds its socket on the drive's `/run`.
 
 #![allow(dead_code)]
 
@@ -29,24 +35,37 @@ use ember_agent::{
     MAX_CHUNK, PROTOCOL_VERSION,
 };
 
+/// Where the agent binds its socket, in its own mount namespace.
+const AGENT_SOCKET: &str = "/run/agent.sock";
+
 /// Runs in a private mount namespace (the test starts it under
-/// `unshare --mount`). $1 agent binary, $2 socket path, $3 "1" for a
-/// cgroup, $4 an empty directory to mount cgroup2 on, $5 a root device or
-/// "".
+/// `unshare --mount`). $1 agent binary, $2 socket path (in the agent's
+/// view), $3 "1" for a cgroup, $4 a root device or "".
 const WRAPPER: &str = r#"
 set -eu
-agent=$1 sock=$2 cg=$3 mnt=$4 root=$5
+agent=$1 sock=$2 cg=$3 root=$4
 listen="EMBER_AGENT_TEST_LISTEN=unix:$sock"
 rootenv=${root:+EMBER_AGENT_TEST_ROOT=$root}
-# The function directory (/run/ember/function) must not be the host's.
-# (With a root drive the socket is on the drive's /run, or, if switching
-# fails, on this one.)
-case "$root:$sock" in
-:/run/*) mkdir -p /run/ember && mount -t tmpfs -o mode=0755 ember-run /run/ember ;;
-*) mount -t tmpfs -o mode=0755 ember-run /run ;;
-esac
+# The function directory (/run/ember/function) and the socket must not be
+# the host's. (With a root drive both are on the drive's /run, or, if
+# switching fails, on this one.)
+mount -t tmpfs -o mode=0755 ember-run /run
 if [ "$cg" = 1 ]; then
+    # The host's hierarchy, on a mount point no host path can hide or lack:
+    # a tmpfs over /sys/fs/cgroup in this namespace. The agent's own cgroup2
+    # mount there then stacks on this tmpfs (and hides it) instead of
+    # finding a cgroup2 mount already in place.
+    mount -t tmpfs -o mode=0755 ember-cgroup /sys/fs/cgroup
+    mnt=/sys/fs/cgroup/host
+    mkdir "$mnt"
     mount -t cgroup2 none "$mnt"
+    # Groups of wrappers that died without cleaning up (a populated group
+    # refuses rmdir, so a live test's is safe whatever its pid means here).
+    for g in "$mnt"/ember-agent-test.*; do
+        [ -d "$g" ] || continue
+        kill -0 "${g##*.}" 2>/dev/null && continue
+        find "$g" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    done
     group="$mnt/ember-agent-test.$$"
     mkdir "$group"
     # Join the group, then a cgroup namespace rooted at it; the agent is
@@ -67,18 +86,15 @@ done
 # (The agent's reboot ends it with SIGHUP: not worth a message.)
 wait "$inner" 2>/dev/null || true
 if [ "$cg" = 1 ]; then
-    for g in "$group"/inv-* "$group"/fn-*; do [ -d "$g" ] && rmdir "$g"; done
-    rmdir "$group"
-    umount "$mnt"
+    find "$group" -depth -type d -exec rmdir {} + 2>/dev/null || true
 fi
 "#;
 
 pub struct Agent {
     wrapper: Child,
     stdin: Option<ChildStdin>,
-    /// Where the test connects.
+    /// Where the test connects (through the agent's `/proc/<pid>/root`).
     pub sock: PathBuf,
-    dir: PathBuf,
     pub cgroup: bool,
     /// The agent's pid on the host.
     pub pid: u32,
@@ -89,14 +105,14 @@ impl Drop for Agent {
         // Closing the wrapper's stdin stops the agent (SIGTERM: power off).
         drop(self.stdin.take());
         let _ = self.wrapper.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-pub fn skip_reason() -> Option<&'static str> {
+/// Why this host cannot run the agent tests, if it cannot.
+pub fn missing_prerequisite() -> Option<&'static str> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root");
+        return Some("root (they mount file systems and make namespaces): run the tests as root");
     }
     let unshare = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "--uts", "true"])
@@ -104,9 +120,20 @@ pub fn skip_reason() -> Option<&'static str> {
         .stderr(Stdio::null())
         .status();
     if !unshare.is_ok_and(|s| s.success()) {
-        return Some("needs unshare with PID/mount/UTS namespaces");
+        return Some(
+            "util-linux `unshare` with PID, mount and UTS namespaces \
+             (apt-get install util-linux; in a container, allow unshare(2))",
+        );
     }
     None
+}
+
+/// Fails the test, saying what is missing, when this host cannot run the
+/// agent tests: a test that cannot run must not pass.
+pub fn require_namespaces() {
+    if let Some(missing) = missing_prerequisite() {
+        panic!("the agent namespace tests need {missing}");
+    }
 }
 
 pub fn cgroup2_available() -> bool {
@@ -122,40 +149,20 @@ pub struct Options {
     pub root: Option<PathBuf>,
 }
 
-/// Starts an agent, or returns None (after saying so) when this host
-/// cannot run one.
-pub fn start_agent(cgroup: bool) -> Option<Agent> {
+/// Starts an agent; fails the test when this host cannot run one.
+pub fn start_agent(cgroup: bool) -> Agent {
     start_agent_with(Options {
         cgroup,
         ..Options::default()
     })
 }
 
-pub fn start_agent_with(opts: Options) -> Option<Agent> {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return None;
-    }
-    if opts.cgroup && !cgroup2_available() {
-        eprintln!("skipped: no cgroup2 in this kernel");
-        return None;
-    }
-    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Not under /tmp: the agent mounts its own tmpfs there, which would
-    // hide the socket from the test.
-    let mut base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    if base.starts_with("/tmp") {
-        base = PathBuf::from("/run");
-    }
-    let dir = base.join(format!("ember-agent-test-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("cgroup")).unwrap();
-    // With a root drive the agent binds inside it, on its private /run.
-    let sock = match &opts.root {
-        Some(_) => PathBuf::from("/run/agent.sock"),
-        None => dir.join("agent.sock"),
-    };
+pub fn start_agent_with(opts: Options) -> Agent {
+    require_namespaces();
+    assert!(
+        !opts.cgroup || cgroup2_available(),
+        "this test needs cgroup2, which this kernel lacks (no cgroup2 in /proc/filesystems)"
+    );
     let mut wrapper = Command::new("unshare")
         .args([
             "--mount",
@@ -167,9 +174,8 @@ pub fn start_agent_with(opts: Options) -> Option<Agent> {
             "wrapper",
         ])
         .arg(env!("CARGO_BIN_EXE_ember-agent"))
-        .arg(&sock)
+        .arg(AGENT_SOCKET)
         .arg(if opts.cgroup { "1" } else { "0" })
-        .arg(dir.join("cgroup"))
         .arg(opts.root.as_deref().unwrap_or(Path::new("")))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -189,8 +195,7 @@ pub fn start_agent_with(opts: Options) -> Option<Agent> {
     let mut agent = Agent {
         wrapper,
         stdin,
-        sock,
-        dir,
+        sock: PathBuf::new(),
         cgroup: opts.cgroup,
         pid: 0,
     };
@@ -207,10 +212,8 @@ pub fn start_agent_with(opts: Options) -> Option<Agent> {
     // The wrapper's one child is unshare, whose one child is the agent.
     let inner = children(wrapper_pid).first().copied().expect("no unshare");
     agent.pid = children(inner).first().copied().expect("no agent");
-    if opts.root.is_some() {
-        agent.sock = PathBuf::from(format!("/proc/{}/root/run/agent.sock", agent.pid));
-    }
-    Some(agent)
+    agent.sock = PathBuf::from(format!("/proc/{}/root{AGENT_SOCKET}", agent.pid));
+    agent
 }
 
 fn children(pid: u32) -> Vec<u32> {

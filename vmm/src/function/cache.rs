@@ -3,55 +3,68 @@
 
 use std::path::{Path, PathBuf};
 
-use super::template::{runtime_fingerprint, FunctionSpec, Runtime, TemplateOptions};
+use ember_agent::protocol::FunctionStart;
+
+use super::manifest::MANIFEST_VERSION;
+use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
 use super::{create, FunctionError, MANIFEST_FILE};
-use crate::host::HostKind;
+use crate::cache_key::KeyBuilder;
 use crate::paths;
-use crate::snapshot::FORMAT_VERSION;
+use crate::snapshot::snapshot_key;
 
 /// What a template records besides its snapshot (the manifest's
 /// contents): bumped when ember starts recording something new in it, so
 /// cached templates are made again (2: the guest's clock addresses).
 const TEMPLATE_CONTENTS: u32 = 2;
 
-/// Where the cached template of `spec` in `options`'s VM lives. The key
-/// covers everything the template depends on: the kernel, initramfs and
-/// root image (resolved to their content-addressed cache entries, plus the
-/// image file's identity), the handler's and runtime's contents, the
-/// warm-up event, the environment and the VM's shape.
-pub fn cached_function_dir(spec: &FunctionSpec, options: &TemplateOptions) -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let resolve = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let identity = |p: &Path| {
-        std::fs::metadata(p).map_or((0, 0, 0, 0), |m| {
-            (m.len(), m.ino(), m.mtime(), m.mtime_nsec())
-        })
+/// Where the cached template of `spec` in `options`'s VM lives:
+/// `function-<key>` in the cache (see [`function_key`]).
+pub fn cached_function_dir(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+) -> Result<PathBuf, FunctionError> {
+    Ok(paths::cache_dir().join(format!("function-{}", function_key(spec, options)?)))
+}
+
+/// The cache key of `spec`'s template in `options`'s VM, a SHA-256 over
+/// what the template is made from: the VM, keyed as its default snapshot
+/// would be (the contents of the kernel, the initramfs with the agent and
+/// the root image, the VM's shape, the host's kernel parameters and the
+/// state format), the manifest's format, and the runtime's start request as the guest gets it
+/// (argv, environment, and every file put in the function directory: the
+/// handler or executable, and ember's python runtime), the hot path
+/// setting and the warm-up event.
+pub fn function_key(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+) -> Result<String, FunctionError> {
+    let vm = snapshot_key(&vm_config(options))?;
+    let (start, _, _) = start_request(spec, options)?;
+    Ok(key_of(&vm, &start, spec.warmup_event.as_deref()))
+}
+
+fn key_of(vm: &str, start: &FunctionStart, warmup_event: Option<&[u8]>) -> String {
+    let mut key = KeyBuilder::new("function");
+    key.field("manifest", MANIFEST_VERSION.to_le_bytes())
+        .field("contents", TEMPLATE_CONTENTS.to_le_bytes())
+        .field("vm", vm);
+    for arg in &start.argv {
+        key.field("arg", arg);
+    }
+    for (name, value) in &start.env {
+        key.field("env name", name).field("env value", value);
+    }
+    for file in &start.files_in {
+        key.field("file path", &file.path)
+            .field("file mode", file.mode.to_le_bytes())
+            .field("file data", &file.data);
+    }
+    key.field("hot path", [u8::from(start.hot_path)]);
+    match warmup_event {
+        Some(event) => key.field("warm-up event", event),
+        None => key.field("no warm-up event", ""),
     };
-    let contents = |p: &Path| std::fs::read(p).map_or(0, |bytes| crc32fast::hash(&bytes));
-    let handler = match &spec.runtime {
-        Runtime::Python3 { file, name } => format!("python3:{:08x}:{name}", contents(file)),
-        Runtime::Exec { program, args } => format!("exec:{:08x}:{args:?}", contents(program)),
-    };
-    let key = format!(
-        "{}|{}|{:?}|{}|{}|{:?}|{:?}|{}|{}|{}|{}|{}|{}",
-        resolve(&options.kernel).display(),
-        resolve(&options.initrd).display(),
-        options
-            .root_drive
-            .as_deref()
-            .map(|p| (resolve(p), identity(p))),
-        options.mem_mib,
-        handler,
-        spec.warmup_event,
-        spec.env,
-        spec.hot_path,
-        runtime_fingerprint(),
-        crate::kernel_cmdline::fingerprint(HostKind::detect()),
-        FORMAT_VERSION,
-        env!("CARGO_PKG_VERSION"),
-        TEMPLATE_CONTENTS,
-    );
-    paths::cache_dir().join(format!("function-{:08x}", crc32fast::hash(key.as_bytes())))
+    key.finish()
 }
 
 /// The cached template of `spec`, made first if there is none
@@ -62,7 +75,7 @@ pub fn ensure_cached_function(
     options: &TemplateOptions,
     on_create: impl FnOnce(&Path),
 ) -> Result<PathBuf, FunctionError> {
-    let dir = cached_function_dir(spec, options);
+    let dir = cached_function_dir(spec, options)?;
     if dir.join(MANIFEST_FILE).exists() {
         return Ok(dir);
     }
@@ -75,4 +88,166 @@ pub fn ensure_cached_function(
         FunctionError::Io,
     )?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::function::Runtime;
+    use ember_agent::protocol::FileIn;
+
+    /// Stand-in guest artifacts and a handler (keys only hash them).
+    struct Inputs {
+        dir: PathBuf,
+    }
+
+    impl Inputs {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("ember-function-key-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (file, data) in [
+                ("vmlinux", "kernel"),
+                ("initrd", "agent v1"),
+                ("python3.ext4", "python v1"),
+                ("handler.py", "def handler(event, context):\n    return 1\n"),
+                ("echo", "#!/bin/sh\nexec cat\n"),
+            ] {
+                std::fs::write(dir.join(file), data).unwrap();
+            }
+            Inputs { dir }
+        }
+
+        fn options(&self) -> TemplateOptions {
+            TemplateOptions::new(
+                self.dir.join("vmlinux"),
+                self.dir.join("initrd"),
+                Some(self.dir.join("python3.ext4")),
+            )
+        }
+
+        fn python(&self) -> FunctionSpec {
+            FunctionSpec::python3(self.dir.join("handler.py"), "handler")
+        }
+
+        fn key(&self, spec: &FunctionSpec) -> String {
+            function_key(spec, &self.options()).unwrap()
+        }
+
+        fn edit(&self, file: &str, data: &str) {
+            std::fs::write(self.dir.join(file), data).unwrap();
+        }
+    }
+
+    impl Drop for Inputs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn key_is_a_sha256_and_stable() {
+        let inputs = Inputs::new("stable");
+        let key = inputs.key(&inputs.python());
+        assert_eq!(key.len(), 64);
+        assert_eq!(inputs.key(&inputs.python()), key);
+        let dir = cached_function_dir(&inputs.python(), &inputs.options()).unwrap();
+        assert_eq!(dir.file_name().unwrap(), format!("function-{key}").as_str());
+    }
+
+    #[test]
+    fn editing_the_handler_changes_the_key() {
+        let inputs = Inputs::new("handler");
+        let before = inputs.key(&inputs.python());
+        // Same length, same file: only the contents differ.
+        inputs.edit("handler.py", "def handler(event, context):\n    return 2\n");
+        assert_ne!(inputs.key(&inputs.python()), before);
+    }
+
+    #[test]
+    fn editing_an_exec_runtime_changes_the_key() {
+        let inputs = Inputs::new("exec");
+        let spec = FunctionSpec {
+            runtime: Runtime::Exec {
+                program: inputs.dir.join("echo"),
+                args: vec!["-x".into()],
+            },
+            ..inputs.python()
+        };
+        let before = inputs.key(&spec);
+        inputs.edit("echo", "#!/bin/sh\nexec tac\n");
+        let edited = inputs.key(&spec);
+        assert_ne!(edited, before);
+        let mut other_args = spec.clone();
+        other_args.runtime = Runtime::Exec {
+            program: inputs.dir.join("echo"),
+            args: vec!["-y".into()],
+        };
+        assert_ne!(inputs.key(&other_args), edited);
+    }
+
+    #[test]
+    fn editing_an_input_file_changes_the_key() {
+        let inputs = Inputs::new("inputs");
+        let mut seen = vec![inputs.key(&inputs.python())];
+        for (file, data) in [
+            ("vmlinux", "kernel v2"),
+            ("initrd", "agent v2"),
+            ("python3.ext4", "python v2"),
+        ] {
+            inputs.edit(file, data);
+            let key = inputs.key(&inputs.python());
+            assert!(!seen.contains(&key), "editing {file} kept the key");
+            seen.push(key);
+        }
+    }
+
+    #[test]
+    fn editing_the_runtime_changes_the_key() {
+        // ember's python runtime is compiled in: its file in the start
+        // request is what an edited runtime changes.
+        let inputs = Inputs::new("runtime");
+        let (mut start, _, _) = start_request(&inputs.python(), &inputs.options()).unwrap();
+        let before = key_of("vm", &start, None);
+        let runtime: &mut FileIn = start
+            .files_in
+            .iter_mut()
+            .find(|f| f.path == "ember_runtime.py")
+            .expect("the runtime is among the files");
+        runtime.data.extend_from_slice(b"\n# edited\n");
+        assert_ne!(key_of("vm", &start, None), before);
+    }
+
+    #[test]
+    fn the_warmup_event_env_and_vm_change_the_key() {
+        let inputs = Inputs::new("spec");
+        let base = inputs.key(&inputs.python());
+        let mut spec = inputs.python();
+        spec.warmup_event = Some(b"{}".to_vec());
+        let warm = inputs.key(&spec);
+        assert_ne!(warm, base);
+        spec.warmup_event = Some(b"[]".to_vec());
+        assert_ne!(inputs.key(&spec), warm);
+        let mut spec = inputs.python();
+        spec.env = vec![("A".into(), "1".into())];
+        assert_ne!(inputs.key(&spec), base);
+        let mut spec = inputs.python();
+        spec.hot_path = false;
+        assert_ne!(inputs.key(&spec), base);
+        let mut options = inputs.options();
+        options.mem_mib += 64;
+        assert_ne!(function_key(&inputs.python(), &options).unwrap(), base);
+        // How long startup may take is not an input.
+        let mut options = inputs.options();
+        options.startup_timeout /= 2;
+        assert_eq!(function_key(&inputs.python(), &options).unwrap(), base);
+    }
+
+    #[test]
+    fn a_missing_handler_is_an_error() {
+        let inputs = Inputs::new("missing");
+        std::fs::remove_file(inputs.dir.join("handler.py")).unwrap();
+        assert!(function_key(&inputs.python(), &inputs.options()).is_err());
+    }
 }

@@ -248,15 +248,14 @@ mod tests {
 
     #[test]
     fn finds_base_crng_in_the_cached_guest_kernel() {
-        // Only where a guest kernel was built (scripts/setup).
-        let Some(home) = std::env::var_os("HOME") else {
-            return;
-        };
-        let vmlinux = Path::new(&home).join(".cache/ember/vmlinux");
-        if vmlinux.exists() {
-            let addr = find_base_crng(&vmlinux).expect("base_crng in vmlinux");
-            // Physical, inside the kernel image loaded at 16 MiB.
-            assert!((16 << 20..1 << 30).contains(&addr), "{addr:#x}");
-        }
+        let vmlinux = crate::paths::default_kernel();
+        assert!(
+            vmlinux.exists(),
+            "{} is missing: run scripts/setup to build the guest kernel",
+            vmlinux.display()
+        );
+        let addr = find_base_crng(&vmlinux).expect("base_crng in vmlinux");
+        // Physical, inside the kernel image loaded at 16 MiB.
+        assert!((16 << 20..1 << 30).contains(&addr), "{addr:#x}");
     }
 }

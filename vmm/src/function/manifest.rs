@@ -14,7 +14,7 @@ use crate::snapshot::working_set::PageRun;
 /// The manifest's file name in a function directory.
 pub const MANIFEST_FILE: &str = "function.json";
 /// The manifest format this ember writes and reads.
-const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 /// A manifest is a few KiB; anything larger is not one.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 

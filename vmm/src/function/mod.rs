@@ -56,7 +56,7 @@ mod template;
 
 use std::path::PathBuf;
 
-pub use cache::{cached_function_dir, ensure_cached_function};
+pub use cache::{cached_function_dir, ensure_cached_function, function_key};
 pub(crate) use invoke::cap_output;
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,

@@ -22,13 +22,9 @@ use crate::machine::Machine;
 use crate::sandbox::BOOT_TIMEOUT;
 use crate::snapshot::SnapshotError;
 
-/// The python3 runtime, installed next to the handler in the guest.
+/// The python3 runtime, installed next to the handler in the guest (and so
+/// part of every python template's cache key, through the start request).
 const PYTHON_RUNTIME: &str = include_str!("../../../guest-agent/runtimes/python3/ember_runtime.py");
-/// What the templates made by this ember depend on beyond their inputs:
-/// the python runtime's source.
-pub(crate) fn runtime_fingerprint() -> u32 {
-    crc32fast::hash(PYTHON_RUNTIME.as_bytes())
-}
 
 /// Its file name in the function directory.
 const PYTHON_RUNTIME_FILE: &str = "ember_runtime.py";
@@ -155,9 +151,7 @@ pub fn create(
     let (start, runtime_name, handler) = start_request(spec, options)?;
     std::fs::create_dir_all(out).map_err(|e| FunctionError::Io(out.to_path_buf(), e))?;
 
-    let mut config = VmConfig::new(&options.kernel, Some(options.initrd.clone()));
-    config.mem_mib = options.mem_mib;
-    config.root_drive.clone_from(&options.root_drive);
+    let mut config = vm_config(options);
     config.console = options.console.clone();
     let booting = Instant::now();
     let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
@@ -268,9 +262,17 @@ pub fn create(
     })
 }
 
+/// The VM a template for `options` is made in (its console aside).
+pub(crate) fn vm_config(options: &TemplateOptions) -> VmConfig {
+    let mut config = VmConfig::new(&options.kernel, Some(options.initrd.clone()));
+    config.mem_mib = options.mem_mib;
+    config.root_drive.clone_from(&options.root_drive);
+    config
+}
+
 /// The agent request that starts `spec`'s runtime, the runtime's name and
 /// the handler's description.
-fn start_request(
+pub(crate) fn start_request(
     spec: &FunctionSpec,
     options: &TemplateOptions,
 ) -> Result<(FunctionStart, &'static str, String), FunctionError> {

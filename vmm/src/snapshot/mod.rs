@@ -31,7 +31,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use cache::{cached_snapshot_dir, ensure_cached_snapshot};
+pub use cache::{cached_snapshot_dir, ensure_cached_snapshot, snapshot_key};
 pub use create::{create, SnapshotInfo};
 pub use format::{read_state, write_state, FormatError, FORMAT_VERSION, MAX_STATE_LEN};
 pub use memory::{

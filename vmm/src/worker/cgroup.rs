@@ -114,7 +114,17 @@ impl WorkerCgroup {
         let mut group = WorkerCgroup { dirs: Vec::new() };
         let mut make = |parent: &Path| -> std::io::Result<PathBuf> {
             let dir = parent.join(name);
-            std::fs::create_dir(&dir)?;
+            if let Err(e) = std::fs::create_dir(&dir) {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
+                // Left by an ember that was killed before it could remove
+                // it (names are per pid, and pids come round again): an
+                // empty group is removed and made anew; a populated one
+                // refuses and the error stands.
+                std::fs::remove_dir(&dir)?;
+                std::fs::create_dir(&dir)?;
+            }
             group.dirs.push(dir.clone());
             Ok(dir)
         };
