@@ -313,3 +313,199 @@ fn clones_prepared_ahead_answer_after_waiting() {
     // Dropping a prepared clone destroys it without running it.
     drop(function.prepare(&options).expect("prepare"));
 }
+
+// --- Hostile handlers and state made at import time ---------------------------------------
+
+/// A python function made from `source` saved as `file_name` (cached by its
+/// inputs, like the probe function): one cold boot each on first use.
+fn python_function(file_name: &str, source: &str) -> Function {
+    let (kernel, initrd) = common::guest_artifacts();
+    let image = ember::paths::default_python_image();
+    assert!(
+        image.exists(),
+        "{} is missing: run scripts/setup first",
+        image.display()
+    );
+    let dir = common::temp_path(&format!("src-{file_name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(file_name);
+    std::fs::write(&file, source).unwrap();
+    let spec = ember::function::FunctionSpec::python3(&file, "handler");
+    let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
+    let template = ember::function::ensure_cached_function(&spec, &options, |dir| {
+        eprintln!("making {file_name} in {}", dir.display())
+    })
+    .unwrap_or_else(|err| panic!("template of {file_name}: {err}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    Function::open(&template).expect("open the function")
+}
+
+/// Named like a module the runtime imports (or like the runtime), it logs in
+/// `sys` every time it is executed whether fd 5 (the agent's /dev/mem) was
+/// open; imported in place of the standard library's module it then becomes
+/// that module, so that the runtime keeps working.
+const SHADOW: &str = r#"
+import os
+import sys
+
+try:
+    os.fstat(5)
+    fd5 = "open"
+except OSError as exc:
+    fd5 = os.strerror(exc.errno)
+log = sys.__dict__.setdefault("_ember_test_fd5", [])
+log.append([__name__, fd5])
+if __name__ in ("json", "ctypes", "random"):
+    here = os.path.dirname(os.path.abspath(__file__))
+    del sys.modules[__name__]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    import importlib
+
+    sys.modules[__name__] = importlib.import_module(__name__)
+    sys.path[:] = saved
+
+
+def handler(event, context):
+    return sys._ember_test_fd5
+"#;
+
+#[test]
+fn hostile_handlers_never_see_the_doorbell() {
+    let names = ["json.py", "ctypes.py", "random.py", "ember_runtime.py"];
+    // One after the other: each is a cold boot of the python image, and
+    // boots side by side only slow each other down.
+    let results: Vec<(&str, Function)> = names
+        .iter()
+        .map(|&name| {
+            // The file's name in its text too: the template cache keys a
+            // python handler by its contents and function name only.
+            (name, python_function(name, &format!("# {name}\n{SHADOW}")))
+        })
+        .collect();
+    for (name, function) in results {
+        // The runtime did get /dev/mem (the hot path is there)...
+        assert!(
+            function.manifest().hot_path.is_some(),
+            "{name}: no hot path"
+        );
+        let outcome = function
+            .invoke(b"{}", &FunctionInvokeOptions::default())
+            .expect("invoke");
+        assert_eq!(outcome.path, InvocationPath::Hot, "{name}");
+        // ...and every execution of the handler's file found fd 5 closed.
+        let log = json_result(&outcome)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(!log.is_empty(), "{name}: {log:?}");
+        for entry in &log {
+            assert_eq!(entry[1], "Bad file descriptor", "{name}: {log:?}");
+        }
+    }
+}
+
+#[test]
+fn hostile_environment_is_refused_before_boot() {
+    let dir = common::temp_path("env-handler");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("main.py");
+    std::fs::write(&file, "def handler(event):\n    return event\n").unwrap();
+    for var in ["PYTHONPATH=/run/ember/function", "LD_PRELOAD=/tmp/x.so"] {
+        let out = common::run_ember(
+            &[
+                "function",
+                "create",
+                "--runtime",
+                "python3",
+                "--handler",
+                &format!("{}:handler", file.display()),
+                "--env",
+                var,
+                "--out",
+                dir.join("out").to_str().unwrap(),
+            ],
+            Duration::from_secs(120),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let key = var.split('=').next().unwrap();
+        assert!(!out.status.success(), "{var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("may not set {key}")) && stderr.contains("LD_* and PYTHON*"),
+            "{var}: {stderr}"
+        );
+        assert!(!dir.join("out").join("manifest.json").exists());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// State made at import time: the runtime reseeds `random` and numpy's global
+/// generator, and runs the handler's `ember.on_restore` hooks, in every
+/// clone. numpy is not in the guest image: a stand-in module with numpy's
+/// global-generator API (`numpy.random.seed`/`random`) is installed in
+/// `sys.modules` at import, so this checks the runtime's side (that it
+/// reseeds through `numpy.random.seed`), not numpy itself.
+const RESTORE_HANDLER: &str = r#"
+import random
+import sys
+import types
+
+import ember
+
+fake_numpy = types.ModuleType("numpy")
+fake_numpy.random = types.ModuleType("numpy.random")
+_numpy_state = random.Random(0)
+fake_numpy.random.seed = lambda key=None: _numpy_state.seed(repr(key))
+fake_numpy.random.random = lambda: _numpy_state.random()
+sys.modules["numpy"] = fake_numpy
+sys.modules["numpy.random"] = fake_numpy.random
+fake_numpy.random.seed(0)
+
+state = {"hooks": 0, "token": "from the snapshot", "mine": random.Random(42)}
+
+
+@ember.on_restore
+def reseed_mine():
+    state["hooks"] += 1
+    state["token"] = random.getrandbits(64)
+    state["mine"].seed(random.getrandbits(64))
+
+
+def handler(event, context):
+    return {
+        "hooks": state["hooks"],
+        "token": state["token"],
+        "mine": state["mine"].random(),
+        "random": random.random(),
+        "numpy": sys.modules["numpy"].random.random(),
+    }
+"#;
+
+#[test]
+fn clones_are_reseeded_and_run_on_restore_hooks() {
+    let function = python_function("restore.py", RESTORE_HANDLER);
+    let hot = FunctionInvokeOptions::default();
+    let vsock = FunctionInvokeOptions {
+        force_vsock: true,
+        ..FunctionInvokeOptions::default()
+    };
+    let outcomes: Vec<FunctionOutcome> = [&hot, &hot, &vsock]
+        .into_iter()
+        .map(|options| function.invoke(b"{}", options).expect("invoke"))
+        .collect();
+    assert_eq!(outcomes[0].path, InvocationPath::Hot);
+    assert_eq!(outcomes[2].path, InvocationPath::Vsock);
+    let values: Vec<&Value> = outcomes.iter().map(json_result).collect();
+    for value in &values {
+        // One hook call per clone: each clone starts from the snapshot.
+        assert_eq!(value["hooks"], 1, "{values:?}");
+        assert!(value["token"].is_u64(), "{values:?}");
+    }
+    for key in ["token", "mine", "random", "numpy"] {
+        for (i, a) in values.iter().enumerate() {
+            for b in &values[i + 1..] {
+                assert_ne!(a[key], b[key], "{key} is shared by clones: {values:?}");
+            }
+        }
+    }
+}

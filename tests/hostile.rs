@@ -89,6 +89,18 @@ fn scribbling_guest_does_not_break_the_vmm() {
         .lines()
         .find(|l| l.contains(SCRIBBLE_DONE_LINE))
         .unwrap_or_else(|| panic!("the scribbler did not finish: {context}"));
+    // The guest kernel refused /dev/mem mappings of every virtio-mmio
+    // window its drivers held (CONFIG_IO_STRICT_DEVMEM): the scribbler, root
+    // in the guest, got the vsock window only by unbinding its driver.
+    let refused = done
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("bound_windows_refused="))
+        .and_then(|v| v.split_once('/'))
+        .unwrap_or_else(|| panic!("no bound_windows_refused= in {done:?}"));
+    assert!(
+        refused.0 == refused.1 && refused.1 != "0",
+        "/dev/mem mapped a window a driver held: {done}"
+    );
     let rss_mib = max_child_rss_mib();
     assert!(
         rss_mib < MAX_VMM_RSS_MIB,

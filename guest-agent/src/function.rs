@@ -54,7 +54,7 @@ use crate::hotpath::{DOORBELL_FD, MAX_BUFFER_BYTES};
 use crate::invoke::{self, Runner};
 use crate::protocol::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS,
+    FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
 };
 use crate::runtime_pipe::{self, Message, ReadyInfo, ResponseReader, RuntimeResult};
 use crate::spawn::{self, HotPath, Plan};
@@ -69,6 +69,17 @@ pub(crate) const MAX_RESULT_OUTPUT: u64 = 4 << 20;
 /// `RLIMIT_MEMLOCK` of a hot-path runtime: both buffers at their largest,
 /// plus the kernel's default 8 MiB.
 pub(crate) const HOT_PATH_MEMLOCK: u64 = 2 * MAX_BUFFER_BYTES as u64 + (8 << 20);
+
+/// ember's python3 runtime, installed at [`PYTHON_RUNTIME_PATH`] for every
+/// start: the host names it in `argv`, it is never one of the function's
+/// files.
+const PYTHON_RUNTIME: &[u8] = include_bytes!("../runtimes/python3/ember_runtime.py");
+
+/// Prefixes of environment variables that make a program run code of the
+/// caller's choosing before its own (the dynamic loader's `LD_PRELOAD`,
+/// `LD_LIBRARY_PATH`...; python's `PYTHONPATH`, `PYTHONSTARTUP`...): a
+/// runtime whose environment has one never gets `/dev/mem`.
+const CODE_INJECTING_ENV: [&str; 2] = ["LD_", "PYTHON"];
 
 /// Bytes of stderr quoted in a start failure.
 const STDERR_TAIL: usize = 2048;
@@ -340,6 +351,8 @@ impl Function {
             (ErrorKind::Internal, format!("{what}: {err}"))
         };
         prepare_dir(files_in).map_err(|err| spawn_failed(FUNCTION_DIR, &err))?;
+        install_python_runtime().map_err(|err| spawn_failed(PYTHON_RUNTIME_PATH, &err))?;
+        let injecting = code_injecting_var(&env).map(str::to_owned);
 
         let pipe = || sys::pipe().map_err(|err| internal("pipe", &err));
         let (request_r, request_w) = pipe()?;
@@ -381,12 +394,18 @@ impl Function {
         // The doorbell is a page of guest-physical address space the VMM
         // traps writes to; the runtime maps it from /dev/mem, which only
         // root may open. Without it the runtime serves over its pipes.
-        let doorbell = if hot_path {
+        // Never to a runtime whose environment runs other code first.
+        let mut devmem_error = injecting.filter(|_| hot_path).map(|var| {
+            format!(
+                "no /dev/mem for a runtime whose environment sets {var} \
+                 (LD_* and PYTHON* variables run code before the runtime's own)"
+            )
+        });
+        let doorbell = if hot_path && devmem_error.is_none() {
             open_devmem().and_then(|fd| above(fd, FIRST_CLOSED_FD))
         } else {
             Err(io::Error::from_raw_os_error(libc::ENOENT))
         };
-        let mut devmem_error = None;
         match &doorbell {
             Ok(fd) => plan
                 .grant_hot_path(HotPath {
@@ -394,7 +413,9 @@ impl Function {
                     memlock: memlock_limit(HOT_PATH_MEMLOCK),
                 })
                 .map_err(|err| internal("environment", &err))?,
-            Err(err) if hot_path => devmem_error = Some(format!("open /dev/mem: {err}")),
+            Err(err) if hot_path && devmem_error.is_none() => {
+                devmem_error = Some(format!("open /dev/mem: {err}"));
+            }
             Err(_) => {}
         }
         // Last: from here on a failure has a group to remove.
@@ -1100,6 +1121,32 @@ fn prepare_dir(mut files: Vec<FileIn>) -> io::Result<()> {
     invoke::write_files(FUNCTION_DIR, &files, &mut made).map_err(io::Error::other)
 }
 
+/// Writes [`PYTHON_RUNTIME`] to [`PYTHON_RUNTIME_PATH`], root-owned and
+/// read-only for everyone else, in a root-owned directory.
+fn install_python_runtime() -> io::Result<()> {
+    let (dir, _) = PYTHON_RUNTIME_PATH
+        .rsplit_once('/')
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    make_dir_path(dir)?;
+    let path = sys::cstring(PYTHON_RUNTIME_PATH)?;
+    let fd = sys::open(
+        &path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0o644,
+    )?;
+    sys::write_all(fd.as_raw_fd(), PYTHON_RUNTIME)
+}
+
+/// The first variable of `env` that would run code of its own before the
+/// program's (see [`CODE_INJECTING_ENV`]).
+fn code_injecting_var(env: &[(String, String)]) -> Option<&str> {
+    env.iter().map(|(key, _)| key.as_str()).find(|key| {
+        CODE_INJECTING_ENV
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+    })
+}
+
 /// `mkdir -p` for an absolute path, 0755.
 fn make_dir_path(path: &str) -> io::Result<()> {
     let mut end = 0;
@@ -1123,6 +1170,25 @@ fn make_dir_path(path: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_injecting_variables() {
+        let env = |keys: &[&str]| -> Vec<(String, String)> {
+            keys.iter()
+                .map(|k| ((*k).to_owned(), "x".to_owned()))
+                .collect()
+        };
+        assert_eq!(code_injecting_var(&env(&["PATH", "LANG", "EMBER_X"])), None);
+        assert_eq!(
+            code_injecting_var(&env(&["A", "LD_PRELOAD"])),
+            Some("LD_PRELOAD")
+        );
+        assert_eq!(
+            code_injecting_var(&env(&["PYTHONPATH"])),
+            Some("PYTHONPATH")
+        );
+        assert_eq!(code_injecting_var(&env(&["MY_LD_THING"])), None);
+    }
 
     #[test]
     fn stderr_tails() {

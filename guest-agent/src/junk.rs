@@ -16,6 +16,11 @@
 //!   junk to the vsock device's virtio-mmio registers and feeds it crafted
 //!   virtqueues and packet headers, then prints [`SCRIBBLE_DONE_LINE`].
 //!   Whatever it does, the VMM must not crash, hang or grow without bound.
+//!   The guest kernel (`CONFIG_IO_STRICT_DEVMEM`) refuses `/dev/mem`
+//!   mappings of MMIO a driver has claimed, even to root: the scribbler
+//!   first checks that it does (`bound_windows_refused=` in its last line),
+//!   then unbinds the vsock device from the virtio-mmio driver through
+//!   sysfs, as a root attacker could, and takes the window.
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -217,7 +222,9 @@ impl XorShift {
 //
 // The scribbler plays a guest driver gone rogue against the vsock device:
 // it takes the device's virtio-mmio window through /dev/mem (root only,
-// MMIO only: the kernel's STRICT_DEVMEM keeps RAM out of reach), writes
+// MMIO only: the kernel's STRICT_DEVMEM keeps RAM out of reach, and
+// IO_STRICT_DEVMEM the windows of devices a driver holds, so it unbinds the
+// vsock device's driver first), writes
 // junk to every register, and points the device's queues at pages of its
 // own, filled with crafted descriptor tables, rings and packet headers.
 //
@@ -248,6 +255,9 @@ const SCRIBBLE_TIME_LIMIT_SECS: libc::c_uint = 240;
 const PAGE: usize = 4096;
 const PAGE_U64: u64 = PAGE as u64;
 const FOUR_GIB: u64 = 1 << 32;
+
+/// The virtio-mmio platform driver in sysfs: one entry per bound device.
+const VIRTIO_MMIO_DRIVER: &str = "/sys/bus/platform/drivers/virtio-mmio";
 
 /// virtio-mmio (version 2) register offsets.
 mod reg {
@@ -342,6 +352,8 @@ enum ScribbleError {
     },
     #[error("no virtio-mmio vsock device in /proc/cmdline (virtio_mmio.device=...)")]
     NoDevice,
+    #[error("no /dev/mem window of the vsock device could be mapped (last error: {0})")]
+    NoWindow(Box<ScribbleError>),
     #[error("no System RAM in /proc/iomem")]
     NoRam,
     #[error("/proc/self/pagemap gives no frame for page {0} (not root?)")]
@@ -710,6 +722,51 @@ fn memparse(text: &str) -> Option<u64> {
         None => digits.parse().ok()?,
     };
     value.checked_mul(1 << shift)
+}
+
+/// The virtio-mmio devices bound to their driver (`virtio-mmio.<n>`).
+fn bound_device_names() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(VIRTIO_MMIO_DRIVER) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("virtio-mmio."))
+        .collect()
+}
+
+fn bound_devices() -> usize {
+    bound_device_names().len()
+}
+
+/// Whether the bound virtio-mmio device `name` is a vsock device: its
+/// virtio child (`virtio<n>/device`) says `0x0013`.
+fn is_vsock_device(name: &str) -> bool {
+    let dir = format!("{VIRTIO_MMIO_DRIVER}/{name}");
+    let Ok(children) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    children.flatten().any(|child| {
+        child.file_name().to_string_lossy().starts_with("virtio")
+            && std::fs::read_to_string(child.path().join("device")).is_ok_and(|id| {
+                u32::from_str_radix(id.trim().trim_start_matches("0x"), 16) == Ok(VIRTIO_ID_VSOCK)
+            })
+    })
+}
+
+/// Unbinds the vsock device from the virtio-mmio driver, which releases
+/// its window for `/dev/mem`; returns its name, or None if none is bound.
+fn release_vsock_device() -> Result<Option<String>, ScribbleError> {
+    let Some(name) = bound_device_names()
+        .into_iter()
+        .find(|name| is_vsock_device(name))
+    else {
+        return Ok(None);
+    };
+    std::fs::write(format!("{VIRTIO_MMIO_DRIVER}/unbind"), &name)
+        .map_err(io_error("unbind the vsock device's driver"))?;
+    Ok(Some(name))
 }
 
 /// Base addresses of the `virtio_mmio.device=<size>@<base>:<irq>` devices
@@ -1373,6 +1430,9 @@ struct Scribbler {
     /// QueueNumMax of each queue.
     max_sizes: [u16; QUEUES],
     stats: Stats,
+    /// Windows `/dev/mem` refused while their drivers held them, and how
+    /// many devices were bound.
+    bound_windows: (usize, usize),
 }
 
 impl Scribbler {
@@ -1381,9 +1441,31 @@ impl Scribbler {
             std::fs::read_to_string("/proc/cmdline").map_err(io_error("read /proc/cmdline"))?;
         let iomem = std::fs::read_to_string("/proc/iomem").map_err(io_error("read /proc/iomem"))?;
         let ram = Ram::from_iomem(&iomem).ok_or(ScribbleError::NoRam)?;
+        let bases = mmio_devices(&cmdline);
+        // While their drivers hold them, the kernel must refuse every window.
+        let bound = bound_devices();
+        let refused = bases
+            .iter()
+            .filter(|&&base| matches!(Window::open(base), Err(ScribbleError::Io { ref source, .. }) if source.raw_os_error() == Some(libc::EPERM)))
+            .count();
+        match release_vsock_device() {
+            Ok(Some(name)) => {
+                console::info(format_args!("scribble: unbound {name} from its driver"))
+            }
+            Ok(None) => console::info(format_args!("scribble: no bound vsock device to unbind")),
+            Err(err) => console::warn(&err),
+        }
         let mut window = None;
-        for base in mmio_devices(&cmdline) {
-            let w = Window::open(base)?;
+        let mut last_error = None;
+        for &base in &bases {
+            let w = match Window::open(base) {
+                Ok(w) => w,
+                Err(err) => {
+                    // Another device, still bound.
+                    last_error = Some(err);
+                    continue;
+                }
+            };
             if w.r32(reg::MAGIC) == MMIO_MAGIC
                 && w.r32(reg::VERSION) == 2
                 && w.r32(reg::DEVICE_ID) == VIRTIO_ID_VSOCK
@@ -1392,7 +1474,11 @@ impl Scribbler {
                 break;
             }
         }
-        let window = window.ok_or(ScribbleError::NoDevice)?;
+        let window = match (window, last_error) {
+            (Some(window), _) => window,
+            (None, Some(err)) => return Err(ScribbleError::NoWindow(Box::new(err))),
+            (None, None) => return Err(ScribbleError::NoDevice),
+        };
         let cid = window.read(reg::CONFIG, 8);
         let (buffer, phys) = Buffer::new()?;
         let mut max_sizes = [0u16; QUEUES];
@@ -1423,6 +1509,7 @@ impl Scribbler {
             buffer,
             junk,
             seed,
+            bound_windows: (refused, bound),
             max_sizes,
             stats: Stats::default(),
         })
@@ -1445,7 +1532,7 @@ impl Scribbler {
         format!(
             "{SCRIBBLE_DONE_LINE} rounds={rounds} seed={:#x} register_rounds={} \
              crafted_rounds={} started={} refused={} notifies={} rx_used={} tx_used={} \
-             mmio_reads={} mmio_writes={}",
+             mmio_reads={} mmio_writes={} bound_windows_refused={}/{}",
             self.seed,
             s.register_rounds,
             s.crafted_rounds,
@@ -1456,6 +1543,8 @@ impl Scribbler {
             s.used.get(TX).copied().unwrap_or(0),
             self.window.reads.get(),
             self.window.writes.get(),
+            self.bound_windows.0,
+            self.bound_windows.1,
         )
     }
 

@@ -60,7 +60,7 @@ pub use protocol::{
     ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, FunctionInvoke,
     FunctionReady, FunctionResult, FunctionStart, GuestBuffer, Hello, HostMessage, HotPathPages,
     Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, FUNCTION_DIR, MAX_CHUNK,
-    MAX_FRAME_LEN, PROTOCOL_VERSION,
+    MAX_FRAME_LEN, PROTOCOL_VERSION, PYTHON_RUNTIME_PATH,
 };
 pub use rootfs::ENV_TEST_ROOT;
 pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};

@@ -210,6 +210,11 @@ pub enum HostMessage {
 /// directory.
 pub const FUNCTION_DIR: &str = "/run/ember/function";
 
+/// Where the agent installs ember's python3 runtime (root-owned, outside
+/// [`FUNCTION_DIR`], so that no file of the function can take its place)
+/// before it starts a function runtime.
+pub const PYTHON_RUNTIME_PATH: &str = "/run/ember/runtime/ember_runtime.py";
+
 /// Starts a function runtime: a process that stays alive, serves one event
 /// at a time on its pipes, and (with `hot_path`) through guest memory.
 ///

@@ -13,7 +13,7 @@ use common::*;
 use ember_agent::hotpath::ResponseStatus;
 use ember_agent::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, HostMessage, FUNCTION_DIR,
+    FunctionResult, FunctionStart, HostMessage, FUNCTION_DIR, PYTHON_RUNTIME_PATH,
 };
 
 /// Echoes every event back as JSON, with a section of captured stdout
@@ -428,6 +428,35 @@ fn hot_path_is_reported() {
     }
 }
 
+/// A runtime whose environment makes the dynamic loader or python run other
+/// code first never gets `/dev/mem`, and is told why.
+#[test]
+fn hot_path_is_refused_to_an_environment_that_runs_code_first() {
+    let script = r#"echo "env=${EMBER_HOT_PATH:-}"; [ -e /proc/self/fd/5 ] && echo fd5=open || echo fd5=closed; printf 'READY 2\n{}' >&4; sleep 30"#;
+    for (var, value) in [
+        ("LD_PRELOAD", "/nonexistent/preload.so"),
+        ("LD_LIBRARY_PATH", "/run/ember/function"),
+        ("PYTHONPATH", "/run/ember/function"),
+    ] {
+        // One agent each: a runtime lives until it exits.
+        let agent = start_agent(false);
+        let mut c = Client::connect(&agent);
+        let mut start = runtime(script);
+        start.hot_path = true;
+        start.env.push((var.into(), value.into()));
+        let ready = ready(&mut c, start);
+        assert_eq!(ready.hot_path, None);
+        let why = ready.hot_path_error.unwrap_or_default();
+        assert!(
+            why.contains(var) && why.contains("LD_* and PYTHON*"),
+            "{var}: {why}"
+        );
+        let stdout = text(&ready.stdout);
+        assert!(stdout.contains("env=\n"), "{var}: {stdout}");
+        assert!(stdout.contains("fd5=closed"), "{var}: {stdout}");
+    }
+}
+
 /// A loop device over a small ext4 image: static busybox, the mount
 /// points, and a marker file.
 struct RootImage {
@@ -647,31 +676,40 @@ fn python_runtime_over_the_pipes() {
     );
     let agent = start_agent(true);
     let mut c = Client::connect(&agent);
+    // The host's argv. The handler file is named like the runtime: it is
+    // only ever the handler, the runtime is the agent's own copy.
+    let handler = br#"import os, sys
+def handler(event, context):
+    print('to stdout')
+    print('to stderr', file=sys.stderr)
+    path = sys.argv[0]
+    st, dir_st = os.stat(path), os.stat(os.path.dirname(path))
+    same = open(path, 'rb').read() == RUNTIME
+    runtime = [path, st.st_uid, oct(st.st_mode & 0o7777), dir_st.st_uid, oct(dir_st.st_mode & 0o7777), same]
+    return {'echo': event, 'runtime': runtime, 'isolated': sys.flags.isolated}
+"#;
     let start = FunctionStart {
         argv: [
             "python3",
+            "-I",
             "-u",
             "-B",
-            "-s",
-            "/run/ember/function/ember_runtime.py",
-            "handler.py",
+            PYTHON_RUNTIME_PATH,
+            "ember_runtime.py",
             "handler",
         ]
         .map(String::from)
         .to_vec(),
         env: vec![("LANG".into(), "C.UTF-8".into())],
-        files_in: vec![
-            FileIn {
-                path: "ember_runtime.py".into(),
-                data: runtime_py,
-                mode: 0o644,
-            },
-            FileIn {
-                path: "handler.py".into(),
-                data: b"import sys\ndef handler(event, context):\n    print('to stdout')\n    print('to stderr', file=sys.stderr)\n    return {'echo': event}\n".to_vec(),
-                mode: 0o644,
-            },
-        ],
+        files_in: vec![FileIn {
+            path: "ember_runtime.py".into(),
+            data: [
+                format!("RUNTIME = {}\n", python_bytes(&runtime_py)).as_bytes(),
+                handler.as_slice(),
+            ]
+            .concat(),
+            mode: 0o644,
+        }],
         hot_path: false,
         ready_timeout_ms: 30_000,
     };
@@ -680,10 +718,30 @@ fn python_runtime_over_the_pipes() {
     let got = result(&mut c, event(br#"{"n": 41}"#, 10_000));
     assert_eq!(got.status, Some(ResponseStatus::Json), "{got:?}");
     let value = text(&got.result).replace(' ', "");
-    assert_eq!(value, r#"{"echo":{"n":41}}"#);
+    assert_eq!(
+        value,
+        format!(
+            r#"{{"echo":{{"n":41}},"runtime":["{PYTHON_RUNTIME_PATH}",0,"0o644",0,"0o755",true],"isolated":1}}"#
+        )
+    );
     assert!(text(&got.stdout).contains("to stdout"), "{got:?}");
     assert!(text(&got.stderr).contains("to stderr"), "{got:?}");
     // Twice: it stays up.
     let got = result(&mut c, event(b"[]", 10_000));
-    assert_eq!(text(&got.result).replace(' ', ""), r#"{"echo":[]}"#);
+    assert!(
+        text(&got.result)
+            .replace(' ', "")
+            .starts_with(r#"{"echo":[],"#),
+        "{got:?}"
+    );
+}
+
+/// `bytes` as a python bytes literal.
+fn python_bytes(data: &[u8]) -> String {
+    let mut literal = String::from("b'");
+    for &byte in data {
+        literal.push_str(&format!("\\x{byte:02x}"));
+    }
+    literal.push('\'');
+    literal
 }

@@ -2,11 +2,13 @@
 
 The guest agent starts it once per function, at template time, as
 
-    python3 -u -B -s /run/ember/function/ember_runtime.py <handler_file.py> <handler_name>
+    python3 -I -u -B /run/ember/runtime/ember_runtime.py <handler_file.py> <handler_name>
 
 in /run/ember/function, with fd 3 the request pipe (read) and fd 4 the
-response pipe (write). It imports the handler, says READY on fd 4, and then
-serves one event at a time for ever. The host snapshots the VM while the
+response pipe (write), and for the hot path /dev/mem on fd 5. It maps the
+doorbell and closes fd 5, only then makes the function directory
+importable and imports the handler, says READY on fd 4, and then serves
+one event at a time for ever. The host snapshots the VM while the
 runtime waits; every invocation restores a fresh clone that serves exactly
 one event. See ../README.md for the handler API and the pipe protocol, and
 guest-agent/src/hotpath.rs for the shared-memory layout.
@@ -23,6 +25,22 @@ Only the standard library is used. Set EMBER_HOT_PATH_TEST=1 (with
 EMBER_HOT_PATH=1) to replace the doorbell by a line
 `EMBER_DOORBELL <value>` on stderr, for testing on a host.
 """
+
+import sys
+
+# fd 5 is /dev/mem (the doorbell's source): it reaches the guest's physical
+# address space, so no code but the standard library's and ours may run
+# while it is open. Isolated mode (-I) keeps the script's directory, the
+# working directory (the function's) and PYTHON* variables off sys.path, so
+# the imports below cannot be shadowed by the function's files. Started any
+# other way, fd 5 goes now, before anything else is imported.
+if __name__ == "__main__" and not sys.flags.isolated:
+    import posix  # built in: found before sys.path is searched
+
+    try:
+        posix.close(5)
+    except OSError:
+        pass
 
 import ctypes
 import gc
@@ -391,7 +409,7 @@ def exception_object(exc, tb):
 
 def _handler_frames(tb):
     """The traceback from the handler's frame on (the first frames are ours)."""
-    ours = (Runtime.run.__code__, Function.call.__code__)
+    ours = (Runtime.run.__code__, Function.call.__code__, Restore.run.__code__)
     while tb is not None and tb.tb_frame.f_code in ours:
         tb = tb.tb_next
     return tb
@@ -407,13 +425,20 @@ def _message(exc):
 class Runtime:
     """Calls a function on one event, with print() captured."""
 
-    def __init__(self, function):
+    def __init__(self, function, restore=None):
         self.function = function
+        self.restore = restore if restore is not None else Restore()
         self.stdout = Capture("<stdout>")
         self.stderr = Capture("<stderr>")
 
-    def run(self, event_bytes, context, output_cap, function=None):
-        """Runs the handler (or `function`) on the event; never raises."""
+    def run(self, event_bytes, context, output_cap, function=None, seed=None):
+        """Runs the handler (or `function`) on the event; never raises.
+
+        With a `seed` (an int of fresh entropy) this is a fresh clone's
+        invocation: Restore.run goes first (the handler's on_restore hooks
+        only before the handler itself, not before `function`).
+        """
+        hooks = function is None
         function = function or self.function
         event = decode_event(event_bytes)
         out, err = self.stdout, self.stderr
@@ -425,6 +450,8 @@ class Runtime:
         started = time.perf_counter_ns()
         try:
             try:
+                if seed is not None:
+                    self.restore.run(seed, hooks)
                 result = function.call(event, context)
             finally:
                 handler_ns = time.perf_counter_ns() - started
@@ -440,6 +467,71 @@ class Runtime:
         if err.truncated:
             flags |= RESPONSE_FLAG_STDERR_TRUNCATED
         return Response(status, body, stdout, stderr, flags, max(handler_ns, 1))
+
+
+# --- After a restore: fresh randomness, the handler's hooks ---------------------------------
+
+_SEED_BITS = REQUEST_ENTROPY_LEN * 8
+
+
+class Restore:
+    """What runs in a fresh clone before its invocation.
+
+    Clones of one snapshot start with the same memory: every generator
+    seeded at import time would give every clone the same numbers. Before
+    each invocation (in ember each is a fresh clone) this reseeds the
+    generators the runtime can find, from the request's entropy, without
+    a system call: Python's global `random`, the Random behind `tempfile`'s
+    names, and numpy's global generator (`numpy.random.seed`) when
+    numpy.random was imported. Then it calls the handler's hooks
+    (`ember.on_restore`), in the order they were registered; one that
+    raises fails the invocation.
+    """
+
+    def __init__(self):
+        self.hooks = []
+
+    def on_restore(self, fn):
+        if not callable(fn):
+            raise TypeError(f"ember.on_restore needs a callable, not {type(fn).__name__}")
+        self.hooks.append(fn)
+        return fn
+
+    def run(self, seed, hooks=True):
+        random.seed(seed)
+        modules = sys.modules
+        tempfile = modules.get("tempfile")
+        if tempfile is not None and getattr(tempfile, "_name_sequence", None) is not None:
+            tempfile._name_sequence = None  # remade, from os.urandom, at its next use
+        numpy_random = modules.get("numpy.random")
+        if numpy_random is not None:
+            reseed = getattr(numpy_random, "seed", None)
+            if reseed is not None:
+                # The seed's 32-bit words and a last word of 1: not the
+                # key `random` was given.
+                mixed = seed | (1 << _SEED_BITS)
+                reseed([(mixed >> shift) & 0xFFFFFFFF for shift in range(0, _SEED_BITS + 32, 32)])
+        if hooks:
+            for hook in self.hooks:
+                hook()
+
+
+_EMBER_MODULE_DOC = """ember's runtime API for handlers (made by the runtime, not a file).
+
+on_restore(fn): call fn() in every fresh clone, before the handler runs
+    (after the runtime has reseeded `random` and numpy's global generator).
+    Use it for state made at import time that clones must not share: a
+    generator of your own, a UUID, a connection. Returns fn (a decorator).
+"""
+
+
+def install_ember_module(restore):
+    """Makes `import ember` give the handler ember.on_restore."""
+    module = type(sys)("ember", _EMBER_MODULE_DOC)
+    module.on_restore = restore.on_restore
+    module.__all__ = ["on_restore"]
+    sys.modules["ember"] = module
+    return module
 
 
 # --- The pipes ----------------------------------------------------------------------------
@@ -501,10 +593,9 @@ def serve_pipes(runtime, pipes):
             return
         event, timeout_ms = request
         invocation += 1
-        # Clones of one snapshot share Python's generator state: reseed it.
-        random.seed(os.urandom(32))
         context = Context(invocation, timeout_ms, time.time_ns(), False)
-        pipes.write_result(runtime.run(event, context, PIPE_OUTPUT_CAP))
+        seed = int.from_bytes(os.urandom(REQUEST_ENTROPY_LEN), "little")
+        pipes.write_result(runtime.run(event, context, PIPE_OUTPUT_CAP, seed=seed))
 
 
 # --- The hot path ----------------------------------------------------------------------
@@ -580,17 +671,16 @@ class HotPath:
         if flags & REQUEST_FLAG_PING:
             # The host's warm-up round: no handler call, the answer `null`.
             return self._write_response(seq, Response(STATUS_JSON, b"null"))
-        # Clones of one snapshot share Python's generator state: reseed it
-        # from the host's entropy (os.urandom would be a system call). As an
-        # int: bytes would be hashed with SHA-512 first, for nothing.
-        random.seed(int.from_bytes(entropy, "little"))
+        # Fresh in every request: the host's entropy (os.urandom would be a
+        # system call). As an int: bytes would be hashed with SHA-512 first.
+        seed = int.from_bytes(entropy, "little")
         if flags & REQUEST_FLAG_VIA_PIPE:
             request = self.pipes.read_event()
             if request is None:
                 raise EOFError("request pipe closed")
             event, pipe_timeout_ms = request
             context = Context(seq, pipe_timeout_ms, unix_time_ns, True)
-            response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function)
+            response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function, seed)
             self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
             return response
         if event_len > len(self.request) - REQUEST_HEADER_LEN:
@@ -599,7 +689,7 @@ class HotPath:
         else:
             event = self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + event_len]
             context = Context(seq, timeout_ms, unix_time_ns, True)
-            response = self.runtime.run(event, context, self.output_cap, function)
+            response = self.runtime.run(event, context, self.output_cap, function, seed)
         return self._write_response(seq, response)
 
     def _write_response(self, seq, response):
@@ -714,7 +804,7 @@ def build_doorbell(libc):
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
         offset=DOORBELL_ADDR,
     )
-    os.close(DOORBELL_FD)  # the mapping stays; the rest of /dev/mem goes
+    # The mapping stays; take_doorbell closes the rest of /dev/mem.
     bell_addr = ctypes.addressof(ctypes.c_char.from_buffer(bell))
     prot = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
     page = mmap.mmap(-1, PAGE_SIZE, flags=_MAP_FLAGS, prot=prot)
@@ -813,19 +903,24 @@ def _is_dev_mem(fd):
 def take_doorbell(wanted):
     """build_doorbell()'s parts if `wanted`, else None; raises on failure.
 
-    Whatever happens, the agent's /dev/mem (fd DOORBELL_FD) is closed on
-    return: it reaches all of the guest's physical address space, and the
-    user's code, imported next, must never find it open.
+    Whatever happens, fd DOORBELL_FD is closed on return, whatever it is:
+    the agent's /dev/mem reaches all of the guest's physical address space,
+    and the user's code, imported next, must never find it open (nor
+    anything else the runtime was not meant to pass on).
     """
     try:
         if not wanted:
             return None
+        if not sys.flags.isolated:
+            raise OSError("the runtime was not started in isolated mode (python3 -I): no doorbell")
         if not _is_dev_mem(DOORBELL_FD):
             raise OSError(f"fd {DOORBELL_FD} is not /dev/mem: no doorbell")
         return build_doorbell(_libc())
     finally:
-        if _is_dev_mem(DOORBELL_FD):
+        try:
             os.close(DOORBELL_FD)
+        except OSError:
+            pass  # not open
 
 
 def setup_hot_path(runtime, pipes, bell=None):
@@ -874,6 +969,11 @@ def main(argv):
         bell = take_doorbell(want_hot_path and not test_doorbell)
     except Exception as exc:
         bell_error = exc
+    # Only now: the function's directory becomes importable (a sibling
+    # helper.py is `import helper`), as does the `ember` module.
+    sys.path.insert(0, os.path.dirname(path))
+    restore = Restore()
+    install_ember_module(restore)
     try:
         function = load_function(path, handler_name)
     except StartupError as exc:
@@ -883,7 +983,7 @@ def main(argv):
         _print_startup_error(exc, path)
         return 1
 
-    runtime = Runtime(function)
+    runtime = Runtime(function, restore)
     pipes = Pipes(3, 4)
     hot, ready = None, {}
     if want_hot_path:

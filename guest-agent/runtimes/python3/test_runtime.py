@@ -38,8 +38,8 @@ RUNTIME = os.path.join(HERE, "ember_runtime.py")
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 EXAMPLES = os.path.join(REPO, "examples", "functions")
 HOTPATH_RS = os.path.join(REPO, "guest-agent", "src", "hotpath.rs")
-# The interpreter flags the agent uses.
-PYTHON = [sys.executable, "-u", "-B", "-s"]
+# The interpreter flags the host asks the agent for.
+PYTHON = [sys.executable, "-I", "-u", "-B"]
 TIMEOUT_S = 20
 
 
@@ -204,12 +204,16 @@ class Process:
 
 
 class FunctionDir:
-    """A temporary function directory: the runtime plus handler files."""
+    """A temporary function directory for handler files; the runtime runs
+    from a directory of its own, as in the guest (/run/ember/runtime)."""
 
     def __init__(self, test):
         self.path = tempfile.mkdtemp(prefix="ember-fn-")
         test.addCleanup(shutil.rmtree, self.path, True)
-        shutil.copy(RUNTIME, os.path.join(self.path, "ember_runtime.py"))
+        self.runtime_dir = tempfile.mkdtemp(prefix="ember-runtime-")
+        test.addCleanup(shutil.rmtree, self.runtime_dir, True)
+        self.runtime = os.path.join(self.runtime_dir, "ember_runtime.py")
+        shutil.copy(RUNTIME, self.runtime)
 
     def add(self, name, source):
         path = os.path.join(self.path, name)
@@ -223,11 +227,7 @@ class FunctionDir:
     def start(self, test, handler_file, handler="handler", env=None, flags=None, extra_fds=None):
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
         full_env.update(env or {})
-        argv = (flags if flags is not None else PYTHON) + [
-            os.path.join(self.path, "ember_runtime.py"),
-            handler_file,
-            handler,
-        ]
+        argv = (flags if flags is not None else PYTHON) + [self.runtime, handler_file, handler]
         process = Process(argv, env=full_env, cwd=self.path, extra_fds=extra_fds)
         test.addCleanup(process.kill)
         return process
@@ -540,13 +540,249 @@ class PipePathTests(unittest.TestCase):
         p = self.fn.start(self, "main.py", flags=launcher, extra_fds={5: stand_in})
         self.assertEqual(p.ready(), {})
         self.assertEqual(p.call(b"{}")[1], b'"fd 5 closed"')
-        # A pipe on fd 5 is not the runtime's business: left alone.
-        other_r, other_w = os.pipe()
-        self.addCleanup(os.close, other_r)
-        self.addCleanup(os.close, other_w)
-        p = self.fn.start(self, "main.py", flags=launcher, extra_fds={5: other_r})
+
+
+# --- Hostile handlers: fd 5 (/dev/mem) never reaches the function's code ------------------
+
+# A module named like one the runtime imports (json, ctypes, random) or like
+# the runtime itself. Wherever it runs it says, on the real stderr, whether
+# fd 5 was open; imported in place of the standard library's module (what
+# the runtime must prevent) it then becomes that module, so that the runtime
+# keeps working and nothing else gives it away.
+SHADOW = """
+import os
+import sys
+
+try:
+    os.fstat(5)
+    FD5 = "open"
+except OSError as exc:
+    FD5 = os.strerror(exc.errno)
+os.write(2, f"shadow {__name__}: fd 5 {FD5}\\n".encode())
+if __name__ in ("json", "ctypes", "random"):
+    here = os.path.dirname(os.path.abspath(__file__))
+    del sys.modules[__name__]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    import importlib
+
+    sys.modules[__name__] = importlib.import_module(__name__)
+    sys.path[:] = saved
+
+
+def handler(event, context):
+    return FD5
+"""
+
+EBADF_TEXT = os.strerror(9)  # "Bad file descriptor"
+
+
+class HostileHandlerTests(unittest.TestCase):
+    """Each start gets a pipe on fd 5 standing in for /dev/mem (no host here
+    may map the real one) and EMBER_HOT_PATH=1, as the agent starts it."""
+
+    def setUp(self):
+        self.fn = FunctionDir(self)
+        fd5_r, fd5_w = os.pipe()
+        self.addCleanup(os.close, fd5_r)
+        self.addCleanup(os.close, fd5_w)
+        self.fd5 = fd5_r
+
+    def start(self, handler_file, env=None, flags=None):
+        full_env = {"EMBER_HOT_PATH": "1"}
+        full_env.update(env or {})
+        return self.fn.start(self, handler_file, env=full_env, flags=flags, extra_fds={5: self.fd5})
+
+    def assert_fd5_never_seen(self, p, result):
+        status, body, _, _ = result
+        self.assertEqual((status, json.loads(body)), ("json", EBADF_TEXT))
+        _, stderr = p.close()
+        self.assertNotIn("fd 5 open", stderr)
+        return stderr
+
+    def test_handler_named_like_a_module_of_the_runtime(self):
+        for name in ("json.py", "ctypes.py", "random.py", "ember_runtime.py"):
+            with self.subTest(name=name):
+                self.fn.add(name, SHADOW)
+                p = self.start(name)
+                self.assertEqual(p.ready(), {})
+                self.assert_fd5_never_seen(p, p.call(b"{}"))
+                os.unlink(os.path.join(self.fn.path, name))
+
+    def test_siblings_shadowing_modules_of_the_runtime(self):
+        for name in ("json.py", "ctypes.py", "random.py", "ember_runtime.py"):
+            self.fn.add(name, SHADOW)
+        self.fn.add("main.py", "import json, ctypes, random\n" + SHADOW)
+        p = self.start("main.py")
         self.assertEqual(p.ready(), {})
-        self.assertEqual(p.call(b"{}")[1], b'"fd 5 open"')
+        stderr = self.assert_fd5_never_seen(p, p.call(b"{}"))
+        # The runtime's modules are the standard library's, loaded before
+        # the function's directory was on sys.path: the handler's own
+        # imports find them loaded, and the siblings never run.
+        for name in ("json", "ctypes", "random", "ember_runtime"):
+            self.assertNotIn(f"shadow {name}:", stderr)
+
+    def test_python_environment_variables_are_ignored(self):
+        elsewhere = tempfile.mkdtemp(prefix="ember-pythonpath-")
+        self.addCleanup(shutil.rmtree, elsewhere, True)
+        marker = os.path.join(elsewhere, "ran")
+        for name in ("sitecustomize.py", "usercustomize.py", "startup.py"):
+            with open(os.path.join(elsewhere, name), "w") as f:
+                f.write(f"open({marker!r}, 'a').write({name!r})\n")
+        with open(os.path.join(elsewhere, "json.py"), "w") as f:
+            f.write(SHADOW)
+        self.fn.add("main.py", SHADOW)
+        env = {"PYTHONPATH": elsewhere, "PYTHONSTARTUP": os.path.join(elsewhere, "startup.py"), "PYTHONINSPECT": "1"}
+        p = self.start("main.py", env=env)
+        self.assertEqual(p.ready(), {})
+        self.assert_fd5_never_seen(p, p.call(b"{}"))
+        self.assertFalse(os.path.exists(marker), "code from PYTHON* variables ran")
+
+    def test_without_isolated_mode_fd5_goes_before_any_import(self):
+        # Started without -I and with the function directory on PYTHONPATH,
+        # the runtime's own imports are shadowed: fd 5 must be shut already.
+        self.fn.add("json.py", SHADOW)
+        self.fn.add("main.py", SHADOW)
+        p = self.start("main.py", env={"PYTHONPATH": self.fn.path}, flags=[sys.executable, "-u", "-B"])
+        self.assertEqual(p.ready(), {})
+        stderr = self.assert_fd5_never_seen(p, p.call(b"{}"))
+        self.assertIn(f"shadow json: fd 5 {EBADF_TEXT}", stderr)
+        self.assertIn("not started in isolated mode", stderr)
+
+
+# --- After a restore: reseeding and ember.on_restore -----------------------------------------
+
+# A stand-in for numpy (not installed here, nor in the guest image): its
+# numpy.random keeps numpy's global-generator API (seed, random) and records
+# the seeds. It tests that the runtime reseeds numpy's global generator
+# through numpy.random.seed, not numpy itself.
+FAKE_NUMPY_INIT = "from . import random\n"
+FAKE_NUMPY_RANDOM = """
+import random as _random
+
+seeds = []
+_state = _random.Random(0)
+
+
+def seed(value=None):
+    seeds.append(list(value) if isinstance(value, (list, tuple)) else value)
+    _state.seed(repr(value))
+
+
+def random():
+    return _state.random()
+"""
+
+
+class RestoreTests(unittest.TestCase):
+    def setUp(self):
+        self.fn = FunctionDir(self)
+
+    def start(self, source):
+        self.fn.add("main.py", source)
+        p = self.fn.start(self, "main.py")
+        self.assertEqual(p.ready(), {})
+        return p
+
+    def test_on_restore_hooks_run_before_every_call(self):
+        p = self.start(
+            """
+            import random
+            import ember
+
+            state = {"hooks": [], "token": "from the snapshot"}
+
+            @ember.on_restore
+            def first():
+                state["hooks"].append("first")
+                # random is already reseeded: a fresh token, no system call.
+                state["token"] = random.getrandbits(64)
+
+            ember.on_restore(lambda: state["hooks"].append("second"))
+
+            def handler(event, context):
+                hooks, state["hooks"] = state["hooks"], []
+                return {"hooks": hooks, "token": state["token"]}
+            """
+        )
+        first = json.loads(p.call(b"{}")[1])
+        second = json.loads(p.call(b"{}")[1])
+        self.assertEqual(first["hooks"], ["first", "second"])
+        self.assertEqual(second["hooks"], ["first", "second"])
+        self.assertIsInstance(first["token"], int)
+        self.assertNotEqual(first["token"], second["token"])
+
+    def test_a_failing_hook_fails_the_invocation(self):
+        p = self.start(
+            """
+            import ember
+
+            calls = []
+
+            @ember.on_restore
+            def reconnect():
+                if not calls:
+                    raise ConnectionError("no database")
+
+            def handler(event, context):
+                calls.append(event)
+                return len(calls)
+            """
+        )
+        status, result, _, _ = p.call(b"{}")
+        self.assertEqual(status, "error")
+        error = json.loads(result)
+        self.assertEqual((error["type"], error["message"]), ("ConnectionError", "no database"))
+        self.assertIn("in reconnect", error["traceback"])
+        self.assertNotIn("ember_runtime.py", error["traceback"])
+        # The handler did not run, the runtime serves on.
+        status, result, _, _ = p.call(b"{}")
+        self.assertEqual(status, "error")
+
+    def test_on_restore_needs_a_callable(self):
+        self.fn.add("main.py", "import ember\nember.on_restore(3)\ndef handler(e):\n    return 1\n")
+        p = self.fn.start(self, "main.py")
+        self.assertTrue(p.responses.at_eof(), "no READY expected")
+        code, stderr = p.close()
+        self.assertEqual(code, 1)
+        self.assertIn("TypeError: ember.on_restore needs a callable, not int", stderr)
+
+    def test_numpy_global_generator_is_reseeded(self):
+        os.mkdir(os.path.join(self.fn.path, "numpy"))
+        self.fn.add("numpy/__init__.py", FAKE_NUMPY_INIT)
+        self.fn.add("numpy/random.py", FAKE_NUMPY_RANDOM)
+        p = self.start(
+            """
+            import numpy as np
+
+            np.random.seed(0)  # at import: in the snapshot, shared by every clone
+
+            def handler(event, context):
+                return {"value": np.random.random(), "seeds": np.random.seeds}
+            """
+        )
+        first = json.loads(p.call(b"{}")[1])
+        second = json.loads(p.call(b"{}")[1])
+        self.assertNotEqual(first["value"], second["value"])
+        self.assertEqual(first["seeds"][0], 0)
+        key = first["seeds"][-1]
+        self.assertEqual(len(key), 7)  # 192 bits of entropy and a marker word
+        self.assertTrue(all(0 <= word < 1 << 32 for word in key))
+        self.assertEqual(key[-1], 1)
+        self.assertNotEqual(key, second["seeds"][-1])
+
+    def test_tempfile_names_are_not_shared(self):
+        p = self.start(
+            """
+            import tempfile
+
+            next(tempfile._get_candidate_names())  # made at import: in the snapshot
+
+            def handler(event, context):
+                return tempfile._name_sequence is None
+            """
+        )
+        self.assertEqual(p.call(b"{}")[:2], ("json", b"true"))
 
     def test_dev_mem_is_recognised(self):
         cases = [
@@ -705,7 +941,7 @@ class HotPathBufferTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.n = 0
 
-    def hot_path(self, source, size=rt.DEFAULT_BUFFER_BYTES, response_size=None, pipes=False):
+    def hot_path(self, source, size=rt.DEFAULT_BUFFER_BYTES, response_size=None, pipes=False, restore=None):
         self.n += 1
         path = os.path.join(self.dir, f"hot_handler_{id(self)}_{self.n}.py")
         with open(path, "w") as f:
@@ -721,7 +957,7 @@ class HotPathBufferTests(unittest.TestCase):
             for fd in (request_r, self.request_w, self.response_r, response_w):
                 self.addCleanup(os.close, fd)
             pipe_ends = rt.Pipes(request_r, response_w)
-        hot = rt.HotPath(rt.Runtime(function), pipe_ends, request, response, self.host)
+        hot = rt.HotPath(rt.Runtime(function, restore), pipe_ends, request, response, self.host)
         return hot, request, response
 
     def test_constants_match_hotpath_rs(self):
@@ -947,6 +1183,34 @@ class HotPathBufferTests(unittest.TestCase):
         self.assertEqual(results[0], results[1])
         self.assertNotEqual(results[0], results[2])
 
+    def test_on_restore_hooks_run_after_the_reseed_not_in_the_warm_up(self):
+        source = """
+            import random
+            import ember
+
+            values = []
+
+            @ember.on_restore
+            def hook():
+                values.append(random.getrandbits(64))
+
+            def handler(e, c):
+                return values
+            """
+        self.addCleanup(sys.modules.pop, "ember", None)
+        results = []
+        for entropy in (b"a" * 24, b"a" * 24, b"b" * 24):
+            restore = rt.Restore()
+            rt.install_ember_module(restore)
+            hot, _, response = self.hot_path(source, restore=restore)
+            hot.warm_up()  # the runtime's own rounds: no user hook
+            self.host.push(1, b"{}", entropy=entropy)
+            hot.serve_one()
+            results.append(json.loads(decode_response(response)["result"]))
+        self.assertEqual([len(r) for r in results], [1, 1, 1])
+        self.assertEqual(results[0], results[1])
+        self.assertNotEqual(results[0], results[2])
+
     def test_warm_up_leaves_a_fresh_start(self):
         hot, request, response = self.hot_path(
             "calls = []\ndef handler(e, c):\n    calls.append(e)\n    return len(calls)\n"
@@ -975,15 +1239,18 @@ class HotPathBufferTests(unittest.TestCase):
                 else:
                     self.assertIsNone(rt.take_doorbell(False))
             self.assertFalse(_fd_open(r), f"wanted={wanted}: /dev/mem left open")
-        # Anything else on that fd is left alone.
-        r, w = os.pipe()
-        self.addCleanup(os.close, r)
-        self.addCleanup(os.close, w)
-        with unittest.mock.patch.object(rt, "DOORBELL_FD", r):
-            self.assertIsNone(rt.take_doorbell(False))
-            with self.assertRaisesRegex(OSError, "is not /dev/mem"):
-                rt.take_doorbell(True)
-        self.assertTrue(_fd_open(r))
+        # Anything else on that fd goes too: the runtime passes nothing on
+        # but its pipes.
+        for wanted in (False, True):
+            r, w = os.pipe()
+            self.addCleanup(os.close, w)
+            with unittest.mock.patch.object(rt, "DOORBELL_FD", r):
+                if wanted:
+                    with self.assertRaises(OSError):
+                        rt.take_doorbell(True)
+                else:
+                    self.assertIsNone(rt.take_doorbell(False))
+            self.assertFalse(_fd_open(r), f"wanted={wanted}: fd left open")
 
     def test_doorbell_code(self):
         # mov [rdi], esi; ret: one 32-bit store of the second argument to the

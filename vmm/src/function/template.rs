@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ember_agent::hotpath::{
     RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
 };
-use ember_agent::protocol::{FileIn, FunctionInvoke, FunctionStart, HotPathPages};
+use ember_agent::protocol::{
+    FileIn, FunctionInvoke, FunctionStart, HotPathPages, PYTHON_RUNTIME_PATH,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::guest_rng::{self, GuestRng};
@@ -22,12 +24,10 @@ use crate::machine::Machine;
 use crate::sandbox::BOOT_TIMEOUT;
 use crate::snapshot::SnapshotError;
 
-/// The python3 runtime, installed next to the handler in the guest (and so
-/// part of every python template's cache key, through the start request).
-const PYTHON_RUNTIME: &str = include_str!("../../../guest-agent/runtimes/python3/ember_runtime.py");
-
-/// Its file name in the function directory.
-const PYTHON_RUNTIME_FILE: &str = "ember_runtime.py";
+/// Prefixes of environment variables a python3 function may not set: the
+/// dynamic loader's (`LD_PRELOAD`...) and python's own (`PYTHONPATH`...) run
+/// code before the runtime has closed `/dev/mem`.
+const FORBIDDEN_PYTHON_ENV: [&str; 2] = ["LD_", "PYTHON"];
 /// Largest handler file or executable a template takes.
 const MAX_HANDLER_BYTES: u64 = 16 << 20;
 /// How long the guest may take to close the template's agent connection.
@@ -291,25 +291,23 @@ pub(crate) fn start_request(
                     "{name:?} is not a python function name"
                 )));
             }
-            files_in.push(FileIn {
-                path: PYTHON_RUNTIME_FILE.into(),
-                data: PYTHON_RUNTIME.as_bytes().to_vec(),
-                mode: 0o644,
-            });
+            check_python_env(&spec.env)?;
             files_in.push(FileIn {
                 path: base.clone(),
                 data: read_limited(file)?,
                 mode: 0o644,
             });
             let argv = [
+                // -I: isolated (no script or working directory on sys.path,
+                // no PYTHON* variables, no user site directory), so nothing
+                // of the function's runs before the runtime closed /dev/mem;
                 // -u: unbuffered, so startup errors reach the agent; -B: the
-                // root is read-only (its stdlib is precompiled); -s: no user
-                // site directory to look for.
+                // root is read-only (its stdlib is precompiled).
                 "python3",
+                "-I",
                 "-u",
                 "-B",
-                "-s",
-                PYTHON_RUNTIME_FILE,
+                PYTHON_RUNTIME_PATH,
                 &base,
                 name,
             ]
@@ -341,6 +339,20 @@ pub(crate) fn start_request(
     };
     start.validate().map_err(FunctionError::BadRequest)?;
     Ok((start, runtime, handler))
+}
+
+/// Refuses the variables of [`FORBIDDEN_PYTHON_ENV`].
+fn check_python_env(env: &[(String, String)]) -> Result<(), FunctionError> {
+    match env
+        .iter()
+        .find(|(key, _)| FORBIDDEN_PYTHON_ENV.iter().any(|p| key.starts_with(p)))
+    {
+        Some((key, _)) => Err(FunctionError::BadRequest(format!(
+            "a python3 function may not set {key}: LD_* and PYTHON* variables \
+             run code before the runtime's own"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn file_name(path: &Path) -> Result<String, FunctionError> {
@@ -445,4 +457,113 @@ fn warm_up_hot(
             .map_err(FunctionError::Warmup)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn python_spec(dir: &Path, file: &str, env: &[(&str, &str)]) -> FunctionSpec {
+        let path = dir.join(file);
+        std::fs::write(&path, "def handler(event):\n    return event\n").unwrap();
+        let mut spec = FunctionSpec::python3(path, "handler");
+        spec.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        spec
+    }
+
+    /// A fresh directory for one test, removed at the end.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("ember-template-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn options() -> TemplateOptions {
+        TemplateOptions::new("vmlinux".into(), "initrd".into(), None)
+    }
+
+    #[test]
+    fn python_runs_isolated_with_the_runtime_outside_the_function_dir() {
+        let dir = TempDir::new("isolated");
+        // Named like the runtime: it is only ever the handler.
+        let spec = python_spec(dir.path(), "ember_runtime.py", &[("LANG", "C.UTF-8")]);
+        let (start, _, _) = start_request(&spec, &options()).unwrap();
+        assert_eq!(
+            start.argv,
+            [
+                "python3",
+                "-I",
+                "-u",
+                "-B",
+                PYTHON_RUNTIME_PATH,
+                "ember_runtime.py",
+                "handler"
+            ]
+        );
+        let paths: Vec<&str> = start.files_in.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["ember_runtime.py"]);
+        assert_eq!(
+            start.files_in[0].data,
+            std::fs::read(spec_file(&spec)).unwrap()
+        );
+    }
+
+    fn spec_file(spec: &FunctionSpec) -> PathBuf {
+        match &spec.runtime {
+            Runtime::Python3 { file, .. } => file.clone(),
+            Runtime::Exec { program, .. } => program.clone(),
+        }
+    }
+
+    #[test]
+    fn python_env_that_runs_code_first_is_refused() {
+        let dir = TempDir::new("env");
+        for var in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "PYTHONPATH",
+            "PYTHONSTARTUP",
+        ] {
+            let spec = python_spec(dir.path(), "main.py", &[("LANG", "C"), (var, "/x")]);
+            match start_request(&spec, &options()) {
+                Err(FunctionError::BadRequest(message)) => {
+                    assert!(message.contains(var), "{message}");
+                    assert!(message.contains("LD_* and PYTHON*"), "{message}");
+                }
+                other => panic!("{var}: expected BadRequest, got {other:?}"),
+            }
+        }
+        // Exec runtimes are the tenant's own program, without /dev/mem.
+        let program = dir.path().join("run.sh");
+        std::fs::write(&program, "#!/bin/sh\n").unwrap();
+        let spec = FunctionSpec {
+            runtime: Runtime::Exec {
+                program,
+                args: Vec::new(),
+            },
+            warmup_event: None,
+            env: vec![("LD_PRELOAD".into(), "/x".into())],
+            hot_path: true,
+        };
+        assert!(start_request(&spec, &options()).is_ok());
+    }
 }
