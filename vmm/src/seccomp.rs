@@ -11,9 +11,19 @@
 //!   allocation, the kick signal and thread exit. It opens, reads and
 //!   creates nothing.
 //! - [`Filter::EventLoop`]: the device event loop, from the start of its
-//!   thread, before it handles any event: epoll, eventfds, stdin, the vsock
-//!   device's host Unix sockets (created only as `AF_UNIX` stream sockets),
-//!   plus the same base.
+//!   thread, before it handles any event: epoll, eventfds, stdin, the
+//!   in-process vsock backend's socket pairs, plus the same base. It
+//!   creates no socket of its own and connects nowhere.
+//! - [`Filter::EventLoopVsockUds`]: the same, for a microVM with a
+//!   Firecracker-style vsock Unix socket: it may also create `AF_UNIX`
+//!   stream sockets and `connect` them (a guest connection to host port
+//!   `P` is a connection to `<uds>_P`). seccomp cannot say *where*: it
+//!   sees `connect`'s arguments as numbers, and the path is in memory
+//!   behind a pointer that a filter cannot read (and that another thread
+//!   could change after a check anyway). So this filter allows connecting
+//!   to any Unix socket the process can reach; a microVM without a vsock
+//!   Unix socket (every jailed worker) gets the filter without both calls,
+//!   and a jailed worker's empty root has no socket to reach.
 //! - [`Filter::Control`]: a worker process's main thread once its microVM
 //!   runs: a superset of the two above (it shares their devices and fds)
 //!   plus waiting (`poll`), kicking and joining the vCPU threads, the agent
@@ -65,8 +75,12 @@ mod kvm_ioctl {
 pub enum Filter {
     /// A vCPU thread.
     Vcpu,
-    /// The device event-loop thread.
+    /// The device event-loop thread of a microVM without a vsock Unix
+    /// socket.
     EventLoop,
+    /// The device event-loop thread of a microVM with a vsock Unix socket
+    /// (it connects to `<uds>_<port>`).
+    EventLoopVsockUds,
     /// A worker process's control thread, once its microVM runs.
     Control,
 }
@@ -77,7 +91,18 @@ impl Filter {
         match self {
             Filter::Vcpu => "vCPU",
             Filter::EventLoop => "event loop",
+            Filter::EventLoopVsockUds => "event loop (vsock Unix socket)",
             Filter::Control => "control",
+        }
+    }
+
+    /// The event-loop filter for a microVM with (`true`) or without a
+    /// vsock Unix socket.
+    pub fn event_loop(vsock_uds: bool) -> Self {
+        if vsock_uds {
+            Filter::EventLoopVsockUds
+        } else {
+            Filter::EventLoop
         }
     }
 
@@ -85,10 +110,12 @@ impl Filter {
     pub fn program(self) -> Result<&'static BpfProgram, SeccompError> {
         static VCPU: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static EVENT_LOOP: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
+        static EVENT_LOOP_UDS: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static CONTROL: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         let cell = match self {
             Filter::Vcpu => &VCPU,
             Filter::EventLoop => &EVENT_LOOP,
+            Filter::EventLoopVsockUds => &EVENT_LOOP_UDS,
             Filter::Control => &CONTROL,
         };
         cell.get_or_init(|| compile(self).map_err(|e| e.to_string()))
@@ -266,6 +293,10 @@ fn compile(filter: Filter) -> Result<BpfProgram, seccompiler::BackendError> {
     match filter {
         Filter::Vcpu => vcpu(&mut allow)?,
         Filter::EventLoop => event_loop(&mut allow)?,
+        Filter::EventLoopVsockUds => {
+            event_loop(&mut allow)?;
+            vsock_uds(&mut allow)?;
+        }
         Filter::Control => {
             vcpu(&mut allow)?;
             event_loop(&mut allow)?;
@@ -362,19 +393,27 @@ fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
         libc::SYS_socketpair,
         vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
     )?;
-    // Unix-socket backend: a guest connection to `<uds>_<port>`.
-    allow.when(
-        libc::SYS_socket,
-        vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
-    )?;
-    // Unix-socket backend: connect that socket.
-    allow.any(libc::SYS_connect);
     // The guest half-closed a connection.
     allow.any(libc::SYS_shutdown);
     // Closed connections; the loop's own fds at exit.
     allow.any(libc::SYS_close);
     // Debug builds of std check that an fd is open before closing it.
     allow.when(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?])?;
+    Ok(())
+}
+
+/// The vsock Unix-socket backend: a guest connection to host port `P` is
+/// a new connection to `<uds>_P` (which path cannot be checked here).
+fn vsock_uds(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
+    const AF_UNIX: u64 = libc::AF_UNIX as u64;
+    const STREAM_CLOEXEC: u64 = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+    // A guest connection to `<uds>_<port>`: a Unix stream socket only.
+    allow.when(
+        libc::SYS_socket,
+        vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
+    )?;
+    // Connect that socket.
+    allow.any(libc::SYS_connect);
     Ok(())
 }
 
@@ -426,7 +465,12 @@ mod tests {
 
     use super::*;
 
-    const FILTERS: [Filter; 3] = [Filter::Vcpu, Filter::EventLoop, Filter::Control];
+    const FILTERS: [Filter; 4] = [
+        Filter::Vcpu,
+        Filter::EventLoop,
+        Filter::EventLoopVsockUds,
+        Filter::Control,
+    ];
 
     #[test]
     fn every_filter_compiles() {
