@@ -281,8 +281,7 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
     let err = match Snapshot::open(&dir) {
         Err(e) => e.to_string(),
         Ok(snapshot) => Sandbox::restore(&snapshot, &RestoreOptions::default())
-            .err()
-            .expect("a clone of the forged snapshot must not restore")
+            .expect_err("a clone of the forged snapshot must not restore")
             .to_string(),
     };
     assert!(
@@ -295,8 +294,7 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
     }
     snapshot_dir_with(&dir, &forged);
     let err = Sandbox::restore(&Snapshot::open(&dir).unwrap(), &RestoreOptions::default())
-        .err()
-        .expect("a relative escape must not restore")
+        .expect_err("a relative escape must not restore")
         .to_string();
     assert!(err.contains("not inside the snapshot directory"), "{err}");
 
@@ -315,8 +313,7 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
         ..RestoreOptions::default()
     };
     let err = Sandbox::restore(&snapshot, &jailed)
-        .err()
-        .expect("a jailed clone of the swapped state must not restore")
+        .expect_err("a jailed clone of the swapped state must not restore")
         .to_string();
     assert!(err.contains("handed over no drive"), "jailed: {err}");
 

@@ -218,6 +218,15 @@ fn hostile_every_task_of_a_jailed_worker_is_in_its_cgroup() {
     let mut tasks = task_cgroups(outer);
     tasks.extend(task_cgroups(jailed));
     assert!(tasks.len() >= 3, "outer, jailed main and vCPU: {tasks:?}");
+    // And every one of them is under a seccomp filter (issue 13, item 3),
+    // the outer waiter included.
+    for pid in [outer, jailed] {
+        let filters = task_filters(pid);
+        assert!(
+            filters.iter().all(|(_, mode)| mode == "2"),
+            "unfiltered tasks of worker process {pid}: {filters:?}"
+        );
+    }
     for controller in ["memory", "pids"] {
         let expected = cgroup_of(&task_cgroups(outer)[0].1, controller).unwrap();
         assert!(
@@ -379,4 +388,103 @@ fn hostile_worker_is_detached_and_cannot_forge_log_lines() {
     }
     let outcome = sandbox.invoke(&sh("echo fine")).expect("invoke");
     assert_eq!(outcome.stdout, b"fine\n");
+}
+
+/// PIDs of this process's children whose command line has all of `args`.
+fn children_with(args: &[&str]) -> Vec<u32> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.iter().all(|a| words.contains(&a.as_bytes())) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// (name, seccomp mode) of every task of `pid`.
+fn task_filters(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|task| {
+                    let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                    let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+                    let mode = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Seccomp:"))?
+                        .trim()
+                        .to_string();
+                    Some((name.trim().to_string(), mode))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Hostile (issue 13, item 3): in function mode, on the hot path and the
+/// vsock path, every task of the jailed worker runs under a seccomp
+/// filter while the guest runs, the main thread (which decodes hot-path
+/// responses and agent frames) and the outer waiter included. Before the
+/// fix the main thread of a function-mode worker was never filtered
+/// (`Seccomp: 0`), nor was the waiter.
+#[test]
+fn hostile_function_worker_threads_are_all_filtered() {
+    use ember::function::{Function, FunctionInvokeOptions, HandlerResult};
+    let function = Function::open(common::probe_template()).expect("probe function");
+    for force_vsock in [false, true] {
+        let options = FunctionInvokeOptions {
+            isolation: Some(Isolation::new(env!("CARGO_BIN_EXE_ember"))),
+            timeout: std::time::Duration::from_secs(if force_vsock { 60 } else { 20 }),
+            force_vsock,
+            ..FunctionInvokeOptions::default()
+        };
+        let seen = std::thread::scope(|scope| {
+            let invocation = scope.spawn(|| function.invoke(br#"{"op": "loop"}"#, &options));
+            let mut seen = Vec::new();
+            while !invocation.is_finished() {
+                for outer in children_with(&["__worker", "function"]) {
+                    let Some(jailed) =
+                        std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+                            .ok()
+                            .and_then(|c| c.split_whitespace().next()?.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    let mut tasks = task_filters(jailed);
+                    tasks.extend(task_filters(outer));
+                    if tasks.iter().any(|(name, _)| name.starts_with("ember-vcpu")) {
+                        seen = tasks;
+                    }
+                    if !seen.is_empty() && seen.iter().all(|(_, mode)| mode == "2") {
+                        break;
+                    }
+                }
+                if !seen.is_empty() && seen.iter().all(|(_, mode)| mode == "2") {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let outcome = invocation.join().unwrap().expect("invoke");
+            assert_eq!(
+                outcome.result,
+                HandlerResult::TimedOut,
+                "vsock: {force_vsock}"
+            );
+            seen
+        });
+        assert!(
+            !seen.is_empty(),
+            "never saw the running worker (vsock: {force_vsock})"
+        );
+        assert!(
+            seen.iter().all(|(_, mode)| mode == "2"),
+            "unfiltered tasks of a function worker (vsock: {force_vsock}): {seen:?}"
+        );
+    }
 }

@@ -5,7 +5,8 @@
 //! file descriptors it was handed and nothing else:
 //!
 //! 1. becomes PID 1 of its PID namespace (one fork; the outer process only
-//!    waits), dying with its parent;
+//!    waits, under a seccomp filter that allows nothing else), dying with
+//!    its parent;
 //! 2. pivots into an empty, read-only tmpfs: no host file is reachable;
 //! 3. closes every file descriptor it was not handed;
 //! 4. drops to an unprivileged uid/gid with no supplementary groups and
@@ -200,8 +201,17 @@ pub fn become_namespace_init() -> Result<(), JailError> {
         })?;
         return Ok(());
     }
-    // The waiting process keeps nothing the jailed child was given.
+    // The waiting process keeps nothing the jailed child was given, and
+    // from here on can only wait and exit (compiled before the filter
+    // goes on: nothing below allocates).
     let _ = close_fds_from(3);
+    if crate::seccomp::Filter::Waiter.install().is_err() {
+        // SAFETY: kill and _exit take integers.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
     let mut status = 0;
     loop {
         // SAFETY: `status` is a valid out-pointer.
@@ -210,7 +220,9 @@ pub fn become_namespace_init() -> Result<(), JailError> {
             break;
         }
         if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            std::process::exit(1);
+            // SAFETY: _exit takes an integer (no exit handlers: they might
+            // make calls the filter forbids).
+            unsafe { libc::_exit(1) };
         }
     }
     if libc::WIFSIGNALED(status) {
@@ -223,7 +235,8 @@ pub fn become_namespace_init() -> Result<(), JailError> {
             libc::raise(signal);
         }
     }
-    std::process::exit(libc::WEXITSTATUS(status));
+    // SAFETY: as above.
+    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
 }
 
 fn mount(

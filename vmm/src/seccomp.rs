@@ -30,6 +30,9 @@
 //!   and parent connections (socket pair, read timeouts), fresh entropy and
 //!   process exit. It creates no thread and opens no file, so it must be
 //!   installed after [`crate::Machine`] has started.
+//! - [`Filter::Waiter`]: the outer process of a jailed worker, from right
+//!   after it forked the jailed child: wait, re-raise the child's signal,
+//!   exit. Nothing else, not even memory allocation.
 //!
 //! Anything else kills the whole process (`SECCOMP_RET_KILL_PROCESS`, seen
 //! by the parent as death by `SIGSYS`): a thread that does something it
@@ -83,6 +86,9 @@ pub enum Filter {
     EventLoopVsockUds,
     /// A worker process's control thread, once its microVM runs.
     Control,
+    /// The outer process of a jailed worker, which only waits for its
+    /// jailed child (PID 1 of the worker's namespace) and exits as it did.
+    Waiter,
 }
 
 impl Filter {
@@ -93,6 +99,7 @@ impl Filter {
             Filter::EventLoop => "event loop",
             Filter::EventLoopVsockUds => "event loop (vsock Unix socket)",
             Filter::Control => "control",
+            Filter::Waiter => "waiter",
         }
     }
 
@@ -112,11 +119,13 @@ impl Filter {
         static EVENT_LOOP: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static EVENT_LOOP_UDS: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static CONTROL: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
+        static WAITER: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         let cell = match self {
             Filter::Vcpu => &VCPU,
             Filter::EventLoop => &EVENT_LOOP,
             Filter::EventLoopVsockUds => &EVENT_LOOP_UDS,
             Filter::Control => &CONTROL,
+            Filter::Waiter => &WAITER,
         };
         cell.get_or_init(|| compile(self).map_err(|e| e.to_string()))
             .as_ref()
@@ -289,7 +298,11 @@ fn arg_null(index: u8) -> Result<SeccompCondition, seccompiler::BackendError> {
 
 fn compile(filter: Filter) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut allow = AllowList::default();
-    common(&mut allow)?;
+    if filter == Filter::Waiter {
+        waiter(&mut allow);
+    } else {
+        common(&mut allow)?;
+    }
     match filter {
         Filter::Vcpu => vcpu(&mut allow)?,
         Filter::EventLoop => event_loop(&mut allow)?,
@@ -302,6 +315,7 @@ fn compile(filter: Filter) -> Result<BpfProgram, seccompiler::BackendError> {
             event_loop(&mut allow)?;
             control(&mut allow)?;
         }
+        Filter::Waiter => {}
     }
     SeccompFilter::new(
         allow.into_rules(),
@@ -417,6 +431,25 @@ fn vsock_uds(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     Ok(())
 }
 
+/// A jailed worker's outer process: wait for the child, then exit with its
+/// status or die by its signal (`libc::_exit` and `raise`, nothing else).
+fn waiter(allow: &mut AllowList) {
+    // waitpid.
+    allow.any(libc::SYS_wait4);
+    // Reset the child's fatal signal to its default action...
+    allow.any(libc::SYS_rt_sigaction);
+    // ...and raise it (glibc blocks signals around tgkill).
+    allow.any(libc::SYS_rt_sigprocmask);
+    allow.any(libc::SYS_getpid);
+    allow.any(libc::SYS_gettid);
+    allow.any(libc::SYS_tgkill);
+    // A signal interrupting waitpid.
+    allow.any(libc::SYS_rt_sigreturn);
+    allow.any(libc::SYS_restart_syscall);
+    // _exit.
+    allow.any(libc::SYS_exit_group);
+}
+
 /// A worker's control thread once its microVM runs.
 fn control(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     // Wait for the VM's exit event (Machine::wait_timeout) or a socket.
@@ -465,11 +498,12 @@ mod tests {
 
     use super::*;
 
-    const FILTERS: [Filter; 4] = [
+    const FILTERS: [Filter; 5] = [
         Filter::Vcpu,
         Filter::EventLoop,
         Filter::EventLoopVsockUds,
         Filter::Control,
+        Filter::Waiter,
     ];
 
     #[test]

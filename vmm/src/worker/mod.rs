@@ -445,12 +445,13 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
         return function::serve(control, snapshot);
     }
     let mut machine = snapshot.restore(&RestoreOptions::default())?;
-    let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
-    let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
-        .map_err(|e| WorkerError::Failed(e.to_string()))?;
-    // From here on the control thread only relays bytes and tears down.
+    // From here on the control thread only talks to the agent, relays
+    // bytes and tears down: filtered before the first byte from the guest.
     crate::seccomp::Filter::Control
         .install()
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+    let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
         .map_err(|e| WorkerError::Failed(e.to_string()))?;
     if args.iter().skip(2).any(|a| a == "violate-seccomp") {
         // SAFETY: socket() takes integers; the filter kills us first.
