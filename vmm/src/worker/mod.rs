@@ -51,6 +51,8 @@ const WITH_DRIVE: &str = "with-drive";
 const FORGE_STDERR: &str = "forge-stderr";
 /// Longest status line a worker may send.
 const MAX_LINE: usize = 4096;
+/// How long a finished worker's last stderr lines may take to show.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 /// Memory a worker may use beyond its guest's RAM.
 const VMM_OVERHEAD_BYTES: u64 = 64 << 20;
 
@@ -98,6 +100,8 @@ pub struct WorkerProcess {
     cgroup: Option<WorkerCgroup>,
     /// The worker's uid/gid, free again once it is gone.
     _ids: IdLease,
+    /// The thread showing the worker's stderr.
+    stderr: Option<std::thread::JoinHandle<()>>,
     reaped: Option<ExitStatus>,
 }
 
@@ -115,7 +119,9 @@ impl WorkerProcess {
                 let _ = self.child.kill();
             }
             self.reaped = self.child.wait().ok();
+            // Kills whatever of the worker is left.
             self.cgroup = None;
+            stderr::finish(self.stderr.take(), STDERR_GRACE);
         }
         self.reaped
     }
@@ -126,6 +132,8 @@ impl Drop for WorkerProcess {
         if self.reaped.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            self.cgroup = None;
+            stderr::finish(self.stderr.take(), STDERR_GRACE);
         }
     }
 }
@@ -320,11 +328,12 @@ fn start(
     // Drops the child's end of the stderr pipe too, so the forwarder sees
     // the end of the output once the worker is gone.
     drop((theirs, state, memory, kvm, procs, command));
-    stderr::forward(stderr_ours, child.id());
+    let stderr = stderr::forward(stderr_ours, child.id());
     let worker = WorkerProcess {
         child,
         cgroup,
         _ids: ids,
+        stderr,
         reaped: None,
     };
     Ok((worker, control))

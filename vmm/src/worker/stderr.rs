@@ -4,6 +4,8 @@
 //! so it cannot flood the parent's log either.
 
 use std::io::{PipeReader, Read, Write};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Longest line shown; the rest of a longer line is dropped.
 const MAX_LINE: usize = 1024;
@@ -12,14 +14,33 @@ const MAX_TOTAL: usize = 256 << 10;
 
 /// Starts a thread that copies `pipe` (the read end of worker `pid`'s
 /// stderr) to this process's stderr until the worker closes it.
-pub(super) fn forward(pipe: PipeReader, pid: u32) {
+pub(super) fn forward(pipe: PipeReader, pid: u32) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("ember-worker-log".into())
         .spawn(move || copy(pipe, &mut std::io::stderr(), pid));
-    if let Err(e) = spawned {
-        // The pipe is dropped with the closure: the worker's writes fail
-        // (EPIPE), which costs it nothing but its diagnostics.
-        log::warn!("cannot read worker {pid}'s stderr: {e}");
+    match spawned {
+        Ok(thread) => Some(thread),
+        Err(e) => {
+            // The pipe is dropped with the closure: the worker's writes
+            // fail (EPIPE), which costs it nothing but its diagnostics.
+            log::warn!("cannot read worker {pid}'s stderr: {e}");
+            None
+        }
+    }
+}
+
+/// Waits up to `grace` for a forwarder to see the end of its worker's
+/// output (every process of the worker gone), so its last lines are shown
+/// and its pipe closed when the worker's handle is; a forwarder still
+/// waiting after that is left to finish on its own.
+pub(super) fn finish(thread: Option<JoinHandle<()>>, grace: Duration) {
+    let Some(thread) = thread else { return };
+    let deadline = Instant::now() + grace;
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
     }
 }
 
