@@ -5,6 +5,9 @@
 //!
 //! The program is the agent's `ember.agent=scribble` mode; it prints
 //! [`ember_agent::SCRIBBLE_DONE_LINE`] and the guest powers off.
+//!
+//! Also a hostile snapshot: a `state` file (checksum and all) naming a
+//! file outside its directory as the root drive.
 
 mod common;
 
@@ -235,4 +238,97 @@ fn serve(listener: UnixListener, behaviour: Behaviour, stop: &AtomicBool) -> usi
         std::thread::sleep(Duration::from_millis(5));
     }
     accepted
+}
+
+/// A snapshot directory at `dir` with the shared snapshot's memory (a hard
+/// link) and `state` written as given (with a valid checksum).
+fn snapshot_dir_with(dir: &Path, state: &ember::snapshot::contents::SnapshotState) {
+    use ember::snapshot::{MEMORY_FILE, STATE_FILE};
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let memory = common::shared_snapshot().dir().join(MEMORY_FILE);
+    if std::fs::hard_link(&memory, dir.join(MEMORY_FILE)).is_err() {
+        std::fs::copy(&memory, dir.join(MEMORY_FILE)).unwrap();
+    }
+    ember::snapshot::write_state(&dir.join(STATE_FILE), state).unwrap();
+}
+
+/// Hostile (issue 13, item 2): a re-checksummed `state` naming a
+/// root-owned 0600 file outside the snapshot directory as its root drive
+/// (with the file's real size and identity, so every check of the old
+/// code passed) gets no drive, in-process and in a jailed worker. Before
+/// the fix, ember opened the named file as root when it opened the
+/// snapshot, and a jailed worker re-read the `state` file from the
+/// directory and opened whatever it named as root, before its jail.
+#[test]
+fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use ember::devices::set::BlockState;
+    use ember::devices::virtio::block::disk::{DriveSpec, FileIdentity};
+    use ember::snapshot::contents::SnapshotState;
+    use ember::snapshot::{read_state, RestoreOptions, Snapshot, STATE_FILE};
+    use ember::Sandbox;
+
+    let secret = temp_path("secret");
+    std::fs::write(&secret, [b's'; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let shared = common::shared_snapshot();
+    let honest: SnapshotState = read_state(&shared.dir().join(STATE_FILE)).unwrap();
+    let mut forged = honest.clone();
+    let meta = std::fs::metadata(&secret).unwrap();
+    forged.devices.block = Some(BlockState {
+        transport: forged.devices.vsock.clone(),
+        drive: DriveSpec {
+            path: secret.as_os_str().as_encoded_bytes().to_vec(),
+            size: meta.len(),
+            identity: FileIdentity::of(&meta),
+        },
+    });
+
+    // In-process: the snapshot opens (its drive is refused, not opened)
+    // and no clone of it restores.
+    let dir = temp_path("forged-snapshot");
+    snapshot_dir_with(&dir, &forged);
+    let err = match Snapshot::open(&dir) {
+        Err(e) => e.to_string(),
+        Ok(snapshot) => Sandbox::restore(&snapshot, &RestoreOptions::default())
+            .expect_err("a clone of the forged snapshot must not restore")
+            .to_string(),
+    };
+    assert!(
+        err.contains("not inside the snapshot directory"),
+        "in-process: {err}"
+    );
+    // A relative escape is refused the same way.
+    if let Some(block) = forged.devices.block.as_mut() {
+        block.drive.path = format!("../{}", secret.file_name().unwrap().to_string_lossy()).into();
+    }
+    snapshot_dir_with(&dir, &forged);
+    let err = Sandbox::restore(&Snapshot::open(&dir).unwrap(), &RestoreOptions::default())
+        .expect_err("a relative escape must not restore")
+        .to_string();
+    assert!(err.contains("not inside the snapshot directory"), "{err}");
+
+    // Jailed: an honest snapshot is opened, then its state file swapped
+    // for the forged one before the worker starts; the worker parses what
+    // it is given, jailed, and can only use the drive the parent opened
+    // (none here).
+    if let Some(block) = forged.devices.block.as_mut() {
+        block.drive.path = secret.as_os_str().as_encoded_bytes().to_vec();
+    }
+    snapshot_dir_with(&dir, &honest);
+    let snapshot = Snapshot::open(&dir).unwrap();
+    ember::snapshot::write_state(&dir.join(STATE_FILE), &forged).unwrap();
+    let jailed = RestoreOptions {
+        isolation: Some(ember::worker::Isolation::new(env!("CARGO_BIN_EXE_ember"))),
+        ..RestoreOptions::default()
+    };
+    let err = Sandbox::restore(&snapshot, &jailed)
+        .expect_err("a jailed clone of the swapped state must not restore")
+        .to_string();
+    assert!(err.contains("handed over no drive"), "jailed: {err}");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(&secret).unwrap();
 }

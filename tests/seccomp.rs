@@ -158,6 +158,18 @@ fn inet_socket() -> i64 {
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }.into()
 }
 
+fn unix_socket() -> i64 {
+    // SAFETY: socket(2) with integer arguments; the descriptor is leaked
+    // (the child exits right after).
+    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }.into()
+}
+
+fn unix_connect() -> i64 {
+    // SAFETY: connect(2) on a bad descriptor with no address: it fails
+    // (EBADF) or is killed; no memory is accessed.
+    unsafe { libc::connect(-1, std::ptr::null(), 0) }.into()
+}
+
 fn fork() -> i64 {
     // SAFETY: the raw fork syscall; should it be allowed (a failure of this
     // test), the child exits at once without running any Rust code.
@@ -209,9 +221,35 @@ const VIOLATIONS: &[Violation] = &[
     ("vcpu-exec-mmap", Filter::Vcpu, executable_memory),
     ("events-inet-socket", Filter::EventLoop, inet_socket),
     ("events-open", Filter::EventLoop, open_file),
+    // Hostile (issue 13, item 9): without a vsock Unix socket the event
+    // loop creates and connects no socket; it could before.
+    ("hostile-events-unix-socket", Filter::EventLoop, unix_socket),
+    ("hostile-events-connect", Filter::EventLoop, unix_connect),
+    ("hostile-control-unix-socket", Filter::Control, unix_socket),
+    ("hostile-control-connect", Filter::Control, unix_connect),
+    (
+        "events-uds-inet-socket",
+        Filter::EventLoopVsockUds,
+        inet_socket,
+    ),
     ("control-fork", Filter::Control, fork),
     ("control-ioctl", Filter::Control, kvm_set_regs),
 ];
+
+/// A microVM with a vsock Unix socket still gets to make and connect one.
+#[test]
+fn vsock_uds_event_loop_may_make_unix_sockets() {
+    const TEST: &str = "vsock_uds_event_loop_may_make_unix_sockets";
+    if std::env::var_os(CHILD_ENV).is_none() {
+        let status = run_child(TEST, "uds");
+        assert!(status.success(), "child: {status:?}");
+        return;
+    }
+    let fd = violate(Filter::EventLoopVsockUds, unix_socket);
+    assert!(fd >= 0, "socket(AF_UNIX) failed");
+    // Refused by the kernel (bad fd), not by the filter.
+    assert_eq!(violate(Filter::EventLoopVsockUds, unix_connect), -1);
+}
 
 #[test]
 fn a_violation_kills_the_process_with_sigsys() {

@@ -113,7 +113,10 @@ impl Machine {
     ) -> Result<Machine, BuildError> {
         let requested = clock.started();
         let started = clock.resumed();
-        let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), seccomp)?;
+        // Only a microVM with a vsock Unix socket may create and connect
+        // Unix sockets.
+        let filter = seccomp.then(|| crate::seccomp::Filter::event_loop(devices.vsock_uds));
+        let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), filter)?;
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
         let doorbell = Arc::new(Doorbell::new());

@@ -44,15 +44,19 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop with `subscribers` registered. With `seccomp`, the
-    /// thread installs the event-loop filter before it handles any event
+    /// Starts the loop with `subscribers` registered. With a `seccomp`
+    /// filter (one of the event-loop filters), the thread installs it
+    /// before it handles any event
     /// (it never serves a device unfiltered); [`EventLoop::started`] says
     /// whether it could.
-    pub fn start(subscribers: Vec<Subscriber>, seccomp: bool) -> Result<Self, EventLoopError> {
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        seccomp: Option<Filter>,
+    ) -> Result<Self, EventLoopError> {
         // seccomp: compiled (once per process) before the thread starts,
         // installed by the thread before its first event.
         let (filter, installed) = seccomp
-            .then(|| Filter::EventLoop.for_thread())
+            .map(Filter::for_thread)
             .transpose()
             .map_err(EventLoopError::Seccomp)?
             .unzip();

@@ -5,7 +5,8 @@
 //! file descriptors it was handed and nothing else:
 //!
 //! 1. becomes PID 1 of its PID namespace (one fork; the outer process only
-//!    waits), dying with its parent;
+//!    waits, under a seccomp filter that allows nothing else), dying with
+//!    its parent;
 //! 2. pivots into an empty, read-only tmpfs: no host file is reachable;
 //! 3. closes every file descriptor it was not handed;
 //! 4. drops to an unprivileged uid/gid with no supplementary groups and
@@ -41,10 +42,128 @@ impl Default for JailConfig {
     }
 }
 
-/// The dedicated uid/gid workers run as unless configured otherwise: no
-/// account on the host owns it, so it can signal and read nothing but
-/// other workers.
+/// The uid/gid [`JailConfig::default`] names (the first of
+/// [`IdRange::default`]); workers spawned by [`crate::worker`] each get
+/// their own from an [`IdRange`].
 pub const DEFAULT_JAIL_ID: u32 = 60_000;
+
+/// The user and group IDs jailed workers run as: each live worker gets one
+/// of its own (uid = gid), as Firecracker's jailer runs each microVM under
+/// its own uid, so one compromised worker cannot signal, ptrace or read
+/// the `/proc` files of another.
+///
+/// IDs are leased per process: two ember processes on one host should be
+/// given disjoint ranges (an ID is never checked against other processes).
+/// No account on the host should own an ID of the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRange {
+    /// The first ID (not 0).
+    pub first: u32,
+    /// How many IDs: at most this many workers at once.
+    pub count: u32,
+}
+
+impl Default for IdRange {
+    /// 60000..=60999 (Debian reserves 60000-64999 for IDs created on
+    /// demand; none of its packages takes these).
+    fn default() -> Self {
+        IdRange {
+            first: DEFAULT_JAIL_ID,
+            count: 1000,
+        }
+    }
+}
+
+impl std::str::FromStr for IdRange {
+    type Err = String;
+
+    /// `FIRST-LAST` (inclusive) or `FIRST+COUNT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|e| format!("bad ID {t:?}: {e}"))
+        };
+        let range = if let Some((a, b)) = s.split_once('-') {
+            let (first, last) = (parse(a)?, parse(b)?);
+            if last < first {
+                return Err(format!("{s}: the last ID is below the first"));
+            }
+            IdRange {
+                first,
+                count: last - first + 1,
+            }
+        } else if let Some((a, n)) = s.split_once('+') {
+            IdRange {
+                first: parse(a)?,
+                count: parse(n)?,
+            }
+        } else {
+            return Err(format!("{s}: expected FIRST-LAST or FIRST+COUNT"));
+        };
+        range.check().map_err(|e| e.to_string())?;
+        Ok(range)
+    }
+}
+
+/// The IDs of every range leased in this process, and where the next
+/// search starts (so a just-released ID is the last to be reused).
+struct Leases {
+    taken: std::collections::BTreeSet<u32>,
+    next: u32,
+}
+
+static LEASES: std::sync::Mutex<Leases> = std::sync::Mutex::new(Leases {
+    taken: std::collections::BTreeSet::new(),
+    next: 0,
+});
+
+impl IdRange {
+    fn check(&self) -> Result<(), JailError> {
+        if self.first == 0 {
+            return Err(JailError::Root);
+        }
+        // u32::MAX is (uid_t)-1, "no change" to setresuid.
+        if self.count == 0 || self.first.checked_add(self.count).is_none() {
+            return Err(JailError::IdRange(*self));
+        }
+        Ok(())
+    }
+
+    /// Takes an ID of the range that no live lease of this process holds;
+    /// it is free again when the lease is dropped (after the worker that
+    /// ran as it is gone).
+    pub fn lease(&self) -> Result<IdLease, JailError> {
+        self.check()?;
+        let mut leases = LEASES.lock().unwrap_or_else(|e| e.into_inner());
+        let start = leases.next.wrapping_sub(self.first) % self.count;
+        let free = (0..self.count)
+            .map(|i| self.first + (start + i) % self.count)
+            .find(|id| !leases.taken.contains(id))
+            .ok_or(JailError::IdsExhausted(*self))?;
+        leases.taken.insert(free);
+        leases.next = free.wrapping_add(1);
+        Ok(IdLease(free))
+    }
+}
+
+/// One worker's uid/gid, held while the worker lives.
+#[derive(Debug, PartialEq, Eq)]
+pub struct IdLease(u32);
+
+impl IdLease {
+    /// The uid (and gid).
+    pub fn id(&self) -> u32 {
+        self.0
+    }
+}
+
+impl Drop for IdLease {
+    fn drop(&mut self) {
+        let mut leases = LEASES.lock().unwrap_or_else(|e| e.into_inner());
+        leases.taken.remove(&self.0);
+    }
+}
 
 fn check(what: &'static str, rc: libc::c_long) -> Result<libc::c_long, JailError> {
     if rc < 0 {
@@ -82,8 +201,17 @@ pub fn become_namespace_init() -> Result<(), JailError> {
         })?;
         return Ok(());
     }
-    // The waiting process keeps nothing the jailed child was given.
+    // The waiting process keeps nothing the jailed child was given, and
+    // from here on can only wait and exit (compiled before the filter
+    // goes on: nothing below allocates).
     let _ = close_fds_from(3);
+    if crate::seccomp::Filter::Waiter.install().is_err() {
+        // SAFETY: kill and _exit take integers.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::_exit(1);
+        }
+    }
     let mut status = 0;
     loop {
         // SAFETY: `status` is a valid out-pointer.
@@ -92,7 +220,9 @@ pub fn become_namespace_init() -> Result<(), JailError> {
             break;
         }
         if rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            std::process::exit(1);
+            // SAFETY: _exit takes an integer (no exit handlers: they might
+            // make calls the filter forbids).
+            unsafe { libc::_exit(1) };
         }
     }
     if libc::WIFSIGNALED(status) {
@@ -105,7 +235,8 @@ pub fn become_namespace_init() -> Result<(), JailError> {
             libc::raise(signal);
         }
     }
-    std::process::exit(libc::WEXITSTATUS(status));
+    // SAFETY: as above.
+    unsafe { libc::_exit(libc::WEXITSTATUS(status)) }
 }
 
 fn mount(
@@ -258,6 +389,12 @@ pub enum JailError {
     /// The configuration would leave the worker as root.
     #[error("jail: refusing to run a worker as root (uid/gid 0)")]
     Root,
+    /// The ID range is empty or runs past the largest ID.
+    #[error("jail: invalid worker ID range {}+{}", .0.first, .0.count)]
+    IdRange(IdRange),
+    /// Every ID of the range is held by a live worker.
+    #[error("jail: all {} worker IDs from {} are in use", .0.count, .0.first)]
+    IdsExhausted(IdRange),
 }
 
 #[cfg(test)]
@@ -271,6 +408,36 @@ mod tests {
             ..JailConfig::default()
         };
         assert!(matches!(drop_privileges(&config), Err(JailError::Root)));
+    }
+
+    #[test]
+    fn leases_are_distinct_and_come_back() {
+        // A range of its own: other tests lease from the default one.
+        let range = IdRange {
+            first: 70_000,
+            count: 3,
+        };
+        let a = range.lease().unwrap();
+        let b = range.lease().unwrap();
+        let c = range.lease().unwrap();
+        let mut ids = vec![a.id(), b.id(), c.id()];
+        ids.sort_unstable();
+        assert_eq!(ids, vec![70_000, 70_001, 70_002]);
+        assert!(matches!(range.lease(), Err(JailError::IdsExhausted(_))));
+        let freed = b.id();
+        drop(b);
+        assert_eq!(range.lease().unwrap().id(), freed);
+    }
+
+    #[test]
+    fn id_ranges_parse_and_bad_ones_are_refused() {
+        let r: IdRange = "100000-100009".parse().unwrap();
+        assert_eq!((r.first, r.count), (100_000, 10));
+        let r: IdRange = "5+2".parse().unwrap();
+        assert_eq!((r.first, r.count), (5, 2));
+        for bad in ["0-5", "9-3", "x", "7+0", "4294967295+1", "1"] {
+            assert!(bad.parse::<IdRange>().is_err(), "{bad}");
+        }
     }
 
     #[test]

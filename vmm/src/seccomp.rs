@@ -11,15 +11,28 @@
 //!   allocation, the kick signal and thread exit. It opens, reads and
 //!   creates nothing.
 //! - [`Filter::EventLoop`]: the device event loop, from the start of its
-//!   thread, before it handles any event: epoll, eventfds, stdin, the vsock
-//!   device's host Unix sockets (created only as `AF_UNIX` stream sockets),
-//!   plus the same base.
+//!   thread, before it handles any event: epoll, eventfds, stdin, the
+//!   in-process vsock backend's socket pairs, plus the same base. It
+//!   creates no socket of its own and connects nowhere.
+//! - [`Filter::EventLoopVsockUds`]: the same, for a microVM with a
+//!   Firecracker-style vsock Unix socket: it may also create `AF_UNIX`
+//!   stream sockets and `connect` them (a guest connection to host port
+//!   `P` is a connection to `<uds>_P`). seccomp cannot say *where*: it
+//!   sees `connect`'s arguments as numbers, and the path is in memory
+//!   behind a pointer that a filter cannot read (and that another thread
+//!   could change after a check anyway). So this filter allows connecting
+//!   to any Unix socket the process can reach; a microVM without a vsock
+//!   Unix socket (every jailed worker) gets the filter without both calls,
+//!   and a jailed worker's empty root has no socket to reach.
 //! - [`Filter::Control`]: a worker process's main thread once its microVM
 //!   runs: a superset of the two above (it shares their devices and fds)
 //!   plus waiting (`poll`), kicking and joining the vCPU threads, the agent
 //!   and parent connections (socket pair, read timeouts), fresh entropy and
 //!   process exit. It creates no thread and opens no file, so it must be
 //!   installed after [`crate::Machine`] has started.
+//! - [`Filter::Waiter`]: the outer process of a jailed worker, from right
+//!   after it forked the jailed child: wait, re-raise the child's signal,
+//!   exit. Nothing else, not even memory allocation.
 //!
 //! Anything else kills the whole process (`SECCOMP_RET_KILL_PROCESS`, seen
 //! by the parent as death by `SIGSYS`): a thread that does something it
@@ -65,10 +78,17 @@ mod kvm_ioctl {
 pub enum Filter {
     /// A vCPU thread.
     Vcpu,
-    /// The device event-loop thread.
+    /// The device event-loop thread of a microVM without a vsock Unix
+    /// socket.
     EventLoop,
+    /// The device event-loop thread of a microVM with a vsock Unix socket
+    /// (it connects to `<uds>_<port>`).
+    EventLoopVsockUds,
     /// A worker process's control thread, once its microVM runs.
     Control,
+    /// The outer process of a jailed worker, which only waits for its
+    /// jailed child (PID 1 of the worker's namespace) and exits as it did.
+    Waiter,
 }
 
 impl Filter {
@@ -77,7 +97,19 @@ impl Filter {
         match self {
             Filter::Vcpu => "vCPU",
             Filter::EventLoop => "event loop",
+            Filter::EventLoopVsockUds => "event loop (vsock Unix socket)",
             Filter::Control => "control",
+            Filter::Waiter => "waiter",
+        }
+    }
+
+    /// The event-loop filter for a microVM with (`true`) or without a
+    /// vsock Unix socket.
+    pub fn event_loop(vsock_uds: bool) -> Self {
+        if vsock_uds {
+            Filter::EventLoopVsockUds
+        } else {
+            Filter::EventLoop
         }
     }
 
@@ -85,11 +117,15 @@ impl Filter {
     pub fn program(self) -> Result<&'static BpfProgram, SeccompError> {
         static VCPU: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static EVENT_LOOP: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
+        static EVENT_LOOP_UDS: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         static CONTROL: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
+        static WAITER: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
         let cell = match self {
             Filter::Vcpu => &VCPU,
             Filter::EventLoop => &EVENT_LOOP,
+            Filter::EventLoopVsockUds => &EVENT_LOOP_UDS,
             Filter::Control => &CONTROL,
+            Filter::Waiter => &WAITER,
         };
         cell.get_or_init(|| compile(self).map_err(|e| e.to_string()))
             .as_ref()
@@ -262,15 +298,24 @@ fn arg_null(index: u8) -> Result<SeccompCondition, seccompiler::BackendError> {
 
 fn compile(filter: Filter) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut allow = AllowList::default();
-    common(&mut allow)?;
+    if filter == Filter::Waiter {
+        waiter(&mut allow);
+    } else {
+        common(&mut allow)?;
+    }
     match filter {
         Filter::Vcpu => vcpu(&mut allow)?,
         Filter::EventLoop => event_loop(&mut allow)?,
+        Filter::EventLoopVsockUds => {
+            event_loop(&mut allow)?;
+            vsock_uds(&mut allow)?;
+        }
         Filter::Control => {
             vcpu(&mut allow)?;
             event_loop(&mut allow)?;
             control(&mut allow)?;
         }
+        Filter::Waiter => {}
     }
     SeccompFilter::new(
         allow.into_rules(),
@@ -362,13 +407,6 @@ fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
         libc::SYS_socketpair,
         vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
     )?;
-    // Unix-socket backend: a guest connection to `<uds>_<port>`.
-    allow.when(
-        libc::SYS_socket,
-        vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
-    )?;
-    // Unix-socket backend: connect that socket.
-    allow.any(libc::SYS_connect);
     // The guest half-closed a connection.
     allow.any(libc::SYS_shutdown);
     // Closed connections; the loop's own fds at exit.
@@ -376,6 +414,40 @@ fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     // Debug builds of std check that an fd is open before closing it.
     allow.when(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?])?;
     Ok(())
+}
+
+/// The vsock Unix-socket backend: a guest connection to host port `P` is
+/// a new connection to `<uds>_P` (which path cannot be checked here).
+fn vsock_uds(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
+    const AF_UNIX: u64 = libc::AF_UNIX as u64;
+    const STREAM_CLOEXEC: u64 = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64;
+    // A guest connection to `<uds>_<port>`: a Unix stream socket only.
+    allow.when(
+        libc::SYS_socket,
+        vec![arg_eq(0, AF_UNIX)?, arg_eq(1, STREAM_CLOEXEC)?],
+    )?;
+    // Connect that socket.
+    allow.any(libc::SYS_connect);
+    Ok(())
+}
+
+/// A jailed worker's outer process: wait for the child, then exit with its
+/// status or die by its signal (`libc::_exit` and `raise`, nothing else).
+fn waiter(allow: &mut AllowList) {
+    // waitpid.
+    allow.any(libc::SYS_wait4);
+    // Reset the child's fatal signal to its default action...
+    allow.any(libc::SYS_rt_sigaction);
+    // ...and raise it (glibc blocks signals around tgkill).
+    allow.any(libc::SYS_rt_sigprocmask);
+    allow.any(libc::SYS_getpid);
+    allow.any(libc::SYS_gettid);
+    allow.any(libc::SYS_tgkill);
+    // A signal interrupting waitpid.
+    allow.any(libc::SYS_rt_sigreturn);
+    allow.any(libc::SYS_restart_syscall);
+    // _exit.
+    allow.any(libc::SYS_exit_group);
 }
 
 /// A worker's control thread once its microVM runs.
@@ -426,7 +498,13 @@ mod tests {
 
     use super::*;
 
-    const FILTERS: [Filter; 3] = [Filter::Vcpu, Filter::EventLoop, Filter::Control];
+    const FILTERS: [Filter; 5] = [
+        Filter::Vcpu,
+        Filter::EventLoop,
+        Filter::EventLoopVsockUds,
+        Filter::Control,
+        Filter::Waiter,
+    ];
 
     #[test]
     fn every_filter_compiles() {

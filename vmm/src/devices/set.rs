@@ -89,6 +89,9 @@ pub struct DeviceSet {
     pub(crate) vsock: Arc<Mutex<Vsock>>,
     pub(crate) vsock_transport: Arc<Mutex<MmioTransport>>,
     pub(crate) vsock_connector: InProcessBackend,
+    /// Whether the vsock device has a host Unix socket (its event loop
+    /// then needs `socket`/`connect`).
+    pub(crate) vsock_uds: bool,
     /// The root drive's transport and what a snapshot records of the
     /// drive, if the VM has one.
     pub(crate) block: Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>,
@@ -201,6 +204,7 @@ impl DeviceSet {
             vsock: vsock.device,
             vsock_transport: vsock.transport,
             vsock_connector: vsock.connector,
+            vsock_uds: options.vsock_uds.is_some(),
             block,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),

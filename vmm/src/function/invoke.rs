@@ -44,6 +44,13 @@ pub struct FunctionInvokeOptions {
     /// Run the clone in its own jailed worker process (see
     /// [`crate::worker`]); `None` runs it in this process.
     pub isolation: Option<crate::worker::Isolation>,
+    /// Install the control seccomp filter ([`crate::seccomp::Filter::Control`])
+    /// on the calling thread as soon as the clone runs, before any byte
+    /// from the guest is read: for a worker process, whose every thread
+    /// is then filtered. The thread can then never start a thread or open
+    /// a file again.
+    #[doc(hidden)]
+    pub filter_caller: bool,
 }
 
 impl Default for FunctionInvokeOptions {
@@ -55,6 +62,7 @@ impl Default for FunctionInvokeOptions {
             console: ConsoleOutput::default(),
             seccomp: true,
             isolation: None,
+            filter_caller: false,
         }
     }
 }
@@ -297,6 +305,12 @@ impl Function {
         let seq = self.manifest.next_seq;
         let deadline = requested + options.timeout;
         let mut machine = self.start(clone, hot.map(|_| event), timeout_ms, 0)?;
+        if options.filter_caller {
+            if let Err(e) = crate::seccomp::Filter::Control.install() {
+                machine.stop();
+                return Err(e.into());
+            }
+        }
         let running = Instant::now();
         let outcome = match hot {
             Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options),

@@ -88,6 +88,9 @@ pub enum FunctionError {
     /// Talking to the guest agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The caller's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Guest memory could not be read or written.
     #[error("guest memory: {0}")]
     GuestMemory(String),

@@ -5,11 +5,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::contents::SnapshotState;
-use super::{dump_memory_with_stats, write_state, SnapshotError, MEMORY_FILE, STATE_FILE};
+use super::{
+    dump_memory_with_stats, write_state, SnapshotError, DRIVE_FILE, MEMORY_FILE, STATE_FILE,
+};
 use crate::agent::AgentClient;
 use crate::arch::x86_64::state::{save_vcpu, save_vm, saveable_msrs};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
+use crate::devices::virtio::block::disk::{DriveSpec, FileIdentity};
 use crate::machine::Machine;
 use crate::sandbox::ExitStatus;
 use crate::sandbox::{Invocation, BOOT_TIMEOUT};
@@ -91,6 +94,10 @@ pub(crate) fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotErr
         .map(|vcpu| save_vcpu(vcpu.fd(), &msrs))
         .collect::<Result<Vec<_>, _>>()?;
     let (memory, stats) = dump_memory_with_stats(&machine.memory, &dir.join(MEMORY_FILE))?;
+    let mut devices = machine.devices.state();
+    if let Some(block) = devices.block.as_mut() {
+        block.drive = drive_into(dir, &block.drive)?;
+    }
     let state = SnapshotState {
         host: machine.host,
         vcpus: u8::try_from(vcpus.len()).map_err(|_| SnapshotError::Pause)?,
@@ -101,11 +108,51 @@ pub(crate) fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotErr
         memory,
         vm,
         vcpu_states,
-        devices: machine.devices.state(),
+        devices,
         created_unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
     };
     write_state(&dir.join(STATE_FILE), &state)?;
     Ok(stats.written)
+}
+
+/// Puts the template's root drive into the snapshot directory as
+/// [`DRIVE_FILE`] (a hard link, or a copy across file systems) and returns
+/// what the state records of it: that name, and the identity of the file
+/// there. A clone then opens nothing outside the directory.
+fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| SnapshotError::Io(path, e)
+    };
+    let source = drive.path();
+    let target = dir.join(DRIVE_FILE);
+    match std::fs::remove_file(&target) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
+        _ => {}
+    }
+    if let Err(e) = std::fs::hard_link(&source, &target) {
+        log::debug!(
+            "cannot link the root drive into {} ({e}): copying it",
+            dir.display()
+        );
+        std::fs::copy(&source, &target).map_err(io(&target))?;
+    }
+    let meta = std::fs::metadata(&target).map_err(io(&target))?;
+    // The file the guest read must be the one now in the directory.
+    if meta.len() != drive.size
+        || (meta.ino() == drive.identity.ino && FileIdentity::of(&meta) != drive.identity)
+    {
+        return Err(SnapshotError::Io(
+            source,
+            std::io::Error::other("the root drive changed while the snapshot was taken"),
+        ));
+    }
+    Ok(DriveSpec {
+        path: DRIVE_FILE.as_bytes().to_vec(),
+        size: drive.size,
+        identity: FileIdentity::of(&meta),
+    })
 }

@@ -31,7 +31,8 @@ pub const MAGIC: [u8; 8] = *b"EMBRSNAP";
 /// The state format this build writes and reads.
 ///
 /// 2: the devices have an optional root drive (`DeviceStates::block`).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the root drive is recorded by its name in the snapshot directory.
+pub const FORMAT_VERSION: u32 = 3;
 /// Size of the header before the payload.
 pub const HEADER_LEN: u64 = 24;
 /// Largest payload accepted: far above any real state (a few KiB per

@@ -18,6 +18,7 @@
 //! the change in pages it has not copied yet, and a shrunk file makes its
 //! accesses fault.
 
+pub mod beneath;
 pub mod cache;
 pub mod contents;
 pub mod create;
@@ -105,6 +106,10 @@ pub enum SnapshotError {
 pub const STATE_FILE: &str = "state";
 /// Name of the guest memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// Name of the root drive in a snapshot directory (a hard link to the
+/// template's drive, or a copy where a link cannot be made): the `state`
+/// file records it by this name, never by a path outside the directory.
+pub const DRIVE_FILE: &str = "drive";
 
 /// An I/O operation on a snapshot file failed.
 #[derive(Debug, thiserror::Error)]

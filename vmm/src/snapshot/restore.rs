@@ -22,7 +22,9 @@ use crate::builder::host_memory_bytes;
 use crate::config::ConsoleOutput;
 use crate::devices::bus::lock;
 use crate::devices::set::{DeviceError, DeviceOptions, DeviceSet};
-use crate::devices::virtio::block::disk::{drive_for_clone, SnapshotDrive};
+use crate::devices::virtio::block::disk::{
+    drive_for_clone, DiskError, DiskImage, DriveSpec, SnapshotDrive,
+};
 use crate::host::HostKind;
 use crate::machine::{Machine, StepClock};
 use crate::vstate::Vm;
@@ -100,29 +102,57 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads `dir/state`, checks it (format, version, checksum, internal
     /// consistency) and that `dir/memory` is large enough for its layout.
+    /// The root drive it records is opened beneath `dir` only
+    /// ([`super::beneath`]): a state naming any other file gets no drive.
     pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
         // The state is read before the memory file is opened, so a damaged
         // state reports itself rather than a missing memory file.
         let state: SnapshotState = read_state(&dir.join(STATE_FILE))?;
         let memory = open_memory_file(&dir.join(MEMORY_FILE))?;
-        Self::from_parts(dir, state, memory)
+        let anchor = super::beneath::open_dir(dir).map_err(|e| SnapshotError::Io(dir.into(), e))?;
+        let drive = |spec: &DriveSpec| {
+            let name = spec.path();
+            let shown = dir.join(&name);
+            match super::beneath::open_beneath(&anchor, &name) {
+                Ok(file) => DiskImage::from_file(file, shown),
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    Err(DiskError::OutsideSnapshot { path: name })
+                }
+                Err(source) => Err(DiskError::Open {
+                    path: shown,
+                    source,
+                }),
+            }
+        };
+        Self::from_parts(dir, state, memory, drive)
     }
 
-    /// Opens a snapshot from already open files (a jailed worker gets file
-    /// descriptors, not paths); `state_path` names the state file for
-    /// reading (e.g. `/proc/self/fd/N`), `dir` is only for messages.
-    pub fn from_files(
+    /// Opens a snapshot from a state file image already read (a jailed
+    /// worker parses it after dropping its privileges) and already open
+    /// files: the memory file and the root drive the parent opened and
+    /// checked (`None`: it had none, or could not open it). The drive must
+    /// still be the one the state records. `dir` is only for messages.
+    pub fn from_state_bytes(
         dir: &Path,
-        state_path: &Path,
+        state: &[u8],
         memory: File,
+        drive: Option<File>,
     ) -> Result<Snapshot, SnapshotError> {
-        Self::from_parts(dir, read_state(state_path)?, memory)
+        let state: SnapshotState = super::format::decode_state(state)?;
+        let given = move |spec: &DriveSpec| match drive {
+            Some(file) => DiskImage::from_file(file, spec.path()),
+            None => Err(DiskError::Unavailable(
+                "the parent process handed over no drive".into(),
+            )),
+        };
+        Self::from_parts(dir, state, memory, given)
     }
 
     fn from_parts(
         dir: &Path,
         state: SnapshotState,
         memory: File,
+        open_drive: impl FnOnce(&DriveSpec) -> Result<DiskImage, DiskError>,
     ) -> Result<Snapshot, SnapshotError> {
         state.validate().map_err(SnapshotError::Invalid)?;
         let len = memory
@@ -134,7 +164,7 @@ impl Snapshot {
             .devices
             .block
             .as_ref()
-            .map(|b| SnapshotDrive::open(&b.drive));
+            .map(|b| SnapshotDrive::new(&b.drive, open_drive(&b.drive)));
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             state,
@@ -152,6 +182,12 @@ impl Snapshot {
         }
         let template = TemplateMemory::map(&self.memory, &self.state.memory)?;
         Ok(self.template.get_or_init(|| template))
+    }
+
+    /// The root drive's file, when the snapshot has one and it could be
+    /// opened and checked (a jailed worker is handed this descriptor).
+    pub fn root_drive_file(&self) -> Option<&File> {
+        self.root_drive.as_ref().and_then(SnapshotDrive::file)
     }
 
     /// The snapshot's memory file (shared by every clone).

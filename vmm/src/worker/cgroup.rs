@@ -5,7 +5,9 @@
 //! hierarchies, under the cgroup ember itself runs in. A host with neither
 //! gets a warning, once: workers then run with rlimits only.
 
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 const ROOT: &str = "/sys/fs/cgroup";
@@ -103,14 +105,27 @@ fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
     std::fs::write(dir.join(file), value)
 }
 
+/// A cgroup name no other worker of this host has: this process's PID and
+/// a counter.
+pub fn unique_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "worker-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl WorkerCgroup {
-    /// Creates cgroups named `name` with `limits` and moves `pid` into
-    /// them; `Ok(None)` when the host has no usable controllers.
-    pub fn create(name: &str, limits: Limits, pid: u32) -> std::io::Result<Option<Self>> {
+    /// Creates cgroups named `name` with `limits`, empty; `Ok(None)` when
+    /// the host has no usable controllers. A process joins them through
+    /// [`WorkerCgroup::procs_files`].
+    pub fn create(name: &str, limits: Limits) -> std::io::Result<Option<Self>> {
         let Some(layout) = layout() else {
             return Ok(None);
         };
         let quota = u64::from(limits.cpus.max(1)) * CPU_PERIOD_US;
+        // Removed again on drop if a step below fails.
         let mut group = WorkerCgroup { dirs: Vec::new() };
         let mut make = |parent: &Path| -> std::io::Result<PathBuf> {
             let dir = parent.join(name);
@@ -135,7 +150,6 @@ impl WorkerCgroup {
                 write(&dir, "memory.swap.max", "0").ok();
                 write(&dir, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
                 write(&dir, "pids.max", &MAX_TASKS.to_string())?;
-                write(&dir, "cgroup.procs", &pid.to_string())?;
             }
             Layout::V1 { memory, cpu, pids } => {
                 let dir = make(memory)?;
@@ -144,17 +158,47 @@ impl WorkerCgroup {
                     "memory.limit_in_bytes",
                     &limits.memory_bytes.to_string(),
                 )?;
-                write(&dir, "cgroup.procs", &pid.to_string())?;
                 let dir = make(cpu)?;
                 write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write(&dir, "cpu.cfs_quota_us", &quota.to_string())?;
-                write(&dir, "cgroup.procs", &pid.to_string())?;
                 let dir = make(pids)?;
                 write(&dir, "pids.max", &MAX_TASKS.to_string())?;
-                write(&dir, "cgroup.procs", &pid.to_string())?;
             }
         }
         Ok(Some(group))
+    }
+
+    /// The groups' `cgroup.procs` files, open for writing: a process that
+    /// writes `0` to each joins the groups, and every process and thread
+    /// it starts from then on is born in them.
+    pub fn procs_files(&self) -> std::io::Result<Vec<File>> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+            })
+            .collect()
+    }
+
+    /// The processes in the groups.
+    fn tasks(&self) -> Vec<libc::pid_t> {
+        let mut pids: Vec<libc::pid_t> = self
+            .dirs
+            .iter()
+            .filter_map(|dir| std::fs::read_to_string(dir.join("cgroup.procs")).ok())
+            .flat_map(|procs| {
+                procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|pid| *pid > 0)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 
     /// The cgroup directories (for tests and diagnostics).
@@ -165,6 +209,21 @@ impl WorkerCgroup {
 
 impl Drop for WorkerCgroup {
     fn drop(&mut self) {
+        // The owner drops this after reaping the worker, but its jailed
+        // child may still be dying (or, if something went wrong, running):
+        // nothing of the worker outlives its handle.
+        for _ in 0..50 {
+            let left = self.tasks();
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                // SAFETY: kill takes integers; a task that has exited
+                // meanwhile makes it fail harmlessly.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         for dir in self.dirs.iter().rev() {
             // Fails while a task is still inside: the owner drops this only
             // after reaping the worker.

@@ -139,6 +139,9 @@ fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionErro
         timeout: Duration::from_millis(request.timeout_ms),
         max_output_bytes: request.max_output_bytes,
         force_vsock: request.force_vsock,
+        // The worker's main thread decodes hot-path responses and agent
+        // frames: filtered from the moment the clone runs.
+        filter_caller: true,
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&request.event, &options)?;

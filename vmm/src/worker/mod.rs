@@ -15,6 +15,7 @@
 
 pub mod cgroup;
 pub mod function;
+mod stderr;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -29,7 +30,7 @@ use ember_agent::protocol::Hello;
 
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
-use crate::jail::{self, JailConfig};
+use crate::jail::{self, IdLease, IdRange, JailConfig};
 use crate::sandbox::{fresh_refresh, ReadyTimings, RESTORE_CONNECT_TIMEOUT};
 use crate::snapshot::{RestoreOptions, Snapshot};
 
@@ -41,8 +42,17 @@ const CONTROL_FD: RawFd = 3;
 const STATE_FD: RawFd = 4;
 const MEMORY_FD: RawFd = 5;
 const KVM_FD: RawFd = 6;
+/// The snapshot's root drive, when it has one (the worker is told so by
+/// its `with-drive` argument).
+const DRIVE_FD: RawFd = 7;
+/// The argument that says the worker got a root drive.
+const WITH_DRIVE: &str = "with-drive";
+/// The test hook argument of [`Isolation::forge_stderr`].
+const FORGE_STDERR: &str = "forge-stderr";
 /// Longest status line a worker may send.
 const MAX_LINE: usize = 4096;
+/// How long a finished worker's last stderr lines may take to show.
+const STDERR_GRACE: Duration = Duration::from_millis(200);
 /// Memory a worker may use beyond its guest's RAM.
 const VMM_OVERHEAD_BYTES: u64 = 64 << 20;
 
@@ -51,10 +61,18 @@ const VMM_OVERHEAD_BYTES: u64 = 64 << 20;
 pub struct Isolation {
     /// The `ember` binary (it has the hidden worker subcommand).
     pub worker_exe: PathBuf,
-    /// Who the worker runs as.
-    pub jail: JailConfig,
+    /// The uids/gids workers run as: each live worker has its own.
+    pub ids: IdRange,
     /// Put each worker in its own cgroups (memory, CPU, tasks).
     pub cgroups: bool,
+    /// The worker's memory limit (guest RAM included); by default its
+    /// guest's RAM plus 64 MiB for the VMM.
+    pub memory_limit_bytes: Option<u64>,
+    /// Test hook: the worker writes lines meant to pass for the parent's
+    /// own log lines (and terminal escapes) to its stderr, to prove the
+    /// parent shows them only escaped and prefixed.
+    #[doc(hidden)]
+    pub forge_stderr: bool,
     /// Test hook: the worker makes a forbidden system call once its
     /// filters are in place, to prove a violation kills it (and only it).
     #[doc(hidden)]
@@ -66,8 +84,10 @@ impl Isolation {
     pub fn new(worker_exe: impl Into<PathBuf>) -> Self {
         Isolation {
             worker_exe: worker_exe.into(),
-            jail: JailConfig::default(),
+            ids: IdRange::default(),
             cgroups: true,
+            memory_limit_bytes: None,
+            forge_stderr: false,
             violate_seccomp: false,
         }
     }
@@ -78,6 +98,10 @@ impl Isolation {
 pub struct WorkerProcess {
     child: Child,
     cgroup: Option<WorkerCgroup>,
+    /// The worker's uid/gid, free again once it is gone.
+    _ids: IdLease,
+    /// The thread showing the worker's stderr.
+    stderr: Option<std::thread::JoinHandle<()>>,
     reaped: Option<ExitStatus>,
 }
 
@@ -95,7 +119,9 @@ impl WorkerProcess {
                 let _ = self.child.kill();
             }
             self.reaped = self.child.wait().ok();
+            // Kills whatever of the worker is left.
             self.cgroup = None;
+            stderr::finish(self.stderr.take(), STDERR_GRACE);
         }
         self.reaped
     }
@@ -106,6 +132,8 @@ impl Drop for WorkerProcess {
         if self.reaped.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            self.cgroup = None;
+            stderr::finish(self.stderr.take(), STDERR_GRACE);
         }
     }
 }
@@ -184,8 +212,8 @@ pub fn spawn(
 }
 
 /// Starts a worker in `mode` (its third argument, if any) for a clone of
-/// `snapshot`, puts it in its cgroups and lets it go; returns it and the
-/// parent's end of its control socket.
+/// `snapshot`, already inside its cgroups; returns it and the parent's end
+/// of its control socket.
 fn start(
     snapshot: &Snapshot,
     options: &RestoreOptions,
@@ -202,7 +230,26 @@ fn start(
             "a jailed clone uses the snapshot's own root drive",
         ));
     }
-    let (mut control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
+    let ids = isolation.ids.lease()?;
+    let cgroup = if isolation.cgroups {
+        let limits = Limits {
+            memory_bytes: isolation
+                .memory_limit_bytes
+                .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
+            cpus: u32::from(snapshot.vcpus()),
+        };
+        WorkerCgroup::create(&cgroup::unique_name(), limits).map_err(WorkerError::Cgroup)?
+    } else {
+        None
+    };
+    // Opened here: the child joins by writing "0" (itself), which needs no
+    // allocation between fork and exec.
+    let procs = match &cgroup {
+        Some(group) => group.procs_files().map_err(WorkerError::Cgroup)?,
+        None => Vec::new(),
+    };
+    let procs_fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
+    let (control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
     let state =
         File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
     let memory = snapshot
@@ -210,28 +257,50 @@ fn start(
         .try_clone()
         .map_err(WorkerError::Io)?;
     let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
-    let fds = [
+    // Opened (beneath the snapshot directory) and checked with the
+    // snapshot; a drive that could not be is not handed over.
+    let drive = snapshot.root_drive_file();
+    let mut fds = vec![
         theirs.as_raw_fd(),
         state.as_raw_fd(),
         memory.as_raw_fd(),
         kvm.as_raw_fd(),
     ];
+    fds.extend(drive.map(AsRawFd::as_raw_fd));
+    let (stderr_ours, stderr_theirs) = std::io::pipe().map_err(WorkerError::Io)?;
     let mut command = Command::new(&isolation.worker_exe);
     command
         .arg(WORKER_SUBCOMMAND)
-        .arg(isolation.jail.uid.to_string())
-        .arg(isolation.jail.gid.to_string())
+        .arg(ids.id().to_string())
+        .arg(ids.id().to_string())
         .args(mode)
+        .args(drive.is_some().then_some(WITH_DRIVE))
+        .args(isolation.forge_stderr.then_some(FORGE_STDERR))
         .env_clear()
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(stderr_theirs);
     // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe system calls on integers it captured by value.
+    // async-signal-safe system calls on integers it captured by value
+    // (`procs_fds` and `fds` are only read).
     unsafe {
         command.pre_exec(move || {
-            // Move the four descriptors to 3..=6. Sources are dup'ed above
+            // Into the worker's cgroups before anything else runs: every
+            // process and thread of the worker, the guest's included, is
+            // born inside its limits.
+            for fd in &procs_fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // A session of its own: no controlling terminal, no signals
+            // from the caller's terminal or process group.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Move the descriptors to 3..=6 (7). Sources are dup'ed above
             // the target range first, so no dup2 clobbers a later source.
-            let mut high = [0; 4];
+            let mut high = [0; 5];
             for (i, fd) in fds.iter().enumerate() {
                 let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 16);
                 if dup < 0 {
@@ -239,7 +308,7 @@ fn start(
                 }
                 high[i] = dup;
             }
-            for (i, fd) in high.iter().enumerate() {
+            for (i, fd) in high.iter().take(fds.len()).enumerate() {
                 if libc::dup2(*fd, CONTROL_FD + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -256,23 +325,17 @@ fn start(
         });
     }
     let child = command.spawn().map_err(WorkerError::Spawn)?;
-    drop((theirs, state, memory, kvm));
-    let mut worker = WorkerProcess {
+    // Drops the child's end of the stderr pipe too, so the forwarder sees
+    // the end of the output once the worker is gone.
+    drop((theirs, state, memory, kvm, procs, command));
+    let stderr = stderr::forward(stderr_ours, child.id());
+    let worker = WorkerProcess {
         child,
-        cgroup: None,
+        cgroup,
+        _ids: ids,
+        stderr,
         reaped: None,
     };
-    if isolation.cgroups {
-        let limits = Limits {
-            memory_bytes: (u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES,
-            cpus: u32::from(snapshot.vcpus()),
-        };
-        let name = format!("worker-{}", worker.pid());
-        worker.cgroup =
-            WorkerCgroup::create(&name, limits, worker.pid()).map_err(WorkerError::Cgroup)?;
-    }
-    // Only now, limits in place, may the worker start the guest.
-    control.write_all(b"g").map_err(WorkerError::Io)?;
     Ok((worker, control))
 }
 
@@ -347,44 +410,59 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
         gid: id(1)?,
         ..JailConfig::default()
     };
+    if args.iter().any(|a| a == FORGE_STDERR) {
+        // What a compromised worker would try: pass for the parent's log
+        // lines, move the cursor, clear the terminal line.
+        eprint!(
+            "\nember: error: forged by the worker\n\
+             {{\"level\":\"INFO\",\"fields\":{{\"message\":\"forged by the worker\"}}}}\n\
+             \r\x1b[2Kforged by the worker\n"
+        );
+    }
     jail::become_namespace_init()?;
-    // Wait for the parent to have set our limits.
-    let mut go = [0u8; 1];
-    control.read_exact(&mut go).map_err(WorkerError::Io)?;
 
-    // Everything from the host is opened before the jail closes the door.
-    // SAFETY: fds 5 and 6 were set up by the parent for us alone.
+    // Everything from the host was opened by the parent: the worker opens
+    // no file by name.
+    // SAFETY: fds 4 to 6 (and 7 with a drive) were set up by the parent
+    // for us alone.
+    let state = unsafe { File::from_raw_fd(STATE_FD) };
+    // SAFETY: as above.
     let memory = unsafe { File::from_raw_fd(MEMORY_FD) };
     // SAFETY: as above.
     let kvm = unsafe { kvm_ioctls::Kvm::from_raw_fd(KVM_FD) };
+    let with_drive = args.iter().skip(2).any(|a| a == WITH_DRIVE);
+    // SAFETY: as above.
+    let drive = with_drive.then(|| unsafe { File::from_raw_fd(DRIVE_FD) });
     crate::vstate::use_kvm(kvm);
-    // Before the snapshot opens its root drive, which must stay open.
-    jail::close_fds_from(KVM_FD as u32 + 1)?;
-    let snapshot = Snapshot::from_files(
-        Path::new("(worker)"),
-        Path::new(&format!("/proc/self/fd/{STATE_FD}")),
-        memory,
-    )?;
+    jail::close_fds_from(if with_drive { DRIVE_FD } else { KVM_FD } as u32 + 1)?;
+    // Read (not parsed) with the privileges it was opened with.
+    let mut state_bytes = Vec::new();
+    state
+        .take(crate::snapshot::format::HEADER_LEN + crate::snapshot::MAX_STATE_LEN + 1)
+        .read_to_end(&mut state_bytes)
+        .map_err(WorkerError::Io)?;
     // Read while /sys is still visible; cached for the restore.
     crate::host::HostKind::detect();
-    // The state file is not needed anymore.
-    // SAFETY: closing our own descriptor.
-    unsafe { libc::close(STATE_FD) };
     jail::enter_empty_root()?;
     jail::drop_privileges(&config)?;
+    // The state file is untrusted input: parsed only now, jailed. It can
+    // name no file; the drive is the one the parent opened beneath the
+    // snapshot directory, and must still match what the state records.
+    let snapshot = Snapshot::from_state_bytes(Path::new("(worker)"), &state_bytes, memory, drive)?;
 
-    if args.get(2).map(String::as_str) == Some(function::FUNCTION_MODE) {
+    if args.iter().skip(2).any(|a| a == function::FUNCTION_MODE) {
         return function::serve(control, snapshot);
     }
     let mut machine = snapshot.restore(&RestoreOptions::default())?;
-    let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
-    let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
-        .map_err(|e| WorkerError::Failed(e.to_string()))?;
-    // From here on the control thread only relays bytes and tears down.
+    // From here on the control thread only talks to the agent, relays
+    // bytes and tears down: filtered before the first byte from the guest.
     crate::seccomp::Filter::Control
         .install()
         .map_err(|e| WorkerError::Failed(e.to_string()))?;
-    if args.get(2).map(String::as_str) == Some("violate-seccomp") {
+    let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+    let agent = AgentClient::connect_refreshed(&machine, fresh_refresh(), deadline)
+        .map_err(|e| WorkerError::Failed(e.to_string()))?;
+    if args.iter().skip(2).any(|a| a == "violate-seccomp") {
         // SAFETY: socket() takes integers; the filter kills us first.
         unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
     }

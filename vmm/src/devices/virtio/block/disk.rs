@@ -72,6 +72,18 @@ pub enum DiskError {
         /// The file.
         path: PathBuf,
     },
+    /// A snapshot's state names a drive outside the snapshot directory
+    /// (absolute, `..`, or a symbolic link out of it): refused, whatever
+    /// the file.
+    #[error(
+        "root drive {} is not inside the snapshot directory: a snapshot's drive must be a file \
+         beneath it (snapshots taken before ember recorded it there must be taken again)",
+        path.display()
+    )]
+    OutsideSnapshot {
+        /// The recorded name.
+        path: PathBuf,
+    },
     /// The snapshot's drive could not be opened when the snapshot was.
     #[error("the snapshot's root drive is unavailable: {0}")]
     Unavailable(String),
@@ -93,7 +105,8 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
         FileIdentity {
             ino: meta.ino(),
             mtime_sec: meta.mtime(),
@@ -157,10 +170,19 @@ impl DiskImage {
             source,
         };
         let file = OpenOptions::new().read(true).open(path).map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
         // The canonical path, so a snapshot finds the file from any
         // working directory.
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Self::from_file(file, path)
+    }
+
+    /// A drive backed by the already open `file`; `path` names it in
+    /// messages and in what a snapshot records.
+    pub fn from_file(file: File, path: PathBuf) -> Result<Self, DiskError> {
+        let meta = file.metadata().map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+        })?;
         if !meta.is_file() {
             return Err(DiskError::NotAFile { path });
         }
@@ -174,6 +196,11 @@ impl DiskImage {
             size,
             identity: FileIdentity::of(&meta),
         })
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The file's canonical path.
@@ -286,17 +313,23 @@ pub struct SnapshotDrive {
 }
 
 impl SnapshotDrive {
-    /// Opens the drive at the path `spec` records and checks that it is
-    /// the same unchanged file. A failure is kept and reported by
-    /// [`SnapshotDrive::for_clone`] unless the clone is given another path.
-    pub fn open(spec: &DriveSpec) -> Self {
-        let recorded = DiskImage::open(&spec.path())
+    /// The drive `spec` records, as `opened` (by the snapshot's owner, who
+    /// resolves the recorded name), checked to be the same unchanged file.
+    /// A failure is kept and reported by [`SnapshotDrive::for_clone`]
+    /// unless the clone is given another path.
+    pub fn new(spec: &DriveSpec, opened: Result<DiskImage, DiskError>) -> Self {
+        let recorded = opened
             .and_then(|disk| spec.check(&disk, true).map(|()| Arc::new(disk)))
             .map_err(|e| e.to_string());
         SnapshotDrive {
             spec: spec.clone(),
             recorded,
         }
+    }
+
+    /// The recorded drive's open file, if it could be opened.
+    pub fn file(&self) -> Option<&File> {
+        self.recorded.as_ref().ok().map(|disk| disk.file())
     }
 
     /// What the snapshot recorded.
@@ -431,7 +464,7 @@ pub(crate) mod tests {
     fn snapshot_drive_checks() {
         let image = TempImage::new("spec", &pattern(2048));
         let spec = DiskImage::open(&image.0).unwrap().spec();
-        let drive = SnapshotDrive::open(&spec);
+        let drive = SnapshotDrive::new(&spec, DiskImage::open(&image.0));
         assert_eq!(drive.for_clone(None).unwrap().size(), 2048);
         // A copy of the same size is fine when named explicitly.
         let copy = TempImage::new("spec-copy", &pattern(2048));
@@ -452,13 +485,17 @@ pub(crate) mod tests {
         );
         // The recorded file grown: refused at open, reported per clone.
         std::fs::write(&image.0, pattern(4096)).unwrap();
-        let err = SnapshotDrive::open(&spec).for_clone(None).unwrap_err();
+        let err = SnapshotDrive::new(&spec, DiskImage::open(&image.0))
+            .for_clone(None)
+            .unwrap_err();
         assert!(err.to_string().contains("2048-byte drive"), "{err}");
         // Same size, modified (a new inode from the rewrite, or a new mtime).
         let mut changed = spec.clone();
         changed.identity.mtime_sec -= 10;
         std::fs::write(&image.0, pattern(2048)).unwrap();
-        let err = SnapshotDrive::open(&changed).for_clone(None).unwrap_err();
+        let err = SnapshotDrive::new(&changed, DiskImage::open(&image.0))
+            .for_clone(None)
+            .unwrap_err();
         assert!(
             err.to_string().contains("changed since the snapshot"),
             "{err}"
