@@ -134,7 +134,7 @@ fn hostile_invocations_leave_nothing_a_verified_reset_misses() {
             info.reused,
             "step {step}: the clone was not reused: {info:?}"
         );
-        kernel_ran += usize::from(info.kernel_ran);
+        kernel_ran += usize::from(info.reset.kernel_ran);
         if step % 25 == 24 {
             let state = invoke(&mut clone, json!({"op": "recycle_state"}));
             assert_eq!(json_result(&state), &fresh, "after step {step}");

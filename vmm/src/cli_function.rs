@@ -367,8 +367,8 @@ fn report(outcome: &FunctionOutcome, args: &InvokeArgs) -> Result<()> {
             Some(r) => format!(
                 "reset {:.2}: {} pages{}{}",
                 ms(t.teardown),
-                r.pages,
-                if r.kernel_ran {
+                r.reset.pages,
+                if r.reset.kernel_ran {
                     ", guest kernel ran"
                 } else {
                     ""

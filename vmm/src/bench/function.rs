@@ -320,10 +320,10 @@ fn measure(
         let (pss_before, anon_before) = memory_before.unwrap_or_default();
         let (pss_after, anon_after) = memory_after.unwrap_or_default();
         ResetFigures {
-            pages: Stats::of(resets.iter().map(|r| r.pages as f64)),
-            guest_pages: Stats::of(resets.iter().map(|r| r.guest_pages as f64)),
-            kernel_ran: resets.iter().filter(|r| r.kernel_ran).count(),
-            mappings_dropped: resets.iter().filter(|r| r.mappings_dropped).count(),
+            pages: Stats::of(resets.iter().map(|r| r.reset.pages as f64)),
+            guest_pages: Stats::of(resets.iter().map(|r| r.reset.guest_pages as f64)),
+            kernel_ran: resets.iter().filter(|r| r.reset.kernel_ran).count(),
+            mappings_dropped: resets.iter().filter(|r| r.reset.mappings_dropped).count(),
             replaced: pool_stats.replaced,
             clones: pool_stats.created,
             pss_kib_before: pss_before,

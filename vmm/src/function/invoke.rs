@@ -145,6 +145,24 @@ pub struct FunctionTimings {
     pub isolation: Option<Duration>,
 }
 
+impl FunctionTimings {
+    /// Sets restore, run, teardown and total from the instants that bound
+    /// them: the request, the vCPUs running, the host holding the parsed
+    /// result, the teardown (or reset) done.
+    pub(super) fn set_phases(
+        &mut self,
+        requested: Instant,
+        running: Instant,
+        answered: Instant,
+        done: Instant,
+    ) {
+        self.restore = running.saturating_duration_since(requested);
+        self.run = answered.saturating_duration_since(running);
+        self.teardown = done.saturating_duration_since(answered);
+        self.total = done.saturating_duration_since(requested);
+    }
+}
+
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
 }
@@ -322,10 +340,9 @@ impl Function {
         drop(machine);
         let done = Instant::now();
         let mut outcome = outcome?;
-        outcome.timings.restore = running.saturating_duration_since(requested);
-        outcome.timings.run = answered.saturating_duration_since(running);
-        outcome.timings.teardown = done.saturating_duration_since(answered);
-        outcome.timings.total = done.saturating_duration_since(requested);
+        outcome
+            .timings
+            .set_phases(requested, running, answered, done);
         outcome.guest_kernel = Some(work);
         Ok(outcome)
     }

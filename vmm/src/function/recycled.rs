@@ -52,37 +52,12 @@ impl Default for RecycleOptions {
 pub struct RecycleInfo {
     /// The clone served this many invocations, this one included.
     pub invocation: u64,
-    /// Guest pages copied back from the template.
-    pub pages: usize,
-    /// Of which the guest wrote.
-    pub guest_pages: usize,
-    /// Of which the host wrote (the request, the CRNG key).
-    pub host_pages: usize,
-    /// Of which a device wrote (the block device, after a disk read).
-    pub device_pages: usize,
-    /// The guest kernel ran during the invocation.
-    pub kernel_ran: bool,
-    /// KVM's mappings were dropped (shadow paging and the kernel ran).
-    pub mappings_dropped: bool,
+    /// The reset (all zero when there was none: the clone ended).
+    #[serde(flatten)]
+    pub reset: ResetReport,
     /// The reset (and verification, when on) succeeded: the clone serves
     /// the next invocation. Otherwise it is destroyed.
     pub reused: bool,
-}
-
-impl RecycleInfo {
-    fn new(invocation: u64, report: Option<&ResetReport>) -> Self {
-        let report = report.copied().unwrap_or_default();
-        RecycleInfo {
-            invocation,
-            pages: report.pages,
-            guest_pages: report.guest_pages,
-            host_pages: report.host_pages,
-            device_pages: report.device_pages,
-            kernel_ran: report.kernel_ran,
-            mappings_dropped: report.mappings_dropped,
-            reused: false,
-        }
-    }
 }
 
 /// One microVM of a function that serves invocations one after another,
@@ -218,7 +193,11 @@ impl RecycledFunction {
         } else {
             None
         };
-        let mut info = RecycleInfo::new(self.invocations, report.as_ref());
+        let mut info = RecycleInfo {
+            invocation: self.invocations,
+            reset: report.unwrap_or_default(),
+            reused: false,
+        };
         if report.is_some() {
             self.clone = Some(clone);
             if self.verify {
@@ -228,10 +207,9 @@ impl RecycledFunction {
         }
         let done = Instant::now();
         let mut outcome = outcome?;
-        outcome.timings.restore = running.saturating_duration_since(requested);
-        outcome.timings.run = answered.saturating_duration_since(running);
-        outcome.timings.teardown = done.saturating_duration_since(answered);
-        outcome.timings.total = done.saturating_duration_since(requested);
+        outcome
+            .timings
+            .set_phases(requested, running, answered, done);
         outcome.recycle = Some(info);
         outcome.guest_kernel = work;
         Ok(outcome)

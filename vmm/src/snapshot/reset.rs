@@ -169,7 +169,7 @@ impl Drop for TemplateMemory {
 }
 
 /// What one reset did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ResetReport {
     /// Guest pages copied back from the template.
     pub pages: usize,
@@ -186,6 +186,7 @@ pub struct ResetReport {
     /// guest kernel ran): the next invocation faults its pages in again.
     pub mappings_dropped: bool,
     /// How long the reset took.
+    #[serde(skip)]
     pub duration: Duration,
 }
 
@@ -497,28 +498,15 @@ impl ResettableClone {
         }
         let template = snapshot.template_memory()?;
         let memory = self.machine.memory();
-        let runs = touched_pages(memory).map_err(|e| ResetError::Memory(e.to_string()))?;
         // KVM writes the pages the vCPUs' paravirtual MSRs point to
         // (kvm-clock, wall clock, steal time) whenever it loads those MSRs,
         // exactly as when a fresh clone is restored: they hold the time of
         // loading, not the template's bytes.
         let loaded = kvm_written_pages(&self.vcpu_states);
-        let mut differ = Vec::new();
-        let mut page = vec![0u8; PAGE as usize];
-        for run in runs.iter().filter(|r| r.write) {
-            for i in 0..u64::from(run.pages) {
-                let gpa = run.addr + i * PAGE;
-                memory
-                    .read_slice(&mut page, GuestAddress(gpa))
-                    .map_err(|e| ResetError::Memory(e.to_string()))?;
-                let expected = template
-                    .page(gpa)
-                    .ok_or_else(|| ResetError::Memory(format!("no template page at {gpa:#x}")))?;
-                if page != expected && !loaded.contains(&gpa) {
-                    differ.push(gpa);
-                }
-            }
-        }
+        let differ: Vec<u64> = pages_unlike_template(memory, template)?
+            .into_iter()
+            .filter(|gpa| !loaded.contains(gpa))
+            .collect();
         if !differ.is_empty() {
             let shown: Vec<String> = differ.iter().take(8).map(|a| format!("{a:#x}")).collect();
             return Err(ResetError::Verify(format!(
@@ -671,16 +659,15 @@ fn restore_clock(machine: &Machine, snapshot: &Snapshot) -> Result<(), ResetErro
         .map_err(|e| ResetError::Kvm("KVM_SET_CLOCK", e))
 }
 
-/// Copies back every page the clone has written (its copy-on-write
-/// pages, from `/proc/self/pagemap`) whose content differs from the
-/// template's; returns how many.
-fn restore_differing_pages(
+/// The pages the clone has ever written (its copy-on-write pages, from
+/// `/proc/self/pagemap`) whose content differs from the template's.
+fn pages_unlike_template(
     memory: &vm_memory::GuestMemoryMmap,
     template: &TemplateMemory,
-) -> Result<usize, ResetError> {
+) -> Result<Vec<u64>, ResetError> {
     let runs = touched_pages(memory).map_err(|e| ResetError::Memory(e.to_string()))?;
     let mut page = vec![0u8; PAGE as usize];
-    let mut restored = 0;
+    let mut differ = Vec::new();
     for run in runs.iter().filter(|r| r.write) {
         for i in 0..u64::from(run.pages) {
             let gpa = run.addr + i * PAGE;
@@ -691,12 +678,24 @@ fn restore_differing_pages(
                 .page(gpa)
                 .ok_or_else(|| ResetError::Memory(format!("no template page at {gpa:#x}")))?;
             if page != expected {
-                copy_back(memory, template, gpa)?;
-                restored += 1;
+                differ.push(gpa);
             }
         }
     }
-    Ok(restored)
+    Ok(differ)
+}
+
+/// Copies back every page the clone has written whose content differs
+/// from the template's; returns how many.
+fn restore_differing_pages(
+    memory: &vm_memory::GuestMemoryMmap,
+    template: &TemplateMemory,
+) -> Result<usize, ResetError> {
+    let differ = pages_unlike_template(memory, template)?;
+    for &gpa in &differ {
+        copy_back(memory, template, gpa)?;
+    }
+    Ok(differ.len())
 }
 
 /// The guest pages KVM itself writes when a vCPU's paravirtual MSRs are
