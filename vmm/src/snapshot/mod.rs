@@ -26,6 +26,7 @@ pub mod format;
 pub mod memory;
 pub mod reset;
 pub mod restore;
+mod template_memory;
 pub mod working_set;
 
 use std::fs::{self, File, OpenOptions};

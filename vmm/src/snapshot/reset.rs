@@ -47,14 +47,13 @@
 //! interrupt controllers and PIT and the device states against the
 //! template, and reports any difference.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_pit_state2;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::MemoryRegionLayout;
 use super::restore::Snapshot;
+use super::template_memory::{TemplateMemory, PAGE};
 use super::working_set::touched_pages;
 use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
 use crate::arch::x86_64::state::{
@@ -69,7 +68,6 @@ use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vm::{VmError, PAGES_PER_WORD};
 use crate::vstate::Vcpu;
 
-const PAGE: u64 = 4096;
 /// CR4.PGE: global pages (flipping it flushes every TLB entry).
 const X86_CR4_PGE: u64 = 1 << 7;
 /// Most pages a clone keeps writable between resets (32 MiB): beyond,
@@ -78,95 +76,6 @@ const HOT_PAGES_MAX: u64 = 8192;
 
 /// Per-VM counter: guest writes to page tables KVM shadows.
 const VM_COUNTERS: [&str; 1] = ["mmu_pte_write"];
-
-/// Distinguishes snapshots within a process, so a clone is only ever reset
-/// to the template it was made from.
-static NEXT_TEMPLATE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh identity for an opened snapshot.
-pub(super) fn next_template_id() -> u64 {
-    NEXT_TEMPLATE_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The template's memory, mapped read-only and shared (the page cache
-/// pages every clone maps copy-on-write), to copy pages back from.
-#[derive(Debug)]
-pub(super) struct TemplateMemory {
-    base: *const u8,
-    len: usize,
-    layout: Vec<MemoryRegionLayout>,
-}
-
-// SAFETY: the mapping is read-only and never unmapped while the value
-// lives; reading it from several threads is fine.
-unsafe impl Send for TemplateMemory {}
-// SAFETY: as above: shared read-only access only.
-unsafe impl Sync for TemplateMemory {}
-
-impl TemplateMemory {
-    /// Maps `file` (a snapshot's memory file, already checked against
-    /// `layout`) read-only.
-    pub(super) fn map(
-        file: &std::fs::File,
-        layout: &[MemoryRegionLayout],
-    ) -> Result<Self, ResetError> {
-        use std::os::fd::AsRawFd;
-        let len = layout
-            .iter()
-            .map(|r| r.file_offset.saturating_add(r.size))
-            .max()
-            .and_then(|end| usize::try_from(end).ok())
-            .filter(|&len| len > 0)
-            .ok_or_else(|| ResetError::Memory("the snapshot has no memory".into()))?;
-        // SAFETY: a new read-only shared mapping of an open file; nothing
-        // else is at the address the kernel picks.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(ResetError::Memory(format!(
-                "cannot map the template's memory: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        Ok(TemplateMemory {
-            base: base.cast(),
-            len,
-            layout: layout.to_vec(),
-        })
-    }
-
-    /// The template's content of the 4 KiB guest page at `gpa`.
-    fn page(&self, gpa: u64) -> Option<&[u8]> {
-        let region = self
-            .layout
-            .iter()
-            .find(|r| gpa >= r.guest_addr && gpa - r.guest_addr < r.size)?;
-        let offset = usize::try_from(region.file_offset + (gpa - region.guest_addr)).ok()?;
-        if offset.checked_add(PAGE as usize)? > self.len {
-            return None;
-        }
-        // SAFETY: `offset..offset + 4096` lies inside the mapping, which
-        // lives as long as `self`; the snapshot's files are not modified
-        // while it is open (see the snapshot module).
-        Some(unsafe { std::slice::from_raw_parts(self.base.add(offset), PAGE as usize) })
-    }
-}
-
-impl Drop for TemplateMemory {
-    fn drop(&mut self) {
-        // SAFETY: `base..base + len` is the mapping made in `map`, unmapped
-        // once.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-    }
-}
 
 /// What one reset did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -367,7 +276,7 @@ impl ResettableClone {
         let block_served = self.check_devices(snapshot)?;
         let kernel_ran = self.kernel_ran()?;
         let drop_mappings = kernel_ran && self.shadow_paging;
-        let template = snapshot.template_memory()?;
+        let template = template_of(snapshot)?;
         let mut report = ResetReport {
             kernel_ran,
             mappings_dropped: drop_mappings,
@@ -496,7 +405,7 @@ impl ResettableClone {
         if self.parked.is_empty() {
             return Err(ResetError::NotParked);
         }
-        let template = snapshot.template_memory()?;
+        let template = template_of(snapshot)?;
         let memory = self.machine.memory();
         // KVM writes the pages the vCPUs' paravirtual MSRs point to
         // (kvm-clock, wall clock, steal time) whenever it loads those MSRs,
@@ -643,6 +552,13 @@ pub fn guest_memory_contains(memory: &vm_memory::GuestMemoryMmap, needle: &[u8])
         };
         !found.is_null()
     })
+}
+
+/// The snapshot's memory as the template's pages to copy back from.
+fn template_of(snapshot: &Snapshot) -> Result<&TemplateMemory, ResetError> {
+    snapshot
+        .template_memory()
+        .map_err(|e| ResetError::Memory(format!("cannot map the template's memory: {e}")))
 }
 
 /// Sets the clock to the template's kvm-clock value: the guest's monotonic

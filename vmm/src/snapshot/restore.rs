@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::contents::SnapshotState;
 use super::memory::validate_layout;
-use super::reset::{next_template_id, ResetError, TemplateMemory};
+use super::template_memory::{next_template_id, TemplateMemory};
 use super::working_set::{prefault, PageRun};
 use super::{map_memory, open_memory_file, read_state, SnapshotError, MEMORY_FILE, STATE_FILE};
 use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
@@ -176,7 +176,7 @@ impl Snapshot {
     }
 
     /// The template's memory, mapped read-only on first use.
-    pub(super) fn template_memory(&self) -> Result<&TemplateMemory, ResetError> {
+    pub(super) fn template_memory(&self) -> std::io::Result<&TemplateMemory> {
         if let Some(template) = self.template.get() {
             return Ok(template);
         }
