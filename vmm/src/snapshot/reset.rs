@@ -450,8 +450,10 @@ impl ResettableClone {
         if timeless(vm.pit)? != timeless(self.initial_pit)? {
             return Err(ResetError::Verify("the PIT differs".into()));
         }
-        if self.machine.devices.state() != snapshot.state.devices {
-            return Err(ResetError::Verify("the device state differs".into()));
+        if self.check_devices(snapshot)?.is_some() {
+            return Err(ResetError::Verify(
+                "the block device's state differs".into(),
+            ));
         }
         Ok(())
     }
@@ -476,14 +478,15 @@ impl ResettableClone {
         if now.vsock != template.vsock {
             return Err(ResetError::DevicesChanged("vsock"));
         }
+        // The drive itself is the clone's for its life (a snapshot records
+        // it by a name in its directory, a clone has it open): only the
+        // device's registers and queues can change.
         match (now.block, &template.block) {
             (Some(now), Some(template)) if now.transport != template.transport => {
                 Ok(Some(now.transport))
             }
-            (now, template) if now.as_ref() != template.as_ref() => {
-                Err(ResetError::DevicesChanged("block"))
-            }
-            _ => Ok(None),
+            (Some(_), Some(_)) | (None, None) => Ok(None),
+            _ => Err(ResetError::DevicesChanged("block")),
         }
     }
 
