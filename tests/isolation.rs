@@ -158,7 +158,19 @@ fn many_cycles_leave_fds_and_rss_flat() {
     for _ in 0..10 {
         cycle(&isolated);
     }
-    assert_eq!(open_fds(), fds, "descriptors leaked");
+    // Other tests of this binary run beside this one and hold descriptors
+    // for a while, and a worker's stderr forwarder closes its pipe when it
+    // has read the last line: wait (bounded) for the count to come back.
+    let settled = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while open_fds() > fds && std::time::Instant::now() < settled {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        open_fds() <= fds,
+        "descriptors leaked: {} before, {} after",
+        fds,
+        open_fds()
+    );
     let grown = rss_kib().saturating_sub(rss);
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB over 200 cycles");
 }
