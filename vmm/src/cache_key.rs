@@ -149,6 +149,19 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// A fresh scratch directory holding `files` (name, content): stand-in
+/// inputs for key tests (keys only hash them).
+#[cfg(test)]
+pub(crate) fn scratch_inputs(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-key-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, data) in files {
+        std::fs::write(dir.join(file), data).unwrap();
+    }
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,19 +102,16 @@ mod tests {
 
     impl Inputs {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("ember-function-key-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            for (file, data) in [
-                ("vmlinux", "kernel"),
-                ("initrd", "agent v1"),
-                ("python3.ext4", "python v1"),
-                ("handler.py", "def handler(event, context):\n    return 1\n"),
-                ("echo", "#!/bin/sh\nexec cat\n"),
-            ] {
-                std::fs::write(dir.join(file), data).unwrap();
-            }
+            let dir = crate::cache_key::scratch_inputs(
+                &format!("function-{name}"),
+                &[
+                    ("vmlinux", "kernel"),
+                    ("initrd", "agent v1"),
+                    ("python3.ext4", "python v1"),
+                    ("handler.py", "def handler(event, context):\n    return 1\n"),
+                    ("echo", "#!/bin/sh\nexec cat\n"),
+                ],
+            );
             Inputs { dir }
         }
 

@@ -107,17 +107,14 @@ mod tests {
 
     impl Inputs {
         fn new(name: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("ember-snapshot-key-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            for (file, data) in [
-                ("vmlinux", "kernel"),
-                ("initrd", "agent v1"),
-                ("root", "rootfs"),
-            ] {
-                std::fs::write(dir.join(file), data).unwrap();
-            }
+            let dir = crate::cache_key::scratch_inputs(
+                &format!("snapshot-{name}"),
+                &[
+                    ("vmlinux", "kernel"),
+                    ("initrd", "agent v1"),
+                    ("root", "rootfs"),
+                ],
+            );
             Inputs { dir }
         }
 
