@@ -50,6 +50,8 @@ key="$(
         cat "$f"
     done
     printf '== %s %s\n' "$src_pkg" "$src_version"
+    # The toolchain shapes the code too: a compiler or linker upgrade rebuilds.
+    printf '== %s\n' "$(gcc --version | head -n 1)" "$(ld --version | head -n 1)"
 )"
 key="$(printf '%s' "$key" | sha256sum | cut -c1-16)"
 
@@ -62,6 +64,17 @@ update_default_link() {
     ln -sfn "kernel-$key/vmlinux" "$cache_root/.vmlinux.tmp.$$"
     mv -Tf "$cache_root/.vmlinux.tmp.$$" "$cache_root/vmlinux"
 }
+
+# A killed build of any key leaves gigabytes of build tree: remove those
+# whose builder is gone (its lock is free), also when this key is built.
+for lock in "$cache_root"/kernel-*/.lock; do
+    [ -e "$lock" ] && [ "$lock" != "$out/.lock" ] || continue
+    (
+        exec 8>"$lock"
+        flock -n 8 || exit 0
+        rm -rf "$(dirname "$lock")"/build.*
+    )
+done
 
 if [ -f "$out/vmlinux" ]; then
     update_default_link

@@ -58,12 +58,14 @@ pub(crate) fn build_cache_entry<E>(
     // Held until this function returns (closing the file releases it, and
     // so does the death of a builder that is killed).
     let _lock = lock_exclusive(&lock_path).map_err(|e| io(lock_path.clone(), e))?;
+    // Swept on every call, not only before a build: an entry whose key
+    // changed is never built again under its old name, so its killed
+    // builder's leftovers would otherwise stay for good.
+    remove_abandoned_builds(&parent);
     if dir.join(complete).exists() {
         return Ok(());
     }
-    let prefix = format!(".{name}.building.");
-    remove_abandoned_builds(&parent, &prefix);
-    let building = parent.join(format!("{prefix}{}", std::process::id()));
+    let building = parent.join(format!(".{name}{BUILDING}{}", std::process::id()));
     // A leftover of an earlier process with our pid.
     let _ = std::fs::remove_dir_all(&building);
     if let Err(e) = build(&building) {
@@ -105,16 +107,24 @@ fn lock_exclusive(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     }
 }
 
-/// Removes the `<prefix><pid>` build directories in `parent` whose builder
-/// is gone (killed mid-build): a snapshot's memory file is as large as the
-/// guest's RAM, and nothing else would ever remove them.
-fn remove_abandoned_builds(parent: &std::path::Path, prefix: &str) {
+/// What names an entry's build directory: `.<entry>.building.<pid>`.
+const BUILDING: &str = ".building.";
+
+/// Removes the `.<entry>.building.<pid>` directories in `parent` whose
+/// builder is gone (killed mid-build): a snapshot's memory file is as
+/// large as the guest's RAM, and nothing else would ever remove them.
+fn remove_abandoned_builds(parent: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.rsplit_once(BUILDING))
+            .map(|(_, pid)| pid)
+        else {
             continue;
         };
         let gone = pid.parse::<u32>().is_ok_and(|pid| {
@@ -144,10 +154,25 @@ mod tests {
         for name in [live, dead, other] {
             std::fs::create_dir_all(parent.join(name).join("inside")).unwrap();
         }
-        remove_abandoned_builds(&parent, ".x.building.");
+        remove_abandoned_builds(&parent);
         assert!(parent.join(live).exists());
         assert!(!parent.join(dead).exists());
-        assert!(parent.join(other).exists(), "another entry's");
+        assert!(!parent.join(other).exists(), "another entry's");
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn a_complete_entry_still_sweeps_abandoned_builds() {
+        let parent = std::env::temp_dir().join(format!("ember-paths-fast-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let dir = parent.join("entry");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("done"), "").unwrap();
+        // A killed builder of an entry whose key has since changed.
+        let stale = parent.join(".old-entry.building.99999999");
+        std::fs::create_dir_all(&stale).unwrap();
+        build_cache_entry(&dir, "done", |_| unreachable!("built"), |_, e| e).unwrap();
+        assert!(!stale.exists());
         std::fs::remove_dir_all(&parent).unwrap();
     }
 
