@@ -191,14 +191,16 @@ fn env_cwd_and_workdir() {
     invoke.cwd = Some("/".into());
     assert_eq!(c.run(invoke).stdout, b"/\n");
 
-    // An absolute cwd the sandbox user cannot enter fails to start.
+    // An absolute cwd that does not exist fails to start. procfs has no
+    // such entry on any host, unlike a name such as `/nonexistent` that
+    // some package or earlier run may have created.
     let mut invoke = sh("pwd");
-    invoke.cwd = Some("/nonexistent".into());
+    invoke.cwd = Some("/proc/ember-no-such-dir".into());
     let out = c.run(invoke);
     let err = out.error.expect("error");
     assert_eq!(err.kind, ErrorKind::SpawnFailed);
     assert!(
-        err.message.contains("chdir /nonexistent"),
+        err.message.contains("chdir /proc/ember-no-such-dir"),
         "{}",
         err.message
     );
