@@ -1209,6 +1209,8 @@ mod tests {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
+            // SAFETY: getrlimit(2) writes one rlimit into `current`, which
+            // lives for the call.
             unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) };
             current.rlim_max
         });
@@ -1236,6 +1238,8 @@ mod tests {
                 events: libc::POLLOUT,
                 revents: 0,
             }];
+            // SAFETY: poll(2) on one pollfd in `fds`, which lives for the
+            // call.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
         }
         drop(w);

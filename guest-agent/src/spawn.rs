@@ -392,7 +392,7 @@ fn prepare_and_exec(
     // would be whatever the register held.
     let uid = c_long::from(plan.uid);
     let gid = c_long::from(plan.gid);
-    // SAFETY (for every raw system call below): the arguments are plain
+    // SAFETY: for every raw system call below, the arguments are plain
     // integers or pointers into `plan`, which outlives the child; none of
     // the calls touches memory the parent uses concurrently (it is
     // suspended) or any libc state.
