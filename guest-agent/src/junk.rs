@@ -236,16 +236,9 @@ impl XorShift {
 // never sends connection data to the guest, so an RX buffer takes at most
 // one packet header.
 
-/// Start of the line the scribbler prints when it is done:
-/// `ember-agent: scribble done rounds=<n> seed=<hex> ...`.
-pub const SCRIBBLE_DONE_LINE: &str = "ember-agent: scribble done";
-
-/// Host ports most of the scribbler's connection requests go to. A host
-/// that runs the VM with `--vsock-uds <path>` and listens on
-/// `<path>_<port>` turns them into real connections for the junk that
-/// follows to hit (`tests/hostile.rs`: one host end read, one never read,
-/// and one listener that never accepts).
-pub const SCRIBBLE_HOST_PORTS: [u32; 3] = [7001, 7002, 7003];
+// What the scribbler prints when done and where it connects to: shared
+// with the host's test (ember-protocol).
+use crate::{SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
 
 /// Rounds of register junk or crafted queues.
 const SCRIBBLE_ROUNDS: u32 = 400;

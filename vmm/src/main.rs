@@ -133,7 +133,7 @@ struct RunArgs {
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline_extra"])]
     snapshot: Option<PathBuf>,
     /// Kill the command after this many milliseconds (exit status 124)
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_TIMEOUT_MS)]
     timeout_ms: u64,
     /// Environment variable for the command (repeatable); the command
     /// gets no other environment
@@ -143,7 +143,7 @@ struct RunArgs {
     #[arg(long)]
     stdin_file: Option<PathBuf>,
     /// Cap on the command's stdout plus stderr, in bytes
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
     /// Print one JSON object with the outcome instead of streaming output
     #[arg(long)]
@@ -226,7 +226,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 300_000)]
     max_timeout_ms: u64,
     /// Largest max_output_bytes a request may ask for
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
     /// On SIGTERM/SIGINT, how long running invocations may go on
     #[arg(long, default_value_t = 30)]

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ember_agent::protocol::Refresh;
+use ember_protocol::protocol::Refresh;
 
 use crate::agent::{invoke_grace, AgentClient, AgentError, OutputStream};
 use crate::builder::BuildError;
@@ -18,8 +18,8 @@ use crate::snapshot::{RestoreOptions, Snapshot, SnapshotError};
 use crate::worker::{WorkerError, WorkerProcess};
 
 /// What to run, with what limits: the agent protocol's request.
-pub use ember_agent::protocol::Invoke as Invocation;
-pub use ember_agent::protocol::{ExitStatus, FileIn, FileOut, Usage};
+pub use ember_protocol::protocol::Invoke as Invocation;
+pub use ember_protocol::protocol::{ExitStatus, FileIn, FileOut, Usage};
 
 /// How long a cold boot may take before the agent must be ready.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);

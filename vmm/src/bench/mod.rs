@@ -156,7 +156,7 @@ fn boot_once(exe: &Path, config: &VmConfig) -> Result<BootSample, BenchError> {
         .arg(format!(
             "--cmdline-extra={} {}",
             config.cmdline_extra,
-            ember_agent::AgentMode::PowerOff.cmdline_param()
+            ember_protocol::AgentMode::PowerOff.cmdline_param()
         ))
         .env(TIMINGS_ENV, "1")
         .stdin(Stdio::null())

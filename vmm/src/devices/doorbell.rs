@@ -1,6 +1,6 @@
 //! The hot-path doorbell: the guest-physical page a function runtime writes
 //! to from guest user mode to tell the VMM "waiting for a request" or
-//! "response written" (see `ember_agent::hotpath`).
+//! "response written" (see `ember_protocol::hotpath`).
 //!
 //! It is not a bus device: the vCPU loop hands the write to [`Doorbell::ring`]
 //! directly, because a ring can ask the ringing vCPU to stop right there,
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-pub use ember_agent::hotpath::{DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_WAITING};
+pub use ember_protocol::hotpath::{DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_WAITING};
 
 /// What rang so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

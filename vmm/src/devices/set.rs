@@ -123,7 +123,7 @@ impl DeviceSet {
         saved: Option<&DeviceStates>,
     ) -> Result<Self, DeviceError> {
         let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-        let agent_ready = LineWatch::containing(ember_agent::READY_LINE);
+        let agent_ready = LineWatch::containing(ember_protocol::READY_LINE);
         let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
         exit.close_on_exit(agent_ready.clone());
 
@@ -366,7 +366,7 @@ fn attach_block(
     ));
     cmdline_params.push(format!(
         "{}={ROOT_DRIVE_GUEST_DEVICE}",
-        ember_agent::CMDLINE_ROOT
+        ember_protocol::CMDLINE_ROOT
     ));
     Ok((transport, disk.spec()))
 }

@@ -16,7 +16,7 @@
 //!   VMM. No guest-kernel instruction is needed on the way: no interrupt
 //!   (the clone's timer is pushed out, the vsock reset deferred), no
 //!   syscall, no page fault on pre-touched pages. See
-//!   `ember_agent::hotpath`.
+//!   `ember_protocol::hotpath`.
 //! - **vsock path** (events or results that do not fit the buffers,
 //!   runtimes without a hot path): the agent delivers the event on the
 //!   runtime's request pipe and returns its response.

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_agent::protocol::Hello;
+use ember_protocol::protocol::Hello;
 
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
