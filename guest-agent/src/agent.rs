@@ -1,13 +1,11 @@
 //! The agent's life as PID 1: set up, report ready, then serve the host
 //! (and signals, and orphans) until told to power off.
 
-use crate::cmdline::AgentMode;
-use crate::reaper::{self, Event, Signals};
+use crate::boot::reaper::{self, Event, Signals};
+use crate::boot::{cmdline, init, power, rootfs, shell, uptime};
 use crate::server::{ServeOptions, Server};
-use crate::{
-    console, init, junk, power, proc_cmdline, rootfs, shell, sys, uptime, READY_CPUS_KEY,
-    READY_LINE, READY_UPTIME_KEY,
-};
+use crate::{console, junk, sys, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY};
+use ember_protocol::AgentMode;
 
 /// Runs the agent. As PID 1 it never returns.
 ///
@@ -49,7 +47,7 @@ fn run_as_init() -> ! {
         }
     };
 
-    let (mode, root) = match proc_cmdline::read() {
+    let (mode, root) = match cmdline::read() {
         Ok(cmdline) => {
             for warning in &cmdline.warnings {
                 console::warn(warning);

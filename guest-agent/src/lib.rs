@@ -25,29 +25,23 @@
     )
 )]
 
-pub mod uptime;
-
 mod agent;
+mod boot;
 mod cgroup;
 mod console;
 mod function;
-mod init;
 mod invoke;
 mod junk;
 mod pagemap;
-mod power;
-mod proc_cmdline;
-mod reaper;
-mod rootfs;
 mod runtime_pipe;
 mod server;
-mod shell;
 mod spawn;
 mod sys;
 
 pub use agent::run;
+pub use boot::rootfs::ENV_TEST_ROOT;
+pub use boot::uptime;
 pub use ember_protocol::*;
-pub use rootfs::ENV_TEST_ROOT;
 pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
 
 #[cfg(test)]

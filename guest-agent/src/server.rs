@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use crate::boot::reaper::{self, Signals};
 use crate::cgroup::Cgroups;
 use crate::function::{self, Function};
 use crate::invoke::{Invocation, Runner, Stream};
@@ -34,7 +35,6 @@ use crate::protocol::{
     decode_frame, encode_frame_into, peek_header, AgentMessage, ErrorKind, ErrorReply, FrameKind,
     FunctionInvoke, FunctionStart, Hello, HostMessage, Invoke, Refresh, AGENT_VSOCK_PORT,
 };
-use crate::reaper::{self, Signals};
 use crate::{console, sys};
 
 /// Test-only: `unix:<path>` makes the agent listen on a Unix socket at
