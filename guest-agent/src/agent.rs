@@ -3,7 +3,7 @@
 
 use crate::boot::reaper::{self, Event, Signals};
 use crate::boot::{cmdline, init, power, rootfs, shell, uptime};
-use crate::server::{ServeOptions, Server};
+use crate::serve::server::{ServeOptions, Server};
 use crate::{console, junk, sys, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY};
 use ember_protocol::AgentMode;
 

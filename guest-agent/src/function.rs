@@ -49,15 +49,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::InvocationCgroup;
 use crate::hotpath::{DOORBELL_FD, MAX_BUFFER_BYTES};
-use crate::invoke::{self, Runner};
 use crate::protocol::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
     FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
 };
 use crate::runtime_pipe::{self, Message, ReadyInfo, ResponseReader, RuntimeResult};
-use crate::spawn::{self, HotPath, Plan};
+use crate::serve::cgroup::InvocationCgroup;
+use crate::serve::invoke::{self, Runner};
+use crate::serve::spawn::{self, HotPath, Plan};
 use crate::{console, pagemap, sys, SANDBOX_GID, SANDBOX_UID};
 
 /// Bytes kept of the runtime's fd 1 and of its fd 2 between answers.

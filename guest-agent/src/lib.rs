@@ -27,22 +27,19 @@
 
 mod agent;
 mod boot;
-mod cgroup;
 mod console;
 mod function;
-mod invoke;
 mod junk;
 mod pagemap;
 mod runtime_pipe;
-mod server;
-mod spawn;
+mod serve;
 mod sys;
 
 pub use agent::run;
 pub use boot::rootfs::ENV_TEST_ROOT;
 pub use boot::uptime;
 pub use ember_protocol::*;
-pub use server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
+pub use serve::server::{ENV_TEST_CGROUP, ENV_TEST_LISTEN};
 
 #[cfg(test)]
 mod tests {

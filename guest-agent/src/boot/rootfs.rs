@@ -60,7 +60,7 @@ pub(crate) fn test_device() -> Option<String> {
     let value = std::env::var(ENV_TEST_ROOT)
         .ok()
         .filter(|v| !v.is_empty())?;
-    if crate::server::in_initial_pid_namespace() {
+    if crate::serve::server::in_initial_pid_namespace() {
         return None;
     }
     Some(value)
