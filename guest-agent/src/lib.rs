@@ -30,8 +30,6 @@ mod boot;
 mod console;
 mod function;
 mod junk;
-mod pagemap;
-mod runtime_pipe;
 mod serve;
 mod sys;
 

@@ -1,7 +1,7 @@
 //! The VM's function runtime: one long-lived process, started once
 //! ([`HostMessage::FunctionStart`](crate::protocol::HostMessage::FunctionStart),
 //! usually at template time) and then serving one event at a time over
-//! the pipes of the [runtime pipe protocol](crate::runtime_pipe), across
+//! the pipes of the [runtime pipe protocol](crate::function::runtime_pipe), across
 //! host connections.
 //!
 //! The runtime runs as the sandbox user, in a session and a cgroup
@@ -23,7 +23,7 @@
 //! What the host gets:
 //! - `FunctionStart`: [`FunctionReady`] once the runtime wrote `READY`
 //!   (with its buffers' guest-physical pages for the hot path, see
-//!   [`pagemap`](crate::pagemap)), or `Error(SpawnFailed)` (no `READY`
+//!   [`pagemap`](crate::function::pagemap)), or `Error(SpawnFailed)` (no `READY`
 //!   within `ready_timeout_ms`, an exit, garbage) quoting the end of its
 //!   stderr. The runtime is killed then.
 //! - `FunctionInvoke`: a [`FunctionResult`]: `status` and `result` from
@@ -44,6 +44,9 @@
 //! still runs to its end (or timeout) and the result is dropped. Only a
 //! start still waiting for `READY` is killed with its connection.
 
+mod pagemap;
+pub mod runtime_pipe;
+
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -54,11 +57,11 @@ use crate::protocol::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
     FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
 };
-use crate::runtime_pipe::{self, Message, ReadyInfo, ResponseReader, RuntimeResult};
 use crate::serve::cgroup::InvocationCgroup;
 use crate::serve::invoke::{self, Runner};
 use crate::serve::spawn::{self, HotPath, Plan};
-use crate::{console, pagemap, sys, SANDBOX_GID, SANDBOX_UID};
+use crate::{console, sys, SANDBOX_GID, SANDBOX_UID};
+use runtime_pipe::{Message, ReadyInfo, ResponseReader, RuntimeResult};
 
 /// Bytes kept of the runtime's fd 1 and of its fd 2 between answers.
 pub(crate) const OUTPUT_BUFFER: usize = 1 << 20;
@@ -73,7 +76,7 @@ pub(crate) const HOT_PATH_MEMLOCK: u64 = 2 * MAX_BUFFER_BYTES as u64 + (8 << 20)
 /// ember's python3 runtime, installed at [`PYTHON_RUNTIME_PATH`] for every
 /// start: the host names it in `argv`, it is never one of the function's
 /// files.
-const PYTHON_RUNTIME: &[u8] = include_bytes!("../runtimes/python3/ember_runtime.py");
+const PYTHON_RUNTIME: &[u8] = include_bytes!("../../runtimes/python3/ember_runtime.py");
 
 /// Prefixes of environment variables that make a program run code of the
 /// caller's choosing before its own (the dynamic loader's `LD_PRELOAD`,

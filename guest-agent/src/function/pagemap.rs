@@ -12,8 +12,8 @@
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 
+use crate::function::runtime_pipe::BufferInfo;
 use crate::protocol::{GuestBuffer, MAX_LIST_LEN};
-use crate::runtime_pipe::BufferInfo;
 use crate::sys;
 
 /// The guest's page size.
