@@ -29,9 +29,9 @@ mod agent;
 mod boot;
 mod console;
 mod function;
-mod junk;
 mod serve;
 mod sys;
+mod testing;
 
 pub use agent::run;
 pub use boot::rootfs::ENV_TEST_ROOT;
