@@ -589,7 +589,7 @@ fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<emb
 }
 
 fn bench_http(args: BenchHttpArgs) -> Result<ExitCode> {
-    use ember::server::loadtest::{self, LoadConfig};
+    use ember::bench::http::{self as loadtest, LoadConfig};
     let config = LoadConfig {
         target: args.url.parse()?,
         concurrency: args.concurrency,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::client::{Client, ClientError, Target};
+use crate::server::client::{Client, ClientError, Target};
 
 /// What to run.
 #[derive(Debug, Clone)]
