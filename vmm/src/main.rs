@@ -11,7 +11,7 @@ mod cli_function;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
-use ember::bench;
+use ember::bench::{self, ms};
 use ember::config::{ConsoleOutput, VmConfig};
 use ember::sandbox::{ExitStatus, ReadyTimings};
 use ember::snapshot::{self, RestoreOptions, Snapshot};
@@ -623,10 +623,6 @@ fn isolation() -> Result<Isolation> {
 
 /// The environment variable that sets the jailed workers' uid/gid range.
 const WORKER_IDS_ENV: &str = "EMBER_WORKER_IDS";
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Logs to stderr as `ember: message`.
 struct StderrLogger;
