@@ -30,17 +30,12 @@ pub const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Fresh entropy from the host's kernel and the host's wall clock.
 /// Fills `buf` from the host kernel's CSPRNG.
 pub(crate) fn fill_random(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of
-        // `buf`, which outlives the call.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        match usize::try_from(n) {
-            Ok(n) => filled += n,
-            // EINTR: try again; getrandom(2) cannot otherwise fail here.
-            Err(_) => continue,
-        }
+    // The crate retries interruptions and short reads itself; an error
+    // means no source at all (no getrandom(2), no /dev/urandom), and no
+    // clone may run on predictable bytes: try until there is one.
+    while let Err(e) = getrandom::fill(buf) {
+        log::error!("no random bytes from the host kernel: {e}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
