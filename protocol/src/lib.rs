@@ -2,8 +2,9 @@
 //! sides of every microVM: the wire protocol ([`protocol`], its main items
 //! re-exported here), the hot-path memory layout ([`hotpath`]), the kernel
 //! command line keys the VMM writes and the agent reads ([`cmdline`]), the
-//! console lines the agent prints ([`READY_LINE`], [`POWER_OFF_LINE`]) and
-//! the guest's user accounts.
+//! console lines the agent prints ([`READY_LINE`], [`POWER_OFF_LINE`]),
+//! the guest's user accounts, and the decoding of Linux's page map
+//! ([`pagemap`]), which both sides read.
 //!
 //! Both crates depend on this one, so the host does not link the agent.
 
@@ -22,6 +23,7 @@
 
 pub mod cmdline;
 pub mod hotpath;
+pub mod pagemap;
 pub mod protocol;
 
 pub use cmdline::{
