@@ -127,14 +127,11 @@ pub fn read_response(
     buffer: &GuestBuffer,
     seq: u64,
 ) -> Result<Response, FunctionError> {
-    let garbage = |e: ember_protocol::hotpath::LayoutError| FunctionError::Garbage(e.to_string());
     let header = read(memory, buffer, 0, RESPONSE_HEADER_LEN as u64)?;
     let buffer_len = usize::try_from(buffer.len).unwrap_or(usize::MAX);
-    let total = ResponseHeader::decode(&header, buffer_len)
-        .map_err(garbage)?
-        .total_len();
+    let total = ResponseHeader::decode(&header, buffer_len)?.total_len();
     let raw = read(memory, buffer, 0, total)?;
-    decode_response(&raw, seq).map_err(garbage)
+    Ok(decode_response(&raw, seq)?)
 }
 
 /// Reads `len` bytes at `offset` in `buffer` from guest memory.

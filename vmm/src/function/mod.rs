@@ -112,7 +112,11 @@ pub enum FunctionError {
     /// A recycled clone could not be reset, or differs from its template.
     #[error(transparent)]
     Reset(#[from] crate::snapshot::ResetError),
-    /// The runtime answered something that does not decode.
+    /// The runtime's response in guest memory does not decode.
     #[error("the function runtime answered garbage: {0}")]
-    Garbage(String),
+    Garbage(#[from] ember_protocol::hotpath::LayoutError),
+    /// The jailed worker process that runs the invocation failed: it did
+    /// not start, broke its pipe, died, or reported an error of its own.
+    #[error("the function's worker process failed: {0}")]
+    Worker(String),
 }
