@@ -415,7 +415,6 @@ pub enum DeviceError {
     /// Device ranges collide.
     #[error(transparent)]
     Bus(#[from] BusError),
-    /// No virtio-mmio slot is left.
     #[error("no virtio-mmio slot left")]
     NoSlot,
     /// The console file cannot be created.

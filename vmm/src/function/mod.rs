@@ -97,7 +97,6 @@ pub enum FunctionError {
     /// The runtime did not start (its output says why).
     #[error("the function runtime did not start: {0}")]
     Startup(String),
-    /// The warm-up event failed.
     #[error("the warm-up event failed: {0}")]
     Warmup(String),
     /// The template's runtime did not behave as the hot path requires.
