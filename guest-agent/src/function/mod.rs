@@ -8,7 +8,7 @@
 //! (`fn-<n>`) of its own, in [`FUNCTION_DIR`] (a root-owned directory on
 //! `/run`'s tmpfs holding the start's `files_in`), with exactly the start's
 //! environment, plus `EMBER_HOT_PATH=1` when the hot path was asked for and
-//! granted (the doorbell port through `ioperm`, and an `RLIMIT_MEMLOCK` of
+//! granted (the doorbell page through `/dev/mem`, and an `RLIMIT_MEMLOCK` of
 //! [`HOT_PATH_MEMLOCK`]). Its stdout and stderr are drained all the time
 //! into buffers of [`OUTPUT_BUFFER`] bytes each (the rest is dropped and
 //! the next answer says `output_truncated`), and go out with the next

@@ -42,7 +42,7 @@ impl Doorbell {
         Self::default()
     }
 
-    /// Records a guest write of `data` to the doorbell port. Returns true
+    /// Records a guest write of `data` to the doorbell page. Returns true
     /// if the ringing vCPU should stop now (see [`Doorbell::park_on`]).
     pub fn ring(&self, data: &[u8]) -> bool {
         let value = match <[u8; 4]>::try_from(data) {

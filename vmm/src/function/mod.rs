@@ -12,7 +12,7 @@
 //!   the event is written into the clone's memory before its vCPU first
 //!   runs, the runtime (stopped in user mode, spinning on the request's
 //!   sequence number) picks it up, runs the handler, writes the response
-//!   into memory and rings the doorbell port, which exits straight to the
+//!   into memory and rings the doorbell page, which exits straight to the
 //!   VMM. No guest-kernel instruction is needed on the way: no interrupt
 //!   (the clone's timer is pushed out, the vsock reset deferred), no
 //!   syscall, no page fault on pre-touched pages. See
