@@ -36,6 +36,12 @@ pub struct Doorbell {
     park_on: AtomicU32,
 }
 
+impl crate::exit::WakeOnExit for Doorbell {
+    fn vm_stopped(&self) {
+        self.wake();
+    }
+}
+
 impl Doorbell {
     /// A doorbell nobody rang.
     pub fn new() -> Self {

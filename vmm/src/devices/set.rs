@@ -125,7 +125,7 @@ impl DeviceSet {
         let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
         let agent_ready = LineWatch::containing(ember_protocol::READY_LINE);
         let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
-        exit.close_on_exit(agent_ready.clone());
+        exit.wake_on_exit(agent_ready.clone());
 
         let sink = ConsoleSink::new(
             console_writer(&options.console)?,
