@@ -36,6 +36,8 @@ pub mod loader;
 pub mod machine;
 pub mod paths;
 pub mod pool;
+pub mod ready;
+pub mod refresh;
 pub mod sandbox;
 pub mod seccomp;
 pub mod server;

@@ -21,7 +21,7 @@ use crate::config::{ConsoleOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::doorbell::DOORBELL_WAITING;
 use crate::machine::Machine;
-use crate::sandbox::BOOT_TIMEOUT;
+use crate::ready::BOOT_TIMEOUT;
 use crate::snapshot::SnapshotError;
 
 /// Prefixes of environment variables a python3 function may not set: the

@@ -20,7 +20,7 @@ use crate::function::{
     HandlerResult, InvocationPath, Manifest,
 };
 use crate::host::HostKind;
-use crate::sandbox::RESTORE_CONNECT_TIMEOUT;
+use crate::ready::RESTORE_CONNECT_TIMEOUT;
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// The worker's third argument for function mode.

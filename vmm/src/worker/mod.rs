@@ -31,7 +31,8 @@ use ember_protocol::protocol::Hello;
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
 use crate::jail::{self, IdLease, IdRange, JailConfig};
-use crate::sandbox::{fresh_refresh, ReadyTimings, RESTORE_CONNECT_TIMEOUT};
+use crate::ready::{ReadyTimings, RESTORE_CONNECT_TIMEOUT};
+use crate::refresh::fresh_refresh;
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// The hidden subcommand of the `ember` binary that runs a worker.
