@@ -21,7 +21,7 @@ fn one_vcpu_boots_to_agent_and_stops_on_request() {
             vm.wait_timeout(Duration::ZERO)
         )
     });
-    let ready = ember_agent::parse_ready_line(&line).expect("ready line parses");
+    let ready = ember_protocol::parse_ready_line(&line).expect("ready line parses");
     assert_eq!(ready.cpus, Some(1), "{line}");
     assert!(vm.times().vmm_setup().is_some());
 

@@ -165,10 +165,13 @@ fn boot_two_vcpus_to_agent_and_power_off() {
     );
     let ready = log
         .lines()
-        .find_map(ember_agent::parse_ready_line)
+        .find_map(ember_protocol::parse_ready_line)
         .unwrap_or_else(|| panic!("no ready line in console:\n{log}"));
     assert_eq!(ready.cpus, Some(2), "console:\n{log}");
-    assert!(log.contains(ember_agent::POWER_OFF_LINE), "console:\n{log}");
+    assert!(
+        log.contains(ember_protocol::POWER_OFF_LINE),
+        "console:\n{log}"
+    );
     std::fs::remove_file(console).unwrap();
 }
 

@@ -4,7 +4,7 @@
 //! requests, resets and shutdowns) must not crash, hang or bloat the VMM.
 //!
 //! The program is the agent's `ember.agent=scribble` mode; it prints
-//! [`ember_agent::SCRIBBLE_DONE_LINE`] and the guest powers off.
+//! [`ember_protocol::SCRIBBLE_DONE_LINE`] and the guest powers off.
 //!
 //! Also a hostile snapshot: a `state` file (checksum and all) naming a
 //! file outside its directory as the root drive.
@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{guest_artifacts, run_ember, temp_path, BOOT_TIMEOUT};
-use ember_agent::{AgentMode, SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
+use ember_protocol::{AgentMode, SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
 
 /// One cold boot, the scribbler (seconds; it gives up after 240 s) and the
 /// power-off.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{sandbox, sh};
 use ember::sandbox::{ExitStatus, FileIn};
-use ember_agent::protocol::{
+use ember_protocol::protocol::{
     self, AgentMessage, ErrorKind, FrameKind, FrameReader, HostMessage, HEADER_LEN,
 };
 
@@ -35,7 +35,7 @@ fn env_cwd_and_exit_zero() {
     );
     assert_eq!(
         lines[2],
-        ember_agent::SANDBOX_UID.to_string(),
+        ember_protocol::SANDBOX_UID.to_string(),
         "runs unprivileged"
     );
     assert_eq!(lines[3], "unset", "only the given environment");

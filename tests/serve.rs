@@ -1155,10 +1155,8 @@ impl ChildServer {
     /// SIGTERM; waits for a clean exit and returns the whole log.
     fn stop(mut self) -> Vec<Value> {
         // SAFETY: kill(2) on our own child's PID.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0);
         let (done_tx, done_rx) = mpsc::channel();
         let mut child = self.child;
         std::thread::spawn(move || {

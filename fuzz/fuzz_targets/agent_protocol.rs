@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use ember_agent::protocol::{
+use ember_protocol::protocol::{
     decode_frame, encode_frame, AgentMessage, FrameHeader, FrameKind, FrameReader, HostMessage,
     ProtocolError, HEADER_LEN, MAX_FRAME_LEN,
 };
@@ -100,7 +100,7 @@ impl Message for HostMessage {
                 if invoke.validate().is_ok() {
                     assert!(!invoke.argv.is_empty() && !invoke.argv[0].is_empty());
                     assert!(
-                        (1..=ember_agent::protocol::MAX_TIMEOUT_MS).contains(&invoke.timeout_ms)
+                        (1..=ember_protocol::protocol::MAX_TIMEOUT_MS).contains(&invoke.timeout_ms)
                     );
                     for path in invoke
                         .files_in

@@ -8,7 +8,7 @@
 
 #![no_main]
 
-use ember_agent::hotpath::{decode_response, encode_response, RequestHeader};
+use ember_protocol::hotpath::{decode_response, encode_response, RequestHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,13 +1,12 @@
 //! The agent's life as PID 1: set up, report ready, then serve the host
 //! (and signals, and orphans) until told to power off.
 
-use crate::cmdline::{self, AgentMode};
-use crate::reaper::{self, Event, Signals};
-use crate::server::{ServeOptions, Server};
-use crate::{
-    console, init, junk, power, rootfs, shell, sys, uptime, READY_CPUS_KEY, READY_LINE,
-    READY_UPTIME_KEY,
-};
+use crate::boot::reaper::{self, Event, Signals};
+use crate::boot::{cmdline, init, power, rootfs, shell, uptime};
+use crate::serve::server::{ServeOptions, Server};
+use crate::testing::hostile_guest;
+use crate::{console, sys, READY_CPUS_KEY, READY_LINE, READY_UPTIME_KEY};
+use ember_protocol::AgentMode;
 
 /// Runs the agent. As PID 1 it never returns.
 ///
@@ -16,14 +15,14 @@ use crate::{
 /// finally `kill(-1, SIGKILL)`s and reboots, none of which may happen to the
 /// host it was started on by mistake. (Inside a fresh PID, mount and UTS
 /// namespace, as in `unshare -fpmu`, it is PID 1 and all of that stays in
-/// the namespaces.) The exception are the test tools of `junk`
+/// the namespaces.) The exception are the test tools of `hostile_guest`
 /// (`ember-agent vsock-junk ...`, `ember-agent protocol-junk`), which touch
 /// nothing but a socket or stdout.
 pub fn run() -> i32 {
     // SAFETY: getpid has no preconditions.
     if unsafe { libc::getpid() } != 1 {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
-        if let Some(status) = junk::run_tool(&args) {
+        if let Some(status) = hostile_guest::run_tool(&args) {
             return status;
         }
         console::warn(&"not PID 1, refusing to run (the agent is the guest's /init)");
@@ -116,7 +115,7 @@ fn run_as_init() -> ! {
         }
         AgentMode::PowerOff => power_off(),
         AgentMode::Scribble => {
-            junk::scribble();
+            hostile_guest::scribble();
             power_off();
         }
         AgentMode::Shell => match shell::spawn() {

@@ -186,7 +186,7 @@ mod tests {
         // Any host has these; this is what the agent does in the guest.
         let mut buf = [0u8; 4096];
         let text = read_proc_file(c"/proc/uptime", &mut buf).unwrap();
-        assert!(crate::uptime::parse_uptime_ms(std::str::from_utf8(text).unwrap()).is_ok());
+        assert!(crate::boot::uptime::parse_uptime_ms(std::str::from_utf8(text).unwrap()).is_ok());
         let mut tiny = [0u8; 2];
         assert_eq!(read_proc_file(c"/proc/uptime", &mut tiny).unwrap().len(), 2);
         assert!(read_proc_file(c"/nonexistent/file", &mut buf).is_err());

@@ -10,7 +10,7 @@ use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use ember_agent::protocol::{
+use ember_protocol::protocol::{
     self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, FunctionInvoke, FunctionReady,
     FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError, Refresh,
 };

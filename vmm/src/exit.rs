@@ -4,13 +4,9 @@
 //! owner blocks on an eventfd until one arrives. Later reports are dropped:
 //! the first cause is the one worth telling.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use crate::devices::bus::lock;
-use crate::devices::doorbell::Doorbell;
-use crate::devices::legacy::LineWatch;
 
 /// The reason a microVM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,16 +57,21 @@ impl std::fmt::Display for VmExit {
     }
 }
 
+/// Something with waiters that must wake when the VM stops, so nobody
+/// waits for what cannot come (a console line, a doorbell ring). Devices
+/// implement it; this module knows none of them.
+pub trait WakeOnExit: Send + Sync + std::fmt::Debug {
+    /// The VM stopped: wake every waiter.
+    fn vm_stopped(&self);
+}
+
 /// A one-shot, first-wins report of why the VM must stop.
 #[derive(Debug)]
 pub struct ExitSignal {
     reason: Mutex<Option<VmExit>>,
     event: EventFd,
-    /// Console watches to close when the VM stops, so nobody waits for a
-    /// line that cannot come.
-    watches: Mutex<Vec<Arc<LineWatch>>>,
-    /// The hot-path doorbell, whose waiters must wake when the VM stops.
-    doorbell: Mutex<Option<Arc<Doorbell>>>,
+    /// What to wake when the VM stops.
+    wake: Mutex<Vec<Arc<dyn WakeOnExit>>>,
 }
 
 impl ExitSignal {
@@ -79,8 +80,7 @@ impl ExitSignal {
         Ok(ExitSignal {
             reason: Mutex::new(None),
             event: EventFd::new(EFD_NONBLOCK)?,
-            watches: Mutex::new(Vec::new()),
-            doorbell: Mutex::new(None),
+            wake: Mutex::new(Vec::new()),
         })
     }
 
@@ -93,23 +93,15 @@ impl ExitSignal {
             // An eventfd write fails only when the counter would overflow,
             // which a single writer cannot cause.
             let _ = self.event.write(1);
-            for watch in lock(&self.watches).iter() {
-                watch.close();
-            }
-            if let Some(bell) = lock(&self.doorbell).as_ref() {
-                bell.wake();
+            for waiter in lock(&self.wake).iter() {
+                waiter.vm_stopped();
             }
         }
     }
 
-    /// Wakes the waiters of `doorbell` when the VM stops.
-    pub fn wake_on_exit(&self, doorbell: Arc<Doorbell>) {
-        *lock(&self.doorbell) = Some(doorbell);
-    }
-
-    /// Closes `watch` when the VM stops.
-    pub fn close_on_exit(&self, watch: Arc<LineWatch>) {
-        lock(&self.watches).push(watch);
+    /// Wakes the waiters of `waiter` when the VM stops.
+    pub fn wake_on_exit(&self, waiter: Arc<dyn WakeOnExit>) {
+        lock(&self.wake).push(waiter);
     }
 
     /// The recorded reason, if any.
@@ -121,6 +113,12 @@ impl ExitSignal {
     pub fn event(&self) -> &EventFd {
         &self.event
     }
+}
+
+/// Locks `mutex`, recovering from poisoning: the data is a plain record a
+/// panicking holder cannot leave half-written.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ mod cli_function;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
-use ember::bench;
+use ember::bench::{self, ms};
 use ember::config::{ConsoleOutput, VmConfig};
 use ember::sandbox::{ExitStatus, ReadyTimings};
 use ember::snapshot::{self, RestoreOptions, Snapshot};
@@ -133,7 +133,7 @@ struct RunArgs {
     #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline_extra"])]
     snapshot: Option<PathBuf>,
     /// Kill the command after this many milliseconds (exit status 124)
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_TIMEOUT_MS)]
     timeout_ms: u64,
     /// Environment variable for the command (repeatable); the command
     /// gets no other environment
@@ -143,7 +143,7 @@ struct RunArgs {
     #[arg(long)]
     stdin_file: Option<PathBuf>,
     /// Cap on the command's stdout plus stderr, in bytes
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
     /// Print one JSON object with the outcome instead of streaming output
     #[arg(long)]
@@ -226,7 +226,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 300_000)]
     max_timeout_ms: u64,
     /// Largest max_output_bytes a request may ask for
-    #[arg(long, default_value_t = ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
     /// On SIGTERM/SIGINT, how long running invocations may go on
     #[arg(long, default_value_t = 30)]
@@ -589,7 +589,7 @@ fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<emb
 }
 
 fn bench_http(args: BenchHttpArgs) -> Result<ExitCode> {
-    use ember::server::loadtest::{self, LoadConfig};
+    use ember::bench::http::{self as loadtest, LoadConfig};
     let config = LoadConfig {
         target: args.url.parse()?,
         concurrency: args.concurrency,
@@ -623,10 +623,6 @@ fn isolation() -> Result<Isolation> {
 
 /// The environment variable that sets the jailed workers' uid/gid range.
 const WORKER_IDS_ENV: &str = "EMBER_WORKER_IDS";
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Logs to stderr as `ember: message`.
 struct StderrLogger;

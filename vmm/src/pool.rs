@@ -166,7 +166,6 @@ pub enum PoolError {
     /// The caller waited in the queue for too long.
     #[error("no sandbox became free within {0:?}")]
     QueueTimeout(Duration),
-    /// The pool is shutting down.
     #[error("the sandbox pool is shutting down")]
     ShuttingDown,
     /// Restoring a sandbox failed (after every attempt).

@@ -4,9 +4,7 @@
 //! waiting. It serves exactly one [`Invocation`] and is destroyed after it:
 //! nothing one invocation leaves behind can be seen by another.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use ember_agent::protocol::Refresh;
+use std::time::{Duration, Instant};
 
 use crate::agent::{invoke_grace, AgentClient, AgentError, OutputStream};
 use crate::builder::BuildError;
@@ -14,46 +12,15 @@ use crate::config::VmConfig;
 use crate::exit::VmExit;
 use crate::host::HostKind;
 use crate::machine::Machine;
+use crate::refresh::fresh_refresh;
 use crate::snapshot::{RestoreOptions, Snapshot, SnapshotError};
 use crate::worker::{WorkerError, WorkerProcess};
 
+/// Deadlines and timings of getting ready, shared with the lower layers.
+pub use crate::ready::{ReadyTimings, BOOT_TIMEOUT, RESTORE_CONNECT_TIMEOUT};
 /// What to run, with what limits: the agent protocol's request.
-pub use ember_agent::protocol::Invoke as Invocation;
-pub use ember_agent::protocol::{ExitStatus, FileIn, FileOut, Usage};
-
-/// How long a cold boot may take before the agent must be ready.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long a restored clone's agent may take to answer (seconds of
-/// emulated guest-kernel work on PVM hosts, microseconds on hardware).
-pub const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Fresh entropy from the host's kernel and the host's wall clock.
-/// Fills `buf` from the host kernel's CSPRNG.
-pub(crate) fn fill_random(buf: &mut [u8]) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: the pointer and length describe the unfilled tail of
-        // `buf`, which outlives the call.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        match usize::try_from(n) {
-            Ok(n) => filled += n,
-            // EINTR: try again; getrandom(2) cannot otherwise fail here.
-            Err(_) => continue,
-        }
-    }
-}
-
-pub(crate) fn fresh_refresh() -> Refresh {
-    let mut entropy = vec![0u8; 64];
-    fill_random(&mut entropy);
-    Refresh {
-        entropy,
-        unix_time_ns: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-    }
-}
+pub use ember_protocol::protocol::Invoke as Invocation;
+pub use ember_protocol::protocol::{ExitStatus, FileIn, FileOut, Usage};
 
 /// How an invocation ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,19 +50,6 @@ pub struct InvokeTimings {
     pub invoke: Duration,
     /// Stopping the microVM afterwards.
     pub teardown: Duration,
-}
-
-/// Where the host's time went before a sandbox was ready.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReadyTimings {
-    /// From the request until the guest ran: for a boot, until the agent
-    /// announced itself on the console; for a restore, until the restored
-    /// vCPUs entered KVM_RUN.
-    pub start: Duration,
-    /// From the request until the agent's greeting (its first frame).
-    pub agent: Duration,
-    /// From the request until the sandbox was ready for an invocation.
-    pub ready: Duration,
 }
 
 impl Outcome {

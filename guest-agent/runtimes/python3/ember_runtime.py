@@ -11,7 +11,7 @@ importable and imports the handler, says READY on fd 4, and then serves
 one event at a time for ever. The host snapshots the VM while the
 runtime waits; every invocation restores a fresh clone that serves exactly
 one event. See ../README.md for the handler API and the pipe protocol, and
-guest-agent/src/hotpath.rs for the shared-memory layout.
+protocol/src/hotpath.rs for the shared-memory layout.
 
 Why the hot path looks the way it does: in ember's test guests every
 guest-kernel entry is emulated and costs 0.5-50 ms (a first touch of a page
@@ -63,7 +63,7 @@ import traceback
 # the root filesystem is read-only anyway (its stdlib pycs are precompiled).
 sys.dont_write_bytecode = True
 
-# --- The layout, mirrored from guest-agent/src/hotpath.rs --------------------------
+# --- The layout, mirrored from protocol/src/hotpath.rs ------------------------------
 # (test_runtime.py checks these against the Rust source.)
 
 DOORBELL_ADDR = 0xC000_0000

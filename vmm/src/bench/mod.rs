@@ -1,5 +1,6 @@
 //! Benchmarks that print figures: cold boot, snapshot restore
-//! ([`restore`]) and function invocations ([`function`]). Every figure is a
+//! ([`restore`]), function invocations ([`function`]) and load on a running
+//! `ember serve` ([`http`]). Every figure is a
 //! [`Stats`]: nearest-rank percentiles with the sample count, no p99 from
 //! fewer than 100 samples.
 //!
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub mod function;
+pub mod http;
 pub mod stats;
 
 pub use stats::{ms, Stats};
@@ -156,7 +158,7 @@ fn boot_once(exe: &Path, config: &VmConfig) -> Result<BootSample, BenchError> {
         .arg(format!(
             "--cmdline-extra={} {}",
             config.cmdline_extra,
-            ember_agent::AgentMode::PowerOff.cmdline_param()
+            ember_protocol::AgentMode::PowerOff.cmdline_param()
         ))
         .env(TIMINGS_ENV, "1")
         .stdin(Stdio::null())

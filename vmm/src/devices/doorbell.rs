@@ -1,6 +1,6 @@
 //! The hot-path doorbell: the guest-physical page a function runtime writes
 //! to from guest user mode to tell the VMM "waiting for a request" or
-//! "response written" (see `ember_agent::hotpath`).
+//! "response written" (see `ember_protocol::hotpath`).
 //!
 //! It is not a bus device: the vCPU loop hands the write to [`Doorbell::ring`]
 //! directly, because a ring can ask the ringing vCPU to stop right there,
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-pub use ember_agent::hotpath::{DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_WAITING};
+pub use ember_protocol::hotpath::{DOORBELL_ADDR, DOORBELL_DONE, DOORBELL_WAITING};
 
 /// What rang so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,13 +36,19 @@ pub struct Doorbell {
     park_on: AtomicU32,
 }
 
+impl crate::exit::WakeOnExit for Doorbell {
+    fn vm_stopped(&self) {
+        self.wake();
+    }
+}
+
 impl Doorbell {
     /// A doorbell nobody rang.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Records a guest write of `data` to the doorbell port. Returns true
+    /// Records a guest write of `data` to the doorbell page. Returns true
     /// if the ringing vCPU should stop now (see [`Doorbell::park_on`]).
     pub fn ring(&self, data: &[u8]) -> bool {
         let value = match <[u8; 4]>::try_from(data) {

@@ -123,9 +123,9 @@ impl DeviceSet {
         saved: Option<&DeviceStates>,
     ) -> Result<Self, DeviceError> {
         let exit = Arc::new(ExitSignal::new().map_err(DeviceError::EventFd)?);
-        let agent_ready = LineWatch::containing(ember_agent::READY_LINE);
+        let agent_ready = LineWatch::containing(ember_protocol::READY_LINE);
         let kernel_panic = LineWatch::containing(KERNEL_PANIC_LINE);
-        exit.close_on_exit(agent_ready.clone());
+        exit.wake_on_exit(agent_ready.clone());
 
         let sink = ConsoleSink::new(
             console_writer(&options.console)?,
@@ -366,7 +366,7 @@ fn attach_block(
     ));
     cmdline_params.push(format!(
         "{}={ROOT_DRIVE_GUEST_DEVICE}",
-        ember_agent::CMDLINE_ROOT
+        ember_protocol::CMDLINE_ROOT
     ));
     Ok((transport, disk.spec()))
 }
@@ -415,7 +415,6 @@ pub enum DeviceError {
     /// Device ranges collide.
     #[error(transparent)]
     Bus(#[from] BusError),
-    /// No virtio-mmio slot is left.
     #[error("no virtio-mmio slot left")]
     NoSlot,
     /// The console file cannot be created.

@@ -2,11 +2,11 @@
 //! list of 4 KiB pages (not contiguous in guest-physical memory), which the
 //! host writes to and reads from piecewise.
 
-use ember_agent::hotpath::{
+use ember_protocol::hotpath::{
     decode_response, Response, ResponseHeader, MAX_BUFFER_BYTES, REQUEST_HEADER_LEN,
     RESPONSE_HEADER_LEN,
 };
-use ember_agent::protocol::{GuestBuffer, HotPathPages};
+use ember_protocol::protocol::{GuestBuffer, HotPathPages};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::FunctionError;
@@ -127,14 +127,11 @@ pub fn read_response(
     buffer: &GuestBuffer,
     seq: u64,
 ) -> Result<Response, FunctionError> {
-    let garbage = |e: ember_agent::hotpath::LayoutError| FunctionError::Garbage(e.to_string());
     let header = read(memory, buffer, 0, RESPONSE_HEADER_LEN as u64)?;
     let buffer_len = usize::try_from(buffer.len).unwrap_or(usize::MAX);
-    let total = ResponseHeader::decode(&header, buffer_len)
-        .map_err(garbage)?
-        .total_len();
+    let total = ResponseHeader::decode(&header, buffer_len)?.total_len();
     let raw = read(memory, buffer, 0, total)?;
-    decode_response(&raw, seq).map_err(garbage)
+    Ok(decode_response(&raw, seq)?)
 }
 
 /// Reads `len` bytes at `offset` in `buffer` from guest memory.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ember_agent::protocol::FunctionStart;
+use ember_protocol::protocol::FunctionStart;
 
 use super::manifest::MANIFEST_VERSION;
 use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
@@ -210,7 +210,7 @@ mod tests {
         assert!(start
             .argv
             .iter()
-            .any(|a| a == ember_agent::protocol::PYTHON_RUNTIME_PATH));
+            .any(|a| a == ember_protocol::protocol::PYTHON_RUNTIME_PATH));
     }
 
     #[test]

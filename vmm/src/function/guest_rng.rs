@@ -19,6 +19,9 @@
 
 use std::path::Path;
 
+use object::elf::PT_LOAD;
+use object::read::elf::{ElfFile64, ProgramHeader};
+use object::{LittleEndian, Object, ObjectSymbol};
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::GuestWrite;
@@ -91,115 +94,35 @@ pub fn find_symbols(vmlinux: &Path, names: &[&[u8]]) -> Vec<Option<u64>> {
         .collect()
 }
 
-/// The few parts of an ELF64 little-endian file this needs. Every offset
-/// read from the file is bounds-checked: a kernel image is a file, and
-/// files are untrusted.
+/// A 64-bit little-endian ELF file, parsed by `object`, which bounds-checks
+/// every offset it reads: a kernel image is a file, and files are
+/// untrusted.
 struct Elf<'a> {
-    image: &'a [u8],
-    sections: Vec<Section>,
-    segments: Vec<Segment>,
+    file: ElfFile64<'a, LittleEndian>,
 }
-
-struct Section {
-    kind: u32,
-    offset: u64,
-    size: u64,
-    link: u32,
-}
-
-struct Segment {
-    vaddr: u64,
-    paddr: u64,
-    memsz: u64,
-}
-
-const SHT_SYMTAB: u32 = 2;
-const PT_LOAD: u32 = 1;
-const SYM_SIZE: usize = 24;
 
 impl<'a> Elf<'a> {
     fn parse(image: &'a [u8]) -> Option<Self> {
-        if image.get(..4)? != b"\x7fELF" || *image.get(4)? != 2 || *image.get(5)? != 1 {
-            return None;
-        }
-        let phoff = u64_at(image, 0x20)?;
-        let shoff = u64_at(image, 0x28)?;
-        let phentsize = u64::from(u16_at(image, 0x36)?);
-        let phnum = u64::from(u16_at(image, 0x38)?);
-        let shentsize = u64::from(u16_at(image, 0x3a)?);
-        let shnum = u64::from(u16_at(image, 0x3c)?);
-        let segments = (0..phnum)
-            .filter_map(|i| {
-                let at = usize::try_from(phoff.checked_add(i.checked_mul(phentsize)?)?).ok()?;
-                (u32_at(image, at)? == PT_LOAD).then_some(())?;
-                Some(Segment {
-                    vaddr: u64_at(image, at.checked_add(16)?)?,
-                    paddr: u64_at(image, at.checked_add(24)?)?,
-                    memsz: u64_at(image, at.checked_add(40)?)?,
-                })
-            })
-            .collect();
-        let sections = (0..shnum)
-            .map(|i| {
-                let at = usize::try_from(shoff.checked_add(i.checked_mul(shentsize)?)?).ok()?;
-                Some(Section {
-                    kind: u32_at(image, at.checked_add(4)?)?,
-                    offset: u64_at(image, at.checked_add(0x18)?)?,
-                    size: u64_at(image, at.checked_add(0x20)?)?,
-                    link: u32_at(image, at.checked_add(0x28)?)?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Elf {
-            image,
-            sections,
-            segments,
-        })
-    }
-
-    fn bytes(&self, offset: u64, size: u64) -> Option<&'a [u8]> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(usize::try_from(size).ok()?)?;
-        self.image.get(start..end)
+        ElfFile64::parse(image).ok().map(|file| Elf { file })
     }
 
     /// The value of the first symbol called `name` in the symbol table.
     fn symbol(&self, name: &[u8]) -> Option<u64> {
-        let symtab = self.sections.iter().find(|s| s.kind == SHT_SYMTAB)?;
-        let strtab = self.sections.get(usize::try_from(symtab.link).ok()?)?;
-        let symbols = self.bytes(symtab.offset, symtab.size)?;
-        let strings = self.bytes(strtab.offset, strtab.size)?;
-        symbols.chunks_exact(SYM_SIZE).find_map(|sym| {
-            let name_at = usize::try_from(u32_at(sym, 0)?).ok()?;
-            let rest = strings.get(name_at..)?;
-            let end = rest.iter().position(|&b| b == 0)?;
-            (rest.get(..end)? == name).then(|| u64_at(sym, 8))?
-        })
+        self.file
+            .symbols()
+            .find(|sym| sym.name_bytes() == Ok(name))
+            .map(|sym| sym.address())
     }
 
     /// The physical address a loaded virtual address ends up at.
     fn physical(&self, vaddr: u64) -> Option<u64> {
-        self.segments.iter().find_map(|seg| {
-            let delta = vaddr.checked_sub(seg.vaddr)?;
-            (delta < seg.memsz).then(|| seg.paddr.checked_add(delta))?
+        let endian = self.file.endian();
+        self.file.elf_program_headers().iter().find_map(|seg| {
+            (seg.p_type(endian) == PT_LOAD).then_some(())?;
+            let delta = vaddr.checked_sub(seg.p_vaddr(endian))?;
+            (delta < seg.p_memsz(endian)).then(|| seg.p_paddr(endian).checked_add(delta))?
         })
     }
-}
-
-fn bytes_at<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
-    buf.get(at..at.checked_add(N)?)?.try_into().ok()
-}
-
-fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
-    bytes_at(buf, at).map(u16::from_le_bytes)
-}
-
-fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
-    bytes_at(buf, at).map(u32::from_le_bytes)
-}
-
-fn u64_at(buf: &[u8], at: usize) -> Option<u64> {
-    bytes_at(buf, at).map(u64::from_le_bytes)
 }
 
 #[cfg(test)]

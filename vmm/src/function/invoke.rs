@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ember_agent::hotpath::{
+use ember_protocol::hotpath::{
     RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_FLAG_VIA_PIPE,
     REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED, RESPONSE_FLAG_STDOUT_TRUNCATED,
 };
-use ember_agent::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
+use ember_protocol::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
 
 use super::guest_clock::ClockReading;
@@ -17,7 +17,8 @@ use super::{buffers, FunctionError};
 use crate::agent::{invoke_grace, AgentClient};
 use crate::config::ConsoleOutput;
 use crate::machine::Machine;
-use crate::sandbox::{fill_random, fresh_refresh, RESTORE_CONNECT_TIMEOUT};
+use crate::ready::RESTORE_CONNECT_TIMEOUT;
+use crate::refresh::{fill_random, fresh_refresh};
 use crate::snapshot::working_set::{touched_pages, PageRun};
 use crate::snapshot::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 use crate::vstate::stats::GuestKernelWork;

@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use ember_agent::protocol::HotPathPages;
+use ember_protocol::protocol::HotPathPages;
 use serde::{Deserialize, Serialize};
 
 use super::guest_clock::GuestClock;

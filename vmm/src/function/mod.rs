@@ -12,11 +12,11 @@
 //!   the event is written into the clone's memory before its vCPU first
 //!   runs, the runtime (stopped in user mode, spinning on the request's
 //!   sequence number) picks it up, runs the handler, writes the response
-//!   into memory and rings the doorbell port, which exits straight to the
+//!   into memory and rings the doorbell page, which exits straight to the
 //!   VMM. No guest-kernel instruction is needed on the way: no interrupt
 //!   (the clone's timer is pushed out, the vsock reset deferred), no
 //!   syscall, no page fault on pre-touched pages. See
-//!   `ember_agent::hotpath`.
+//!   `ember_protocol::hotpath`.
 //! - **vsock path** (events or results that do not fit the buffers,
 //!   runtimes without a hot path): the agent delivers the event on the
 //!   runtime's request pipe and returns its response.
@@ -97,7 +97,6 @@ pub enum FunctionError {
     /// The runtime did not start (its output says why).
     #[error("the function runtime did not start: {0}")]
     Startup(String),
-    /// The warm-up event failed.
     #[error("the warm-up event failed: {0}")]
     Warmup(String),
     /// The template's runtime did not behave as the hot path requires.
@@ -112,7 +111,11 @@ pub enum FunctionError {
     /// A recycled clone could not be reset, or differs from its template.
     #[error(transparent)]
     Reset(#[from] crate::snapshot::ResetError),
-    /// The runtime answered something that does not decode.
+    /// The runtime's response in guest memory does not decode.
     #[error("the function runtime answered garbage: {0}")]
-    Garbage(String),
+    Garbage(#[from] ember_protocol::hotpath::LayoutError),
+    /// The jailed worker process that runs the invocation failed: it did
+    /// not start, broke its pipe, died, or reported an error of its own.
+    #[error("the function's worker process failed: {0}")]
+    Worker(String),
 }

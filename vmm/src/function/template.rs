@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ember_agent::hotpath::{
+use ember_protocol::hotpath::{
     RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
 };
-use ember_agent::protocol::{
+use ember_protocol::protocol::{
     FileIn, FunctionInvoke, FunctionStart, HotPathPages, PYTHON_RUNTIME_PATH,
 };
 use vm_memory::{Bytes, GuestAddress};
@@ -21,7 +21,7 @@ use crate::config::{ConsoleOutput, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::doorbell::DOORBELL_WAITING;
 use crate::machine::Machine;
-use crate::sandbox::BOOT_TIMEOUT;
+use crate::ready::BOOT_TIMEOUT;
 use crate::snapshot::SnapshotError;
 
 /// Prefixes of environment variables a python3 function may not set: the
@@ -377,7 +377,7 @@ fn read_limited(path: &Path) -> Result<Vec<u8>, FunctionError> {
 fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
         .unwrap_or(u64::MAX)
-        .clamp(1, ember_agent::protocol::MAX_TIMEOUT_MS)
+        .clamp(1, ember_protocol::protocol::MAX_TIMEOUT_MS)
 }
 
 /// Closes the agent connection and waits until the guest has: a snapshot

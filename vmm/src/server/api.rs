@@ -36,7 +36,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_timeout_ms: 300_000,
-            max_output_bytes: ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES,
+            max_output_bytes: ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES,
             max_args_bytes: 256 << 10,
             max_input_bytes: 24 << 20,
             max_body_bytes: 64 << 20,
@@ -47,17 +47,19 @@ impl Default for Limits {
 impl Limits {
     /// Checks that every request within these limits fits one agent frame.
     pub fn validate(&self) -> Result<(), String> {
-        let frame = ember_agent::protocol::MAX_FRAME_LEN as usize;
+        let frame = ember_protocol::protocol::MAX_FRAME_LEN as usize;
         // Paths, modes and framing take far less than 1 MiB.
         if self.max_args_bytes + self.max_input_bytes + (1 << 20) > frame {
             return Err(format!(
                 "max_args_bytes + max_input_bytes must stay 1 MiB under the agent's {frame}-byte frame"
             ));
         }
-        if self.max_timeout_ms == 0 || self.max_timeout_ms > ember_agent::protocol::MAX_TIMEOUT_MS {
+        if self.max_timeout_ms == 0
+            || self.max_timeout_ms > ember_protocol::protocol::MAX_TIMEOUT_MS
+        {
             return Err(format!(
                 "max_timeout_ms must be in 1..={}",
-                ember_agent::protocol::MAX_TIMEOUT_MS
+                ember_protocol::protocol::MAX_TIMEOUT_MS
             ));
         }
         Ok(())
@@ -135,7 +137,7 @@ impl InvocationRequest {
         }
         let timeout_ms = self
             .timeout_ms
-            .unwrap_or(ember_agent::protocol::DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
+            .unwrap_or(ember_protocol::protocol::DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
         if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
             return Err(format!(
                 "timeout_ms {timeout_ms} is not in 1..={}",
@@ -143,7 +145,7 @@ impl InvocationRequest {
             ));
         }
         let max_output_bytes = self.max_output_bytes.unwrap_or(
-            ember_agent::protocol::DEFAULT_MAX_OUTPUT_BYTES.min(limits.max_output_bytes),
+            ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES.min(limits.max_output_bytes),
         );
         if max_output_bytes > limits.max_output_bytes {
             return Err(format!(
@@ -417,7 +419,7 @@ impl FunctionQuery {
         let defaults = FunctionInvokeOptions::default();
         let timeout_ms = self
             .timeout_ms
-            .unwrap_or(ember_agent::protocol::DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
+            .unwrap_or(ember_protocol::protocol::DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
         if timeout_ms == 0 || timeout_ms > limits.max_timeout_ms {
             return Err(format!(
                 "timeout_ms {timeout_ms} is not in 1..={}",
@@ -593,7 +595,7 @@ mod tests {
     #[test]
     fn defaults_and_limits() {
         let inv = request(r#"{"argv":["true"]}"#).unwrap();
-        assert_eq!(inv.timeout_ms, ember_agent::protocol::DEFAULT_TIMEOUT_MS);
+        assert_eq!(inv.timeout_ms, ember_protocol::protocol::DEFAULT_TIMEOUT_MS);
         for (json, needle) in [
             (r#"{"argv":["true"],"timeout_ms":300001}"#, "timeout_ms"),
             (r#"{"argv":["true"],"timeout_ms":0}"#, "timeout_ms"),

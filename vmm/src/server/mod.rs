@@ -39,7 +39,6 @@
 pub mod api;
 pub mod client;
 pub mod functions;
-pub mod loadtest;
 pub mod metrics;
 
 use std::convert::Infallible;

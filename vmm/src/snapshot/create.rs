@@ -14,8 +14,8 @@ use crate::config::VmConfig;
 use crate::devices::bus::lock;
 use crate::devices::virtio::block::disk::{DriveSpec, FileIdentity};
 use crate::machine::Machine;
-use crate::sandbox::ExitStatus;
-use crate::sandbox::{Invocation, BOOT_TIMEOUT};
+use crate::ready::BOOT_TIMEOUT;
+use ember_protocol::protocol::{ExitStatus, Invoke as Invocation};
 
 /// How long the guest may take to close the agent connection before the
 /// snapshot (one emulated vsock round trip on PVM hosts, microseconds on

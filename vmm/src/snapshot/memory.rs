@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use ember_protocol::pagemap;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionError;
 use vm_memory::{
@@ -30,10 +31,6 @@ pub const MAX_MEMORY_SIZE: u64 = 1 << 40;
 
 /// Bytes of guest memory [`dump_memory`] examines at a time.
 const CHUNK: u64 = 1 << 20;
-
-/// `/proc/self/pagemap` entry bits: the page is in RAM / in swap.
-const PAGEMAP_PRESENT: u64 = 1 << 63;
-const PAGEMAP_SWAPPED: u64 = 1 << 62;
 
 /// Where one guest memory region lives in the memory file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -308,11 +305,7 @@ impl RegionDumper<'_> {
         pagemap
             .read_exact_at(&mut raw, addr / self.page_size * 8)
             .map_err(|e| FileError::new(Path::new("/proc/self/pagemap"), "read", e))?;
-        present.extend(raw.chunks_exact(8).map(|bytes| {
-            let mut entry = [0u8; 8];
-            entry.copy_from_slice(bytes);
-            u64::from_ne_bytes(entry) & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0
-        }));
+        present.extend(pagemap::entries(&raw).map(|entry| entry.present() || entry.swapped()));
         Ok(())
     }
 

@@ -74,7 +74,6 @@ pub enum SnapshotError {
     /// Talking to the template's agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
-    /// The warm-up invocation failed.
     #[error("the warm-up invocation failed: {0}")]
     Warmup(String),
     /// The guest did not close the agent connection before the snapshot.

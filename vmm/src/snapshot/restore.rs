@@ -39,7 +39,7 @@ pub struct RestoreOptions {
     /// Run the clone in its own jailed worker process
     /// ([`crate::Sandbox::restore`] only; [`Snapshot::restore`] always runs
     /// in the calling process).
-    pub isolation: Option<crate::worker::Isolation>,
+    pub isolation: Option<crate::isolation::Isolation>,
     /// Filter the clone's vCPU and event-loop threads with seccomp
     /// ([`crate::seccomp`]); on by default.
     pub seccomp: bool,

@@ -8,18 +8,11 @@
 //! one `madvise(MADV_POPULATE_READ/WRITE)` per run of pages before the vCPU
 //! starts does the same work in the host kernel in one go.
 
+use ember_protocol::pagemap;
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 const PAGE: u64 = 4096;
-/// pagemap: the page is present in the process's page table.
-const PM_PRESENT: u64 = 1 << 63;
-/// pagemap: the page is a file page or shared anonymous memory (for a
-/// private file mapping: not yet copied, i.e. never written).
-const PM_FILE: u64 = 1 << 61;
-/// `madvise` advice values (Linux 5.14).
-const MADV_POPULATE_READ: i32 = 22;
-const MADV_POPULATE_WRITE: i32 = 23;
 
 /// Consecutive guest pages, read only or also written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,15 +36,14 @@ pub fn touched_pages(memory: &GuestMemoryMmap) -> std::io::Result<Vec<PageRun>> 
         let pages = region.len() / PAGE;
         let mut entries = vec![0u8; usize::try_from(pages * 8).unwrap_or(0)];
         pagemap.read_exact_at(&mut entries, host / PAGE * 8)?;
-        for (i, entry) in entries.chunks_exact(8).enumerate() {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(entry);
-            let entry = u64::from_le_bytes(word);
-            if entry & PM_PRESENT == 0 {
+        for (i, entry) in pagemap::entries(&entries).enumerate() {
+            if !entry.present() {
                 continue;
             }
             let addr = region.start_addr().0 + i as u64 * PAGE;
-            let write = entry & PM_FILE == 0;
+            // A file (or shared) page in a private mapping was never
+            // written: copying it would be a write.
+            let write = !entry.file_or_shared();
             match runs.last_mut() {
                 Some(run)
                     if run.write == write
@@ -84,9 +76,9 @@ pub fn prefault(memory: &GuestMemoryMmap, runs: &[PageRun]) {
             continue;
         };
         let advice = if run.write {
-            MADV_POPULATE_WRITE
+            libc::MADV_POPULATE_WRITE
         } else {
-            MADV_POPULATE_READ
+            libc::MADV_POPULATE_READ
         };
         // SAFETY: the range is one region's mapping, checked above by
         // get_slice; populating it changes no contents.

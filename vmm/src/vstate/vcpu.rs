@@ -104,7 +104,7 @@ impl Vcpu {
         }
     }
 
-    /// Hands writes to the hot-path doorbell port to `doorbell`.
+    /// Hands writes to the hot-path doorbell page to `doorbell`.
     pub fn with_doorbell(mut self, doorbell: Arc<Doorbell>) -> Self {
         self.doorbell = Some(doorbell);
         self

@@ -20,7 +20,7 @@ use crate::function::{
     HandlerResult, InvocationPath, Manifest,
 };
 use crate::host::HostKind;
-use crate::sandbox::RESTORE_CONNECT_TIMEOUT;
+use crate::ready::RESTORE_CONNECT_TIMEOUT;
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// The worker's third argument for function mode.
@@ -93,7 +93,7 @@ pub fn invoke(
     let status = worker.finish(Duration::from_secs(1));
     match answer {
         Ok(Ok(wire)) => Ok(from_wire(wire, options.max_output_bytes)),
-        Ok(Err(message)) => Err(FunctionError::Garbage(format!("worker: {message}"))),
+        Ok(Err(message)) => Err(FunctionError::Worker(message)),
         Err(WorkerError::Io(e))
             if matches!(
                 e.kind(),
@@ -112,7 +112,7 @@ pub fn invoke(
                 guest_kernel: None,
             })
         }
-        Err(e) => Err(FunctionError::Garbage(format!(
+        Err(e) => Err(FunctionError::Worker(format!(
             "{e}; {}",
             describe_exit(status)
         ))),
@@ -120,7 +120,7 @@ pub fn invoke(
 }
 
 fn worker_error(e: WorkerError) -> FunctionError {
-    FunctionError::Garbage(e.to_string())
+    FunctionError::Worker(e.to_string())
 }
 
 /// Worker side: serves one function request on `control`, jailed, with

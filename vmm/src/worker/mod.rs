@@ -22,16 +22,18 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ember_agent::protocol::Hello;
+use ember_protocol::protocol::Hello;
 
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
-use crate::jail::{self, IdLease, IdRange, JailConfig};
-use crate::sandbox::{fresh_refresh, ReadyTimings, RESTORE_CONNECT_TIMEOUT};
+pub use crate::isolation::Isolation;
+use crate::jail::{self, IdLease, JailConfig};
+use crate::ready::{ReadyTimings, RESTORE_CONNECT_TIMEOUT};
+use crate::refresh::fresh_refresh;
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// The hidden subcommand of the `ember` binary that runs a worker.
@@ -55,43 +57,6 @@ const MAX_LINE: usize = 4096;
 const STDERR_GRACE: Duration = Duration::from_millis(200);
 /// Memory a worker may use beyond its guest's RAM.
 const VMM_OVERHEAD_BYTES: u64 = 64 << 20;
-
-/// How to run isolated workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Isolation {
-    /// The `ember` binary (it has the hidden worker subcommand).
-    pub worker_exe: PathBuf,
-    /// The uids/gids workers run as: each live worker has its own.
-    pub ids: IdRange,
-    /// Put each worker in its own cgroups (memory, CPU, tasks).
-    pub cgroups: bool,
-    /// The worker's memory limit (guest RAM included); by default its
-    /// guest's RAM plus 64 MiB for the VMM.
-    pub memory_limit_bytes: Option<u64>,
-    /// Test hook: the worker writes lines meant to pass for the parent's
-    /// own log lines (and terminal escapes) to its stderr, to prove the
-    /// parent shows them only escaped and prefixed.
-    #[doc(hidden)]
-    pub forge_stderr: bool,
-    /// Test hook: the worker makes a forbidden system call once its
-    /// filters are in place, to prove a violation kills it (and only it).
-    #[doc(hidden)]
-    pub violate_seccomp: bool,
-}
-
-impl Isolation {
-    /// Isolation with `worker_exe` and the default jail.
-    pub fn new(worker_exe: impl Into<PathBuf>) -> Self {
-        Isolation {
-            worker_exe: worker_exe.into(),
-            ids: IdRange::default(),
-            cgroups: true,
-            memory_limit_bytes: None,
-            forge_stderr: false,
-            violate_seccomp: false,
-        }
-    }
-}
 
 /// The parent's handle on a running worker; kills and reaps it on drop.
 #[derive(Debug)]

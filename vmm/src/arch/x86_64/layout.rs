@@ -119,9 +119,9 @@ pub const RAM_ABOVE_4G_START: u64 = MMIO_GAP_END;
 /// First virtio-mmio device window.
 pub const VIRTIO_MMIO_START: u64 = 0xD000_0000;
 
-/// The hot-path doorbell page (`ember_agent::hotpath`): in the gap, clear
+/// The hot-path doorbell page (`ember_protocol::hotpath`): in the gap, clear
 /// of every device.
-pub const DOORBELL_ADDR: u64 = ember_agent::hotpath::DOORBELL_ADDR;
+pub const DOORBELL_ADDR: u64 = ember_protocol::hotpath::DOORBELL_ADDR;
 const _: () =
     assert!(DOORBELL_ADDR >= MMIO_GAP_START && DOORBELL_ADDR + PAGE_SIZE <= VIRTIO_MMIO_START);
 /// Size of one virtio-mmio device window.

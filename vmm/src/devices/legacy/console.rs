@@ -31,6 +31,12 @@ struct Watched {
     closed: bool,
 }
 
+impl crate::exit::WakeOnExit for LineWatch {
+    fn vm_stopped(&self) {
+        self.close();
+    }
+}
+
 impl LineWatch {
     /// Watches for the first line that starts with `prefix`.
     pub fn prefix(prefix: impl Into<String>) -> Arc<Self> {

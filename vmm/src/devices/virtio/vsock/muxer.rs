@@ -37,9 +37,8 @@ type ConnKey = (u32, u32);
 /// they must not hit a clone's new connection that reuses the port.
 fn random_ephemeral_port() -> u32 {
     let mut bytes = [0u8; 4];
-    // SAFETY: the pointer and length describe `bytes`, which outlives the
-    // call. A short read only makes the port less random, not invalid.
-    unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    // A failure only makes the port less random, not invalid.
+    let _ = getrandom::fill(&mut bytes);
     EPHEMERAL_PORT_BASE | (u32::from_ne_bytes(bytes) & (EPHEMERAL_PORT_BASE - 1))
 }
 

@@ -19,9 +19,10 @@
 //!
 //! A function runtime (see [`function`](crate::function)) also gets its
 //! request and response pipes on fds 3 and 4, every other descriptor
-//! closed, and, for the hot path, the doorbell port (`ioperm`) and a higher
-//! `RLIMIT_MEMLOCK`, both granted while the child is still root. The I/O
-//! permission survives the `setresuid` and the `execve`.
+//! closed, and, for the hot path, the doorbell (`/dev/mem`, opened by the
+//! agent, on fd [`DOORBELL_FD`](crate::hotpath::DOORBELL_FD)) and a higher
+//! `RLIMIT_MEMLOCK`, both granted while the child is still root. The open
+//! descriptor survives the `setresuid` and the `execve`.
 
 use std::ffi::{c_char, c_int, c_long, c_void, CString};
 use std::fmt;
@@ -392,7 +393,7 @@ fn prepare_and_exec(
     // would be whatever the register held.
     let uid = c_long::from(plan.uid);
     let gid = c_long::from(plan.gid);
-    // SAFETY (for every raw system call below): the arguments are plain
+    // SAFETY: for every raw system call below, the arguments are plain
     // integers or pointers into `plan`, which outlives the child; none of
     // the calls touches memory the parent uses concurrently (it is
     // suspended) or any libc state.

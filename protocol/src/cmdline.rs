@@ -2,15 +2,13 @@
 //!
 //! The kernel does not hand parameters with a dot in their name to init
 //! (it takes them for module parameters), so the agent reads them from
-//! `/proc/cmdline`. Its keys all start with [`CMDLINE_PREFIX`].
+//! `/proc/cmdline`. Its keys all start with [`CMDLINE_PREFIX`]. The VMM
+//! writes them, the agent parses them ([`parse`]).
 
 use std::fmt;
-use std::io;
 use std::str::FromStr;
 
 use thiserror::Error;
-
-use crate::sys;
 
 /// Prefix of every kernel command line key that belongs to the agent.
 pub const CMDLINE_PREFIX: &str = "ember.";
@@ -39,12 +37,6 @@ pub const AGENT_MODE_SHELL: &str = "shell";
 /// a rogue virtio driver against the vsock device (junk registers, crafted
 /// virtqueues and packet headers), then power off.
 pub const AGENT_MODE_SCRIBBLE: &str = "scribble";
-
-/// Where `/proc/cmdline` is read from.
-const PROC_CMDLINE: &std::ffi::CStr = c"/proc/cmdline";
-
-/// x86's COMMAND_LINE_SIZE is 2048; leave room for other architectures.
-const CMDLINE_MAX: usize = 4096;
 
 /// What the agent does after it reported ready.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -130,17 +122,6 @@ pub enum CmdlineWarning {
     },
 }
 
-/// Reading the command line failed.
-#[derive(Debug, Error)]
-pub enum CmdlineError {
-    /// `/proc/cmdline` could not be read.
-    #[error("read /proc/cmdline: {source}")]
-    Read {
-        /// Why.
-        source: io::Error,
-    },
-}
-
 /// The agent's settings, parsed from a kernel command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cmdline {
@@ -219,14 +200,6 @@ fn split_params(text: &str) -> Vec<String> {
         params.push(current);
     }
     params
-}
-
-/// Reads and parses `/proc/cmdline` (procfs must be mounted).
-pub fn read() -> Result<Cmdline, CmdlineError> {
-    let mut buf = [0u8; CMDLINE_MAX];
-    let bytes = sys::read_proc_file(PROC_CMDLINE, &mut buf)
-        .map_err(|source| CmdlineError::Read { source })?;
-    Ok(parse(&String::from_utf8_lossy(bytes)))
 }
 
 #[cfg(test)]

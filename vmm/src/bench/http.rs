@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::client::{Client, ClientError, Target};
+use super::stats::{ms, Stats};
+use crate::server::client::{Client, ClientError, Target};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -28,42 +29,6 @@ pub struct LoadConfig {
     pub argv: Vec<String>,
     /// Each invocation's `timeout_ms`.
     pub timeout_ms: u64,
-}
-
-/// Latency percentiles in ms (nearest rank).
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
-pub struct Latency {
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Largest.
-    pub max: f64,
-    /// Mean.
-    pub mean: f64,
-}
-
-impl Latency {
-    /// Percentiles of `values` (zeros when empty).
-    pub fn of(mut values: Vec<f64>) -> Self {
-        if values.is_empty() {
-            return Latency::default();
-        }
-        values.sort_by(f64::total_cmp);
-        let rank = |q: f64| {
-            let i = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1;
-            values[i]
-        };
-        Latency {
-            p50: rank(0.5),
-            p90: rank(0.9),
-            p99: rank(0.99),
-            max: values[values.len() - 1],
-            mean: values.iter().sum::<f64>() / values.len() as f64,
-        }
-    }
 }
 
 /// The result of a load test.
@@ -85,13 +50,13 @@ pub struct LoadReport {
     /// Successful invocations per second.
     pub throughput_per_s: f64,
     /// Client-side latency of the successful requests.
-    pub latency_ms: Latency,
+    pub latency_ms: Stats,
     /// The server's `host.total_ms` of the successful requests.
-    pub server_total_ms: Latency,
+    pub server_total_ms: Stats,
     /// The restore time of the sandboxes used (`host.restore_ms`).
-    pub restore_ms: Latency,
+    pub restore_ms: Stats,
     /// Time waiting for a sandbox (`host.queue_ms`).
-    pub queue_ms: Latency,
+    pub queue_ms: Stats,
     /// Share of successful requests served by a warm sandbox.
     pub warm_ratio: f64,
 }
@@ -104,12 +69,6 @@ impl LoadReport {
 
     /// A human-readable summary.
     pub fn to_table(&self) -> String {
-        let row = |name: &str, l: &Latency| {
-            format!(
-                "{name:<28} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}\n",
-                l.p50, l.p90, l.p99, l.max, l.mean
-            )
-        };
         let errors = if self.errors.is_empty() {
             "none".to_string()
         } else {
@@ -120,7 +79,7 @@ impl LoadReport {
                 .join(", ")
         };
         format!(
-            "{}: {} connections, {:.1} s\nrequests {}, ok {}, errors: {errors}\nthroughput {:.2} invocations/s, warm {:.0}%\n{:<28} {:>9} {:>9} {:>9} {:>9} {:>9}\n{}{}{}{}",
+            "{}: {} connections, {:.1} s\nrequests {}, ok {}, errors: {errors}\nthroughput {:.2} invocations/s, warm {:.0}%\n{}{}{}{}{}",
             self.target,
             self.concurrency,
             self.elapsed_s,
@@ -128,16 +87,11 @@ impl LoadReport {
             self.ok,
             self.throughput_per_s,
             self.warm_ratio * 100.0,
-            "(ms)",
-            "p50",
-            "p90",
-            "p99",
-            "max",
-            "mean",
-            row("latency (client)", &self.latency_ms),
-            row("server total", &self.server_total_ms),
-            row("restore (sandbox used)", &self.restore_ms),
-            row("queue", &self.queue_ms),
+            Stats::header("ms"),
+            self.latency_ms.row("latency (client)"),
+            self.server_total_ms.row("server total"),
+            self.restore_ms.row("restore (sandbox used)"),
+            self.queue_ms.row("queue"),
         )
     }
 }
@@ -242,10 +196,10 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         } else {
             0.0
         },
-        latency_ms: Latency::of(all.latency),
-        server_total_ms: Latency::of(all.server_total),
-        restore_ms: Latency::of(all.restore),
-        queue_ms: Latency::of(all.queue),
+        latency_ms: Stats::of(all.latency),
+        server_total_ms: Stats::of(all.server_total),
+        restore_ms: Stats::of(all.restore),
+        queue_ms: Stats::of(all.queue),
         warm_ratio: if ok > 0 {
             all.warm as f64 / ok as f64
         } else {
@@ -257,7 +211,7 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
 fn one_request(client: &mut Client, body: &[u8], tally: &mut Tally) {
     let sent = Instant::now();
     let result = client.request("POST", "/v1/invocations", Some(body));
-    let latency = sent.elapsed().as_secs_f64() * 1e3;
+    let latency = ms(sent.elapsed());
     tally.requests += 1;
     let response = match result {
         Ok(r) => r,
@@ -294,10 +248,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_by_nearest_rank() {
-        let l = Latency::of((1..=100).map(f64::from).collect());
-        assert_eq!((l.p50, l.p90, l.p99, l.max), (50.0, 90.0, 99.0, 100.0));
-        assert_eq!(l.mean, 50.5);
-        assert_eq!(Latency::of(vec![]), Latency::default());
+    fn report_figures_are_stats_with_counts() {
+        let latency = Stats::of((1..=100).map(f64::from));
+        let report = LoadReport {
+            target: "http://127.0.0.1:1".into(),
+            concurrency: 1,
+            elapsed_s: 1.0,
+            requests: 100,
+            ok: 100,
+            errors: BTreeMap::new(),
+            throughput_per_s: 100.0,
+            latency_ms: latency,
+            server_total_ms: Stats::of([1.0, 2.0]),
+            restore_ms: Stats::default(),
+            queue_ms: Stats::default(),
+            warm_ratio: 1.0,
+        };
+        assert_eq!(
+            (latency.n, latency.p50, latency.p99),
+            (100, 50.0, Some(99.0))
+        );
+        let table = report.to_table();
+        assert!(table.contains(&latency.row("latency (client)")), "{table}");
+        assert!(table.contains(&Stats::header("ms")), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["latency_ms"]["n"], 100);
+        assert!(
+            json["server_total_ms"]["p99"].is_null(),
+            "2 samples make no p99"
+        );
     }
 }

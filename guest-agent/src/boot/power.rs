@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::reaper::{self, Children};
+use crate::boot::reaper::{self, Children};
 use crate::{console, sys, POWER_OFF_LINE};
 
 /// How long processes get to exit on SIGTERM before SIGKILL. The wait ends

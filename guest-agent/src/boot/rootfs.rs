@@ -1,7 +1,7 @@
 //! Switching from the initramfs to the root drive
 //! ([`CMDLINE_ROOT`](crate::CMDLINE_ROOT), e.g. `ember.root=/dev/vda`).
 //!
-//! Right after the basic mounts (see [`init`](crate::init)), the agent
+//! Right after the basic mounts (see [`init`](crate::boot::init)), the agent
 //! mounts the drive read-only as ext4 on [`NEW_ROOT`], mounts fresh tmpfs
 //! file systems on its `/tmp` (1777), `/run` (0755) and `/var/tmp` (1777),
 //! so that every write stays private to the guest and the drive is never
@@ -60,7 +60,7 @@ pub(crate) fn test_device() -> Option<String> {
     let value = std::env::var(ENV_TEST_ROOT)
         .ok()
         .filter(|v| !v.is_empty())?;
-    if crate::server::in_initial_pid_namespace() {
+    if crate::serve::server::in_initial_pid_namespace() {
         return None;
     }
     Some(value)

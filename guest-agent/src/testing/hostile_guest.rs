@@ -236,16 +236,9 @@ impl XorShift {
 // never sends connection data to the guest, so an RX buffer takes at most
 // one packet header.
 
-/// Start of the line the scribbler prints when it is done:
-/// `ember-agent: scribble done rounds=<n> seed=<hex> ...`.
-pub const SCRIBBLE_DONE_LINE: &str = "ember-agent: scribble done";
-
-/// Host ports most of the scribbler's connection requests go to. A host
-/// that runs the VM with `--vsock-uds <path>` and listens on
-/// `<path>_<port>` turns them into real connections for the junk that
-/// follows to hit (`tests/hostile.rs`: one host end read, one never read,
-/// and one listener that never accepts).
-pub const SCRIBBLE_HOST_PORTS: [u32; 3] = [7001, 7002, 7003];
+// What the scribbler prints when done and where it connects to: shared
+// with the host's test (ember-protocol).
+use crate::{SCRIBBLE_DONE_LINE, SCRIBBLE_HOST_PORTS};
 
 /// Rounds of register junk or crafted queues.
 const SCRIBBLE_ROUNDS: u32 = 400;
@@ -685,20 +678,15 @@ impl Buffer {
 /// Guest-physical addresses of `pages` pages from virtual address `start`,
 /// from /proc/self/pagemap (which shows frame numbers to root only).
 fn page_frames(start: usize, pages: usize) -> Result<Vec<u64>, ScribbleError> {
-    const PRESENT: u64 = 1 << 63;
-    const PFN_MASK: u64 = (1 << 55) - 1;
     let file = std::fs::File::open("/proc/self/pagemap").map_err(io_error("open pagemap"))?;
     let mut raw = vec![0u8; pages * 8];
     file.read_exact_at(&mut raw, (start / PAGE * 8) as u64)
         .map_err(io_error("read pagemap"))?;
-    raw.chunks_exact(8)
+    crate::pagemap::entries(&raw)
         .enumerate()
         .map(|(i, entry)| {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(entry);
-            let entry = u64::from_le_bytes(bytes);
-            let pfn = entry & PFN_MASK;
-            if entry & PRESENT == 0 || pfn == 0 {
+            let pfn = entry.pfn();
+            if !entry.present() || pfn == 0 {
                 return Err(ScribbleError::NoFrame(i));
             }
             Ok(pfn * PAGE_U64)

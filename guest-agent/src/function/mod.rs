@@ -1,14 +1,14 @@
 //! The VM's function runtime: one long-lived process, started once
 //! ([`HostMessage::FunctionStart`](crate::protocol::HostMessage::FunctionStart),
 //! usually at template time) and then serving one event at a time over
-//! the pipes of the [runtime pipe protocol](crate::runtime_pipe), across
+//! the pipes of the [runtime pipe protocol](crate::function::runtime_pipe), across
 //! host connections.
 //!
 //! The runtime runs as the sandbox user, in a session and a cgroup
 //! (`fn-<n>`) of its own, in [`FUNCTION_DIR`] (a root-owned directory on
 //! `/run`'s tmpfs holding the start's `files_in`), with exactly the start's
 //! environment, plus `EMBER_HOT_PATH=1` when the hot path was asked for and
-//! granted (the doorbell port through `ioperm`, and an `RLIMIT_MEMLOCK` of
+//! granted (the doorbell page through `/dev/mem`, and an `RLIMIT_MEMLOCK` of
 //! [`HOT_PATH_MEMLOCK`]). Its stdout and stderr are drained all the time
 //! into buffers of [`OUTPUT_BUFFER`] bytes each (the rest is dropped and
 //! the next answer says `output_truncated`), and go out with the next
@@ -23,7 +23,7 @@
 //! What the host gets:
 //! - `FunctionStart`: [`FunctionReady`] once the runtime wrote `READY`
 //!   (with its buffers' guest-physical pages for the hot path, see
-//!   [`pagemap`](crate::pagemap)), or `Error(SpawnFailed)` (no `READY`
+//!   [`pagemap`](crate::function::pagemap)), or `Error(SpawnFailed)` (no `READY`
 //!   within `ready_timeout_ms`, an exit, garbage) quoting the end of its
 //!   stderr. The runtime is killed then.
 //! - `FunctionInvoke`: a [`FunctionResult`]: `status` and `result` from
@@ -44,21 +44,24 @@
 //! still runs to its end (or timeout) and the result is dropped. Only a
 //! start still waiting for `READY` is killed with its connection.
 
+mod pagemap;
+pub mod runtime_pipe;
+
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::cgroup::InvocationCgroup;
 use crate::hotpath::{DOORBELL_FD, MAX_BUFFER_BYTES};
-use crate::invoke::{self, Runner};
 use crate::protocol::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
     FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
 };
-use crate::runtime_pipe::{self, Message, ReadyInfo, ResponseReader, RuntimeResult};
-use crate::spawn::{self, HotPath, Plan};
-use crate::{console, pagemap, sys, SANDBOX_GID, SANDBOX_UID};
+use crate::serve::cgroup::InvocationCgroup;
+use crate::serve::invoke::{self, Runner};
+use crate::serve::spawn::{self, HotPath, Plan};
+use crate::{console, sys, SANDBOX_GID, SANDBOX_UID};
+use runtime_pipe::{Message, ReadyInfo, ResponseReader, RuntimeResult};
 
 /// Bytes kept of the runtime's fd 1 and of its fd 2 between answers.
 pub(crate) const OUTPUT_BUFFER: usize = 1 << 20;
@@ -73,7 +76,7 @@ pub(crate) const HOT_PATH_MEMLOCK: u64 = 2 * MAX_BUFFER_BYTES as u64 + (8 << 20)
 /// ember's python3 runtime, installed at [`PYTHON_RUNTIME_PATH`] for every
 /// start: the host names it in `argv`, it is never one of the function's
 /// files.
-const PYTHON_RUNTIME: &[u8] = include_bytes!("../runtimes/python3/ember_runtime.py");
+const PYTHON_RUNTIME: &[u8] = include_bytes!("../../runtimes/python3/ember_runtime.py");
 
 /// Prefixes of environment variables that make a program run code of the
 /// caller's choosing before its own (the dynamic loader's `LD_PRELOAD`,
@@ -1209,6 +1212,8 @@ mod tests {
                 rlim_cur: 0,
                 rlim_max: 0,
             };
+            // SAFETY: getrlimit(2) writes one rlimit into `current`, which
+            // lives for the call.
             unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current) };
             current.rlim_max
         });
@@ -1236,6 +1241,8 @@ mod tests {
                 events: libc::POLLOUT,
                 revents: 0,
             }];
+            // SAFETY: poll(2) on one pollfd in `fds`, which lives for the
+            // call.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
         }
         drop(w);

@@ -27,14 +27,14 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::cgroup::Cgroups;
+use crate::boot::reaper::{self, Signals};
 use crate::function::{self, Function};
-use crate::invoke::{Invocation, Runner, Stream};
 use crate::protocol::{
     decode_frame, encode_frame_into, peek_header, AgentMessage, ErrorKind, ErrorReply, FrameKind,
     FunctionInvoke, FunctionStart, Hello, HostMessage, Invoke, Refresh, AGENT_VSOCK_PORT,
 };
-use crate::reaper::{self, Signals};
+use crate::serve::cgroup::Cgroups;
+use crate::serve::invoke::{Invocation, Runner, Stream};
 use crate::{console, sys};
 
 /// Test-only: `unix:<path>` makes the agent listen on a Unix socket at

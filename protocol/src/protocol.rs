@@ -234,8 +234,9 @@ pub struct FunctionStart {
     /// Files written into [`FUNCTION_DIR`] first.
     #[serde(deserialize_with = "bounded_list::deserialize")]
     pub files_in: Vec<FileIn>,
-    /// Grant the runtime the hot-path doorbell port (`ioperm`) and report
-    /// its buffers' guest-physical pages.
+    /// Hand the runtime the hot-path doorbell (`/dev/mem` on
+    /// [`crate::hotpath::DOORBELL_FD`]) and report its buffers'
+    /// guest-physical pages.
     pub hot_path: bool,
     /// How long the runtime may take to write `READY`, 1 to
     /// [`MAX_TIMEOUT_MS`].

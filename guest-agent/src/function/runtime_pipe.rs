@@ -1097,6 +1097,8 @@ mod tests {
                 events: libc::POLLIN,
                 revents: 0,
             }];
+            // SAFETY: poll(2) on one pollfd in `fds`, which lives for the
+            // call.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) };
             let outcome = reader
                 .read_from(r.as_raw_fd(), &mut scratch, 1 << 20)

@@ -12,17 +12,13 @@
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 
+use crate::function::runtime_pipe::BufferInfo;
 use crate::protocol::{GuestBuffer, MAX_LIST_LEN};
-use crate::runtime_pipe::BufferInfo;
 use crate::sys;
+use ember_protocol::pagemap::{self, PagemapEntry};
 
 /// The guest's page size.
 pub(crate) const PAGE_SIZE: u64 = 4096;
-
-const PRESENT: u64 = 1 << 63;
-const SWAPPED: u64 = 1 << 62;
-const EXCLUSIVE: u64 = 1 << 56;
-const PFN_MASK: u64 = (1 << 55) - 1;
 
 /// Why a page cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,17 +44,17 @@ impl PageProblem {
 }
 
 /// The frame number in one pagemap entry, if the page is usable.
-pub(crate) fn decode_entry(entry: u64) -> Result<u64, PageProblem> {
-    if entry & SWAPPED != 0 {
+pub(crate) fn decode_entry(entry: PagemapEntry) -> Result<u64, PageProblem> {
+    if entry.swapped() {
         return Err(PageProblem::Swapped);
     }
-    if entry & PRESENT == 0 {
+    if !entry.present() {
         return Err(PageProblem::NotPresent);
     }
-    if entry & EXCLUSIVE == 0 {
+    if !entry.exclusive() {
         return Err(PageProblem::Shared);
     }
-    match entry & PFN_MASK {
+    match entry.pfn() {
         0 => Err(PageProblem::Hidden),
         pfn => Ok(pfn),
     }
@@ -117,10 +113,8 @@ pub(crate) fn translate(
             done += n.unsigned_abs();
         }
         let mut pages = Vec::with_capacity(count as usize);
-        for (i, entry) in raw.chunks_exact(8).enumerate() {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(entry);
-            let pfn = decode_entry(u64::from_ne_bytes(word)).map_err(|problem| {
+        for (i, entry) in pagemap::entries(&raw).enumerate() {
+            let pfn = decode_entry(entry).map_err(|problem| {
                 format!(
                     "page {i} of the {name} buffer (address {:#x}) is {}",
                     (first + i as u64) * PAGE_SIZE,
@@ -141,19 +135,21 @@ pub(crate) fn translate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_protocol::pagemap::{EXCLUSIVE, PFN_MASK, PRESENT, SWAPPED};
 
     #[test]
     fn entries() {
+        let decode = |entry| decode_entry(PagemapEntry(entry));
         let good = PRESENT | EXCLUSIVE | 0x1234;
-        assert_eq!(decode_entry(good), Ok(0x1234));
+        assert_eq!(decode(good), Ok(0x1234));
         // Soft-dirty (55) and file (61) bits do not matter.
-        assert_eq!(decode_entry(good | 1 << 55 | 1 << 61), Ok(0x1234));
-        assert_eq!(decode_entry(PFN_MASK | PRESENT | EXCLUSIVE), Ok(PFN_MASK));
-        assert_eq!(decode_entry(0), Err(PageProblem::NotPresent));
-        assert_eq!(decode_entry(EXCLUSIVE | 5), Err(PageProblem::NotPresent));
-        assert_eq!(decode_entry(SWAPPED | 5), Err(PageProblem::Swapped));
-        assert_eq!(decode_entry(PRESENT | 5), Err(PageProblem::Shared));
-        assert_eq!(decode_entry(PRESENT | EXCLUSIVE), Err(PageProblem::Hidden));
+        assert_eq!(decode(good | 1 << 55 | 1 << 61), Ok(0x1234));
+        assert_eq!(decode(PFN_MASK | PRESENT | EXCLUSIVE), Ok(PFN_MASK));
+        assert_eq!(decode(0), Err(PageProblem::NotPresent));
+        assert_eq!(decode(EXCLUSIVE | 5), Err(PageProblem::NotPresent));
+        assert_eq!(decode(SWAPPED | 5), Err(PageProblem::Swapped));
+        assert_eq!(decode(PRESENT | 5), Err(PageProblem::Shared));
+        assert_eq!(decode(PRESENT | EXCLUSIVE), Err(PageProblem::Hidden));
     }
 
     #[test]

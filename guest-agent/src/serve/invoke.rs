@@ -1,5 +1,5 @@
 //! Running one [`Invoke`]: work directory and input files, pipes, cgroup,
-//! the process itself (see [`spawn`](crate::spawn)), output forwarding with
+//! the process itself (see [`spawn`](crate::serve::spawn)), output forwarding with
 //! a cap, the timeout, and the exit report with usage and collected files.
 //!
 //! The state machine here does no waiting of its own: the server's event
@@ -11,7 +11,7 @@
 //! (no stdin, files or collect; cgroups on) the agent makes 17 system calls
 //! from reading the Invoke frame to sending Exit (18 with `memory.peak`),
 //! and the child 12 up to and including `execve`. There is no fork (see
-//! [`spawn`](crate::spawn)), and the work directory, cgroup and pipes come
+//! [`spawn`](crate::serve::spawn)), and the work directory, cgroup and pipes come
 //! from a [`Slot`] staged while the agent was idle. Each file in or out
 //! adds 3 to 4 calls, plus 4 to switch the file system identity once.
 //!
@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::cgroup::{CgroupError, Cgroups, InvocationCgroup};
 use crate::protocol::{
     encode_frame_into, AgentMessage, ErrorKind, Exit, ExitStatus, FileIn, FileOut, FrameKind,
     Invoke, Usage, MAX_CHUNK, MAX_COLLECT_BYTES,
 };
-use crate::spawn::{self, Plan, SpawnError, Stack};
+use crate::serve::cgroup::{CgroupError, Cgroups, InvocationCgroup};
+use crate::serve::spawn::{self, Plan, SpawnError, Stack};
 use crate::{sys, SANDBOX_GID, SANDBOX_UID};
 
 /// Where work directories are made: `/tmp/inv-<n>`.
