@@ -30,6 +30,7 @@ pub mod event_loop;
 pub mod exit;
 pub mod function;
 pub mod host;
+pub mod image;
 pub mod jail;
 pub mod kernel_cmdline;
 pub mod loader;
