@@ -328,6 +328,7 @@ impl StagingDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        remove_stale(parent, &name);
         for n in 0..100 {
             let path = parent.join(format!(".{name}.import-{}-{n}", std::process::id()));
             match std::fs::DirBuilder::new().mode(0o700).create(&path) {
@@ -357,6 +358,34 @@ impl Drop for StagingDir {
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }
+        }
+    }
+}
+
+/// Removes staging directories for the same output left by imports that
+/// were killed (their process is gone), so an interrupted import does not
+/// leave its tree next to the output for good.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.import-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split_once('-')
+            .and_then(|(pid, n)| n.parse::<u32>().ok().and(pid.parse::<libc::pid_t>().ok()))
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            drop(StagingDir { path: entry.path() });
         }
     }
 }

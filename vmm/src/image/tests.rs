@@ -526,6 +526,34 @@ fn docker_archive_imports_to_ext4() {
 }
 
 #[test]
+fn a_killed_imports_staging_directory_is_removed_by_the_next() {
+    let scratch = Scratch::new("stale");
+    // No process has a pid this large (pid_max is at most 2^22).
+    let stale = scratch.0.join(".root.ext4.import-99999999-0");
+    std::fs::create_dir_all(stale.join("root/etc")).unwrap();
+    let other = scratch.0.join(".other.ext4.import-99999999-0");
+    std::fs::create_dir(&other).unwrap();
+    let layer = Layer::new().file("f", b"f").build();
+    let input = scratch.0.join("image.tar");
+    std::fs::write(
+        &input,
+        docker_archive(&[("x:1", vec![(layer.clone(), layer)])]),
+    )
+    .unwrap();
+    import(
+        &input,
+        &scratch.0.join("root.ext4"),
+        &ImportOptions::default(),
+    )
+    .unwrap();
+    assert!(!stale.exists());
+    assert!(
+        other.exists(),
+        "another output's staging directory was touched"
+    );
+}
+
+#[test]
 fn images_are_picked_by_reference() {
     let scratch = Scratch::new("refs");
     let layer = |text: &[u8]| {
