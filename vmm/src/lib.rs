@@ -31,6 +31,7 @@ pub mod exit;
 pub mod function;
 pub mod host;
 pub mod isolation;
+pub mod image;
 pub mod jail;
 pub mod kernel_cmdline;
 pub mod loader;

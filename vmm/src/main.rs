@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 mod cli_function;
+mod cli_image;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
@@ -50,6 +51,9 @@ enum Command {
     /// Invoke a function: restore a clone, deliver the event, print the
     /// result, destroy the clone.
     Invoke(cli_function::InvokeArgs),
+    /// Root images for `--image` from container images.
+    #[command(subcommand)]
+    Image(cli_image::ImageCommand),
 }
 
 #[derive(Subcommand)]
@@ -683,6 +687,7 @@ fn main() -> ExitCode {
         Command::Function(FunctionCommand::Create(args)) => cli_function::function_create(args),
         Command::Invoke(args) => cli_function::invoke(args),
         Command::Bench(BenchCommand::Function(args)) => cli_function::bench_function(args),
+        Command::Image(command) => cli_image::run(command),
     };
     match result {
         Ok(code) => code,
