@@ -6,7 +6,6 @@
 //! beyond the caller's cap is dropped here too, and an agent that stops
 //! answering costs a timeout, never a hang.
 
-use std::io::ErrorKind;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use ember_agent::protocol::{
     FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError, Refresh,
 };
 
+use crate::deadline::{self, DeadlineStream};
 use crate::machine::Machine;
 
 /// Which stream a chunk of output came from.
@@ -30,7 +30,7 @@ pub enum OutputStream {
 #[derive(Debug)]
 pub struct AgentClient {
     writer: UnixStream,
-    reader: FrameReader<UnixStream>,
+    reader: FrameReader<DeadlineStream>,
     hello: Hello,
     hello_at: Instant,
 }
@@ -73,7 +73,7 @@ impl AgentClient {
         let writer = stream.try_clone().map_err(AgentError::Connect)?;
         let mut client = AgentClient {
             writer,
-            reader: FrameReader::new(stream),
+            reader: FrameReader::new(DeadlineStream::new(stream)),
             hello: Hello {
                 protocol_version: 0,
                 agent_version: String::new(),
@@ -99,7 +99,7 @@ impl AgentClient {
     pub fn attach(stream: UnixStream, hello: Hello) -> Result<Self, AgentError> {
         Ok(AgentClient {
             writer: stream.try_clone().map_err(AgentError::Connect)?,
-            reader: FrameReader::new(stream),
+            reader: FrameReader::new(DeadlineStream::new(stream)),
             hello,
             hello_at: Instant::now(),
         })
@@ -108,7 +108,7 @@ impl AgentClient {
     /// The underlying stream (to relay it elsewhere). No byte beyond the
     /// frames read so far has been consumed.
     pub fn into_stream(self) -> UnixStream {
-        self.reader.into_inner()
+        self.reader.into_inner().into_inner()
     }
 
     /// Closes the connection both ways.
@@ -130,24 +130,22 @@ impl AgentClient {
         protocol::write_frame(&mut self.writer, FrameKind::Host, msg).map_err(AgentError::Protocol)
     }
 
+    /// Reads one whole frame by `deadline`: the deadline bounds the frame
+    /// (header and payload), however the agent splits its bytes, so a
+    /// guest trickling a large frame times out like a silent one.
     fn recv(&mut self, deadline: Instant) -> Result<AgentMessage, AgentError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if deadline <= Instant::now() {
             return Err(AgentError::Timeout);
         }
         self.reader
-            .get_ref()
-            .set_read_timeout(Some(left))
+            .get_mut()
+            .set_deadline(Some(deadline))
             .map_err(AgentError::Connect)?;
         match self.reader.read_frame(FrameKind::Agent) {
             Ok(Some(AgentMessage::Error(reply))) => Err(AgentError::Agent(reply)),
             Ok(Some(msg)) => Ok(msg),
             Ok(None) => Err(AgentError::Closed),
-            Err(ProtocolError::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                Err(AgentError::Timeout)
-            }
+            Err(ProtocolError::Io(e)) if deadline::is_timeout(&e) => Err(AgentError::Timeout),
             Err(e) => Err(AgentError::Protocol(e)),
         }
     }
@@ -287,7 +285,7 @@ pub enum AgentError {
     /// The agent closed the connection (or the guest refused it).
     #[error("the guest agent closed the connection")]
     Closed,
-    /// No answer before the deadline.
+    /// No whole answer (every byte of the frame) before the deadline.
     #[error("the guest agent did not answer in time")]
     Timeout,
     /// A frame that does not decode.
