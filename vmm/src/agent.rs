@@ -6,6 +6,7 @@
 //! beyond the caller's cap is dropped here too, and an agent that stops
 //! answering costs a timeout, never a hang.
 
+use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -177,6 +178,21 @@ impl AgentClient {
         deadline: Instant,
         mut on_output: impl FnMut(OutputStream, &[u8]),
     ) -> Result<Exit, AgentError> {
+        self.invoke_until(invoke, deadline, |stream, chunk| {
+            on_output(stream, chunk);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// Like [`AgentClient::invoke`], but `on_output` may stop the
+    /// invocation: on [`ControlFlow::Break`] this returns
+    /// [`AgentError::Cancelled`] at once (the caller then destroys the VM).
+    pub fn invoke_until(
+        &mut self,
+        invoke: &Invoke,
+        deadline: Instant,
+        mut on_output: impl FnMut(OutputStream, &[u8]) -> ControlFlow<()>,
+    ) -> Result<Exit, AgentError> {
         invoke.validate().map_err(AgentError::BadRequest)?;
         self.send(&HostMessage::Invoke(invoke.clone()))?;
         let mut budget = invoke.max_output_bytes;
@@ -199,7 +215,9 @@ impl AgentClient {
                 truncated = true;
             }
             if take > 0 {
-                on_output(stream, &chunk[..take]);
+                if on_output(stream, &chunk[..take]).is_break() {
+                    return Err(AgentError::Cancelled);
+                }
                 budget -= take as u64;
             }
         }
@@ -300,6 +318,9 @@ pub enum AgentError {
     /// The agent refused the request.
     #[error("the guest agent refused: {kind:?}: {message}", kind = .0.kind, message = .0.message)]
     Agent(ErrorReply),
+    /// The caller stopped the invocation (e.g. its client stopped reading).
+    #[error("the invocation was stopped: its output could not be delivered")]
+    Cancelled,
     /// The request is invalid; nothing was sent.
     #[error("invalid invocation: {0}")]
     BadRequest(String),
