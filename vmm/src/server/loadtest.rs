@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::client::{Client, ClientError, Target};
+use super::guard::AuthToken;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct LoadConfig {
     pub argv: Vec<String>,
     /// Each invocation's `timeout_ms`.
     pub timeout_ms: u64,
+    /// The server's bearer token, if it wants one.
+    pub auth_token: Option<AuthToken>,
 }
 
 /// Latency percentiles in ms (nearest rank).
@@ -192,7 +195,8 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     // Per read: the invocation's timeout, plus the server's queue and
     // restore time, plus slack.
     let io_timeout = Duration::from_millis(config.timeout_ms) + Duration::from_secs(120);
-    let mut probe = Client::new(config.target.clone(), Duration::from_secs(10));
+    let mut probe = Client::new(config.target.clone(), Duration::from_secs(10))
+        .with_token(config.auth_token.clone());
     match probe.request("GET", "/v1/health", None) {
         Ok(r) if r.status == 200 => {}
         Ok(r) => return Err(LoadError::NotReady(format!("health answered {}", r.status))),
@@ -208,7 +212,8 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     let tallies: Vec<Tally> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..config.concurrency)
             .map(|_| {
-                let mut client = Client::new(config.target.clone(), io_timeout);
+                let mut client = Client::new(config.target.clone(), io_timeout)
+                    .with_token(config.auth_token.clone());
                 let body = &body;
                 scope.spawn(move || {
                     let mut tally = Tally::default();

@@ -38,7 +38,9 @@
 
 pub mod api;
 pub mod client;
+mod conn_cap;
 pub mod functions;
+pub mod guard;
 pub mod loadtest;
 pub mod metrics;
 
@@ -46,6 +48,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,8 +56,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -150,11 +153,43 @@ impl Listener {
     }
 }
 
+pub use self::conn_cap::DEFAULT_MAX_CONNECTIONS;
+use self::guard::{AuthToken, Guard};
+
+/// How long a request's body may take to arrive once the request was
+/// admitted (it holds a sandbox or a slot meanwhile).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the server treats requests.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Per-request limits.
     pub limits: Limits,
+    /// Every route but `/v1/health` requires `Authorization: Bearer
+    /// <token>`. Required to listen on an address other than loopback.
+    pub auth_token: Option<AuthToken>,
+    /// Most connections open at once; more are closed as they come.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            auth_token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The default configuration with `limits`.
+    pub fn with_limits(limits: Limits) -> Self {
+        ServerConfig {
+            limits,
+            ..ServerConfig::default()
+        }
+    }
 }
 
 /// What a server serves: snapshot invocations from a pool
@@ -225,6 +260,32 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.limits.validate().map_err(ServerError::Config)?;
+    if config.max_connections == 0 {
+        return Err(ServerError::Config(
+            "max_connections must be at least 1".into(),
+        ));
+    }
+    let loopback = match &listener {
+        Listener::Tcp(l) => {
+            let addr = l
+                .local_addr()
+                .map_err(|e| ServerError::Bind("tcp".into(), e))?;
+            if !addr.ip().is_loopback() && config.auth_token.is_none() {
+                return Err(ServerError::Config(format!(
+                    "refusing to listen on {addr}, which is not a loopback address, without \
+                     an auth token (--auth-token-file): anyone who reaches it could run code"
+                )));
+            }
+            addr.ip().is_loopback()
+        }
+        // Only local processes reach it, and no browser.
+        Listener::Unix(..) => false,
+    };
+    let guard = Arc::new(Guard {
+        token: config.auth_token.clone(),
+        loopback_host: loopback,
+        max_body_bytes: config.limits.max_body_bytes,
+    });
     let Services { pool, functions } = services.into();
     let has_functions = functions.as_ref().is_some_and(|f| !f.is_empty());
     if pool.is_none() && !has_functions {
@@ -261,6 +322,7 @@ pub async fn serve(
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
         })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state);
 
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -302,14 +364,23 @@ pub async fn serve(
             }
         }
     };
+    let max_connections = config.max_connections;
     let unix_path = match &listener {
         Listener::Unix(_, path) => Some(path.clone()),
         Listener::Tcp(_) => None,
     };
     let served = async {
         match listener {
-            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-            Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Listener::Tcp(l) => {
+                axum::serve(conn_cap::Capped::new(l, max_connections), app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
+            Listener::Unix(l, _) => {
+                axum::serve(conn_cap::Capped::new(l, max_connections), app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
         }
     };
     let result = tokio::select! {
@@ -546,7 +617,7 @@ struct InvokeQuery {
 async fn invocations(
     State(state): State<Shared>,
     query: Result<Query<InvokeQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let log = RequestLog::new(&state);
     let query = match query {
@@ -560,25 +631,13 @@ async fn invocations(
             )
         }
     };
-    let body = match body {
-        Ok(body) => body,
-        Err(e) => return log.refuse(e.status(), None, Outcome::Invalid, e.body_text()),
-    };
-    let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
-        .map_err(|e| format!("invalid request body: {e}"))
-        .and_then(|request| request.into_invocation(&state.limits))
-    {
-        Ok(invocation) => invocation,
-        Err(message) => {
-            return log.refuse(StatusCode::BAD_REQUEST, None, Outcome::Invalid, message)
-        }
-    };
-    drop(body);
     // One blocking job takes the sandbox and runs the invocation (so a
     // sandbox restored on demand is used by the thread that restored it).
     // It tells this task once it holds a sandbox, or why not: only then is
-    // the status line decided.
+    // the body read (a full queue is a 429 before any of it is buffered)
+    // and the status line decided.
     let (head_tx, head_rx) = oneshot::channel::<Option<Response>>();
+    let (request_tx, request_rx) = oneshot::channel::<Invocation>();
     let (done_tx, done_rx) = oneshot::channel::<Response>();
     let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     let id = HeaderValue::from_str(&log.id).ok();
@@ -590,7 +649,9 @@ async fn invocations(
             "this server serves no snapshot".into(),
         );
     };
+    let job_log = log.clone();
     tokio::task::spawn_blocking(move || {
+        let log = job_log;
         let lease = match pool.acquire() {
             Ok(lease) => lease,
             Err(e) => {
@@ -609,6 +670,11 @@ async fn invocations(
             );
             return;
         }
+        // No request (a bad body, counted by the request's task): the
+        // sandbox goes back.
+        let Ok(invocation) = request_rx.blocking_recv() else {
+            return;
+        };
         if query.stream {
             stream_invocation(&log, lease, &invocation, &events_tx);
         } else {
@@ -619,6 +685,23 @@ async fn invocations(
         Ok(Some(refusal)) => return refusal,
         Ok(None) => {}
         Err(_) => return task_failed(),
+    }
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err((status, message)) => return log.refuse(status, None, Outcome::Invalid, message),
+    };
+    let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
+        .map_err(|e| format!("invalid request body: {e}"))
+        .and_then(|request| request.into_invocation(&state.limits))
+    {
+        Ok(invocation) => invocation,
+        Err(message) => {
+            return log.refuse(StatusCode::BAD_REQUEST, None, Outcome::Invalid, message)
+        }
+    };
+    drop(body);
+    if request_tx.send(invocation).is_err() {
+        return task_failed();
     }
     let response = if query.stream {
         let mut response = Response::new(Body::from_stream(ReceiverStream::new(events_rx)));
@@ -631,6 +714,23 @@ async fn invocations(
         done_rx.await.unwrap_or_else(|_| task_failed())
     };
     with_id(response, id)
+}
+
+/// Reads a request's body, at most the body limit (413 beyond, without
+/// buffering the rest) and within [`BODY_READ_TIMEOUT`] (408).
+async fn read_body(request: Request) -> Result<Bytes, (StatusCode, String)> {
+    use axum::extract::FromRequest;
+    match tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(request, &())).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err((e.status(), e.body_text())),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 /// The answer when the blocking task serving a request went away.
@@ -662,28 +762,61 @@ fn run_invocation(log: &RequestLog, lease: Lease, invocation: &Invocation) -> Re
     }
 }
 
+/// How long a streaming response may wait for a client that stopped
+/// reading (its buffers and the event channel full) before the invocation
+/// is stopped and its sandbox freed.
+pub const STREAM_STALL_LIMIT: Duration = Duration::from_secs(10);
+
 /// Runs the invocation, sending NDJSON events to `events`.
+///
+/// A client that reads slowly slows the sandbox's output down, but no
+/// send waits past [`STREAM_STALL_LIMIT`], nor past the invocation's own
+/// deadline (its timeout plus that limit): a client that connects and
+/// never reads would otherwise hold the sandbox forever. The invocation is
+/// then stopped and its sandbox destroyed. A client that went away no
+/// longer gets output (the invocation still ends at its timeout).
 fn stream_invocation(
     log: &RequestLog,
     lease: Lease,
     invocation: &Invocation,
     events: &mpsc::Sender<Result<Bytes, Infallible>>,
 ) {
-    // A client that reads slowly slows the sandbox's output down; one that
-    // went away no longer gets it (the invocation still ends at its
-    // timeout).
-    let send = |event: StreamEvent| {
-        let _ = events.blocking_send(Ok(Bytes::from(event.to_line())));
+    let runtime = tokio::runtime::Handle::current();
+    let deadline =
+        Instant::now() + Duration::from_millis(invocation.timeout_ms) + STREAM_STALL_LIMIT;
+    let mut stalled = false;
+    let mut send = |event: StreamEvent| -> ControlFlow<()> {
+        if stalled {
+            return ControlFlow::Break(());
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(STREAM_STALL_LIMIT);
+        let line = Bytes::from(event.to_line());
+        match runtime.block_on(tokio::time::timeout(wait, events.send(Ok(line)))) {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(_) => {
+                stalled = true;
+                tracing::warn!(
+                    target: "ember::invocation",
+                    id = %log.id,
+                    stall_ms = api::ms(wait),
+                    "the client stopped reading the stream; stopping the invocation"
+                );
+                ControlFlow::Break(())
+            }
+        }
     };
-    match lease.invoke_streaming(invocation, |stream, chunk| {
+    let result = lease.invoke_streaming_until(invocation, |stream, chunk| {
         send(StreamEvent::output(stream, chunk))
-    }) {
+    });
+    let _ = match result {
         Ok(outcome) => send(StreamEvent::Exit(log.finish(&outcome))),
         Err(e) => {
             let (_, message) = log.failed(&e);
-            send(StreamEvent::Error(ErrorBody { error: message }));
+            send(StreamEvent::Error(ErrorBody { error: message }))
         }
-    }
+    };
 }
 
 async fn health(State(state): State<Shared>) -> Response {
@@ -881,7 +1014,7 @@ async fn function_invocations(
     State(state): State<Shared>,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<FunctionQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let name = match name {
         Ok(Path(name)) => name,
@@ -904,21 +1037,23 @@ async fn function_invocations(
         Ok(options) => options,
         Err(message) => return invalid(StatusCode::BAD_REQUEST, message),
     };
-    let event = match body {
-        Ok(body) => body,
-        Err(e) => return invalid(e.status(), e.body_text()),
-    };
-    // Larger events would not fit one agent frame on the vsock path.
-    if event.len() > state.limits.max_input_bytes {
+    // Larger events would not fit one agent frame on the vsock path: an
+    // event declared larger is refused before it is admitted or read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > state.limits.max_input_bytes as u64) {
         return invalid(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "the event is {} bytes, over the limit of {}",
-                event.len(),
+                "the event is {len} bytes, over the limit of {}",
                 state.limits.max_input_bytes
             ),
         );
     }
+    // Admitted (a slot, or 429) before the body is read into memory.
     let slot = match state.functions.acquire().await {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -935,6 +1070,20 @@ async fn function_invocations(
             );
         }
     };
+    let event = match read_body(request).await {
+        Ok(body) => body,
+        Err((status, message)) => return invalid(status, message),
+    };
+    if event.len() > state.limits.max_input_bytes {
+        return invalid(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the event is {} bytes, over the limit of {}",
+                event.len(),
+                state.limits.max_input_bytes
+            ),
+        );
+    }
     let id = HeaderValue::from_str(&log.id).ok();
     let functions = state.functions.clone();
     // The invocation runs to its end even if the client goes away (the
