@@ -193,7 +193,7 @@ pub fn spawn(
     // a time gets no more time than a silent one.
     let mut control = DeadlineStream::new(control);
     control
-        .set_deadline(Some(started + RESTORE_CONNECT_TIMEOUT))
+        .set_deadline(Some(Instant::now() + RESTORE_CONNECT_TIMEOUT))
         .map_err(WorkerError::Io)?;
     let line = match read_line(&mut control) {
         Ok(line) => line,
