@@ -202,6 +202,18 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         Ok(r) => return Err(LoadError::NotReady(format!("health answered {}", r.status))),
         Err(e) => return Err(LoadError::NotReady(e.to_string())),
     }
+    // Health needs no token; a protected route says whether ours is good.
+    match probe.request("GET", "/metrics", None) {
+        Ok(r) if r.status == 401 => {
+            return Err(LoadError::NotReady(if config.auth_token.is_some() {
+                "the server refused the bearer token".into()
+            } else {
+                "the server wants a bearer token (--auth-token-file)".into()
+            }))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(LoadError::NotReady(e.to_string())),
+    }
     let body = serde_json::to_vec(&serde_json::json!({
         "argv": config.argv,
         "timeout_ms": config.timeout_ms,
