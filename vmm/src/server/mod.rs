@@ -26,7 +26,13 @@
 //! Errors are JSON `{"error": "..."}`: 400 for a malformed request or one
 //! over the [`Limits`], 413 for a body over the size limit, 429 with
 //! `Retry-After` when every sandbox is busy and the queue is full, 503
-//! while shutting down. Each invocation request logs one JSON line
+//! while shutting down. Before any of that, [`guard`] answers 421 for a
+//! foreign `Host` on a loopback listener, 401 without the bearer token
+//! ([`ServerConfig::auth_token`]), 413 for a body declared too large and
+//! 415 for a body not labelled as JSON; a request is admitted (a sandbox
+//! or a slot, or 429) before its body is read (408 if it does not arrive
+//! within [`BODY_READ_TIMEOUT`]). At most
+//! [`ServerConfig::max_connections`] connections are open at once. Each invocation request logs one JSON line
 //! (target `ember::invocation`) with its id, outcome, exit status,
 //! timings and usage; each function invocation one line (target
 //! `ember::function`) with its function, result kind, path and timings.
@@ -243,6 +249,11 @@ struct AppState {
     functions: Arc<FunctionSet>,
     limits: Limits,
     metrics: Metrics,
+    /// One permit per sandbox and queue place of the pool: a request
+    /// holds one from before its body is read until it is answered.
+    pool_admission: Arc<tokio::sync::Semaphore>,
+    /// The same for function clones.
+    function_admission: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -302,6 +313,15 @@ pub async fn serve(
         functions: functions.clone(),
         limits: config.limits,
         metrics: Metrics::new(&functions.names()),
+        pool_admission: admission(pool.as_ref().map_or(0, |p| {
+            p.config().max_live.saturating_add(p.config().max_queue)
+        })),
+        function_admission: admission(
+            functions
+                .config()
+                .max_live
+                .saturating_add(functions.config().max_queue),
+        ),
         next_id: AtomicU64::new(1),
         id_prefix: format!("{started:x}-{:x}", std::process::id()),
     });
@@ -408,6 +428,13 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     result
+}
+
+/// A semaphore of `places` permits (as many as a semaphore can hold).
+fn admission(places: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        places.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ))
 }
 
 /// Runs the server on its own runtime until SIGINT or SIGTERM, then
@@ -631,16 +658,6 @@ async fn invocations(
             )
         }
     };
-    // One blocking job takes the sandbox and runs the invocation (so a
-    // sandbox restored on demand is used by the thread that restored it).
-    // It tells this task once it holds a sandbox, or why not: only then is
-    // the body read (a full queue is a 429 before any of it is buffered)
-    // and the status line decided.
-    let (head_tx, head_rx) = oneshot::channel::<Option<Response>>();
-    let (request_tx, request_rx) = oneshot::channel::<Invocation>();
-    let (done_tx, done_rx) = oneshot::channel::<Response>();
-    let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
-    let id = HeaderValue::from_str(&log.id).ok();
     let Some(pool) = state.pool.clone() else {
         return log.refuse(
             StatusCode::NOT_FOUND,
@@ -649,9 +666,40 @@ async fn invocations(
             "this server serves no snapshot".into(),
         );
     };
-    let job_log = log.clone();
+    // Admitted (or 429) before the body is read: at most as many bodies
+    // are in memory as there are sandboxes and queue places.
+    let Ok(admitted) = state.pool_admission.clone().try_acquire_owned() else {
+        let config = pool.config();
+        let busy = PoolError::Busy {
+            max_live: config.max_live,
+            max_queue: config.max_queue,
+        };
+        return log.pool_error(&busy);
+    };
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err((status, message)) => return log.refuse(status, None, Outcome::Invalid, message),
+    };
+    let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
+        .map_err(|e| format!("invalid request body: {e}"))
+        .and_then(|request| request.into_invocation(&state.limits))
+    {
+        Ok(invocation) => invocation,
+        Err(message) => {
+            return log.refuse(StatusCode::BAD_REQUEST, None, Outcome::Invalid, message)
+        }
+    };
+    drop(body);
+    // One blocking job takes the sandbox and runs the invocation (so a
+    // sandbox restored on demand is used by the thread that restored it).
+    // It tells this task once it holds a sandbox, or why not: only then is
+    // the status line decided.
+    let (head_tx, head_rx) = oneshot::channel::<Option<Response>>();
+    let (done_tx, done_rx) = oneshot::channel::<Response>();
+    let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
+    let id = HeaderValue::from_str(&log.id).ok();
     tokio::task::spawn_blocking(move || {
-        let log = job_log;
+        let _admitted = admitted;
         let lease = match pool.acquire() {
             Ok(lease) => lease,
             Err(e) => {
@@ -670,11 +718,6 @@ async fn invocations(
             );
             return;
         }
-        // No request (a bad body, counted by the request's task): the
-        // sandbox goes back.
-        let Ok(invocation) = request_rx.blocking_recv() else {
-            return;
-        };
         if query.stream {
             stream_invocation(&log, lease, &invocation, &events_tx);
         } else {
@@ -685,23 +728,6 @@ async fn invocations(
         Ok(Some(refusal)) => return refusal,
         Ok(None) => {}
         Err(_) => return task_failed(),
-    }
-    let body = match read_body(request).await {
-        Ok(body) => body,
-        Err((status, message)) => return log.refuse(status, None, Outcome::Invalid, message),
-    };
-    let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
-        .map_err(|e| format!("invalid request body: {e}"))
-        .and_then(|request| request.into_invocation(&state.limits))
-    {
-        Ok(invocation) => invocation,
-        Err(message) => {
-            return log.refuse(StatusCode::BAD_REQUEST, None, Outcome::Invalid, message)
-        }
-    };
-    drop(body);
-    if request_tx.send(invocation).is_err() {
-        return task_failed();
     }
     let response = if query.stream {
         let mut response = Response::new(Body::from_stream(ReceiverStream::new(events_rx)));
@@ -1053,7 +1079,35 @@ async fn function_invocations(
             ),
         );
     }
-    // Admitted (a slot, or 429) before the body is read into memory.
+    // Admitted (or 429) before the body is read: at most as many events
+    // are in memory as there are clone slots and queue places.
+    let Ok(admitted) = state.function_admission.clone().try_acquire_owned() else {
+        let config = state.functions.config();
+        return log.refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("1"),
+            FunctionOutcomeKind::Rejected,
+            Refusal::Busy {
+                max_live: config.max_live,
+                max_queue: config.max_queue,
+            }
+            .to_string(),
+        );
+    };
+    let event = match read_body(request).await {
+        Ok(body) => body,
+        Err((status, message)) => return invalid(status, message),
+    };
+    if event.len() > state.limits.max_input_bytes {
+        return invalid(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the event is {} bytes, over the limit of {}",
+                event.len(),
+                state.limits.max_input_bytes
+            ),
+        );
+    }
     let slot = match state.functions.acquire().await {
         Ok(slot) => slot,
         Err(refusal) => {
@@ -1070,26 +1124,13 @@ async fn function_invocations(
             );
         }
     };
-    let event = match read_body(request).await {
-        Ok(body) => body,
-        Err((status, message)) => return invalid(status, message),
-    };
-    if event.len() > state.limits.max_input_bytes {
-        return invalid(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the event is {} bytes, over the limit of {}",
-                event.len(),
-                state.limits.max_input_bytes
-            ),
-        );
-    }
     let id = HeaderValue::from_str(&log.id).ok();
     let functions = state.functions.clone();
     // The invocation runs to its end even if the client goes away (the
     // slot is held until the clone is destroyed); it is counted and logged
     // either way.
     let answer = tokio::task::spawn_blocking(move || {
+        let _admitted = admitted;
         let function = functions.get(&name).expect("the function is in the set");
         let options = FunctionInvokeOptions {
             isolation: functions.config().isolation.clone(),
