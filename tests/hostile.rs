@@ -332,3 +332,89 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_file(&secret).unwrap();
 }
+
+/// Hostile (issue 13, item 5): a guest agent that trickles a frame, one
+/// byte at a time, well inside any per-read timeout, is cut off at the
+/// operation's deadline with a typed timeout, whether it trickles its
+/// greeting or an answer. The test plays the guest's end of the agent
+/// connection (what a guest root could send; the host reads it with the
+/// same [`ember::agent::AgentClient`] every sandbox uses). Before the fix
+/// the host set one socket timeout per frame and each byte reset it: the
+/// 32 MiB frame below would have taken about 19 days, and the sandbox
+/// (and its slot in a server) with it.
+#[test]
+fn hostile_trickling_agent_frame_times_out_by_its_deadline() {
+    use ember::agent::{AgentClient, AgentError};
+    use ember_agent::protocol::{
+        encode_frame, AgentMessage, FrameHeader, FrameKind, Hello, Invoke, MAX_FRAME_LEN,
+    };
+
+    /// A byte every 50 ms; the guest gives up after a minute, so that a
+    /// host without deadlines fails this test instead of hanging it.
+    const BYTE_EVERY: Duration = Duration::from_millis(50);
+    const GIVE_UP: Duration = Duration::from_secs(60);
+    const DEADLINE: Duration = Duration::from_secs(2);
+    /// Scheduling on a loaded 2-core host.
+    const SLACK: Duration = Duration::from_secs(2);
+
+    fn trickle(mut guest: UnixStream, greet_first: bool) -> JoinHandle<()> {
+        use std::io::Write;
+        // Drains what the host sends, so its writes never block.
+        let mut drain = guest.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+        });
+        std::thread::spawn(move || {
+            if greet_first {
+                let hello =
+                    encode_frame(FrameKind::Agent, &AgentMessage::Hello(Hello::current())).unwrap();
+                guest.write_all(&hello).unwrap();
+            }
+            let header = FrameHeader {
+                kind: FrameKind::Agent,
+                len: MAX_FRAME_LEN,
+            }
+            .encode();
+            let started = Instant::now();
+            for byte in header.iter().chain(std::iter::repeat(&0u8)) {
+                if started.elapsed() > GIVE_UP || guest.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(BYTE_EVERY);
+            }
+        })
+    }
+
+    // The greeting trickled: the handshake's deadline holds.
+    let (host, guest) = UnixStream::pair().unwrap();
+    let guest = trickle(guest, false);
+    let started = Instant::now();
+    let err = AgentClient::handshake(host, None, started + DEADLINE)
+        .expect_err("a trickled greeting must time out");
+    let elapsed = started.elapsed();
+    assert!(matches!(err, AgentError::Timeout), "{err}");
+    assert!(elapsed < DEADLINE + SLACK, "handshake took {elapsed:?}");
+    guest.join().unwrap();
+
+    // An answer trickled after an honest greeting: the invocation's
+    // deadline holds.
+    let (host, guest) = UnixStream::pair().unwrap();
+    let guest = trickle(guest, true);
+    let mut client = AgentClient::handshake(host, None, Instant::now() + DEADLINE)
+        .expect("the honest greeting is read");
+    let started = Instant::now();
+    let mut output = 0;
+    let err = client
+        .invoke(&Invoke::new(["yes"]), started + DEADLINE, |_, chunk| {
+            output += chunk.len()
+        })
+        .expect_err("a trickled answer must time out");
+    let elapsed = started.elapsed();
+    assert!(matches!(err, AgentError::Timeout), "{err}");
+    assert!(elapsed < DEADLINE + SLACK, "invocation took {elapsed:?}");
+    assert_eq!(output, 0, "nothing of the unfinished frame is delivered");
+    drop(client);
+    guest.join().unwrap();
+    eprintln!("trickled frames cut off at their deadline ({DEADLINE:?}): last after {elapsed:?}");
+}

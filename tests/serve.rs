@@ -47,6 +47,22 @@ impl TestServer {
         listen: ListenAddr,
         functions: Option<Arc<FunctionSet>>,
     ) -> Self {
+        Self::start_config(
+            pool_config,
+            ServerConfig::with_limits(limits),
+            listen,
+            functions,
+        )
+    }
+
+    /// A server of the shared snapshot's pool and `functions`, configured
+    /// as `config` says.
+    fn start_config(
+        pool_config: PoolConfig,
+        config: ServerConfig,
+        listen: ListenAddr,
+        functions: Option<Arc<FunctionSet>>,
+    ) -> Self {
         let snapshot = ember::snapshot::Snapshot::open(common::shared_snapshot().dir())
             .expect("shared snapshot opens");
         let pool = Arc::new(Pool::new(Arc::new(snapshot), pool_config).expect("pool starts"));
@@ -67,14 +83,9 @@ impl TestServer {
             pool: Some(pool.clone()),
             functions: functions.clone(),
         };
-        let done = runtime.spawn(server::serve(
-            listener,
-            services,
-            ServerConfig { limits },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let done = runtime.spawn(server::serve(listener, services, config, async move {
+            let _ = stopped.await;
+        }));
         TestServer {
             runtime,
             target,
@@ -433,7 +444,33 @@ fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
         .as_str()
         .is_some_and(|e| e.contains("busy")));
 
-    // Over the caps, or malformed: 400 with a message, no sandbox used.
+    // While the queue is full, a request is refused before its body is
+    // read, however malformed the body.
+    let r = client
+        .request("POST", "/v1/invocations", Some(b"{not json"))
+        .unwrap();
+    assert_eq!(r.status, 429);
+
+    let (status, headers, events) = long.join().expect("long invocation thread");
+    assert_eq!(status, 200);
+    assert!(headers
+        .iter()
+        .any(|(k, v)| k == "content-type" && v == "application/x-ndjson"));
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "exit", "{events:?}");
+    assert_eq!(last["exit_code"], 0);
+    let text = |kind: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .filter_map(|e| e["data"].as_str())
+            .collect()
+    };
+    assert_eq!(text("stdout"), "started\n");
+    assert_eq!(text("stderr"), "done\n");
+
+    // Over the caps, or malformed: 400 with a message, no sandbox used
+    // (once the queue has room: admission comes first).
     let bad = [
         (
             json!({"argv": ["true"], "timeout_ms": 60_001}),
@@ -482,28 +519,12 @@ fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
     assert_eq!(r.status, 404);
     assert!(r.json().unwrap()["error"].is_string());
 
-    let (status, headers, events) = long.join().expect("long invocation thread");
-    assert_eq!(status, 200);
-    assert!(headers
-        .iter()
-        .any(|(k, v)| k == "content-type" && v == "application/x-ndjson"));
-    let last = events.last().expect("events");
-    assert_eq!(last["type"], "exit", "{events:?}");
-    assert_eq!(last["exit_code"], 0);
-    let text = |kind: &str| -> String {
-        events
-            .iter()
-            .filter(|e| e["type"] == kind)
-            .filter_map(|e| e["data"].as_str())
-            .collect()
-    };
-    assert_eq!(text("stdout"), "started\n");
-    assert_eq!(text("stderr"), "done\n");
-
     let m = metrics(&mut client);
     assert_eq!(outcome_count(&m, "ok"), 1.0);
-    assert_eq!(outcome_count(&m, "rejected"), 1.0);
-    assert_eq!(outcome_count(&m, "invalid"), (bad.len() + 3) as f64);
+    assert_eq!(outcome_count(&m, "rejected"), 2.0);
+    // The 413 is answered on the declared length, before the request is
+    // an invocation: it is not counted as one.
+    assert_eq!(outcome_count(&m, "invalid"), (bad.len() + 2) as f64);
     assert_eq!(m["ember_pool_in_use"], 0.0);
     server.stop();
 }
@@ -1331,4 +1352,312 @@ fn serve_functions_from_a_directory() {
             assert!(!line[field].is_null(), "{field} in {line}");
         }
     }
+}
+
+// --- Hostile clients (issue 13, items 5 and 11) --------------------------
+
+/// Sends `request` (which should say `Connection: close`) on a fresh
+/// connection to `addr` and returns the status and body of the answer.
+fn raw_request(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    stream.write_all(request).expect("request sent");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}
+
+/// Whether a connection accepted at `addr` is closed without an answer
+/// to a request (the connection cap).
+fn closed_without_answer(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let _ = stream
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+    }
+}
+
+/// Hostile clients of the HTTP API (issue 13, item 11): without the token,
+/// with a wrong one, with a foreign `Host` (DNS rebinding), with a body
+/// that is not labelled JSON, with a body over the limit (answered before
+/// it is sent), and beyond the connection cap, requests are refused with
+/// JSON errors before anything runs; a proper request still runs. A
+/// server on a non-loopback address without a token does not start.
+/// Before: every request was served (the API had no token, no `Host` or
+/// content-type check and no connection cap) and a body was read whole
+/// before its size or the queue were considered.
+#[test]
+fn hostile_api_requests_are_refused_before_anything_runs() {
+    use ember::server::guard::AuthToken;
+    let token = AuthToken::new("test-token-5f1d").unwrap();
+    let limits = Limits {
+        max_body_bytes: 1 << 20,
+        ..Limits::default()
+    };
+    let server = TestServer::start_config(
+        PoolConfig {
+            warm: 0,
+            max_live: 1,
+            ..PoolConfig::default()
+        },
+        ServerConfig {
+            limits,
+            auth_token: Some(token.clone()),
+            max_connections: 4,
+        },
+        ListenAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        None,
+    );
+    let Target::Tcp(addr) = server.target.clone() else {
+        unreachable!("a TCP server")
+    };
+    let host = format!("Host: 127.0.0.1:{}\r\n", addr.port());
+    let auth = "Authorization: Bearer test-token-5f1d\r\n";
+    let json = "Content-Type: application/json\r\n";
+    let body = r#"{"argv":["echo","hi"]}"#;
+    let post = |headers: &str| {
+        raw_request(
+            addr,
+            format!(
+                "POST /v1/invocations HTTP/1.1\r\n{headers}Content-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let get = |path: &str, headers: &str| {
+        raw_request(
+            addr,
+            format!("GET {path} HTTP/1.1\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+        )
+    };
+    let is_json_error =
+        |body: &str| serde_json::from_str::<Value>(body).is_ok_and(|v| v["error"].is_string());
+
+    // Health needs no token; everything else does.
+    assert_eq!(get("/v1/health", &host).0, 200);
+    for (what, headers) in [
+        ("no token", host.clone()),
+        (
+            "wrong token",
+            format!("{host}Authorization: Bearer test-token-5f1e\r\n"),
+        ),
+        (
+            "another scheme",
+            format!("{host}Authorization: Basic test-token-5f1d\r\n"),
+        ),
+    ] {
+        let (status, body) = post(&format!("{headers}{json}"));
+        assert_eq!(status, 401, "{what}: {body}");
+        assert!(is_json_error(&body), "{what}: {body}");
+        assert_eq!(get("/metrics", &headers).0, 401, "{what}");
+    }
+    // A foreign Host on a loopback server: a rebound DNS name.
+    for bad_host in ["Host: evil.example\r\n", "Host: evil.example:8080\r\n", ""] {
+        let (status, body) = post(&format!("{bad_host}{auth}{json}"));
+        assert_eq!(status, 421, "{bad_host:?}: {body}");
+        assert!(is_json_error(&body), "{body}");
+    }
+    // JSON not labelled as JSON (what a cross-site form can send).
+    for content_type in ["Content-Type: text/plain\r\n", ""] {
+        let (status, body) = post(&format!("{host}{auth}{content_type}"));
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert!(is_json_error(&body), "{body}");
+    }
+    // A body over the limit: refused on its declared length, without
+    // waiting for (or buffering) a byte of it.
+    let started = Instant::now();
+    let (status, body) = raw_request(
+        addr,
+        format!(
+            "POST /v1/invocations HTTP/1.1\r\n{host}{auth}{json}Content-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            (1 << 20) + 1
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(is_json_error(&body), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Nothing of the above reached a sandbox.
+    assert_eq!(server.pool.stats().live, 0);
+
+    // The token, a loopback Host and JSON: served (the client sends them).
+    let mut client = server.client().with_token(Some(token.clone()));
+    let r = invoke(&mut client, json!({"argv": ["echo", "hi"]}));
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json().unwrap()["stdout"], "hi\n");
+    drop(client);
+
+    // The connection cap: four idle connections hold every permit; the
+    // next connection is closed unanswered; once they close, requests are
+    // answered again.
+    let idle: Vec<_> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    assert!(closed_without_answer(addr), "a fifth connection is refused");
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if !closed_without_answer(addr) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "permits come back when connections close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.stop();
+
+    // No token, not loopback: refused before listening, in the library and
+    // on the command line; with a token the address is accepted.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let serve_on_any = |config: ServerConfig| {
+        runtime.block_on(async {
+            let listener = Listener::bind(&ListenAddr::Tcp("0.0.0.0:0".parse().unwrap()))
+                .await
+                .expect("binds");
+            server::serve(listener, Services::default(), config, async {})
+                .await
+                .expect_err("nothing to serve, at least")
+                .to_string()
+        })
+    };
+    let err = serve_on_any(ServerConfig::default());
+    assert!(err.contains("not a loopback address"), "{err}");
+    let err = serve_on_any(ServerConfig {
+        auth_token: Some(token),
+        ..ServerConfig::default()
+    });
+    assert!(err.contains("nothing to serve"), "{err}");
+    let snapshot = common::shared_snapshot()
+        .dir()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let out = common::run_ember(
+        &[
+            "serve",
+            "--snapshot",
+            &snapshot,
+            "--warm",
+            "0",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+    // A token file readable by everyone is refused.
+    let token_file = common::temp_path("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let out = common::run_ember(
+        &[
+            "serve",
+            "--snapshot",
+            &snapshot,
+            "--warm",
+            "0",
+            "--listen",
+            "0.0.0.0:0",
+            "--auth-token-file",
+            token_file.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("readable by every user"), "{stderr}");
+    let _ = std::fs::remove_file(&token_file);
+}
+
+/// Hostile (issue 13, item 5): with one sandbox, a streaming invocation of
+/// `yes` whose client sends the request and never reads gets its stream
+/// cut and its sandbox destroyed once the output has stalled for the
+/// server's stall limit; the next request then runs, long before `yes`
+/// would have reached its own timeout. Before the fix the server's send
+/// waited forever for the client to read, holding the sandbox (and the
+/// next request's place in the queue) for good.
+#[test]
+fn hostile_streaming_client_that_never_reads_frees_its_sandbox() {
+    use std::io::Write;
+    /// `yes`'s own timeout: far beyond what the test allows.
+    const YES_TIMEOUT_MS: u64 = 290_000;
+    let socket = common::temp_path("serve-stall.sock");
+    let server = TestServer::start(
+        PoolConfig {
+            warm: 1,
+            max_live: 1,
+            max_queue: 4,
+            queue_timeout: REQUEST_TIMEOUT,
+            ..PoolConfig::default()
+        },
+        Limits::default(),
+        ListenAddr::Unix(socket.clone()),
+    );
+    let body = format!(r#"{{"argv":["yes"],"timeout_ms":{YES_TIMEOUT_MS}}}"#);
+    let mut silent = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    silent
+        .write_all(
+            format!(
+                "POST /v1/invocations?stream=true HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .expect("request sent");
+    // The stalled invocation holds the only sandbox first.
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    while server.pool.stats().in_use == 0 {
+        assert!(Instant::now() < deadline, "the streaming invocation starts");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let mut client = Client::new(server.target.clone(), Duration::from_secs(240));
+    let r = invoke(&mut client, json!({"argv": ["echo", "next"]}));
+    let waited = started.elapsed();
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json().unwrap()["stdout"], "next\n");
+    assert!(
+        waited < Duration::from_millis(YES_TIMEOUT_MS) - Duration::from_secs(60),
+        "the next request waited {waited:?}"
+    );
+    eprintln!(
+        "the stalled stream's sandbox was freed; the next request ran after {waited:.1?} \
+         (stall limit {:?})",
+        server::STREAM_STALL_LIMIT
+    );
+    drop(silent);
+    server.stop();
 }

@@ -6,7 +6,7 @@
 //! beyond the caller's cap is dropped here too, and an agent that stops
 //! answering costs a timeout, never a hang.
 
-use std::io::ErrorKind;
+use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use ember_protocol::protocol::{
     FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError, Refresh,
 };
 
+use crate::deadline::{self, DeadlineStream};
 use crate::machine::Machine;
 
 /// Which stream a chunk of output came from.
@@ -30,7 +31,7 @@ pub enum OutputStream {
 #[derive(Debug)]
 pub struct AgentClient {
     writer: UnixStream,
-    reader: FrameReader<UnixStream>,
+    reader: FrameReader<DeadlineStream>,
     hello: Hello,
     hello_at: Instant,
 }
@@ -73,7 +74,7 @@ impl AgentClient {
         let writer = stream.try_clone().map_err(AgentError::Connect)?;
         let mut client = AgentClient {
             writer,
-            reader: FrameReader::new(stream),
+            reader: FrameReader::new(DeadlineStream::new(stream)),
             hello: Hello {
                 protocol_version: 0,
                 agent_version: String::new(),
@@ -99,7 +100,7 @@ impl AgentClient {
     pub fn attach(stream: UnixStream, hello: Hello) -> Result<Self, AgentError> {
         Ok(AgentClient {
             writer: stream.try_clone().map_err(AgentError::Connect)?,
-            reader: FrameReader::new(stream),
+            reader: FrameReader::new(DeadlineStream::new(stream)),
             hello,
             hello_at: Instant::now(),
         })
@@ -108,7 +109,7 @@ impl AgentClient {
     /// The underlying stream (to relay it elsewhere). No byte beyond the
     /// frames read so far has been consumed.
     pub fn into_stream(self) -> UnixStream {
-        self.reader.into_inner()
+        self.reader.into_inner().into_inner()
     }
 
     /// Closes the connection both ways.
@@ -130,24 +131,22 @@ impl AgentClient {
         protocol::write_frame(&mut self.writer, FrameKind::Host, msg).map_err(AgentError::Protocol)
     }
 
+    /// Reads one whole frame by `deadline`: the deadline bounds the frame
+    /// (header and payload), however the agent splits its bytes, so a
+    /// guest trickling a large frame times out like a silent one.
     fn recv(&mut self, deadline: Instant) -> Result<AgentMessage, AgentError> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        if deadline <= Instant::now() {
             return Err(AgentError::Timeout);
         }
         self.reader
-            .get_ref()
-            .set_read_timeout(Some(left))
+            .get_mut()
+            .set_deadline(Some(deadline))
             .map_err(AgentError::Connect)?;
         match self.reader.read_frame(FrameKind::Agent) {
             Ok(Some(AgentMessage::Error(reply))) => Err(AgentError::Agent(reply)),
             Ok(Some(msg)) => Ok(msg),
             Ok(None) => Err(AgentError::Closed),
-            Err(ProtocolError::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                Err(AgentError::Timeout)
-            }
+            Err(ProtocolError::Io(e)) if deadline::is_timeout(&e) => Err(AgentError::Timeout),
             Err(e) => Err(AgentError::Protocol(e)),
         }
     }
@@ -179,6 +178,21 @@ impl AgentClient {
         deadline: Instant,
         mut on_output: impl FnMut(OutputStream, &[u8]),
     ) -> Result<Exit, AgentError> {
+        self.invoke_until(invoke, deadline, |stream, chunk| {
+            on_output(stream, chunk);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// Like [`AgentClient::invoke`], but `on_output` may stop the
+    /// invocation: on [`ControlFlow::Break`] this returns
+    /// [`AgentError::Cancelled`] at once (the caller then destroys the VM).
+    pub fn invoke_until(
+        &mut self,
+        invoke: &Invoke,
+        deadline: Instant,
+        mut on_output: impl FnMut(OutputStream, &[u8]) -> ControlFlow<()>,
+    ) -> Result<Exit, AgentError> {
         invoke.validate().map_err(AgentError::BadRequest)?;
         self.send(&HostMessage::Invoke(invoke.clone()))?;
         let mut budget = invoke.max_output_bytes;
@@ -201,7 +215,9 @@ impl AgentClient {
                 truncated = true;
             }
             if take > 0 {
-                on_output(stream, &chunk[..take]);
+                if on_output(stream, &chunk[..take]).is_break() {
+                    return Err(AgentError::Cancelled);
+                }
                 budget -= take as u64;
             }
         }
@@ -287,7 +303,7 @@ pub enum AgentError {
     /// The agent closed the connection (or the guest refused it).
     #[error("the guest agent closed the connection")]
     Closed,
-    /// No answer before the deadline.
+    /// No whole answer (every byte of the frame) before the deadline.
     #[error("the guest agent did not answer in time")]
     Timeout,
     /// A frame that does not decode.
@@ -302,6 +318,9 @@ pub enum AgentError {
     /// The agent refused the request.
     #[error("the guest agent refused: {kind:?}: {message}", kind = .0.kind, message = .0.message)]
     Agent(ErrorReply),
+    /// The caller stopped the invocation (e.g. its client stopped reading).
+    #[error("the invocation was stopped: its output could not be delivered")]
+    Cancelled,
     /// The request is invalid; nothing was sent.
     #[error("invalid invocation: {0}")]
     BadRequest(String),

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod builder;
 pub mod cache_key;
 pub mod config;
+pub mod deadline;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;

@@ -43,6 +43,12 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve invocations over HTTP from a pool of warm sandboxes.
+    ///
+    /// Without --auth-token-file the server listens only on loopback or a
+    /// Unix socket; with it, every route but /v1/health requires
+    /// `Authorization: Bearer <token>`. On a loopback address only requests
+    /// whose Host is localhost, 127.0.0.1 or [::1] are answered (DNS
+    /// rebinding), and JSON bodies need `Content-Type: application/json`.
     Serve(ServeArgs),
     /// Function templates: a runtime with a handler loaded, snapshotted
     /// waiting.
@@ -239,6 +245,14 @@ struct ServeArgs {
     /// each (only for trusted code)
     #[arg(long)]
     in_process: bool,
+    /// Require `Authorization: Bearer <token>` on every route but
+    /// /v1/health; the token is FILE's content, trimmed (FILE must not be
+    /// world-readable). Required to listen on a non-loopback address
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Most connections open at once; more are closed as they come
+    #[arg(long, default_value_t = ember::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 #[derive(Args)]
@@ -255,6 +269,9 @@ struct BenchHttpArgs {
     /// Print one JSON object instead of a table
     #[arg(long)]
     json: bool,
+    /// Send the bearer token in FILE (the server's --auth-token-file)
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
 }
 
 impl VmArgs {
@@ -566,7 +583,18 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_output_bytes: args.max_output_bytes,
         ..Limits::default()
     };
-    server::run(&args.listen, services, ServerConfig { limits })?;
+    let auth_token = args
+        .auth_token_file
+        .as_deref()
+        .map(server::guard::AuthToken::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let config = ServerConfig {
+        limits,
+        auth_token,
+        max_connections: args.max_connections,
+    };
+    server::run(&args.listen, services, config)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -600,6 +628,12 @@ fn bench_http(args: BenchHttpArgs) -> Result<ExitCode> {
         duration: Duration::from_secs(args.duration_s),
         argv: vec!["true".into()],
         timeout_ms: 60_000,
+        auth_token: args
+            .auth_token_file
+            .as_deref()
+            .map(ember::server::guard::AuthToken::from_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
     };
     let report = loadtest::run(&config)?;
     if args.json {

@@ -792,6 +792,16 @@ impl Lease {
         self.run(|sandbox| sandbox.invoke_streaming(invocation, on_output))
     }
 
+    /// Like [`Lease::invoke_streaming`], but `on_output` may stop the
+    /// invocation (see [`Sandbox::invoke_streaming_until`]).
+    pub fn invoke_streaming_until(
+        self,
+        invocation: &Invocation,
+        on_output: impl FnMut(OutputStream, &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<PoolOutcome, PoolError> {
+        self.run(|sandbox| sandbox.invoke_streaming_until(invocation, on_output))
+    }
+
     fn run(
         mut self,
         f: impl FnOnce(&mut Sandbox) -> Result<Outcome, SandboxError>,

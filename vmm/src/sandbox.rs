@@ -221,7 +221,21 @@ impl Sandbox {
     pub fn invoke_streaming(
         &mut self,
         invocation: &Invocation,
-        on_output: impl FnMut(OutputStream, &[u8]),
+        mut on_output: impl FnMut(OutputStream, &[u8]),
+    ) -> Result<Outcome, SandboxError> {
+        self.invoke_streaming_until(invocation, |stream, chunk| {
+            on_output(stream, chunk);
+            std::ops::ControlFlow::Continue(())
+        })
+    }
+
+    /// Like [`Sandbox::invoke_streaming`], but `on_output` may stop the
+    /// invocation ([`std::ops::ControlFlow::Break`]): the microVM is
+    /// destroyed at once and the result is [`AgentError::Cancelled`].
+    pub fn invoke_streaming_until(
+        &mut self,
+        invocation: &Invocation,
+        on_output: impl FnMut(OutputStream, &[u8]) -> std::ops::ControlFlow<()>,
     ) -> Result<Outcome, SandboxError> {
         if std::mem::replace(&mut self.used, true) {
             return Err(SandboxError::AlreadyUsed);
@@ -229,7 +243,7 @@ impl Sandbox {
         let started = Instant::now();
         let deadline =
             started + Duration::from_millis(invocation.timeout_ms) + invoke_grace(self.host());
-        let result = self.agent.invoke(invocation, deadline, on_output);
+        let result = self.agent.invoke_until(invocation, deadline, on_output);
         let invoked = Instant::now();
         let worker_end = self.destroy();
         let timings = InvokeTimings {

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::stats::{ms, Stats};
 use crate::server::client::{Client, ClientError, Target};
+use crate::server::guard::AuthToken;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct LoadConfig {
     pub argv: Vec<String>,
     /// Each invocation's `timeout_ms`.
     pub timeout_ms: u64,
+    /// The server's bearer token, if it wants one.
+    pub auth_token: Option<AuthToken>,
 }
 
 /// The result of a load test.
@@ -146,10 +149,23 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     // Per read: the invocation's timeout, plus the server's queue and
     // restore time, plus slack.
     let io_timeout = Duration::from_millis(config.timeout_ms) + Duration::from_secs(120);
-    let mut probe = Client::new(config.target.clone(), Duration::from_secs(10));
+    let mut probe = Client::new(config.target.clone(), Duration::from_secs(10))
+        .with_token(config.auth_token.clone());
     match probe.request("GET", "/v1/health", None) {
         Ok(r) if r.status == 200 => {}
         Ok(r) => return Err(LoadError::NotReady(format!("health answered {}", r.status))),
+        Err(e) => return Err(LoadError::NotReady(e.to_string())),
+    }
+    // Health needs no token; a protected route says whether ours is good.
+    match probe.request("GET", "/metrics", None) {
+        Ok(r) if r.status == 401 => {
+            return Err(LoadError::NotReady(if config.auth_token.is_some() {
+                "the server refused the bearer token".into()
+            } else {
+                "the server wants a bearer token (--auth-token-file)".into()
+            }))
+        }
+        Ok(_) => {}
         Err(e) => return Err(LoadError::NotReady(e.to_string())),
     }
     let body = serde_json::to_vec(&serde_json::json!({
@@ -162,7 +178,8 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     let tallies: Vec<Tally> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..config.concurrency)
             .map(|_| {
-                let mut client = Client::new(config.target.clone(), io_timeout);
+                let mut client = Client::new(config.target.clone(), io_timeout)
+                    .with_token(config.auth_token.clone());
                 let body = &body;
                 scope.spawn(move || {
                     let mut tally = Tally::default();

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::guard::AuthToken;
+
 /// Where the server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -133,6 +135,7 @@ const MAX_BODY: usize = 256 << 20;
 pub struct Client {
     target: Target,
     timeout: Duration,
+    token: Option<AuthToken>,
     conn: Option<BufReader<Conn>>,
 }
 
@@ -142,7 +145,23 @@ impl Client {
         Client {
             target,
             timeout,
+            token: None,
             conn: None,
+        }
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(mut self, token: Option<AuthToken>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The `Host` header: the loopback address itself (a loopback server
+    /// accepts no other name), `localhost` over a Unix socket.
+    fn host(&self) -> String {
+        match &self.target {
+            Target::Tcp(addr) => addr.to_string(),
+            Target::Unix(_) => "localhost".into(),
         }
     }
 
@@ -207,7 +226,13 @@ impl Client {
             Some(conn) => conn,
             None => self.connect()?,
         };
-        let result = exchange(&mut conn, method, path, body, on_data);
+        let head = Head {
+            method,
+            path,
+            host: &self.host(),
+            token: self.token.as_ref().map(AuthToken::as_str),
+        };
+        let result = exchange(&mut conn, &head, body, on_data);
         if matches!(result, Ok((_, _, true))) {
             self.conn = Some(conn);
         }
@@ -215,16 +240,32 @@ impl Client {
     }
 }
 
+/// What a request says before its body.
+struct Head<'a> {
+    method: &'a str,
+    path: &'a str,
+    host: &'a str,
+    token: Option<&'a str>,
+}
+
 /// One request and response on `conn`; the flag says whether the
 /// connection can be used again.
 fn exchange(
     conn: &mut BufReader<Conn>,
-    method: &str,
-    path: &str,
+    head: &Head<'_>,
     body: Option<&[u8]>,
     on_data: impl FnMut(&[u8]),
 ) -> Result<(u16, Headers, bool), ClientError> {
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: ember\r\n");
+    let Head {
+        method,
+        path,
+        host,
+        token,
+    } = *head;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    if let Some(token) = token {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
     if let Some(body) = body {
         request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",

@@ -26,7 +26,13 @@
 //! Errors are JSON `{"error": "..."}`: 400 for a malformed request or one
 //! over the [`Limits`], 413 for a body over the size limit, 429 with
 //! `Retry-After` when every sandbox is busy and the queue is full, 503
-//! while shutting down. Each invocation request logs one JSON line
+//! while shutting down. Before any of that, [`guard`] answers 421 for a
+//! foreign `Host` on a loopback listener, 401 without the bearer token
+//! ([`ServerConfig::auth_token`]), 413 for a body declared too large and
+//! 415 for a body not labelled as JSON; a request is admitted (a sandbox
+//! or a slot, or 429) before its body is read (408 if it does not arrive
+//! within [`BODY_READ_TIMEOUT`]). At most
+//! [`ServerConfig::max_connections`] connections are open at once. Each invocation request logs one JSON line
 //! (target `ember::invocation`) with its id, outcome, exit status,
 //! timings and usage; each function invocation one line (target
 //! `ember::function`) with its function, result kind, path and timings.
@@ -38,13 +44,16 @@
 
 pub mod api;
 pub mod client;
+mod conn_cap;
 pub mod functions;
+pub mod guard;
 pub mod metrics;
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,8 +61,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -149,11 +158,43 @@ impl Listener {
     }
 }
 
+pub use self::conn_cap::DEFAULT_MAX_CONNECTIONS;
+use self::guard::{AuthToken, Guard};
+
+/// How long a request's body may take to arrive once the request was
+/// admitted (it holds a sandbox or a slot meanwhile).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the server treats requests.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Per-request limits.
     pub limits: Limits,
+    /// Every route but `/v1/health` requires `Authorization: Bearer
+    /// <token>`. Required to listen on an address other than loopback.
+    pub auth_token: Option<AuthToken>,
+    /// Most connections open at once; more are closed as they come.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: Limits::default(),
+            auth_token: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The default configuration with `limits`.
+    pub fn with_limits(limits: Limits) -> Self {
+        ServerConfig {
+            limits,
+            ..ServerConfig::default()
+        }
+    }
 }
 
 /// What a server serves: snapshot invocations from a pool
@@ -207,6 +248,11 @@ struct AppState {
     functions: Arc<FunctionSet>,
     limits: Limits,
     metrics: Metrics,
+    /// One permit per sandbox and queue place of the pool: a request
+    /// holds one from before its body is read until it is answered.
+    pool_admission: Arc<tokio::sync::Semaphore>,
+    /// The same for function clones.
+    function_admission: Arc<tokio::sync::Semaphore>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -224,6 +270,32 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.limits.validate().map_err(ServerError::Config)?;
+    if config.max_connections == 0 {
+        return Err(ServerError::Config(
+            "max_connections must be at least 1".into(),
+        ));
+    }
+    let loopback = match &listener {
+        Listener::Tcp(l) => {
+            let addr = l
+                .local_addr()
+                .map_err(|e| ServerError::Bind("tcp".into(), e))?;
+            if !addr.ip().is_loopback() && config.auth_token.is_none() {
+                return Err(ServerError::Config(format!(
+                    "refusing to listen on {addr}, which is not a loopback address, without \
+                     an auth token (--auth-token-file): anyone who reaches it could run code"
+                )));
+            }
+            addr.ip().is_loopback()
+        }
+        // Only local processes reach it, and no browser.
+        Listener::Unix(..) => false,
+    };
+    let guard = Arc::new(Guard {
+        token: config.auth_token.clone(),
+        loopback_host: loopback,
+        max_body_bytes: config.limits.max_body_bytes,
+    });
     let Services { pool, functions } = services.into();
     let has_functions = functions.as_ref().is_some_and(|f| !f.is_empty());
     if pool.is_none() && !has_functions {
@@ -240,6 +312,15 @@ pub async fn serve(
         functions: functions.clone(),
         limits: config.limits,
         metrics: Metrics::new(&functions.names()),
+        pool_admission: admission(pool.as_ref().map_or(0, |p| {
+            p.config().max_live.saturating_add(p.config().max_queue)
+        })),
+        function_admission: admission(
+            functions
+                .config()
+                .max_live
+                .saturating_add(functions.config().max_queue),
+        ),
         next_id: AtomicU64::new(1),
         id_prefix: format!("{started:x}-{:x}", std::process::id()),
     });
@@ -260,6 +341,7 @@ pub async fn serve(
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into())
         })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state);
 
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
@@ -301,14 +383,23 @@ pub async fn serve(
             }
         }
     };
+    let max_connections = config.max_connections;
     let unix_path = match &listener {
         Listener::Unix(_, path) => Some(path.clone()),
         Listener::Tcp(_) => None,
     };
     let served = async {
         match listener {
-            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(signal).await,
-            Listener::Unix(l, _) => axum::serve(l, app).with_graceful_shutdown(signal).await,
+            Listener::Tcp(l) => {
+                axum::serve(conn_cap::Capped::new(l, max_connections), app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
+            Listener::Unix(l, _) => {
+                axum::serve(conn_cap::Capped::new(l, max_connections), app)
+                    .with_graceful_shutdown(signal)
+                    .await
+            }
         }
     };
     let result = tokio::select! {
@@ -336,6 +427,13 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     result
+}
+
+/// A semaphore of `places` permits (as many as a semaphore can hold).
+fn admission(places: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(
+        places.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ))
 }
 
 /// Runs the server on its own runtime until SIGINT or SIGTERM, then
@@ -545,7 +643,7 @@ struct InvokeQuery {
 async fn invocations(
     State(state): State<Shared>,
     query: Result<Query<InvokeQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let log = RequestLog::new(&state);
     let query = match query {
@@ -559,9 +657,27 @@ async fn invocations(
             )
         }
     };
-    let body = match body {
+    let Some(pool) = state.pool.clone() else {
+        return log.refuse(
+            StatusCode::NOT_FOUND,
+            None,
+            Outcome::Invalid,
+            "this server serves no snapshot".into(),
+        );
+    };
+    // Admitted (or 429) before the body is read: at most as many bodies
+    // are in memory as there are sandboxes and queue places.
+    let Ok(admitted) = state.pool_admission.clone().try_acquire_owned() else {
+        let config = pool.config();
+        let busy = PoolError::Busy {
+            max_live: config.max_live,
+            max_queue: config.max_queue,
+        };
+        return log.pool_error(&busy);
+    };
+    let body = match read_body(request).await {
         Ok(body) => body,
-        Err(e) => return log.refuse(e.status(), None, Outcome::Invalid, e.body_text()),
+        Err((status, message)) => return log.refuse(status, None, Outcome::Invalid, message),
     };
     let invocation = match serde_json::from_slice::<InvocationRequest>(&body)
         .map_err(|e| format!("invalid request body: {e}"))
@@ -581,15 +697,8 @@ async fn invocations(
     let (done_tx, done_rx) = oneshot::channel::<Response>();
     let (events_tx, events_rx) = mpsc::channel::<Result<Bytes, Infallible>>(16);
     let id = HeaderValue::from_str(&log.id).ok();
-    let Some(pool) = state.pool.clone() else {
-        return log.refuse(
-            StatusCode::NOT_FOUND,
-            None,
-            Outcome::Invalid,
-            "this server serves no snapshot".into(),
-        );
-    };
     tokio::task::spawn_blocking(move || {
+        let _admitted = admitted;
         let lease = match pool.acquire() {
             Ok(lease) => lease,
             Err(e) => {
@@ -632,6 +741,23 @@ async fn invocations(
     with_id(response, id)
 }
 
+/// Reads a request's body, at most the body limit (413 beyond, without
+/// buffering the rest) and within [`BODY_READ_TIMEOUT`] (408).
+async fn read_body(request: Request) -> Result<Bytes, (StatusCode, String)> {
+    use axum::extract::FromRequest;
+    match tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(request, &())).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err((e.status(), e.body_text())),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 /// The answer when the blocking task serving a request went away.
 fn task_failed() -> Response {
     error(
@@ -661,28 +787,61 @@ fn run_invocation(log: &RequestLog, lease: Lease, invocation: &Invocation) -> Re
     }
 }
 
+/// How long a streaming response may wait for a client that stopped
+/// reading (its buffers and the event channel full) before the invocation
+/// is stopped and its sandbox freed.
+pub const STREAM_STALL_LIMIT: Duration = Duration::from_secs(10);
+
 /// Runs the invocation, sending NDJSON events to `events`.
+///
+/// A client that reads slowly slows the sandbox's output down, but no
+/// send waits past [`STREAM_STALL_LIMIT`], nor past the invocation's own
+/// deadline (its timeout plus that limit): a client that connects and
+/// never reads would otherwise hold the sandbox forever. The invocation is
+/// then stopped and its sandbox destroyed. A client that went away no
+/// longer gets output (the invocation still ends at its timeout).
 fn stream_invocation(
     log: &RequestLog,
     lease: Lease,
     invocation: &Invocation,
     events: &mpsc::Sender<Result<Bytes, Infallible>>,
 ) {
-    // A client that reads slowly slows the sandbox's output down; one that
-    // went away no longer gets it (the invocation still ends at its
-    // timeout).
-    let send = |event: StreamEvent| {
-        let _ = events.blocking_send(Ok(Bytes::from(event.to_line())));
+    let runtime = tokio::runtime::Handle::current();
+    let deadline =
+        Instant::now() + Duration::from_millis(invocation.timeout_ms) + STREAM_STALL_LIMIT;
+    let mut stalled = false;
+    let mut send = |event: StreamEvent| -> ControlFlow<()> {
+        if stalled {
+            return ControlFlow::Break(());
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(STREAM_STALL_LIMIT);
+        let line = Bytes::from(event.to_line());
+        match runtime.block_on(tokio::time::timeout(wait, events.send(Ok(line)))) {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(_) => {
+                stalled = true;
+                tracing::warn!(
+                    target: "ember::invocation",
+                    id = %log.id,
+                    stall_ms = api::ms(wait),
+                    "the client stopped reading the stream; stopping the invocation"
+                );
+                ControlFlow::Break(())
+            }
+        }
     };
-    match lease.invoke_streaming(invocation, |stream, chunk| {
+    let result = lease.invoke_streaming_until(invocation, |stream, chunk| {
         send(StreamEvent::output(stream, chunk))
-    }) {
+    });
+    let _ = match result {
         Ok(outcome) => send(StreamEvent::Exit(log.finish(&outcome))),
         Err(e) => {
             let (_, message) = log.failed(&e);
-            send(StreamEvent::Error(ErrorBody { error: message }));
+            send(StreamEvent::Error(ErrorBody { error: message }))
         }
-    }
+    };
 }
 
 async fn health(State(state): State<Shared>) -> Response {
@@ -880,7 +1039,7 @@ async fn function_invocations(
     State(state): State<Shared>,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<FunctionQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let name = match name {
         Ok(Path(name)) => name,
@@ -903,11 +1062,41 @@ async fn function_invocations(
         Ok(options) => options,
         Err(message) => return invalid(StatusCode::BAD_REQUEST, message),
     };
-    let event = match body {
-        Ok(body) => body,
-        Err(e) => return invalid(e.status(), e.body_text()),
+    // Larger events would not fit one agent frame on the vsock path: an
+    // event declared larger is refused before it is admitted or read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|&len| len > state.limits.max_input_bytes as u64) {
+        return invalid(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the event is {len} bytes, over the limit of {}",
+                state.limits.max_input_bytes
+            ),
+        );
+    }
+    // Admitted (or 429) before the body is read: at most as many events
+    // are in memory as there are clone slots and queue places.
+    let Ok(admitted) = state.function_admission.clone().try_acquire_owned() else {
+        let config = state.functions.config();
+        return log.refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("1"),
+            FunctionOutcomeKind::Rejected,
+            Refusal::Busy {
+                max_live: config.max_live,
+                max_queue: config.max_queue,
+            }
+            .to_string(),
+        );
     };
-    // Larger events would not fit one agent frame on the vsock path.
+    let event = match read_body(request).await {
+        Ok(body) => body,
+        Err((status, message)) => return invalid(status, message),
+    };
     if event.len() > state.limits.max_input_bytes {
         return invalid(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -940,6 +1129,7 @@ async fn function_invocations(
     // slot is held until the clone is destroyed); it is counted and logged
     // either way.
     let answer = tokio::task::spawn_blocking(move || {
+        let _admitted = admitted;
         let function = functions.get(&name).expect("the function is in the set");
         let options = FunctionInvokeOptions {
             isolation: functions.config().isolation.clone(),

@@ -9,12 +9,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::{describe_exit, start, Isolation, WorkerError};
 use crate::agent::invoke_grace;
+use crate::deadline::DeadlineStream;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionTimings,
     HandlerResult, InvocationPath, Manifest,
@@ -85,21 +86,20 @@ pub fn invoke(
     };
     write_message(&mut control, &request).map_err(worker_error)?;
     // The worker enforces the timeout itself; this bound is for a worker
-    // that does not.
+    // that does not. It is one deadline for the whole answer: a worker
+    // trickling it gets no more time than a silent one, and is killed.
     let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
-    let _ = control.set_read_timeout(Some(limit));
+    let mut control = DeadlineStream::new(control);
+    control
+        .set_deadline(Some(Instant::now() + limit))
+        .map_err(|e| worker_error(WorkerError::Io(e)))?;
     let answer: Result<Result<WireOutcome, String>, WorkerError> =
         read_message(&mut control, MAX_ANSWER);
     let status = worker.finish(Duration::from_secs(1));
     match answer {
         Ok(Ok(wire)) => Ok(from_wire(wire, options.max_output_bytes)),
         Ok(Err(message)) => Err(FunctionError::Worker(message)),
-        Err(WorkerError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(WorkerError::Io(e)) if crate::deadline::is_timeout(&e) => {
             // The worker did not say which path it took: the one it would.
             Ok(FunctionOutcome {
                 result: HandlerResult::TimedOut,
@@ -233,7 +233,7 @@ fn write_message<T: Serialize>(stream: &mut UnixStream, message: &T) -> Result<(
 }
 
 fn read_message<T: for<'de> Deserialize<'de>>(
-    stream: &mut UnixStream,
+    stream: &mut impl Read,
     max: u32,
 ) -> Result<T, WorkerError> {
     let mut len = [0u8; 4];

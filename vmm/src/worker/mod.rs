@@ -30,6 +30,7 @@ use ember_protocol::protocol::Hello;
 
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
+use crate::deadline::DeadlineStream;
 pub use crate::isolation::Isolation;
 use crate::jail::{self, IdLease, JailConfig};
 use crate::ready::{ReadyTimings, RESTORE_CONNECT_TIMEOUT};
@@ -152,9 +153,12 @@ pub fn spawn(
 ) -> Result<(WorkerProcess, AgentClient, ReadyTimings), WorkerError> {
     let started = Instant::now();
     let mode = isolation.violate_seccomp.then_some("violate-seccomp");
-    let (mut worker, mut control) = start(snapshot, options, isolation, mode)?;
+    let (mut worker, control) = start(snapshot, options, isolation, mode)?;
+    // One deadline for the whole ready line: a worker sending it a byte at
+    // a time gets no more time than a silent one.
+    let mut control = DeadlineStream::new(control);
     control
-        .set_read_timeout(Some(RESTORE_CONNECT_TIMEOUT))
+        .set_deadline(Some(Instant::now() + RESTORE_CONNECT_TIMEOUT))
         .map_err(WorkerError::Io)?;
     let line = match read_line(&mut control) {
         Ok(line) => line,
@@ -164,6 +168,7 @@ pub fn spawn(
         }
     };
     let ready = parse_ready(&line).ok_or_else(|| WorkerError::Failed(line.clone()))?;
+    let control = control.into_inner();
     control.set_read_timeout(None).map_err(WorkerError::Io)?;
     let agent = AgentClient::attach(control, ready.hello)
         .map_err(|e| WorkerError::Failed(e.to_string()))?;
@@ -327,7 +332,7 @@ fn parse_ready(line: &str) -> Option<ReadyLine> {
 }
 
 /// Reads one line byte by byte (nothing after it is consumed), bounded.
-fn read_line(stream: &mut UnixStream) -> std::io::Result<String> {
+fn read_line(stream: &mut impl Read) -> std::io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
