@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 mod cli_function;
+mod cli_limits;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
@@ -109,6 +110,8 @@ struct VmArgs {
     /// With --snapshot, a copy to use instead of the snapshot's own drive
     #[arg(long, value_name = "PATH")]
     root_drive: Option<PathBuf>,
+    #[command(flatten)]
+    limits: cli_limits::IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -235,6 +238,9 @@ struct ServeArgs {
     /// each (only for trusted code)
     #[arg(long)]
     in_process: bool,
+    /// I/O limits of each sandbox of the pool
+    #[command(flatten)]
+    limits: cli_limits::IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -266,6 +272,7 @@ impl VmArgs {
             vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
             vsock_uds: None,
             root_drive: None,
+            limits: cli_limits::IoLimitArgs::default(),
         }
     }
 
@@ -291,6 +298,7 @@ impl VmArgs {
         config.vsock_cid = self.vsock_cid;
         config.vsock_uds = self.vsock_uds.clone();
         config.root_drive = self.root_drive.clone();
+        config.io_limits = self.limits.to_limits();
         Ok(config)
     }
 
@@ -418,6 +426,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             vsock_uds: args.vm.vsock_uds.clone(),
             // A cached snapshot was made with this drive already.
             root_drive: args.snapshot.as_ref().and(args.vm.root_drive.clone()),
+            io_limits: args.vm.limits.to_limits(),
             ..RestoreOptions::default()
         };
         Sandbox::restore(&snapshot, &options)?
@@ -579,6 +588,7 @@ fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<emb
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         restore_options: RestoreOptions {
             isolation: (!args.in_process).then(isolation).transpose()?,
+            io_limits: args.limits.to_limits(),
             ..RestoreOptions::default()
         },
         ..ember::PoolConfig::default()

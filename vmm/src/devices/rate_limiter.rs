@@ -295,7 +295,10 @@ impl RateLimiter {
             .bandwidth
             .as_ref()
             .and_then(|c| TokenBucket::new_at(c, now));
-        let ops = config.ops.as_ref().and_then(|c| TokenBucket::new_at(c, now));
+        let ops = config
+            .ops
+            .as_ref()
+            .and_then(|c| TokenBucket::new_at(c, now));
         let timer = if bandwidth.is_some() || ops.is_some() {
             Some(nonblocking_timer()?)
         } else {
