@@ -18,7 +18,7 @@ use super::bus::lock;
 use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use super::legacy::serial::{SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
-use super::rate_limiter::{IoLimits, RateLimitError, RateLimiter};
+use super::rate_limiter::{IoLimits, RateLimitConfig, RateLimitError, RateLimiter};
 use super::stdin::StdinForwarder;
 use super::virtio::block::disk::{DiskError, DiskImage, DriveSpec};
 use super::virtio::block::{Block, BlockEvents, ROOT_DRIVE_ID};
@@ -175,8 +175,7 @@ impl DeviceSet {
                     vm,
                     memory,
                     &mut mmio,
-                    disk,
-                    &options.io_limits,
+                    (disk, &options.io_limits.disk),
                     Some(&state.transport),
                     &mut subscribers,
                     &mut cmdline_params,
@@ -186,8 +185,7 @@ impl DeviceSet {
                 vm,
                 memory,
                 &mut mmio,
-                disk,
-                &options.io_limits,
+                (disk, &options.io_limits.disk),
                 None,
                 &mut subscribers,
                 &mut cmdline_params,
@@ -336,13 +334,13 @@ fn plug_transport(
 /// Puts the root drive's block device in its virtio-mmio slot (interrupt
 /// through an irqfd, queue notifications through an ioeventfd), its
 /// backend on the event loop, and its kernel parameters on the command
-/// line. Returns its transport and what a snapshot records of the drive.
+/// line, limited by `limits`. Returns its transport and what a snapshot
+/// records of the drive.
 fn attach_block(
     vm: &Vm,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
-    disk: &Arc<DiskImage>,
-    limits: &IoLimits,
+    (disk, limits): (&Arc<DiskImage>, &RateLimitConfig),
     saved: Option<&MmioTransportState>,
     subscribers: &mut Vec<Subscriber>,
     cmdline_params: &mut Vec<String>,
@@ -357,7 +355,7 @@ fn attach_block(
     vm.register_irqfd(interrupt.irqfd(), irq)?;
     let mut device =
         Block::new(disk.clone(), ROOT_DRIVE_ID, interrupt.clone()).map_err(DeviceError::EventFd)?;
-    device.set_rate_limiter(RateLimiter::new(&limits.disk)?);
+    device.set_rate_limiter(RateLimiter::new(limits)?);
     register_queue_events(
         vm,
         addr.raw_value(),
