@@ -308,6 +308,7 @@ fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
             .console
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
+        io_limits: args.limits.to_limits(),
         ..RecycleOptions::default()
     };
     let options = FunctionInvokeOptions {

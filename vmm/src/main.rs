@@ -78,6 +78,9 @@ enum BenchCommand {
     /// Function invocations: restore to result on the hot path and the
     /// vsock path, next to a cold `python3 -c pass`.
     Function(cli_function::BenchFunctionArgs),
+    /// An echo function's latency beside a neighbour clone that idles,
+    /// hammers its disk, and hammers it under a rate limit.
+    NoisyNeighbour(cli_limits::BenchNoisyArgs),
 }
 
 #[derive(Args, Clone)]
@@ -697,6 +700,7 @@ fn main() -> ExitCode {
         Command::Function(FunctionCommand::Create(args)) => cli_function::function_create(args),
         Command::Invoke(args) => cli_function::invoke(args),
         Command::Bench(BenchCommand::Function(args)) => cli_function::bench_function(args),
+        Command::Bench(BenchCommand::NoisyNeighbour(args)) => cli_limits::bench_noisy(args),
     };
     match result {
         Ok(code) => code,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub mod function;
+pub mod noisy;
 pub mod stats;
 
 pub use stats::{ms, Stats};
