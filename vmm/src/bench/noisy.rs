@@ -20,10 +20,16 @@ use crate::sandbox::{Invocation, Sandbox, SandboxError};
 use crate::snapshot::{RestoreOptions, Snapshot};
 
 /// The neighbour's loop: the python binary's size once, then a line per
-/// direct-I/O read of the whole file, until the invocation is killed.
+/// direct-I/O read of the whole file, for `$1` seconds of guest uptime
+/// (`read` is a shell builtin: the clock costs no process).
 const HAMMER: &str = r#"f=$(readlink -f /usr/bin/python3)
 stat -c %s "$f"
-while dd if="$f" of=/dev/null bs=64k iflag=direct 2>/dev/null; do echo; done
+read t0 _ < /proc/uptime
+end=$(( ${t0%.*} + $1 ))
+while read t _ < /proc/uptime && [ "${t%.*}" -lt "$end" ]; do
+    dd if="$f" of=/dev/null bs=64k iflag=direct 2>/dev/null || exit 1
+    echo
+done
 "#;
 
 /// What to run.
@@ -156,8 +162,12 @@ fn phase(
         Some(_) => (
             None,
             Some(std::thread::spawn(move || {
-                let mut inv = Invocation::new(["sh", "-c", HAMMER]);
-                inv.timeout_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+                let secs = window.as_secs().max(1).to_string();
+                let mut inv = Invocation::new(["sh", "-c", HAMMER, "hammer", secs.as_str()]);
+                // The loop ends itself; this only bounds a stuck one.
+                inv.timeout_ms = u64::try_from(window.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .saturating_add(300_000);
                 let outcome = sandbox.invoke(&inv);
                 (outcome, sandbox)
             })),
@@ -183,6 +193,13 @@ fn phase(
                 .join()
                 .map_err(|_| NoisyError::Neighbour("its thread panicked".into()))?;
             let outcome = outcome?;
+            if outcome.status != crate::sandbox::ExitStatus::Code(0) {
+                return Err(NoisyError::Neighbour(format!(
+                    "{:?}: {}",
+                    outcome.status,
+                    String::from_utf8_lossy(&outcome.stderr)
+                )));
+            }
             let out = String::from_utf8_lossy(&outcome.stdout);
             let mut lines = out.lines();
             let size: u64 = lines

@@ -589,3 +589,30 @@ pub enum WorkerError {
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rate_limiter::{IoLimits, RateLimitConfig};
+
+    #[test]
+    fn io_limits_reach_the_worker_intact() {
+        assert!(io_limits_arg(&IoLimits::default()).unwrap().is_none());
+        let limits = IoLimits {
+            disk: RateLimitConfig::bandwidth(3 << 20),
+            vsock: RateLimitConfig::bandwidth(1 << 20),
+        };
+        let arg = io_limits_arg(&limits).unwrap().unwrap();
+        let args = ["60000", "60000", "function", arg.as_str()].map(String::from);
+        assert_eq!(io_limits_from_args(&args).unwrap(), limits);
+        assert_eq!(
+            io_limits_from_args(&args[..3]).unwrap(),
+            IoLimits::default()
+        );
+        let bad = ["1", "1", "io-limits={"].map(String::from);
+        assert!(io_limits_from_args(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("io-limits"));
+    }
+}
