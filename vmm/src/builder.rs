@@ -194,6 +194,7 @@ pub(crate) fn device_options(config: &VmConfig) -> Result<DeviceOptions, DeviceE
         vsock_cid: config.vsock_cid,
         vsock_uds: config.vsock_uds.clone(),
         root_drive,
+        io_limits: config.io_limits,
     })
 }
 

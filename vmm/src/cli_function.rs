@@ -102,6 +102,8 @@ pub struct InvokeArgs {
     /// Say which path the event took and where the time went
     #[arg(long, short)]
     pub verbose: bool,
+    #[command(flatten)]
+    limits: crate::cli_limits::IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -255,6 +257,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
         isolation: args.isolate.then(crate::isolation).transpose()?,
+        io_limits: args.limits.to_limits(),
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&event, &options)?;
@@ -305,6 +308,7 @@ fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
             .console
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
+        io_limits: args.limits.to_limits(),
         ..RecycleOptions::default()
     };
     let options = FunctionInvokeOptions {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::arch::x86_64::layout;
+pub use crate::devices::rate_limiter::{BucketConfig, IoLimits, RateLimitConfig, RateLimitError};
 
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +57,8 @@ pub struct VmConfig {
     /// as `ember.root=/dev/vda`. Opened read-only, never written; every
     /// clone of a snapshot reads the same file.
     pub root_drive: Option<PathBuf>,
+    /// Rate limits on the guest's disk and vsock I/O (default: unlimited).
+    pub io_limits: IoLimits,
 }
 
 impl VmConfig {
@@ -78,6 +81,7 @@ impl VmConfig {
             vsock_uds: None,
             seccomp: true,
             root_drive: None,
+            io_limits: IoLimits::default(),
         }
     }
 
@@ -124,6 +128,7 @@ impl VmConfig {
         if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
             return Err(ConfigError::VsockCid(self.vsock_cid));
         }
+        self.io_limits.validate()?;
         if let Some(drive) = &self.root_drive {
             let meta = check_readable(drive, "root drive")?;
             let sector = crate::devices::virtio::block::disk::SECTOR_SIZE;
@@ -212,6 +217,9 @@ pub enum ConfigError {
     /// A reserved or out-of-range vsock context ID.
     #[error("vsock CID must be between 3 and 4294967294, got {0}")]
     VsockCid(u64),
+    /// An invalid rate limit.
+    #[error(transparent)]
+    RateLimit(#[from] RateLimitError),
     /// A root drive that is empty or not a whole number of sectors.
     #[error("root drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
     DriveSize {
@@ -356,6 +364,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("cannot read root drive /nonexistent/root.img"));
+    }
+
+    #[test]
+    fn io_limits_checked() {
+        let (mut config, _k) = config_with_files();
+        config.io_limits.disk = RateLimitConfig::bandwidth(1 << 20);
+        config.validate(8, 24 * GIB).unwrap();
+        config.io_limits.disk.ops = Some(BucketConfig {
+            size: 100,
+            one_time_burst: 0,
+            refill_time_ms: 0,
+        });
+        let err = config.validate(8, 24 * GIB).unwrap_err();
+        assert!(matches!(err, ConfigError::RateLimit(_)), "{err}");
+        assert!(err.to_string().contains("refill time"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 
 mod cli_function;
 mod cli_image;
+mod cli_limits;
 use clap::{Args, Parser, Subcommand};
 
 use ember::agent::OutputStream;
@@ -87,6 +88,9 @@ enum BenchCommand {
     /// Function invocations: restore to result on the hot path and the
     /// vsock path, next to a cold `python3 -c pass`.
     Function(cli_function::BenchFunctionArgs),
+    /// An echo function's latency beside a neighbour clone that idles,
+    /// hammers its disk, and hammers it under a rate limit.
+    NoisyNeighbour(cli_limits::BenchNoisyArgs),
 }
 
 #[derive(Args, Clone)]
@@ -119,6 +123,8 @@ struct VmArgs {
     /// With --snapshot, a copy to use instead of the snapshot's own drive
     #[arg(long, value_name = "PATH")]
     root_drive: Option<PathBuf>,
+    #[command(flatten)]
+    limits: cli_limits::IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -253,6 +259,9 @@ struct ServeArgs {
     /// Most connections open at once; more are closed as they come
     #[arg(long, default_value_t = ember::server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// I/O limits of each sandbox of the pool
+    #[command(flatten)]
+    limits: cli_limits::IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -287,6 +296,7 @@ impl VmArgs {
             vsock_cid: ember::devices::virtio::vsock::DEFAULT_GUEST_CID,
             vsock_uds: None,
             root_drive: None,
+            limits: cli_limits::IoLimitArgs::default(),
         }
     }
 
@@ -312,6 +322,7 @@ impl VmArgs {
         config.vsock_cid = self.vsock_cid;
         config.vsock_uds = self.vsock_uds.clone();
         config.root_drive = self.root_drive.clone();
+        config.io_limits = self.limits.to_limits();
         Ok(config)
     }
 
@@ -439,6 +450,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             vsock_uds: args.vm.vsock_uds.clone(),
             // A cached snapshot was made with this drive already.
             root_drive: args.snapshot.as_ref().and(args.vm.root_drive.clone()),
+            io_limits: args.vm.limits.to_limits(),
             ..RestoreOptions::default()
         };
         Sandbox::restore(&snapshot, &options)?
@@ -611,6 +623,7 @@ fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<emb
         shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
         restore_options: RestoreOptions {
             isolation: (!args.in_process).then(isolation).transpose()?,
+            io_limits: args.limits.to_limits(),
             ..RestoreOptions::default()
         },
         ..ember::PoolConfig::default()
@@ -722,6 +735,7 @@ fn main() -> ExitCode {
         Command::Invoke(args) => cli_function::invoke(args),
         Command::Bench(BenchCommand::Function(args)) => cli_function::bench_function(args),
         Command::Image(command) => cli_image::run(command),
+        Command::Bench(BenchCommand::NoisyNeighbour(args)) => cli_limits::bench_noisy(args),
     };
     match result {
         Ok(code) => code,

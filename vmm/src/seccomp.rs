@@ -413,6 +413,8 @@ fn event_loop(allow: &mut AllowList) -> Result<(), seccompiler::BackendError> {
     allow.any(libc::SYS_close);
     // Debug builds of std check that an fd is open before closing it.
     allow.when(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?])?;
+    // A throttled device arms its rate limiter's timer.
+    allow.any(libc::SYS_timerfd_settime);
     Ok(())
 }
 

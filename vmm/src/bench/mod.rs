@@ -18,6 +18,7 @@ use serde::Serialize;
 
 pub mod function;
 pub mod http;
+pub mod noisy;
 pub mod stats;
 
 pub use stats::{ms, Stats};

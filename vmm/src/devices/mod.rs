@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod doorbell;
 pub mod legacy;
+pub mod rate_limiter;
 pub mod set;
 pub mod stdin;
 pub mod virtio;

@@ -18,6 +18,7 @@ use super::bus::lock;
 use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
 use super::legacy::serial::{SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
+use super::rate_limiter::{IoLimits, RateLimitConfig, RateLimitError, RateLimiter};
 use super::stdin::StdinForwarder;
 use super::virtio::block::disk::{DiskError, DiskImage, DriveSpec};
 use super::virtio::block::{Block, BlockEvents, ROOT_DRIVE_ID};
@@ -58,6 +59,9 @@ pub struct DeviceOptions {
     pub vsock_uds: Option<PathBuf>,
     /// The read-only root drive, if the VM has one.
     pub root_drive: Option<Arc<DiskImage>>,
+    /// Rate limits on the root drive and vsock (not part of the devices'
+    /// saved state: a restored clone gets the ones given here).
+    pub io_limits: IoLimits,
 }
 
 /// Every device's state, for a snapshot.
@@ -171,7 +175,7 @@ impl DeviceSet {
                     vm,
                     memory,
                     &mut mmio,
-                    disk,
+                    (disk, &options.io_limits.disk),
                     Some(&state.transport),
                     &mut subscribers,
                     &mut cmdline_params,
@@ -181,7 +185,7 @@ impl DeviceSet {
                 vm,
                 memory,
                 &mut mmio,
-                disk,
+                (disk, &options.io_limits.disk),
                 None,
                 &mut subscribers,
                 &mut cmdline_params,
@@ -269,8 +273,13 @@ fn attach_vsock(
             (Box::new(in_process.clone()), in_process)
         }
     };
-    let device = Vsock::new(options.vsock_cid, interrupt.clone(), backend, hub)
+    let mut device = Vsock::new(options.vsock_cid, interrupt.clone(), backend, hub)
         .map_err(DeviceError::EventFd)?;
+    options.io_limits.validate()?;
+    device.set_rate_limiters(
+        RateLimiter::new(&options.io_limits.vsock)?,
+        RateLimiter::new(&options.io_limits.vsock)?,
+    );
     register_queue_events(vm, addr.raw_value(), device.queue_events())?;
     let device = Arc::new(Mutex::new(device));
     let transport = plug_transport(
@@ -325,12 +334,13 @@ fn plug_transport(
 /// Puts the root drive's block device in its virtio-mmio slot (interrupt
 /// through an irqfd, queue notifications through an ioeventfd), its
 /// backend on the event loop, and its kernel parameters on the command
-/// line. Returns its transport and what a snapshot records of the drive.
+/// line, limited by `limits`. Returns its transport and what a snapshot
+/// records of the drive.
 fn attach_block(
     vm: &Vm,
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
-    disk: &Arc<DiskImage>,
+    (disk, limits): (&Arc<DiskImage>, &RateLimitConfig),
     saved: Option<&MmioTransportState>,
     subscribers: &mut Vec<Subscriber>,
     cmdline_params: &mut Vec<String>,
@@ -343,8 +353,9 @@ fn attach_block(
     };
     let interrupt = Arc::new(Interrupt::new(eventfd()?));
     vm.register_irqfd(interrupt.irqfd(), irq)?;
-    let device =
+    let mut device =
         Block::new(disk.clone(), ROOT_DRIVE_ID, interrupt.clone()).map_err(DeviceError::EventFd)?;
+    device.set_rate_limiter(RateLimiter::new(limits)?);
     register_queue_events(
         vm,
         addr.raw_value(),
@@ -442,6 +453,9 @@ pub enum DeviceError {
     /// The root drive cannot be used.
     #[error(transparent)]
     Drive(#[from] DiskError),
+    /// A rate limit is invalid or its timer cannot be made.
+    #[error(transparent)]
+    RateLimit(#[from] RateLimitError),
     /// The saved state has a root drive, but none was given.
     #[error("the snapshot has a root drive, but no drive file was opened for it")]
     DriveMissing,

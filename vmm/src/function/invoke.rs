@@ -52,6 +52,9 @@ pub struct FunctionInvokeOptions {
     /// a file again.
     #[doc(hidden)]
     pub filter_caller: bool,
+    /// The clone's I/O rate limits (default: unlimited; not taken from
+    /// the template).
+    pub io_limits: crate::devices::rate_limiter::IoLimits,
 }
 
 impl Default for FunctionInvokeOptions {
@@ -64,6 +67,7 @@ impl Default for FunctionInvokeOptions {
             seccomp: true,
             isolation: None,
             filter_caller: false,
+            io_limits: Default::default(),
         }
     }
 }
@@ -292,6 +296,7 @@ impl Function {
             seccomp: options.seccomp,
             timer_delay: Some(CLONE_TIMER_DELAY),
             prefault: self.manifest.working_set.clone(),
+            io_limits: options.io_limits,
             ..RestoreOptions::default()
         };
         Ok(PreparedFunction {

@@ -35,6 +35,8 @@ pub struct RecycleOptions {
     pub seccomp: bool,
     /// Verify every reset against the template (see [`VERIFY_RESET_ENV`]).
     pub verify: bool,
+    /// The clone's I/O rate limits, for its whole life (default: none).
+    pub io_limits: crate::devices::rate_limiter::IoLimits,
 }
 
 impl Default for RecycleOptions {
@@ -43,6 +45,7 @@ impl Default for RecycleOptions {
             console: ConsoleOutput::default(),
             seccomp: true,
             verify: std::env::var(VERIFY_RESET_ENV).is_ok_and(|v| v == "1"),
+            io_limits: Default::default(),
         }
     }
 }
@@ -86,6 +89,7 @@ impl Function {
             seccomp: options.seccomp,
             timer_delay: Some(CLONE_TIMER_DELAY),
             prefault: self.manifest().working_set.clone(),
+            io_limits: options.io_limits,
             ..RestoreOptions::default()
         };
         let clone = self.snapshot().prepare_resettable(&restore)?;

@@ -87,6 +87,8 @@ pub fn ensure_cached_snapshot(
     template.interactive = false;
     // The template's own socket would outlive nothing: clones get theirs.
     template.vsock_uds = None;
+    // Limits are the clones' business; the template boots at full speed.
+    template.io_limits = Default::default();
     paths::build_cache_entry(
         &dir,
         STATE_FILE,

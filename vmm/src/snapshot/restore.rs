@@ -57,6 +57,10 @@ pub struct RestoreOptions {
     /// it must have the recorded size, and the same content (not
     /// checked). In-process clones only.
     pub root_drive: Option<PathBuf>,
+    /// The clone's I/O rate limits (default: unlimited). A snapshot holds
+    /// no limiter state: every clone starts with the limits asked for
+    /// here, its buckets full, whatever its template had.
+    pub io_limits: crate::devices::rate_limiter::IoLimits,
 }
 
 /// A write into a clone's guest-physical memory.
@@ -79,6 +83,7 @@ impl Default for RestoreOptions {
             prefault: Vec::new(),
             timer_delay: None,
             root_drive: None,
+            io_limits: Default::default(),
         }
     }
 }
@@ -334,6 +339,7 @@ impl Snapshot {
             vsock_uds: options.vsock_uds.clone(),
             root_drive: drive_for_clone(self.root_drive.as_ref(), options.root_drive.as_deref())
                 .map_err(DeviceError::from)?,
+            io_limits: options.io_limits,
         };
         let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;
         // Connections the guest remembers do not exist on this host; it

@@ -38,6 +38,7 @@ struct Request {
     timeout_ms: u64,
     max_output_bytes: u64,
     force_vsock: bool,
+    io_limits: crate::devices::rate_limiter::IoLimits,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,6 +84,7 @@ pub fn invoke(
         timeout_ms: u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX),
         max_output_bytes: options.max_output_bytes,
         force_vsock: options.force_vsock,
+        io_limits: options.io_limits,
     };
     write_message(&mut control, &request).map_err(worker_error)?;
     // The worker enforces the timeout itself; this bound is for a worker
@@ -139,6 +141,7 @@ fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionErro
         timeout: Duration::from_millis(request.timeout_ms),
         max_output_bytes: request.max_output_bytes,
         force_vsock: request.force_vsock,
+        io_limits: request.io_limits,
         // The worker's main thread decodes hot-path responses and agent
         // frames: filtered from the moment the clone runs.
         filter_caller: true,

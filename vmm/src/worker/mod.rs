@@ -52,6 +52,8 @@ const DRIVE_FD: RawFd = 7;
 const WITH_DRIVE: &str = "with-drive";
 /// The test hook argument of [`Isolation::forge_stderr`].
 const FORGE_STDERR: &str = "forge-stderr";
+/// Prefix of the worker argument carrying the clone's I/O limits (JSON).
+const IO_LIMITS_ARG: &str = "io-limits=";
 /// Longest status line a worker may send.
 const MAX_LINE: usize = 4096;
 /// How long a finished worker's last stderr lines may take to show.
@@ -246,6 +248,7 @@ fn start(
         .args(mode)
         .args(drive.is_some().then_some(WITH_DRIVE))
         .args(isolation.forge_stderr.then_some(FORGE_STDERR))
+        .args(io_limits_arg(&options.io_limits)?)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -423,7 +426,11 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     if args.iter().skip(2).any(|a| a == function::FUNCTION_MODE) {
         return function::serve(control, snapshot);
     }
-    let mut machine = snapshot.restore(&RestoreOptions::default())?;
+    let options = RestoreOptions {
+        io_limits: io_limits_from_args(args)?,
+        ..RestoreOptions::default()
+    };
+    let mut machine = snapshot.restore(&options)?;
     // From here on the control thread only talks to the agent, relays
     // bytes and tears down: filtered before the first byte from the guest.
     crate::seccomp::Filter::Control
@@ -450,6 +457,32 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     relay(control, agent.into_stream());
     machine.stop();
     Ok(())
+}
+
+/// The worker argument for `limits`, if any is set.
+fn io_limits_arg(
+    limits: &crate::devices::rate_limiter::IoLimits,
+) -> Result<Option<String>, WorkerError> {
+    if !limits.is_limited() {
+        return Ok(None);
+    }
+    let json = serde_json::to_string(limits).map_err(|e| WorkerError::Failed(e.to_string()))?;
+    Ok(Some(format!("{IO_LIMITS_ARG}{json}")))
+}
+
+/// The I/O limits the parent passed (none: unlimited).
+fn io_limits_from_args(
+    args: &[String],
+) -> Result<crate::devices::rate_limiter::IoLimits, WorkerError> {
+    match args
+        .iter()
+        .skip(2)
+        .find_map(|a| a.strip_prefix(IO_LIMITS_ARG))
+    {
+        None => Ok(Default::default()),
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| WorkerError::Failed(format!("bad {IO_LIMITS_ARG} argument: {e}"))),
+    }
 }
 
 /// Copies bytes both ways until either side closes.
@@ -525,4 +558,31 @@ pub enum WorkerError {
     /// The snapshot could not be restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::rate_limiter::{IoLimits, RateLimitConfig};
+
+    #[test]
+    fn io_limits_reach_the_worker_intact() {
+        assert!(io_limits_arg(&IoLimits::default()).unwrap().is_none());
+        let limits = IoLimits {
+            disk: RateLimitConfig::bandwidth(3 << 20),
+            vsock: RateLimitConfig::bandwidth(1 << 20),
+        };
+        let arg = io_limits_arg(&limits).unwrap().unwrap();
+        let args = ["60000", "60000", "function", arg.as_str()].map(String::from);
+        assert_eq!(io_limits_from_args(&args).unwrap(), limits);
+        assert_eq!(
+            io_limits_from_args(&args[..3]).unwrap(),
+            IoLimits::default()
+        );
+        let bad = ["1", "1", "io-limits={"].map(String::from);
+        assert!(io_limits_from_args(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("io-limits"));
+    }
 }

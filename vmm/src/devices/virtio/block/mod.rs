@@ -7,9 +7,15 @@
 //! buffers, bounded in size, and a notification serves at most
 //! [`REQUESTS_PER_WAKE`] of them before it lets the other devices run.
 //!
+//! An optional [`RateLimiter`] caps bytes and requests per second: a
+//! request that finds a bucket short stays on the queue (its pop is
+//! undone) until the limiter's timer says the tokens are there.
+//!
 //! The device has no state of its own beyond its queue: a snapshot saves
 //! the transport, and a restored device looks at its queue once, for
-//! requests the guest posted just before the snapshot.
+//! requests the guest posted just before the snapshot. The rate limiter's
+//! buckets are not saved: a restored clone gets the limits it is given,
+//! with full buckets.
 
 pub mod disk;
 pub mod request;
@@ -22,17 +28,18 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::disk::{DiskImage, SECTOR_SIZE};
-use self::request::{ChainBuffer, ID_LEN, SEG_MAX, SIZE_MAX};
+use self::request::{ChainBuffer, ID_LEN, MAX_REQUEST_BYTES, SEG_MAX, SIZE_MAX};
 use super::{
     read_config_bytes, ActivateError, Activation, Interrupt, VirtioDevice, INT_VRING,
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
+use crate::devices::rate_limiter::{RateLimiter, TokenKind};
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -59,6 +66,7 @@ pub struct Block {
     queue_event: EventFd,
     active: Option<(GuestMemoryMmap, Queue)>,
     chain: ChainBuffer,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -82,7 +90,15 @@ impl Block {
             queue_event: EventFd::new(EFD_NONBLOCK)?,
             active: None,
             chain: ChainBuffer::new(),
+            limiter: RateLimiter::unlimited(),
         })
+    }
+
+    /// Limits the device's reads with `limiter` (unlimited by default).
+    /// Set before the device's [`BlockEvents`] is made, which watches the
+    /// limiter's timer.
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = limiter;
     }
 
     /// The drive.
@@ -104,12 +120,17 @@ impl Block {
             return;
         };
         let mut served = 0;
-        while served < REQUESTS_PER_WAKE {
+        while served < REQUESTS_PER_WAKE && !self.limiter.is_blocked() {
             // None when the ring is empty, or its index is beyond what a
             // driver may post (the queue refuses such a ring).
             let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
+            if !admit(&mut self.limiter, request_bytes(chain.clone())) {
+                // Left on the queue: the limiter's timer resumes it.
+                queue.go_to_previous_position();
+                break;
+            }
             let head = chain.head_index();
             let done = request::process(&*mem, &self.disk, &self.id, &mut self.chain, chain);
             if let Some(e) = &done.error {
@@ -123,7 +144,7 @@ impl Block {
             }
             served += 1;
         }
-        if served == REQUESTS_PER_WAKE {
+        if served == REQUESTS_PER_WAKE && !self.limiter.is_blocked() {
             let _ = self.queue_event.write(1);
         }
         if served > 0 {
@@ -134,6 +155,29 @@ impl Block {
             }
         }
     }
+}
+
+/// Takes a request's tokens, one op and its bytes, or none.
+fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
+    if !limiter.consume(bytes, TokenKind::Bytes) {
+        return false;
+    }
+    if !limiter.consume(1, TokenKind::Ops) {
+        limiter.replenish(bytes, TokenKind::Bytes);
+        return false;
+    }
+    true
+}
+
+/// The data bytes a request asks for, as its descriptors declare them
+/// (all but the header and the status byte), capped at what a request
+/// may carry: a malformed chain is charged too, but never more than the
+/// largest valid request.
+fn request_bytes(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>) -> u64 {
+    let total = chain.fold(0u64, |sum, d| sum.saturating_add(u64::from(d.len())));
+    total
+        .saturating_sub(u64::from(request::HEADER_LEN) + 1)
+        .min(MAX_REQUEST_BYTES)
 }
 
 impl VirtioDevice for Block {
@@ -191,31 +235,57 @@ impl VirtioDevice for Block {
     }
 }
 
+/// Event tags on the event loop.
+const QUEUE_EVENT: u32 = 0;
+const LIMITER_EVENT: u32 = 1;
+
 /// Runs a [`Block`] device on the event loop.
 #[derive(Debug)]
 pub struct BlockEvents {
     device: Arc<Mutex<Block>>,
     queue_fd: RawFd,
+    limiter_fd: Option<RawFd>,
 }
 
 impl BlockEvents {
-    /// The event-loop side of `device`.
+    /// The event-loop side of `device` (its rate limiter already set).
     pub fn new(device: Arc<Mutex<Block>>) -> Self {
-        let queue_fd = lock(&device).queue_event.as_raw_fd();
-        BlockEvents { device, queue_fd }
+        let (queue_fd, limiter_fd) = {
+            let dev = lock(&device);
+            (dev.queue_event.as_raw_fd(), dev.limiter.timer_fd())
+        };
+        BlockEvents {
+            device,
+            queue_fd,
+            limiter_fd,
+        }
     }
 }
 
 impl MutEventSubscriber for BlockEvents {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data_raw(self.queue_fd, 0, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data_raw(
+            self.queue_fd,
+            QUEUE_EVENT,
+            EventSet::IN,
+        )) {
             log::error!("virtio-blk: cannot watch the request queue: {e}");
+        }
+        if let Some(fd) = self.limiter_fd {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, LIMITER_EVENT, EventSet::IN)) {
+                log::error!("virtio-blk: cannot watch the rate limiter: {e}");
+            }
         }
     }
 
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let mut dev = lock(&self.device);
-        let _ = dev.queue_event.read();
+        match events.data() {
+            LIMITER_EVENT => dev.limiter.timer_fired(),
+            _ => {
+                let _ = dev.queue_event.read();
+            }
+        }
         dev.process_queue();
     }
 }
@@ -322,5 +392,75 @@ mod tests {
         dev.reset();
         assert!(dev.active_queues().is_none());
         dev.process_queue();
+    }
+
+    #[test]
+    fn a_throttled_request_stays_on_the_queue_until_the_timer() {
+        use crate::devices::rate_limiter::{BucketConfig, RateLimitConfig};
+        let (mut dev, _image) = device("throttle");
+        // One request per 50 ms, no byte limit.
+        let limits = RateLimitConfig {
+            bandwidth: None,
+            ops: Some(BucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 50,
+            }),
+        };
+        dev.set_rate_limiter(RateLimiter::new(&limits).unwrap());
+        let timer = dev.limiter.timer_fd().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let raw =
+            |addr, len, flags, next| RawDescriptor::from(Descriptor::new(addr, len, flags, next));
+        mem.write_slice(&header_bytes(VIRTIO_BLK_T_IN, 0), GuestAddress(0x10_0000))
+            .unwrap();
+        vq.add_desc_chains(
+            &[
+                raw(0x10_0000, 16, 1, 1),
+                raw(0x20_0000, 512, W | 1, 2),
+                raw(0x30_0000, 1, W, 0),
+                raw(0x10_0000, 16, 1, 4),
+                raw(0x20_1000, 512, W | 1, 5),
+                raw(0x30_1000, 1, W, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        dev.activate(Activation {
+            memory: mem.clone(),
+            queues: vec![vq.create_queue().unwrap()],
+        })
+        .unwrap();
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 1);
+        assert!(dev.limiter.is_blocked());
+        assert_eq!(dev.active_queues().unwrap()[0].next_avail(), 1);
+        // A guest notification meanwhile serves nothing.
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 1);
+        let mut pfd = libc::pollfd {
+            fd: timer,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        dev.limiter.timer_fired();
+        dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 2);
+        let second = vq.used().ring().ref_at(1).unwrap().load();
+        assert_eq!((second.id(), second.len()), (3, 513));
+    }
+
+    #[test]
+    fn request_bytes_are_the_declared_data() {
+        let d = |len| Descriptor::new(0, len, 0, 0);
+        assert_eq!(request_bytes([d(16), d(4096), d(1)].into_iter()), 4096);
+        assert_eq!(request_bytes([d(16)].into_iter()), 0);
+        assert_eq!(
+            request_bytes([d(16), d(u32::MAX), d(u32::MAX), d(1)].into_iter()),
+            MAX_REQUEST_BYTES
+        );
     }
 }

@@ -5,6 +5,12 @@
 //! guest posts buffers or packets, host sockets wake it (edge-triggered)
 //! when they have data or room, and the hub wakes it for new host-initiated
 //! connections.
+//!
+//! Optional rate limits cap the payload bytes each way, on a bucket per
+//! direction: guest packets wait on the transmit queue, and host data
+//! waits in its sockets, until the limiter's timer says the tokens are
+//! there. The buckets are not part of a snapshot: a restored clone gets
+//! the limits it is given, with full buckets.
 
 pub mod backend;
 pub mod muxer;
@@ -14,7 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -27,6 +33,7 @@ use super::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::lock;
+use crate::devices::rate_limiter::{RateLimiter, TokenKind};
 
 /// The virtio device ID of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -43,6 +50,8 @@ const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 /// Event tags for the event loop (queue indices, then the hub).
 const HUB_EVENT: u32 = 3;
 const STREAM_EVENT: u32 = 4;
+const TX_LIMITER_EVENT: u32 = 5;
+const RX_LIMITER_EVENT: u32 = 6;
 
 /// Tells waiters when the device has no connection left.
 #[derive(Debug, Default)]
@@ -93,6 +102,10 @@ pub struct Vsock {
     /// connection: a clone that never talks over vsock (a hot-path function
     /// invocation) then takes no interrupt for it.
     reset_deferred: bool,
+    /// Guest-to-host payload bytes.
+    tx_limiter: RateLimiter,
+    /// Host-to-guest payload bytes.
+    rx_limiter: RateLimiter,
 }
 
 impl Vsock {
@@ -124,7 +137,17 @@ impl Vsock {
             }),
             reset_pending: false,
             reset_deferred: false,
+            tx_limiter: RateLimiter::unlimited(),
+            rx_limiter: RateLimiter::unlimited(),
         })
+    }
+
+    /// Limits the payload bytes the guest sends (`tx`) and receives
+    /// (`rx`); unlimited by default. Set before the device's
+    /// [`VsockEvents`] is made, which watches the limiters' timers.
+    pub fn set_rate_limiters(&mut self, tx: RateLimiter, rx: RateLimiter) {
+        self.tx_limiter = tx;
+        self.rx_limiter = rx;
     }
 
     /// Signals when the last connection closes (to quiesce before a
@@ -191,7 +214,7 @@ impl Vsock {
             return;
         };
         let mut used = false;
-        while !self.muxer.tx_blocked() {
+        while !self.muxer.tx_blocked() && !self.tx_limiter.is_blocked() {
             let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
                 break;
             };
@@ -199,6 +222,14 @@ impl Vsock {
             match VsockPacket::from_tx_virtq_chain(&*mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let hdr = header_of(&pkt);
+                    if !self
+                        .tx_limiter
+                        .consume(u64::from(hdr.len), TokenKind::Bytes)
+                    {
+                        // Left on the queue: the limiter's timer resumes it.
+                        queue.go_to_previous_position();
+                        break;
+                    }
                     let data = match pkt.data_slice() {
                         Some(slice) if hdr.len > 0 => {
                             let len = (hdr.len as usize).min(slice.len()).min(self.scratch.len());
@@ -243,7 +274,9 @@ impl Vsock {
             return;
         };
         let mut used = false;
-        while self.muxer.has_rx() {
+        // The size of what comes from a host socket is known only once it
+        // is read: charged afterwards, possibly into debt.
+        while self.muxer.has_rx() && self.rx_limiter.may_transfer() {
             let Some(mut chain) = queue.pop_descriptor_chain(&*mem) else {
                 // No buffers: resume when the guest posts some.
                 break;
@@ -269,6 +302,7 @@ impl Vsock {
                 break;
             };
             set_header(&mut pkt, &hdr);
+            self.rx_limiter.charge_bytes(n as u64);
             if n > 0 {
                 if let Some(slice) = pkt.data_slice() {
                     slice.copy_from(&self.scratch[..n]);
@@ -406,22 +440,29 @@ pub struct VsockEvents {
     /// Raw fds of the queue events and the hub, captured at creation.
     queue_fds: Vec<RawFd>,
     hub_fd: RawFd,
+    /// The rate limiters' timers, when limited.
+    tx_limiter_fd: Option<RawFd>,
+    rx_limiter_fd: Option<RawFd>,
 }
 
 impl VsockEvents {
-    /// The event-loop side of `device`.
+    /// The event-loop side of `device` (its rate limiters already set).
     pub fn new(device: Arc<Mutex<Vsock>>) -> Self {
-        let (queue_fds, hub_fd) = {
+        let (queue_fds, hub_fd, tx_limiter_fd, rx_limiter_fd) = {
             let dev = lock(&device);
             (
                 dev.queue_events.iter().map(AsRawFd::as_raw_fd).collect(),
                 dev.hub.wake_event().as_raw_fd(),
+                dev.tx_limiter.timer_fd(),
+                dev.rx_limiter.timer_fd(),
             )
         };
         VsockEvents {
             device,
             queue_fds,
             hub_fd,
+            tx_limiter_fd,
+            rx_limiter_fd,
         }
     }
 }
@@ -435,6 +476,16 @@ impl MutEventSubscriber for VsockEvents {
         }
         if let Err(e) = ops.add(Events::with_data_raw(self.hub_fd, HUB_EVENT, EventSet::IN)) {
             log::error!("vsock: cannot watch the connection hub: {e}");
+        }
+        let limiters = [
+            (self.tx_limiter_fd, TX_LIMITER_EVENT),
+            (self.rx_limiter_fd, RX_LIMITER_EVENT),
+        ];
+        for (fd, tag) in limiters {
+            let Some(fd) = fd else { continue };
+            if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {
+                log::error!("vsock: cannot watch a rate limiter: {e}");
+            }
         }
     }
 
@@ -458,6 +509,8 @@ impl MutEventSubscriber for VsockEvents {
                 }
                 dev.muxer.connect_from_host(connects);
             }
+            TX_LIMITER_EVENT => dev.tx_limiter.timer_fired(),
+            RX_LIMITER_EVENT => dev.rx_limiter.timer_fired(),
             _ => {
                 let set = events.event_set();
                 let readable = set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
