@@ -129,11 +129,20 @@ fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError>
     };
     let source = drive.path();
     let target = dir.join(DRIVE_FILE);
+    // Already there (a jailed template worker's parent linked it in).
+    let same =
+        |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let in_place = matches!(
+        (std::fs::metadata(&source), std::fs::metadata(&target)),
+        (Ok(a), Ok(b)) if same(&a, &b)
+    );
     match std::fs::remove_file(&target) {
+        _ if in_place => {}
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
         _ => {}
     }
-    if let Err(e) = std::fs::hard_link(&source, &target) {
+    if in_place {
+    } else if let Err(e) = std::fs::hard_link(&source, &target) {
         log::debug!(
             "cannot link the root drive into {} ({e}): copying it",
             dir.display()

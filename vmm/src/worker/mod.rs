@@ -15,7 +15,9 @@
 
 pub mod cgroup;
 pub mod function;
+pub mod recycled;
 mod stderr;
+pub mod template;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -77,6 +79,43 @@ pub struct Isolation {
     /// filters are in place, to prove a violation kills it (and only it).
     #[doc(hidden)]
     pub violate_seccomp: bool,
+}
+
+/// The environment variable naming the `ember` binary that jailed workers
+/// run, for programs that use the library without being `ember` themselves.
+pub const WORKER_EXE_ENV: &str = "EMBER_WORKER_EXE";
+
+/// The `ember` binary a default [`Isolation`] starts workers from:
+/// [`WORKER_EXE_ENV`] if set; this very program if it is `ember`; an
+/// `ember` next to it or one directory up (cargo's `target/debug/deps`
+/// test and bench binaries); else `ember` from `PATH`.
+pub fn default_worker_exe() -> PathBuf {
+    if let Some(exe) = std::env::var_os(WORKER_EXE_ENV) {
+        return exe.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "ember") {
+            return exe;
+        }
+        let beside = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("ember"))
+            .find(|candidate| candidate.is_file());
+        if let Some(found) = beside {
+            return found;
+        }
+    }
+    PathBuf::from("ember")
+}
+
+impl Default for Isolation {
+    /// Workers from [`default_worker_exe`], with the default jail: what the
+    /// library's options use unless in-process is chosen explicitly.
+    fn default() -> Self {
+        Isolation::new(default_worker_exe())
+    }
 }
 
 impl Isolation {
@@ -230,14 +269,51 @@ fn start(
             "a jailed clone uses the snapshot's own root drive",
         ));
     }
+    let limits = Limits {
+        memory_bytes: isolation
+            .memory_limit_bytes
+            .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
+        cpus: u32::from(snapshot.vcpus()),
+    };
+    let state =
+        File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
+    let memory = snapshot
+        .memory_file()
+        .try_clone()
+        .map_err(WorkerError::Io)?;
+    let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
+    // Opened (beneath the snapshot directory) and checked with the
+    // snapshot; a drive that could not be is not handed over.
+    let drive = snapshot.root_drive_file();
+    let mut fds = vec![state.as_raw_fd(), memory.as_raw_fd(), kvm.as_raw_fd()];
+    fds.extend(drive.map(AsRawFd::as_raw_fd));
+    let mut args: Vec<String> = mode.map(String::from).into_iter().collect();
+    args.extend(drive.is_some().then(|| WITH_DRIVE.to_string()));
     let ids = isolation.ids.lease()?;
+    launch(isolation, ids, limits, &fds, &args, false)
+}
+
+/// Most descriptors a worker is handed besides its control socket.
+const MAX_HANDED_FDS: usize = 15;
+
+/// Spawns `ember __worker <id> <id> <args>` as `ids`, in new namespaces
+/// and (if asked) its own cgroups with `limits`, with its control socket
+/// as descriptor 3 and `fds` as 4, 5, ...; with `stdout_to_stderr` its
+/// stdout goes where its stderr goes (prefixed and escaped by the parent).
+fn launch(
+    isolation: &Isolation,
+    ids: IdLease,
+    limits: Limits,
+    fds: &[RawFd],
+    args: &[String],
+    stdout_to_stderr: bool,
+) -> Result<(WorkerProcess, UnixStream), WorkerError> {
+    if fds.len() > MAX_HANDED_FDS {
+        return Err(WorkerError::Unsupported(
+            "too many descriptors for a worker",
+        ));
+    }
     let cgroup = if isolation.cgroups {
-        let limits = Limits {
-            memory_bytes: isolation
-                .memory_limit_bytes
-                .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
-            cpus: u32::from(snapshot.vcpus()),
-        };
         WorkerCgroup::create(&cgroup::unique_name(), limits).map_err(WorkerError::Cgroup)?
     } else {
         None
@@ -250,39 +326,28 @@ fn start(
     };
     let procs_fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let (control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
-    let state =
-        File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
-    let memory = snapshot
-        .memory_file()
-        .try_clone()
-        .map_err(WorkerError::Io)?;
-    let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
-    // Opened (beneath the snapshot directory) and checked with the
-    // snapshot; a drive that could not be is not handed over.
-    let drive = snapshot.root_drive_file();
-    let mut fds = vec![
-        theirs.as_raw_fd(),
-        state.as_raw_fd(),
-        memory.as_raw_fd(),
-        kvm.as_raw_fd(),
-    ];
-    fds.extend(drive.map(AsRawFd::as_raw_fd));
+    let mut all_fds = vec![theirs.as_raw_fd()];
+    all_fds.extend_from_slice(fds);
     let (stderr_ours, stderr_theirs) = std::io::pipe().map_err(WorkerError::Io)?;
+    let stdout = if stdout_to_stderr {
+        Stdio::from(stderr_theirs.try_clone().map_err(WorkerError::Io)?)
+    } else {
+        Stdio::null()
+    };
     let mut command = Command::new(&isolation.worker_exe);
     command
         .arg(WORKER_SUBCOMMAND)
         .arg(ids.id().to_string())
         .arg(ids.id().to_string())
-        .args(mode)
-        .args(drive.is_some().then_some(WITH_DRIVE))
+        .args(args)
         .args(isolation.forge_stderr.then_some(FORGE_STDERR))
         .env_clear()
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(stderr_theirs);
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls on integers it captured by value
-    // (`procs_fds` and `fds` are only read).
+    // (`procs_fds` and `all_fds` are only read).
     unsafe {
         command.pre_exec(move || {
             // Into the worker's cgroups before anything else runs: every
@@ -298,17 +363,17 @@ fn start(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // Move the descriptors to 3..=6 (7). Sources are dup'ed above
+            // Move the descriptors to 3, 4, ... Sources are dup'ed above
             // the target range first, so no dup2 clobbers a later source.
-            let mut high = [0; 5];
-            for (i, fd) in fds.iter().enumerate() {
-                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 16);
+            let mut high = [0; MAX_HANDED_FDS + 1];
+            for (i, fd) in all_fds.iter().enumerate() {
+                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 32);
                 if dup < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 high[i] = dup;
             }
-            for (i, fd) in high.iter().take(fds.len()).enumerate() {
+            for (i, fd) in high.iter().take(all_fds.len()).enumerate() {
                 if libc::dup2(*fd, CONTROL_FD + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -327,7 +392,7 @@ fn start(
     let child = command.spawn().map_err(WorkerError::Spawn)?;
     // Drops the child's end of the stderr pipe too, so the forwarder sees
     // the end of the output once the worker is gone.
-    drop((theirs, state, memory, kvm, procs, command));
+    drop((theirs, procs, command));
     let stderr = stderr::forward(stderr_ours, child.id());
     let worker = WorkerProcess {
         child,
@@ -419,6 +484,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
              \r\x1b[2Kforged by the worker\n"
         );
     }
+    if args.get(2).map(String::as_str) == Some(template::TEMPLATE_MODE) {
+        return template::serve(control, config);
+    }
     jail::become_namespace_init()?;
 
     // Everything from the host was opened by the parent: the worker opens
@@ -443,8 +511,14 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
         .map_err(WorkerError::Io)?;
     // Read while /sys is still visible; cached for the restore.
     crate::host::HostKind::detect();
-    jail::enter_empty_root()?;
-    jail::drop_privileges(&config)?;
+    // A recycled clone's reset reads its own page map to find the pages a
+    // device wrote: that worker gets a /proc of its PID namespace.
+    let recycled = args.iter().skip(2).any(|a| a == recycled::RECYCLED_MODE);
+    jail::enter_root_with(&[], recycled)?;
+    jail::drop_privileges(&JailConfig {
+        dumpable: recycled,
+        ..config
+    })?;
     // The state file is untrusted input: parsed only now, jailed. It can
     // name no file; the drive is the one the parent opened beneath the
     // snapshot directory, and must still match what the state records.
@@ -452,6 +526,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
 
     if args.iter().skip(2).any(|a| a == function::FUNCTION_MODE) {
         return function::serve(control, snapshot);
+    }
+    if recycled {
+        return recycled::serve(control, snapshot);
     }
     let mut machine = snapshot.restore(&RestoreOptions::default())?;
     // From here on the control thread only talks to the agent, relays
