@@ -334,6 +334,14 @@ fn launch(
     } else {
         Stdio::null()
     };
+    // A worker started from the main thread dies with the caller, even one
+    // killed by a signal (no destructor runs then): `ember invoke` or
+    // `function create` interrupted leaves no VM behind. (The parent-death
+    // signal follows the spawning thread, so a worker started from any
+    // other thread, which may end first, relies on its owner's handle.)
+    // SAFETY: gettid and getpid take no arguments.
+    let die_with_caller = unsafe { libc::gettid() == libc::getpid() };
+    let caller = std::process::id();
     let mut command = Command::new(&isolation.worker_exe);
     command
         .arg(WORKER_SUBCOMMAND)
@@ -356,6 +364,15 @@ fn launch(
             for fd in &procs_fds {
                 if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
+                }
+            }
+            if die_with_caller {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The caller may have died before the signal was armed.
+                if u32::try_from(libc::getppid()).ok() != Some(caller) {
+                    libc::_exit(1);
                 }
             }
             // A session of its own: no controlling terminal, no signals
