@@ -669,7 +669,7 @@ fn function_create_builds_in_a_jailed_worker_by_default() {
             bad_out.to_str().unwrap(),
         ],
         &["__worker", "template"],
-        common::BOOT_TIMEOUT * 2,
+        common::BOOT_TIMEOUT * 4,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
@@ -712,7 +712,7 @@ fn function_create_builds_in_a_jailed_worker_by_default() {
             good_out.to_str().unwrap(),
         ],
         &["__worker", "template"],
-        common::BOOT_TIMEOUT * 2,
+        common::BOOT_TIMEOUT * 4,
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stderr: {stderr}");

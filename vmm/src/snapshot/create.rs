@@ -136,18 +136,18 @@ fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError>
         (std::fs::metadata(&source), std::fs::metadata(&target)),
         (Ok(a), Ok(b)) if same(&a, &b)
     );
-    match std::fs::remove_file(&target) {
-        _ if in_place => {}
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
-        _ => {}
-    }
-    if in_place {
-    } else if let Err(e) = std::fs::hard_link(&source, &target) {
-        log::debug!(
-            "cannot link the root drive into {} ({e}): copying it",
-            dir.display()
-        );
-        std::fs::copy(&source, &target).map_err(io(&target))?;
+    if !in_place {
+        match std::fs::remove_file(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
+            _ => {}
+        }
+        if let Err(e) = std::fs::hard_link(&source, &target) {
+            log::debug!(
+                "cannot link the root drive into {} ({e}): copying it",
+                dir.display()
+            );
+            std::fs::copy(&source, &target).map_err(io(&target))?;
+        }
     }
     let meta = std::fs::metadata(&target).map_err(io(&target))?;
     // The file the guest read must be the one now in the directory.
