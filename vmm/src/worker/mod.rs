@@ -12,6 +12,10 @@
 //! so a compromised worker is just one more untrusted peer.
 //!
 //! A worker serves one sandbox and exits when the control socket closes.
+//! Other modes use the same spawn and jail: [`function`] (one function
+//! invocation), [`recycled`] (one recycled function clone serving many
+//! invocations) and [`template`] (building a function template: the boot,
+//! the tenant's import and warm-up).
 
 pub mod cgroup;
 pub mod function;
