@@ -222,3 +222,59 @@ fn run_json_reports_a_timeout() {
     assert_eq!(json["timed_out"], true);
     assert!(json["usage"]["wall_ms"].as_u64().unwrap() >= 1900);
 }
+
+/// A cold boot runs the VM in the `ember` process: `run` refuses it unless
+/// `--in-process` says so (jailed is the default).
+#[test]
+fn run_cold_boot_needs_in_process() {
+    let (kernel, initrd) = guest_artifacts();
+    assert_clear_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        "add --in-process",
+    );
+}
+
+/// `--isolate` is kept as a no-op (jailed is the default now): it is no
+/// usage error.
+#[test]
+fn invoke_isolate_is_still_accepted() {
+    assert_clear_error(
+        &["invoke", "--isolate", "--function", "/nonexistent/fn"],
+        "cannot open the function",
+    );
+}
+
+/// A handler the jailed template worker (its own uid) cannot read is
+/// refused before anything boots, saying what to do.
+#[test]
+fn function_create_refuses_a_handler_the_jail_cannot_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_path("private-handler");
+    std::fs::create_dir_all(&dir).unwrap();
+    let handler = dir.join("secret.py");
+    std::fs::write(&handler, "def handler(event):\n    return event\n").unwrap();
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let spec = format!("{}:handler", handler.display());
+    let out = dir.join("out");
+    assert_clear_error(
+        &[
+            "function",
+            "create",
+            "--handler",
+            &spec,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "not readable by the jailed template worker",
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::{sh, shared_snapshot};
 use ember::sandbox::ExitStatus;
@@ -499,4 +500,382 @@ fn hostile_function_worker_threads_are_all_filtered() {
             "unfiltered tasks of a function worker (vsock: {force_vsock}): {seen:?}"
         );
     }
+}
+
+/// What a jailed worker of an `ember` command looked like while it ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SeenWorker {
+    /// The worker's PID (its outer, waiting process).
+    pid: u32,
+    /// The uid of its jailed child, the process that runs the VM.
+    uid: u32,
+    /// The jailed child's `/proc/<pid>/cgroup`.
+    cgroup: String,
+}
+
+/// The jailed workers `ember` process `cli` has now whose command lines
+/// hold every one of `args`.
+fn workers_of(cli: u32, args: &[&str]) -> Vec<SeenWorker> {
+    let mut seen = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{cli}/task")) else {
+        return seen;
+    };
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse().ok()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if !args.iter().all(|a| words.contains(&a.as_bytes())) {
+                continue;
+            }
+            let Some(jailed) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{jailed}/status")) else {
+                continue;
+            };
+            let Some(uid) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            else {
+                continue;
+            };
+            let cgroup =
+                std::fs::read_to_string(format!("/proc/{jailed}/cgroup")).unwrap_or_default();
+            seen.push(SeenWorker { pid, uid, cgroup });
+        }
+    }
+    seen
+}
+
+/// Runs `ember args` to its end (killed after `timeout`), watching for
+/// jailed workers whose command lines hold `worker_args`; returns the
+/// output and every distinct worker seen (the last sighting of each: a
+/// jailed child is root for a moment before it drops privileges).
+fn run_watching(
+    args: &[&str],
+    worker_args: &[&str],
+    timeout: Duration,
+) -> (std::process::Output, Vec<SeenWorker>) {
+    use std::io::Read;
+    let mut child = common::ember()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run ember");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let started = std::time::Instant::now();
+    let mut seen: Vec<SeenWorker> = Vec::new();
+    let status = loop {
+        for worker in workers_of(child.id(), worker_args) {
+            seen.retain(|w| w.pid != worker.pid);
+            seen.push(worker);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let output = std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    (output, seen)
+}
+
+/// Asserts each of `workers` ran its VM as an unprivileged uid inside its
+/// own worker cgroups.
+fn assert_jailed(workers: &[SeenWorker], what: &str) {
+    assert!(!workers.is_empty(), "{what}: no jailed worker was seen");
+    for worker in workers {
+        assert_ne!(worker.uid, 0, "{what}: the VM ran as root: {worker:?}");
+        assert!(
+            worker.cgroup.contains("ember-workers/worker-"),
+            "{what}: the VM ran outside its worker cgroup: {worker:?}"
+        );
+    }
+}
+
+/// Issue 13, item 6: the library's default options are the jailed ones;
+/// in-process is an explicit choice.
+#[test]
+fn library_defaults_are_jailed() {
+    use ember::function::{FunctionInvokeOptions, TemplateOptions};
+    let defaults = FunctionInvokeOptions::default();
+    let isolation = defaults
+        .isolation
+        .expect("invocations are jailed by default");
+    // A test binary finds the `ember` beside it (target/debug).
+    assert_eq!(
+        std::fs::canonicalize(&isolation.worker_exe).unwrap(),
+        std::fs::canonicalize(env!("CARGO_BIN_EXE_ember")).unwrap()
+    );
+    assert!(FunctionInvokeOptions::in_process().isolation.is_none());
+    let template = TemplateOptions::new("vmlinux".into(), "initrd".into(), None);
+    assert!(
+        template.isolation.is_some(),
+        "templates are built jailed by default"
+    );
+}
+
+/// Issue 13, item 6: `ember function create` without flags boots the
+/// template and runs the tenant's import and warm-up in a jailed worker:
+/// the process that runs the VM has a uid other than 0 and is in its
+/// worker's cgroup. A failing import reaches the user with its traceback;
+/// the function directory ends up root's, and is invoked jailed (one
+/// worker for every `--repeat` event) and in-process (`--in-process`).
+/// Before: the whole build ran in the `ember` process, as root.
+#[test]
+fn function_create_builds_in_a_jailed_worker_by_default() {
+    let dir = common::temp_path("jailed-create");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.py");
+    std::fs::write(
+        &bad,
+        "raise RuntimeError('import-time failure ' + str(6 * 7))\n\ndef handler(event):\n    return event\n",
+    )
+    .unwrap();
+    let bad_out = dir.join("bad");
+    let handler = format!("{}:handler", bad.display());
+    let (out, seen) = run_watching(
+        &[
+            "function",
+            "create",
+            "--handler",
+            &handler,
+            "--out",
+            bad_out.to_str().unwrap(),
+        ],
+        &["__worker", "template"],
+        common::BOOT_TIMEOUT * 4,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("the function runtime did not start")
+            && stderr.contains("Traceback")
+            && stderr.contains("RuntimeError: import-time failure 42"),
+        "the import's failure is not shown clearly: {stderr}"
+    );
+    assert_jailed(&seen, "function create (failing import)");
+    assert!(
+        !bad_out.join("state").exists(),
+        "a failed build left a template"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("building"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+
+    let good = dir.join("good.py");
+    std::fs::write(
+        &good,
+        "calls = 0\n\ndef handler(event):\n    global calls\n    calls += 1\n    return {\"event\": event, \"calls\": calls}\n",
+    )
+    .unwrap();
+    let good_out = dir.join("good");
+    let handler = format!("{}:handler", good.display());
+    let (out, seen) = run_watching(
+        &[
+            "function",
+            "create",
+            "--handler",
+            &handler,
+            "--warmup-event",
+            "{}",
+            "--out",
+            good_out.to_str().unwrap(),
+        ],
+        &["__worker", "template"],
+        common::BOOT_TIMEOUT * 4,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert_jailed(&seen, "function create");
+    for name in ["state", "memory", "function.json", "drive"] {
+        let meta = std::fs::symlink_metadata(good_out.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.file_type().is_file(), "{name}");
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{name} is not root's");
+    }
+    let function = good_out.to_str().unwrap();
+
+    // Jailed by default; `isolation_ms` is what the worker added.
+    let (out, seen) = run_watching(
+        &[
+            "invoke",
+            "--function",
+            function,
+            "--event",
+            r#"{"n": 1}"#,
+            "--json",
+        ],
+        &["__worker", "function"],
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        outcome["result"]["value"],
+        serde_json::json!({"event": {"n": 1}, "calls": 2})
+    );
+    assert!(
+        outcome["timings"]["isolation_ms"].is_number(),
+        "not jailed: {outcome}"
+    );
+    // A worker may come and go between two looks; when seen, it is jailed.
+    if !seen.is_empty() {
+        assert_jailed(&seen, "invoke");
+    }
+
+    // --in-process: no worker.
+    let (out, seen) = run_watching(
+        &[
+            "invoke",
+            "--in-process",
+            "--function",
+            function,
+            "--event",
+            "{}",
+            "--json",
+        ],
+        &["__worker"],
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(outcome["timings"]["isolation_ms"].is_null(), "{outcome}");
+    assert!(
+        seen.is_empty(),
+        "an in-process invocation had a worker: {seen:?}"
+    );
+
+    // --repeat: one jailed worker holds the recycled clone for every event
+    // (the clone's own count of invocations goes 1, 2, 3).
+    let (out, seen) = run_watching(
+        &[
+            "invoke",
+            "--function",
+            function,
+            "--event",
+            "{}",
+            "--repeat",
+            "3",
+            "--json",
+        ],
+        &["__worker", "recycled"],
+        Duration::from_secs(300),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    let outcomes: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert_eq!(outcome["recycle"]["invocation"], i + 1, "{outcome}");
+        assert_eq!(outcome["recycle"]["reused"], true, "{outcome}");
+        // Reset to the template after each event.
+        assert_eq!(outcome["result"]["value"]["calls"], 2, "{outcome}");
+        assert!(outcome["timings"]["isolation_ms"].is_number(), "{outcome}");
+    }
+    assert!(seen.len() <= 1, "more than one recycled worker: {seen:?}");
+    if !seen.is_empty() {
+        assert_jailed(&seen, "invoke --repeat");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 13, item 6: `ember invoke` and `ember run` run the VM in a jailed
+/// worker by default (seen while the handler or command runs: an
+/// unprivileged uid, the worker's cgroup); `--in-process` runs it in the
+/// `ember` process.
+#[test]
+fn invoke_and_run_are_jailed_by_default() {
+    let function = common::probe_template().to_str().unwrap().to_string();
+    let (out, seen) = run_watching(
+        &[
+            "invoke",
+            "--function",
+            &function,
+            "--event",
+            r#"{"op": "loop"}"#,
+            "--timeout-ms",
+            "4000",
+        ],
+        &["__worker", "function"],
+        Duration::from_secs(300),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_jailed(&seen, "invoke");
+
+    let (out, seen) = run_watching(
+        &["run", "--", "sh", "-c", "sleep 3; echo done"],
+        &["__worker"],
+        common::BOOT_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"done\n");
+    assert_jailed(&seen, "run");
+
+    let (out, seen) = run_watching(
+        &[
+            "run",
+            "--in-process",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; echo here",
+        ],
+        &["__worker"],
+        common::BOOT_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"here\n");
+    assert!(seen.is_empty(), "an in-process run had a worker: {seen:?}");
 }

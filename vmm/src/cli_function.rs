@@ -11,9 +11,10 @@ use clap::Args;
 use ember::bench::function::{self as bench, BenchPath};
 use ember::function::{
     self, ensure_cached_function, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec,
-    HandlerResult, RecycleOptions, Runtime, TemplateOptions,
+    HandlerResult, RecycleOptions, RecycledFunction, Runtime, TemplateOptions,
 };
 use ember::paths;
+use ember::worker::recycled::JailedRecycledFunction;
 
 #[derive(Args, Clone)]
 pub struct TemplateVmArgs {
@@ -56,6 +57,11 @@ pub struct FunctionCreateArgs {
     /// Deliver every event over vsock, never through guest memory
     #[arg(long)]
     no_hot_path: bool,
+    /// Boot the template and run the handler's import and warm-up in this
+    /// process, as root, instead of a jailed worker process: only for
+    /// trusted code
+    #[arg(long)]
+    in_process: bool,
     /// The function directory to write
     #[arg(long)]
     out: PathBuf,
@@ -74,11 +80,11 @@ pub struct InvokeArgs {
     event_file: Option<PathBuf>,
     /// Run the event this many times through one recycled microVM (reset
     /// in place between invocations); one result per line
-    #[arg(long, value_name = "N", conflicts_with_all = ["events", "isolate"])]
+    #[arg(long, value_name = "N", conflicts_with = "events")]
     repeat: Option<u64>,
     /// One invocation per line of this JSON Lines file (- for stdin),
     /// through one recycled microVM; one result per line, in order
-    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["event", "isolate"])]
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "event")]
     events: Option<PathBuf>,
     /// Destroy the clone after this many milliseconds (exit status 124)
     #[arg(long, default_value_t = 60_000)]
@@ -89,12 +95,16 @@ pub struct InvokeArgs {
     /// Use the vsock path even when the event fits guest memory
     #[arg(long)]
     vsock: bool,
-    /// Write the clone's console to this file
-    #[arg(long, conflicts_with = "isolate")]
+    /// Write the clone's console to this file (needs --in-process)
+    #[arg(long, requires = "in_process")]
     console: Option<PathBuf>,
-    /// Run the clone in its own jailed worker process (namespaces, cgroups,
-    /// an unprivileged uid, seccomp), as `ember serve` does
+    /// Run the clone in this process, as root, instead of its own jailed
+    /// worker process (namespaces, cgroups, an unprivileged uid, seccomp):
+    /// only for trusted code
     #[arg(long)]
+    in_process: bool,
+    /// Deprecated: jailed is the default now (kept as a no-op)
+    #[arg(long, hide = true, conflicts_with = "in_process")]
     isolate: bool,
     /// Print one JSON object with the outcome
     #[arg(long)]
@@ -193,6 +203,7 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
     if args.verbose {
         options.console = ember::ConsoleOutput::Stdout;
     }
+    options.isolation = (!args.in_process).then(crate::isolation).transpose()?;
     let spec = FunctionSpec {
         runtime,
         warmup_event: args.warmup_event.map(String::into_bytes),
@@ -200,11 +211,16 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
         hot_path: !args.no_hot_path,
     };
     eprintln!(
-        "ember: booting {} and starting the runtime (about a minute on emulated-KVM hosts)...",
+        "ember: booting {} and starting the runtime {} (about a minute on emulated-KVM hosts)...",
         args.vm
             .image
             .as_deref()
-            .map_or_else(|| "the guest".to_string(), |p| p.display().to_string())
+            .map_or_else(|| "the guest".to_string(), |p| p.display().to_string()),
+        if args.in_process {
+            "in this process"
+        } else {
+            "in a jailed worker"
+        }
     );
     let info = function::create(&spec, &options, &args.out)
         .with_context(|| format!("cannot create the function in {}", args.out.display()))?;
@@ -256,7 +272,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             .console
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
-        isolation: args.isolate.then(crate::isolation).transpose()?,
+        isolation: (!args.in_process).then(crate::isolation).transpose()?,
         io_limits: args.limits.to_limits(),
         ..FunctionInvokeOptions::default()
     };
@@ -315,14 +331,16 @@ fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
         timeout: Duration::from_millis(args.timeout_ms),
         max_output_bytes: args.max_output_bytes,
         force_vsock: args.vsock,
-        ..FunctionInvokeOptions::default()
+        ..FunctionInvokeOptions::in_process()
     };
-    let mut clone = function.recycled(&recycle)?;
+    let isolation = (!args.in_process).then(crate::isolation).transpose()?;
+    let new_clone = || Recycled::new(&function, &recycle, isolation.as_ref());
+    let mut clone = new_clone()?;
     let mut code = ExitCode::SUCCESS;
     for (line, event) in events.enumerate() {
         let event = event.with_context(|| format!("cannot read event {}", line + 1))?;
         if !clone.is_usable() {
-            clone = function.recycled(&recycle)?;
+            clone = new_clone()?;
         }
         let outcome = clone.invoke(&event, &options)?;
         report(&outcome, &args)?;
@@ -334,6 +352,48 @@ fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
         }
     }
     Ok(code)
+}
+
+/// A recycled clone: in one jailed worker that serves every event (the
+/// default), or in this process.
+enum Recycled {
+    InProcess(Box<RecycledFunction>),
+    Jailed(JailedRecycledFunction),
+}
+
+impl Recycled {
+    fn new(
+        function: &std::sync::Arc<Function>,
+        options: &RecycleOptions,
+        isolation: Option<&ember::worker::Isolation>,
+    ) -> Result<Self, function::FunctionError> {
+        Ok(match isolation {
+            Some(isolation) => Recycled::Jailed(JailedRecycledFunction::new(
+                std::sync::Arc::clone(function),
+                options,
+                isolation,
+            )?),
+            None => Recycled::InProcess(Box::new(function.recycled(options)?)),
+        })
+    }
+
+    fn is_usable(&self) -> bool {
+        match self {
+            Recycled::InProcess(clone) => clone.is_usable(),
+            Recycled::Jailed(clone) => clone.is_usable(),
+        }
+    }
+
+    fn invoke(
+        &mut self,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Result<FunctionOutcome, function::FunctionError> {
+        match self {
+            Recycled::InProcess(clone) => clone.invoke(event, options),
+            Recycled::Jailed(clone) => clone.invoke(event, options),
+        }
+    }
 }
 
 /// Prints one outcome: a JSON object with `--json`, else the result on

@@ -30,6 +30,43 @@ pub struct Isolation {
     pub violate_seccomp: bool,
 }
 
+/// The environment variable naming the `ember` binary that jailed workers
+/// run, for programs that use the library without being `ember` themselves.
+pub const WORKER_EXE_ENV: &str = "EMBER_WORKER_EXE";
+
+/// The `ember` binary a default [`Isolation`] starts workers from:
+/// [`WORKER_EXE_ENV`] if set; this very program if it is `ember`; an
+/// `ember` next to it or one directory up (cargo's `target/debug/deps`
+/// test and bench binaries); else `ember` from `PATH`.
+pub fn default_worker_exe() -> PathBuf {
+    if let Some(exe) = std::env::var_os(WORKER_EXE_ENV) {
+        return exe.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "ember") {
+            return exe;
+        }
+        let beside = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("ember"))
+            .find(|candidate| candidate.is_file());
+        if let Some(found) = beside {
+            return found;
+        }
+    }
+    PathBuf::from("ember")
+}
+
+impl Default for Isolation {
+    /// Workers from [`default_worker_exe`], with the default jail: what the
+    /// library's options use unless in-process is chosen explicitly.
+    fn default() -> Self {
+        Isolation::new(default_worker_exe())
+    }
+}
+
 impl Isolation {
     /// Isolation with `worker_exe` and the default jail.
     pub fn new(worker_exe: impl Into<PathBuf>) -> Self {

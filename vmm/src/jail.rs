@@ -29,6 +29,13 @@ pub struct JailConfig {
     pub max_files: u64,
     /// RLIMIT_NPROC for the jail's uid: threads count against it.
     pub max_processes: u64,
+    /// RLIMIT_FSIZE: a worker that restores a clone writes no file (0); a
+    /// template worker writes the template's memory (`None`: no limit).
+    pub max_file_bytes: Option<u64>,
+    /// Stay dumpable after the uid change, so the worker may read its own
+    /// `/proc/self` files (a template worker's calibration reads its
+    /// page map); only its own uid could then ptrace it.
+    pub dumpable: bool,
 }
 
 impl Default for JailConfig {
@@ -38,6 +45,8 @@ impl Default for JailConfig {
             gid: DEFAULT_JAIL_ID,
             max_files: 128,
             max_processes: 4096,
+            max_file_bytes: Some(0),
+            dumpable: false,
         }
     }
 }
@@ -261,9 +270,33 @@ fn mount(
     check_int(what, rc).map(|_| ())
 }
 
+/// A host file or directory the parent opened, bind-mounted into the jail.
+#[derive(Debug)]
+pub struct Bind {
+    /// Its host path. (A bind mount cannot take its source from a
+    /// descriptor opened in another mount namespace: the path is looked up
+    /// in the worker's copy of the host's mounts, and what it names must
+    /// be the file of `fd`.)
+    pub source: std::ffi::CString,
+    /// The descriptor (`O_PATH` will do) the parent opened and checked.
+    pub fd: std::os::fd::RawFd,
+    /// Where, inside the jail (absolute).
+    pub target: std::ffi::CString,
+    /// Mounted writable (else read-only); never executable, setuid or
+    /// with devices.
+    pub writable: bool,
+}
+
 /// Step 2: replaces the root with an empty, read-only tmpfs. Needs the
 /// private mount namespace the parent created.
 pub fn enter_empty_root() -> Result<(), JailError> {
+    enter_root_with(&[], false)
+}
+
+/// Step 2 for a template worker: the empty, read-only root of
+/// [`enter_empty_root`] with `binds` mounted into it and, with `proc`, a
+/// procfs of the worker's own PID namespace at `/proc`.
+pub fn enter_root_with(binds: &[Bind], proc: bool) -> Result<(), JailError> {
     // Nothing below propagates back to the host's mount table.
     mount(
         c"none",
@@ -273,6 +306,11 @@ pub fn enter_empty_root() -> Result<(), JailError> {
         None,
         "make / private",
     )?;
+    // Looked up before the jail's tmpfs hides anything under /tmp.
+    let sources = binds
+        .iter()
+        .map(open_bind_source)
+        .collect::<Result<Vec<_>, _>>()?;
     // /tmp is only a mount point here: the new root is a fresh tmpfs
     // mounted over it, visible to this namespace alone.
     let new_root = c"/tmp";
@@ -281,9 +319,25 @@ pub fn enter_empty_root() -> Result<(), JailError> {
         new_root,
         Some(c"tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(c"size=4k,mode=0555"),
+        Some(c"size=64k,mode=0555"),
         "mount the jail tmpfs",
     )?;
+    for (bind, (source, is_dir)) in binds.iter().zip(&sources) {
+        bind_into(new_root, bind, source, *is_dir)?;
+    }
+    drop(sources);
+    if proc {
+        let target = c"/tmp/proc";
+        make_mount_point(target, true)?;
+        mount(
+            c"proc",
+            target,
+            Some(c"proc"),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(c"hidepid=2"),
+            "mount /proc",
+        )?;
+    }
     // SAFETY: chdir to a NUL-terminated path.
     check_int("chdir(jail)", unsafe { libc::chdir(new_root.as_ptr()) })?;
     // pivot_root(".", ".") stacks the old root under the new one; the
@@ -311,6 +365,96 @@ pub fn enter_empty_root() -> Result<(), JailError> {
         None,
         "make the jail read-only",
     )
+}
+
+/// Creates `path` (and its parents) as a directory, or as an empty file.
+fn make_mount_point(path: &CStr, dir: bool) -> Result<(), JailError> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.to_bytes()));
+    let made = match (dir, path.parent()) {
+        (true, _) => std::fs::create_dir_all(path),
+        (false, Some(parent)) => {
+            std::fs::create_dir_all(parent).and_then(|()| std::fs::File::create(path).map(drop))
+        }
+        (false, None) => Err(io::ErrorKind::InvalidInput.into()),
+    };
+    made.map_err(|source| JailError::Syscall {
+        what: "make a mount point",
+        source,
+    })
+}
+
+fn stat_fd(fd: std::os::fd::RawFd) -> Result<libc::stat, JailError> {
+    // SAFETY: an all-zero stat is a valid out-buffer for fstat.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid out-pointer; fstat only reads `fd`.
+    check_int("fstat(bind source)", unsafe { libc::fstat(fd, &mut stat) })?;
+    Ok(stat)
+}
+
+/// Opens `bind.source` in this mount namespace (a bind mount cannot take
+/// its source from a descriptor of another one) and checks it is the file
+/// the parent opened and checked; returns it and whether it is a
+/// directory.
+fn open_bind_source(bind: &Bind) -> Result<(std::os::fd::OwnedFd, bool), JailError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated path and integer flags.
+    let fd = check_int("open(bind source)", unsafe {
+        libc::open(
+            bind.source.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let (here, parent) = (stat_fd(fd.as_raw_fd())?, stat_fd(bind.fd)?);
+    if (here.st_dev, here.st_ino) != (parent.st_dev, parent.st_ino) {
+        return Err(JailError::Syscall {
+            what: "bind-mount an input (it changed since the parent opened it)",
+            source: io::ErrorKind::InvalidData.into(),
+        });
+    }
+    Ok((fd, here.st_mode & libc::S_IFMT == libc::S_IFDIR))
+}
+
+/// Bind-mounts `source` (opened by [`open_bind_source`]) at `bind.target`
+/// beneath `root` (the jail's root before the pivot).
+fn bind_into(
+    root: &CStr,
+    bind: &Bind,
+    source: &std::os::fd::OwnedFd,
+    is_dir: bool,
+) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    let invalid = |what| JailError::Syscall {
+        what,
+        source: io::ErrorKind::InvalidInput.into(),
+    };
+    let target = bind.target.to_bytes();
+    if !target.starts_with(b"/") || target.windows(2).any(|w| w == b"..") {
+        return Err(invalid("bind target"));
+    }
+    let mut full = root.to_bytes().to_vec();
+    full.extend_from_slice(target);
+    let full = std::ffi::CString::new(full).map_err(|_| invalid("bind target"))?;
+    make_mount_point(&full, is_dir)?;
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{}", source.as_raw_fd()))
+        .map_err(|_| invalid("bind source"))?;
+    mount(
+        &path,
+        &full,
+        None,
+        libc::MS_BIND,
+        None,
+        "bind-mount an input",
+    )?;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+    flags |= libc::MS_NOEXEC;
+    if !bind.writable {
+        flags |= libc::MS_RDONLY;
+    }
+    mount(c"none", &full, None, flags, None, "restrict a bind mount")
 }
 
 /// Step 3: closes every descriptor from `first` up.
@@ -341,8 +485,13 @@ pub fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
         return Err(JailError::Root);
     }
     set_rlimit(libc::RLIMIT_NOFILE, config.max_files, "setrlimit(NOFILE)")?;
-    // The worker writes no file: the console goes to a pipe or nowhere.
-    set_rlimit(libc::RLIMIT_FSIZE, 0, "setrlimit(FSIZE)")?;
+    // A clone's worker writes no file: the console goes to a pipe or
+    // nowhere.
+    set_rlimit(
+        libc::RLIMIT_FSIZE,
+        config.max_file_bytes.unwrap_or(libc::RLIM_INFINITY),
+        "setrlimit(FSIZE)",
+    )?;
     set_rlimit(libc::RLIMIT_NPROC, config.max_processes, "setrlimit(NPROC)")?;
     set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(CORE)")?;
     // SAFETY: setgroups with an empty list.
@@ -364,6 +513,12 @@ pub fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
     // SAFETY: getuid/geteuid have no preconditions.
     if unsafe { libc::geteuid() } == 0 || unsafe { libc::getuid() } == 0 {
         return Err(JailError::Root);
+    }
+    if config.dumpable {
+        // SAFETY: prctl with integer arguments.
+        check_int("prctl(PR_SET_DUMPABLE)", unsafe {
+            libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0)
+        })?;
     }
     // Changing credentials clears the parent-death signal: set it again.
     // (As PID 1 of its namespace the worker cannot ask whether its parent

@@ -167,6 +167,12 @@ struct RunArgs {
     /// Say where the time went
     #[arg(long, short)]
     verbose: bool,
+    /// Run the VM in this process, as root, instead of a jailed worker
+    /// process (namespaces, cgroups, an unprivileged uid, seccomp): only
+    /// for trusted code. Needed for --kernel/--initrd, --vsock-uds and
+    /// --root-drive
+    #[arg(long)]
+    in_process: bool,
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
@@ -440,6 +446,20 @@ fn invocation(args: &RunArgs) -> Result<Invocation> {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let inv = invocation(&args)?;
+    if !args.in_process {
+        let in_process_only = if args.vm.cold_boot_requested() {
+            Some("--kernel/--initrd (a cold boot)")
+        } else if args.vm.vsock_uds.is_some() {
+            Some("--vsock-uds")
+        } else if args.snapshot.is_some() && args.vm.root_drive.is_some() {
+            Some("--root-drive")
+        } else {
+            None
+        };
+        if let Some(what) = in_process_only {
+            bail!("{what} runs the VM in this process: add --in-process (only for trusted code)");
+        }
+    }
     let mut sandbox = if args.vm.cold_boot_requested() {
         let mut config = args.vm.to_config()?;
         config.console = ConsoleOutput::Sink;
@@ -451,6 +471,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             // A cached snapshot was made with this drive already.
             root_drive: args.snapshot.as_ref().and(args.vm.root_drive.clone()),
             io_limits: args.vm.limits.to_limits(),
+            isolation: (!args.in_process).then(isolation).transpose()?,
             ..RestoreOptions::default()
         };
         Sandbox::restore(&snapshot, &options)?

@@ -247,9 +247,11 @@ fn measure(
     mode: BenchPath,
 ) -> Result<PathFigures, FunctionError> {
     let concurrency = concurrency.clamp(1, iterations.max(1));
+    // The VMM's own paths, in this process (a jailed invocation adds a
+    // worker's spawn and jail: `ember invoke --verbose` shows it).
     let options = FunctionInvokeOptions {
         force_vsock: mode == BenchPath::Vsock,
-        ..FunctionInvokeOptions::default()
+        ..FunctionInvokeOptions::in_process()
     };
     let pool = (mode == BenchPath::Recycled)
         .then(|| {

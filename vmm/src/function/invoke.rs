@@ -43,7 +43,10 @@ pub struct FunctionInvokeOptions {
     /// seccomp filters on the clone's threads (on by default).
     pub seccomp: bool,
     /// Run the clone in its own jailed worker process (see
-    /// [`crate::worker`]); `None` runs it in this process.
+    /// [`crate::worker`]): the default. `None` runs it in this process,
+    /// as root, next to the caller's memory: an explicit choice, only for
+    /// trusted code and for measuring the VMM itself
+    /// ([`FunctionInvokeOptions::in_process`]).
     pub isolation: Option<crate::worker::Isolation>,
     /// Install the control seccomp filter ([`crate::seccomp::Filter::Control`])
     /// on the calling thread as soon as the clone runs, before any byte
@@ -65,9 +68,21 @@ impl Default for FunctionInvokeOptions {
             force_vsock: false,
             console: ConsoleOutput::default(),
             seccomp: true,
-            isolation: None,
+            isolation: Some(crate::worker::Isolation::default()),
             filter_caller: false,
             io_limits: Default::default(),
+        }
+    }
+}
+
+impl FunctionInvokeOptions {
+    /// The default options, but the clone runs in this process (no jail):
+    /// only for trusted code, benchmarks of the VMM itself, and what needs
+    /// the clone's machine ([`Function::prepare`]).
+    pub fn in_process() -> Self {
+        FunctionInvokeOptions {
+            isolation: None,
+            ..FunctionInvokeOptions::default()
         }
     }
 }
@@ -213,7 +228,7 @@ pub struct PreparedFunction {
 }
 
 /// The invocation timeout in milliseconds, checked.
-pub(super) fn timeout_ms(options: &FunctionInvokeOptions) -> Result<u64, FunctionError> {
+pub(crate) fn timeout_ms(options: &FunctionInvokeOptions) -> Result<u64, FunctionError> {
     let timeout_ms = u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
         return Err(FunctionError::BadRequest(format!(

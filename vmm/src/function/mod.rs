@@ -57,7 +57,7 @@ mod template;
 use std::path::PathBuf;
 
 pub use cache::{cached_function_dir, ensure_cached_function, function_key};
-pub(crate) use invoke::cap_output;
+pub(crate) use invoke::{cap_output, timeout_ms as check_timeout};
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
     InvocationPath, PreparedFunction,
@@ -67,7 +67,10 @@ pub use recycled::{
     FunctionPool, PoolOptions, PoolStats, RecycleInfo, RecycleOptions, RecycledFunction,
     VERIFY_RESET_ENV,
 };
-pub use template::{create, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};
+pub(crate) use template::check as check_spec;
+pub use template::{
+    create, create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions,
+};
 
 use crate::agent::AgentError;
 use crate::exit::VmExit;

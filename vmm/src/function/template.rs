@@ -34,7 +34,7 @@ const MAX_HANDLER_BYTES: u64 = 16 << 20;
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What runs the function.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Runtime {
     /// `python3` with the handler `name` from the module file `file`.
     Python3 {
@@ -53,8 +53,10 @@ pub enum Runtime {
     },
 }
 
-/// A function to make a template of.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A function to make a template of. (Sent whole to a jailed template
+/// worker: every host path it names must be in
+/// [`FunctionSpec::host_paths_mut`].)
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionSpec {
     /// The runtime and handler.
     pub runtime: Runtime,
@@ -82,8 +84,10 @@ impl FunctionSpec {
     }
 }
 
-/// The VM a template is made in.
-#[derive(Debug, Clone)]
+/// The VM a template is made in. (Sent whole to a jailed template worker:
+/// every host path it names, the root drive aside, must be in
+/// [`TemplateOptions::host_paths_mut`].)
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TemplateOptions {
     /// Guest kernel (an ELF `vmlinux` also gives the in-memory RNG reseed).
     pub kernel: PathBuf,
@@ -94,7 +98,14 @@ pub struct TemplateOptions {
     /// Guest RAM in MiB.
     pub mem_mib: u32,
     /// Where the template's console goes.
+    #[serde(skip)]
     pub console: ConsoleOutput,
+    /// Build the template (boot, runtime start, the tenant's import and
+    /// warm-up, calibration) in a jailed worker process (see
+    /// [`crate::worker`]): the default. `None` builds it in this process,
+    /// as root: an explicit choice, only for trusted code.
+    #[serde(skip)]
+    pub isolation: Option<crate::worker::Isolation>,
     /// How long the runtime may take to start and load the handler.
     pub startup_timeout: Duration,
     /// How long the warm-up event may take.
@@ -110,14 +121,35 @@ impl TemplateOptions {
             root_drive,
             mem_mib: 256,
             console: ConsoleOutput::default(),
+            isolation: Some(crate::worker::Isolation::default()),
             startup_timeout: Duration::from_secs(600),
             warmup_timeout: Duration::from_secs(600),
         }
     }
 }
 
+impl FunctionSpec {
+    /// The host files and directories the template reads, so a jailed
+    /// worker can be given them (and the paths rewritten to where it sees
+    /// them).
+    pub(crate) fn host_paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match &mut self.runtime {
+            Runtime::Python3 { file, .. } => vec![file],
+            Runtime::Exec { program, .. } => vec![program],
+        }
+    }
+}
+
+impl TemplateOptions {
+    /// As [`FunctionSpec::host_paths_mut`], the root drive aside (it goes
+    /// into the function directory).
+    pub(crate) fn host_paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.kernel, &mut self.initrd]
+    }
+}
+
 /// What [`create`] made and how long it took.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TemplateInfo {
     /// The function directory.
     pub dir: PathBuf,
@@ -142,8 +174,29 @@ pub struct TemplateInfo {
 }
 
 /// Makes a function template in `out` (created if missing; an existing
-/// template there is replaced).
+/// template there is replaced): in a jailed worker unless
+/// `options.isolation` is `None` (see [`create_in_process`]).
 pub fn create(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+    out: &Path,
+) -> Result<TemplateInfo, FunctionError> {
+    match &options.isolation {
+        Some(isolation) => crate::worker::template::create(spec, options, out, isolation),
+        None => create_in_process(spec, options, out),
+    }
+}
+
+/// Checks `spec` as the template builder would (handler files readable,
+/// names and environment valid), without booting anything.
+pub(crate) fn check(spec: &FunctionSpec, options: &TemplateOptions) -> Result<(), FunctionError> {
+    start_request(spec, options).map(drop)
+}
+
+/// Makes a function template in `out` in this process, whatever
+/// `options.isolation` says: the tenant's code runs in a VM of this
+/// process. What a jailed template worker itself calls.
+pub fn create_in_process(
     spec: &FunctionSpec,
     options: &TemplateOptions,
     out: &Path,

@@ -129,16 +129,25 @@ fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError>
     };
     let source = drive.path();
     let target = dir.join(DRIVE_FILE);
-    match std::fs::remove_file(&target) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
-        _ => {}
-    }
-    if let Err(e) = std::fs::hard_link(&source, &target) {
-        log::debug!(
-            "cannot link the root drive into {} ({e}): copying it",
-            dir.display()
-        );
-        std::fs::copy(&source, &target).map_err(io(&target))?;
+    // Already there (a jailed template worker's parent linked it in).
+    let same =
+        |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    let in_place = matches!(
+        (std::fs::metadata(&source), std::fs::metadata(&target)),
+        (Ok(a), Ok(b)) if same(&a, &b)
+    );
+    if !in_place {
+        match std::fs::remove_file(&target) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&target)(e)),
+            _ => {}
+        }
+        if let Err(e) = std::fs::hard_link(&source, &target) {
+            log::debug!(
+                "cannot link the root drive into {} ({e}): copying it",
+                dir.display()
+            );
+            std::fs::copy(&source, &target).map_err(io(&target))?;
+        }
     }
     let meta = std::fs::metadata(&target).map_err(io(&target))?;
     // The file the guest read must be the one now in the directory.

@@ -27,18 +27,18 @@ use crate::snapshot::{RestoreOptions, Snapshot};
 /// The worker's third argument for function mode.
 pub const FUNCTION_MODE: &str = "function";
 /// Largest request a worker reads: an event of up to 64 MiB and a manifest.
-const MAX_REQUEST: u32 = (64 << 20) + (2 << 20);
+pub(super) const MAX_REQUEST: u32 = (64 << 20) + (2 << 20);
 /// Largest answer the parent reads: a 24 MiB result plus capped outputs.
-const MAX_ANSWER: u32 = 96 << 20;
+pub(super) const MAX_ANSWER: u32 = 96 << 20;
 
 #[derive(Serialize, Deserialize)]
-struct Request {
-    manifest: Vec<u8>,
-    event: Vec<u8>,
-    timeout_ms: u64,
-    max_output_bytes: u64,
-    force_vsock: bool,
-    io_limits: crate::devices::rate_limiter::IoLimits,
+pub(super) struct Request {
+    pub(super) manifest: Vec<u8>,
+    pub(super) event: Vec<u8>,
+    pub(super) timeout_ms: u64,
+    pub(super) max_output_bytes: u64,
+    pub(super) force_vsock: bool,
+    pub(super) io_limits: crate::devices::rate_limiter::IoLimits,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -51,7 +51,7 @@ enum WireResult {
 }
 
 #[derive(Serialize, Deserialize)]
-struct WireOutcome {
+pub(super) struct WireOutcome {
     result: WireResult,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
@@ -145,13 +145,14 @@ fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionErro
         // The worker's main thread decodes hot-path responses and agent
         // frames: filtered from the moment the clone runs.
         filter_caller: true,
-        ..FunctionInvokeOptions::default()
+        // This process is the jail.
+        ..FunctionInvokeOptions::in_process()
     };
     let outcome = function.invoke(&request.event, &options)?;
     Ok(to_wire(outcome))
 }
 
-fn to_wire(outcome: FunctionOutcome) -> WireOutcome {
+pub(super) fn to_wire(outcome: FunctionOutcome) -> WireOutcome {
     let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     WireOutcome {
         result: match outcome.result {
@@ -180,7 +181,7 @@ fn to_wire(outcome: FunctionOutcome) -> WireOutcome {
     }
 }
 
-fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
+pub(super) fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
     let result = match wire.result {
         WireResult::Json(text) => match serde_json::from_str(&text) {
             Ok(value) => HandlerResult::Json { value },
@@ -224,7 +225,10 @@ fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOutcome {
     }
 }
 
-fn write_message<T: Serialize>(stream: &mut UnixStream, message: &T) -> Result<(), WorkerError> {
+pub(super) fn write_message<T: Serialize>(
+    stream: &mut UnixStream,
+    message: &T,
+) -> Result<(), WorkerError> {
     let payload =
         postcard::to_allocvec(message).map_err(|e| WorkerError::Failed(format!("encode: {e}")))?;
     let len = u32::try_from(payload.len())
@@ -235,7 +239,7 @@ fn write_message<T: Serialize>(stream: &mut UnixStream, message: &T) -> Result<(
         .map_err(WorkerError::Io)
 }
 
-fn read_message<T: for<'de> Deserialize<'de>>(
+pub(super) fn read_message<T: for<'de> Deserialize<'de>>(
     stream: &mut impl Read,
     max: u32,
 ) -> Result<T, WorkerError> {

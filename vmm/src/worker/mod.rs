@@ -12,10 +12,16 @@
 //! so a compromised worker is just one more untrusted peer.
 //!
 //! A worker serves one sandbox and exits when the control socket closes.
+//! Other modes use the same spawn and jail: [`function`] (one function
+//! invocation), [`recycled`] (one recycled function clone serving many
+//! invocations) and [`template`] (building a function template: the boot,
+//! the tenant's import and warm-up).
 
 pub mod cgroup;
 pub mod function;
+pub mod recycled;
 mod stderr;
+pub mod template;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -31,7 +37,7 @@ use ember_protocol::protocol::Hello;
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
 use crate::deadline::DeadlineStream;
-pub use crate::isolation::Isolation;
+pub use crate::isolation::{default_worker_exe, Isolation, WORKER_EXE_ENV};
 use crate::jail::{self, IdLease, JailConfig};
 use crate::ready::{ReadyTimings, RESTORE_CONNECT_TIMEOUT};
 use crate::refresh::fresh_refresh;
@@ -202,14 +208,52 @@ fn start(
             "a jailed clone uses the snapshot's own root drive",
         ));
     }
+    let limits = Limits {
+        memory_bytes: isolation
+            .memory_limit_bytes
+            .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
+        cpus: u32::from(snapshot.vcpus()),
+    };
+    let state =
+        File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
+    let memory = snapshot
+        .memory_file()
+        .try_clone()
+        .map_err(WorkerError::Io)?;
+    let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
+    // Opened (beneath the snapshot directory) and checked with the
+    // snapshot; a drive that could not be is not handed over.
+    let drive = snapshot.root_drive_file();
+    let mut fds = vec![state.as_raw_fd(), memory.as_raw_fd(), kvm.as_raw_fd()];
+    fds.extend(drive.map(AsRawFd::as_raw_fd));
+    let mut args: Vec<String> = mode.map(String::from).into_iter().collect();
+    args.extend(drive.is_some().then(|| WITH_DRIVE.to_string()));
+    args.extend(io_limits_arg(&options.io_limits)?);
     let ids = isolation.ids.lease()?;
+    launch(isolation, ids, limits, &fds, &args, false)
+}
+
+/// Most descriptors a worker is handed besides its control socket.
+const MAX_HANDED_FDS: usize = 15;
+
+/// Spawns `ember __worker <id> <id> <args>` as `ids`, in new namespaces
+/// and (if asked) its own cgroups with `limits`, with its control socket
+/// as descriptor 3 and `fds` as 4, 5, ...; with `stdout_to_stderr` its
+/// stdout goes where its stderr goes (prefixed and escaped by the parent).
+fn launch(
+    isolation: &Isolation,
+    ids: IdLease,
+    limits: Limits,
+    fds: &[RawFd],
+    args: &[String],
+    stdout_to_stderr: bool,
+) -> Result<(WorkerProcess, UnixStream), WorkerError> {
+    if fds.len() > MAX_HANDED_FDS {
+        return Err(WorkerError::Unsupported(
+            "too many descriptors for a worker",
+        ));
+    }
     let cgroup = if isolation.cgroups {
-        let limits = Limits {
-            memory_bytes: isolation
-                .memory_limit_bytes
-                .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
-            cpus: u32::from(snapshot.vcpus()),
-        };
         WorkerCgroup::create(&cgroup::unique_name(), limits).map_err(WorkerError::Cgroup)?
     } else {
         None
@@ -222,40 +266,36 @@ fn start(
     };
     let procs_fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let (control, theirs) = UnixStream::pair().map_err(WorkerError::Io)?;
-    let state =
-        File::open(snapshot.dir().join(crate::snapshot::STATE_FILE)).map_err(WorkerError::Io)?;
-    let memory = snapshot
-        .memory_file()
-        .try_clone()
-        .map_err(WorkerError::Io)?;
-    let kvm = File::open("/dev/kvm").map_err(WorkerError::Io)?;
-    // Opened (beneath the snapshot directory) and checked with the
-    // snapshot; a drive that could not be is not handed over.
-    let drive = snapshot.root_drive_file();
-    let mut fds = vec![
-        theirs.as_raw_fd(),
-        state.as_raw_fd(),
-        memory.as_raw_fd(),
-        kvm.as_raw_fd(),
-    ];
-    fds.extend(drive.map(AsRawFd::as_raw_fd));
+    let mut all_fds = vec![theirs.as_raw_fd()];
+    all_fds.extend_from_slice(fds);
     let (stderr_ours, stderr_theirs) = std::io::pipe().map_err(WorkerError::Io)?;
+    let stdout = if stdout_to_stderr {
+        Stdio::from(stderr_theirs.try_clone().map_err(WorkerError::Io)?)
+    } else {
+        Stdio::null()
+    };
+    // A worker started from the main thread dies with the caller, even one
+    // killed by a signal (no destructor runs then): `ember invoke` or
+    // `function create` interrupted leaves no VM behind. (The parent-death
+    // signal follows the spawning thread, so a worker started from any
+    // other thread, which may end first, relies on its owner's handle.)
+    // SAFETY: gettid and getpid take no arguments.
+    let die_with_caller = unsafe { libc::gettid() == libc::getpid() };
+    let caller = std::process::id();
     let mut command = Command::new(&isolation.worker_exe);
     command
         .arg(WORKER_SUBCOMMAND)
         .arg(ids.id().to_string())
         .arg(ids.id().to_string())
-        .args(mode)
-        .args(drive.is_some().then_some(WITH_DRIVE))
+        .args(args)
         .args(isolation.forge_stderr.then_some(FORGE_STDERR))
-        .args(io_limits_arg(&options.io_limits)?)
         .env_clear()
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(stderr_theirs);
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls on integers it captured by value
-    // (`procs_fds` and `fds` are only read).
+    // (`procs_fds` and `all_fds` are only read).
     unsafe {
         command.pre_exec(move || {
             // Into the worker's cgroups before anything else runs: every
@@ -266,22 +306,31 @@ fn start(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            if die_with_caller {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The caller may have died before the signal was armed.
+                if u32::try_from(libc::getppid()).ok() != Some(caller) {
+                    libc::_exit(1);
+                }
+            }
             // A session of its own: no controlling terminal, no signals
             // from the caller's terminal or process group.
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // Move the descriptors to 3..=6 (7). Sources are dup'ed above
+            // Move the descriptors to 3, 4, ... Sources are dup'ed above
             // the target range first, so no dup2 clobbers a later source.
-            let mut high = [0; 5];
-            for (i, fd) in fds.iter().enumerate() {
-                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 16);
+            let mut high = [0; MAX_HANDED_FDS + 1];
+            for (i, fd) in all_fds.iter().enumerate() {
+                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 32);
                 if dup < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 high[i] = dup;
             }
-            for (i, fd) in high.iter().take(fds.len()).enumerate() {
+            for (i, fd) in high.iter().take(all_fds.len()).enumerate() {
                 if libc::dup2(*fd, CONTROL_FD + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -300,7 +349,7 @@ fn start(
     let child = command.spawn().map_err(WorkerError::Spawn)?;
     // Drops the child's end of the stderr pipe too, so the forwarder sees
     // the end of the output once the worker is gone.
-    drop((theirs, state, memory, kvm, procs, command));
+    drop((theirs, procs, command));
     let stderr = stderr::forward(stderr_ours, child.id());
     let worker = WorkerProcess {
         child,
@@ -392,6 +441,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
              \r\x1b[2Kforged by the worker\n"
         );
     }
+    if args.get(2).map(String::as_str) == Some(template::TEMPLATE_MODE) {
+        return template::serve(control, config);
+    }
     jail::become_namespace_init()?;
 
     // Everything from the host was opened by the parent: the worker opens
@@ -416,8 +468,14 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
         .map_err(WorkerError::Io)?;
     // Read while /sys is still visible; cached for the restore.
     crate::host::HostKind::detect();
-    jail::enter_empty_root()?;
-    jail::drop_privileges(&config)?;
+    // A recycled clone's reset reads its own page map to find the pages a
+    // device wrote: that worker gets a /proc of its PID namespace.
+    let recycled = args.iter().skip(2).any(|a| a == recycled::RECYCLED_MODE);
+    jail::enter_root_with(&[], recycled)?;
+    jail::drop_privileges(&JailConfig {
+        dumpable: recycled,
+        ..config
+    })?;
     // The state file is untrusted input: parsed only now, jailed. It can
     // name no file; the drive is the one the parent opened beneath the
     // snapshot directory, and must still match what the state records.
@@ -425,6 +483,9 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
 
     if args.iter().skip(2).any(|a| a == function::FUNCTION_MODE) {
         return function::serve(control, snapshot);
+    }
+    if recycled {
+        return recycled::serve(control, snapshot);
     }
     let options = RestoreOptions {
         io_limits: io_limits_from_args(args)?,
