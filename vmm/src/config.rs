@@ -56,6 +56,11 @@ pub struct VmConfig {
     /// as `ember.root=/dev/vda`. Opened read-only, never written; every
     /// clone of a snapshot reads the same file.
     pub root_drive: Option<PathBuf>,
+    /// A read-only code drive (a function's bundle and dependencies, see
+    /// [`crate::function`]): a second virtio-blk device, after the root
+    /// drive (`/dev/vdb` with one, else `/dev/vda`). Mounted by the agent
+    /// only when a function start asks for it.
+    pub code_drive: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -78,6 +83,7 @@ impl VmConfig {
             vsock_uds: None,
             seccomp: true,
             root_drive: None,
+            code_drive: None,
         }
     }
 
@@ -124,8 +130,12 @@ impl VmConfig {
         if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
             return Err(ConfigError::VsockCid(self.vsock_cid));
         }
-        if let Some(drive) = &self.root_drive {
-            let meta = check_readable(drive, "root drive")?;
+        for (drive, what) in [
+            (&self.root_drive, "root drive"),
+            (&self.code_drive, "code drive"),
+        ] {
+            let Some(drive) = drive else { continue };
+            let meta = check_readable(drive, what)?;
             let sector = crate::devices::virtio::block::disk::SECTOR_SIZE;
             if meta.len() == 0 || !meta.len().is_multiple_of(sector) {
                 return Err(ConfigError::DriveSize {
@@ -212,8 +222,8 @@ pub enum ConfigError {
     /// A reserved or out-of-range vsock context ID.
     #[error("vsock CID must be between 3 and 4294967294, got {0}")]
     VsockCid(u64),
-    /// A root drive that is empty or not a whole number of sectors.
-    #[error("root drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
+    /// A drive that is empty or not a whole number of sectors.
+    #[error("drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
     DriveSize {
         /// The drive.
         path: PathBuf,

@@ -46,11 +46,14 @@
 //! ```
 
 mod buffers;
+pub mod bundle;
 mod cache;
+pub mod code_image;
 pub mod guest_clock;
 pub mod guest_rng;
 mod invoke;
 mod manifest;
+pub mod pip;
 mod recycled;
 mod template;
 
@@ -103,6 +106,9 @@ pub enum FunctionError {
     /// The template's runtime did not behave as the hot path requires.
     #[error("function template: {0}")]
     Template(String),
+    /// The code drive (bundle, dependencies, image) could not be made.
+    #[error(transparent)]
+    Code(#[from] code_image::CodeImageError),
     /// The request is invalid; nothing ran.
     #[error("invalid function request: {0}")]
     BadRequest(String),

@@ -8,8 +8,9 @@ use ember_agent::hotpath::{
     RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
 };
 use ember_agent::protocol::{
-    FileIn, FunctionInvoke, FunctionStart, HotPathPages, PYTHON_RUNTIME_PATH,
+    FileIn, FunctionInvoke, FunctionStart, HotPathPages, CODE_DIR, PYTHON_RUNTIME_PATH,
 };
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::guest_rng::{self, GuestRng};
@@ -34,12 +35,24 @@ const MAX_HANDLER_BYTES: u64 = 16 << 20;
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What runs the function.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Runtime {
     /// `python3` with the handler `name` from the module file `file`.
     Python3 {
         /// The handler's module (a `.py` file on the host).
         file: PathBuf,
+        /// The handler function's name in it.
+        name: String,
+    },
+    /// `python3` with the handler `name` from the module `module` of a
+    /// code bundle: a directory or a `.zip` (see [`super::bundle`]), with
+    /// its `requirements.txt` installed, on a read-only code drive the
+    /// guest mounts at `/var/task` (see [`super::code_image`]).
+    Python3Bundle {
+        /// The bundle on the host.
+        code: PathBuf,
+        /// The handler's module, dotted (`app.main`).
+        module: String,
         /// The handler function's name in it.
         name: String,
     },
@@ -54,7 +67,7 @@ pub enum Runtime {
 }
 
 /// A function to make a template of.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionSpec {
     /// The runtime and handler.
     pub runtime: Runtime,
@@ -68,6 +81,23 @@ pub struct FunctionSpec {
 }
 
 impl FunctionSpec {
+    /// A python3 function with the handler `name` in the module `module`
+    /// of the bundle `code` (a directory or a `.zip`).
+    pub fn python3_bundle(
+        code: impl Into<PathBuf>,
+        module: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        FunctionSpec {
+            runtime: Runtime::Python3Bundle {
+                code: code.into(),
+                module: module.into(),
+                name: name.into(),
+            },
+            ..Self::python3(PathBuf::new(), String::new())
+        }
+    }
+
     /// A python3 function with the handler `name` in `file`.
     pub fn python3(file: impl Into<PathBuf>, name: impl Into<String>) -> Self {
         FunctionSpec {
@@ -149,10 +179,22 @@ pub fn create(
     out: &Path,
 ) -> Result<TemplateInfo, FunctionError> {
     let (start, runtime_name, handler) = start_request(spec, options)?;
+    let code_drive = match &spec.runtime {
+        Runtime::Python3Bundle { code, module, .. } => {
+            Some(super::code_image::ensure_code_drive(code, module, || {
+                log::info!(
+                    "making the code drive of {} (dependencies are installed with pip)",
+                    code.display()
+                );
+            })?)
+        }
+        _ => None,
+    };
     std::fs::create_dir_all(out).map_err(|e| FunctionError::Io(out.to_path_buf(), e))?;
 
     let mut config = vm_config(options);
     config.console = options.console.clone();
+    config.code_drive = code_drive.map(|drive| drive.image);
     let booting = Instant::now();
     let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
     if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
@@ -277,6 +319,7 @@ pub(crate) fn start_request(
     options: &TemplateOptions,
 ) -> Result<(FunctionStart, &'static str, String), FunctionError> {
     let mut files_in = Vec::new();
+    let mut code_drive = None;
     let (argv, runtime, handler) = match &spec.runtime {
         Runtime::Python3 { file, name } => {
             let base = file_name(file)?;
@@ -286,11 +329,7 @@ pub(crate) fn start_request(
                     file.display()
                 )));
             }
-            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                return Err(FunctionError::BadRequest(format!(
-                    "{name:?} is not a python function name"
-                )));
-            }
+            check_python_name(name)?;
             check_python_env(&spec.env)?;
             files_in.push(FileIn {
                 path: base.clone(),
@@ -315,6 +354,38 @@ pub(crate) fn start_request(
             .to_vec();
             (argv, "python3", format!("{base}:{name}"))
         }
+        Runtime::Python3Bundle { code, module, name } => {
+            super::bundle::check_module_name(module)
+                .map_err(|e| FunctionError::BadRequest(e.to_string()))?;
+            check_python_name(name)?;
+            check_python_env(&spec.env)?;
+            if !code.exists() {
+                return Err(FunctionError::BadRequest(format!(
+                    "the code bundle {} does not exist",
+                    code.display()
+                )));
+            }
+            code_drive = Some(
+                crate::devices::set::code_drive_guest_device(options.root_drive.is_some())
+                    .to_owned(),
+            );
+            // As for a single file (above); the runtime imports the module
+            // from the code drive the agent mounts at CODE_DIR.
+            let argv = [
+                "python3",
+                "-I",
+                "-u",
+                "-B",
+                PYTHON_RUNTIME_PATH,
+                "--bundle",
+                CODE_DIR,
+                module,
+                name,
+            ]
+            .map(String::from)
+            .to_vec();
+            (argv, "python3", format!("{module}:{name}"))
+        }
         Runtime::Exec { program, args } => {
             let base = file_name(program)?;
             files_in.push(FileIn {
@@ -334,11 +405,25 @@ pub(crate) fn start_request(
         // The hot path hands the runtime /dev/mem to map its doorbell; only
         // ember's own python runtime is trusted to map it and close it
         // before user code runs. `exec` runtimes use the vsock path.
-        hot_path: spec.hot_path && matches!(spec.runtime, Runtime::Python3 { .. }),
+        hot_path: spec.hot_path
+            && matches!(
+                spec.runtime,
+                Runtime::Python3 { .. } | Runtime::Python3Bundle { .. }
+            ),
         ready_timeout_ms: duration_ms(options.startup_timeout),
+        code_drive,
     };
     start.validate().map_err(FunctionError::BadRequest)?;
     Ok((start, runtime, handler))
+}
+
+fn check_python_name(name: &str) -> Result<(), FunctionError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        return Err(FunctionError::BadRequest(format!(
+            "{name:?} is not a python function name"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses the variables of [`FORBIDDEN_PYTHON_ENV`].
@@ -530,6 +615,7 @@ mod tests {
     fn spec_file(spec: &FunctionSpec) -> PathBuf {
         match &spec.runtime {
             Runtime::Python3 { file, .. } => file.clone(),
+            Runtime::Python3Bundle { code, .. } => code.clone(),
             Runtime::Exec { program, .. } => program.clone(),
         }
     }

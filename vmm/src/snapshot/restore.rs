@@ -92,6 +92,8 @@ pub struct Snapshot {
     memory: File,
     /// The root drive, opened with the snapshot (for jailed clones too).
     root_drive: Option<SnapshotDrive>,
+    /// The code drive, likewise.
+    code_drive: Option<SnapshotDrive>,
     /// This opened snapshot's identity: resettable clones are only ever
     /// reset to the snapshot they came from.
     pub(super) template_id: u64,
@@ -139,11 +141,19 @@ impl Snapshot {
         drive: Option<File>,
     ) -> Result<Snapshot, SnapshotError> {
         let state: SnapshotState = super::format::decode_state(state)?;
-        let given = move |spec: &DriveSpec| match drive {
-            Some(file) => DiskImage::from_file(file, spec.path()),
-            None => Err(DiskError::Unavailable(
-                "the parent process handed over no drive".into(),
-            )),
+        let mut drive = Some(drive);
+        let given = move |spec: &DriveSpec| {
+            if spec.path == super::CODE_DRIVE_FILE.as_bytes() {
+                return Err(DiskError::Unavailable(
+                    "a jailed clone is handed no code drive".into(),
+                ));
+            }
+            match drive.take().flatten() {
+                Some(file) => DiskImage::from_file(file, spec.path()),
+                None => Err(DiskError::Unavailable(
+                    "the parent process handed over no drive".into(),
+                )),
+            }
         };
         Self::from_parts(dir, state, memory, given)
     }
@@ -152,7 +162,7 @@ impl Snapshot {
         dir: &Path,
         state: SnapshotState,
         memory: File,
-        open_drive: impl FnOnce(&DriveSpec) -> Result<DiskImage, DiskError>,
+        mut open_drive: impl FnMut(&DriveSpec) -> Result<DiskImage, DiskError>,
     ) -> Result<Snapshot, SnapshotError> {
         state.validate().map_err(SnapshotError::Invalid)?;
         let len = memory
@@ -165,11 +175,17 @@ impl Snapshot {
             .block
             .as_ref()
             .map(|b| SnapshotDrive::new(&b.drive, open_drive(&b.drive)));
+        let code_drive = state
+            .devices
+            .code
+            .as_ref()
+            .map(|b| SnapshotDrive::new(&b.drive, open_drive(&b.drive)));
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             state,
             memory,
             root_drive,
+            code_drive,
             template_id: next_template_id(),
             template: std::sync::OnceLock::new(),
         })
@@ -188,6 +204,12 @@ impl Snapshot {
     /// opened and checked (a jailed worker is handed this descriptor).
     pub fn root_drive_file(&self) -> Option<&File> {
         self.root_drive.as_ref().and_then(SnapshotDrive::file)
+    }
+
+    /// Whether the snapshot has a code drive (a jailed worker is not
+    /// handed one: see [`crate::worker`]).
+    pub fn has_code_drive(&self) -> bool {
+        self.code_drive.is_some()
     }
 
     /// The snapshot's memory file (shared by every clone).
@@ -333,6 +355,8 @@ impl Snapshot {
             vsock_cid: state.vsock_cid,
             vsock_uds: options.vsock_uds.clone(),
             root_drive: drive_for_clone(self.root_drive.as_ref(), options.root_drive.as_deref())
+                .map_err(DeviceError::from)?,
+            code_drive: drive_for_clone(self.code_drive.as_ref(), None)
                 .map_err(DeviceError::from)?,
         };
         let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;

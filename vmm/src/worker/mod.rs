@@ -230,6 +230,11 @@ fn start(
             "a jailed clone uses the snapshot's own root drive",
         ));
     }
+    if snapshot.has_code_drive() {
+        return Err(WorkerError::Unsupported(
+            "a jailed clone cannot have a code drive yet (functions made from bundles)",
+        ));
+    }
     let ids = isolation.ids.lease()?;
     let cgroup = if isolation.cgroups {
         let limits = Limits {
