@@ -979,9 +979,9 @@ def _print_startup_error(exc, path, bundle=False):
     """An import failure on stderr, from the handler's first frame on."""
     tb = exc.__traceback__
     if bundle:
-        ours = os.path.abspath(__file__)
+        skipped = (os.path.abspath(__file__), importlib.__file__)
         while tb is not None and (
-            tb.tb_frame.f_code.co_filename == ours
+            tb.tb_frame.f_code.co_filename in skipped
             or tb.tb_frame.f_code.co_filename.startswith("<frozen importlib")
         ):
             tb = tb.tb_next  # skip this runtime's and importlib's frames
@@ -1020,7 +1020,14 @@ def main(argv):
     install_ember_module(restore)
     try:
         if bundle:
+            importing = time.monotonic()
             function = load_module(code_dir, module_name, handler_name)
+            # Reported with the start (the host logs it): importing from
+            # the code drive is what a bundle adds to a template's making.
+            print(
+                f"ember-runtime: imported {module_name} in {(time.monotonic() - importing) * 1000:.0f} ms",
+                file=sys.stderr,
+            )
         else:
             sys.path.insert(0, os.path.dirname(path))
             function = load_function(path, handler_name)

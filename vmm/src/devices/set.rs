@@ -100,6 +100,9 @@ pub struct BlockState {
     pub drive: DriveSpec,
 }
 
+/// A drive's transport, and what a snapshot records of the drive.
+pub(crate) type AttachedDrive = (Arc<Mutex<MmioTransport>>, DriveSpec);
+
 /// The devices of one microVM.
 pub struct DeviceSet {
     pub(crate) exit: Arc<ExitSignal>,
@@ -114,9 +117,9 @@ pub struct DeviceSet {
     pub(crate) vsock_uds: bool,
     /// The root drive's transport and what a snapshot records of the
     /// drive, if the VM has one.
-    pub(crate) block: Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>,
+    pub(crate) block: Option<AttachedDrive>,
     /// The same for the code drive.
-    pub(crate) code: Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>,
+    pub(crate) code: Option<AttachedDrive>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     /// Kernel parameters declaring the virtio-mmio devices.
@@ -236,7 +239,7 @@ impl DeviceSet {
     }
 }
 
-fn block_state((transport, drive): &(Arc<Mutex<MmioTransport>>, DriveSpec)) -> BlockState {
+fn block_state((transport, drive): &AttachedDrive) -> BlockState {
     BlockState {
         transport: lock(transport).state(),
         drive: drive.clone(),
@@ -267,7 +270,7 @@ impl Drives<'_> {
         slot: DriveSlot,
         disk: Option<&Arc<DiskImage>>,
         saved: Option<Option<&BlockState>>,
-    ) -> Result<Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>, DeviceError> {
+    ) -> Result<Option<AttachedDrive>, DeviceError> {
         let transport = match (disk, saved) {
             (None, None | Some(None)) => return Ok(None),
             (Some(disk), Some(Some(state))) => {
@@ -389,7 +392,7 @@ fn attach_block(
     slot: DriveSlot,
     disk: &Arc<DiskImage>,
     saved: Option<&MmioTransportState>,
-) -> Result<(Arc<Mutex<MmioTransport>>, DriveSpec), DeviceError> {
+) -> Result<AttachedDrive, DeviceError> {
     let (index, id) = match slot {
         DriveSlot::Root => (ROOT_DRIVE_SLOT, ROOT_DRIVE_ID),
         DriveSlot::Code => (CODE_DRIVE_SLOT, CODE_DRIVE_ID),

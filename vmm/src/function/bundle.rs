@@ -498,7 +498,13 @@ mod tests {
         check_module(&good, &tree, "app.main").unwrap();
         assert_eq!(std::fs::read(tree.join("app/y")).unwrap(), b"x");
 
-        let cases: [(&str, &[(&str, &[u8])], &[(&str, &str)], &str); 5] = [
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a [u8])],
+            &'a [(&'a str, &'a str)],
+            &'a str,
+        );
+        let cases: [Case; 5] = [
             ("dotdot", &[("../evil.py", b"x")], &[], "`..`"),
             ("inner-dotdot", &[("a/../../evil.py", b"x")], &[], "`..`"),
             ("absolute", &[("/tmp/evil.py", b"x")], &[], "absolute"),
