@@ -217,8 +217,13 @@ done
 find usr/lib/python3* -depth -type d -name __pycache__ -exec rm -rf {} +
 
 # --- read-only root ----------------------------------------------------------------
-mkdir -p proc sys dev dev/shm tmp run var/tmp ember
-chmod 0755 proc sys dev run ember
+# var/task: where the agent mounts a function's code drive.
+mkdir -p proc sys dev dev/shm tmp run var/tmp var/task ember
+chmod 0755 proc sys dev run var/task ember
+# Binary wheels (numpy, Pillow...) link against these: the trim keeps them.
+for lib in libstdc++.so.6 libgcc_s.so.1 libz.so.1; do
+    [[ -e usr/lib/x86_64-linux-gnu/$lib ]] || die "the trimmed root lost $lib (binary wheels need it)"
+done
 chmod 1777 tmp var/tmp dev/shm
 grep -q '^sandbox:' etc/passwd || echo 'sandbox:x:1000:1000:sandbox:/tmp:/bin/sh' >>etc/passwd
 grep -q '^sandbox:' etc/group || echo 'sandbox:x:1000:' >>etc/group

@@ -77,6 +77,7 @@ fn runtime(script: &str) -> FunctionStart {
         ],
         hot_path: false,
         ready_timeout_ms: 10_000,
+        code_drive: None,
     }
 }
 
@@ -712,6 +713,7 @@ def handler(event, context):
         }],
         hot_path: false,
         ready_timeout_ms: 30_000,
+        code_drive: None,
     };
     let ready = ready(&mut c, start);
     assert_eq!(ready.hot_path, None);

@@ -215,6 +215,11 @@ pub const FUNCTION_DIR: &str = "/run/ember/function";
 /// before it starts a function runtime.
 pub const PYTHON_RUNTIME_PATH: &str = "/run/ember/runtime/ember_runtime.py";
 
+/// Where the agent mounts a function's code drive (read-only, `nodev`,
+/// `nosuid`), when [`FunctionStart::code_drive`] names one; the runtime
+/// then starts in it.
+pub const CODE_DIR: &str = "/var/task";
+
 /// Starts a function runtime: a process that stays alive, serves one event
 /// at a time on its pipes, and (with `hot_path`) through guest memory.
 ///
@@ -241,6 +246,11 @@ pub struct FunctionStart {
     /// How long the runtime may take to write `READY`, 1 to
     /// [`MAX_TIMEOUT_MS`].
     pub ready_timeout_ms: u64,
+    /// The guest device of the function's code drive (`/dev/vdb`), an ext4
+    /// image the agent mounts read-only at [`CODE_DIR`] before the start
+    /// (once: a later start with the same device finds it mounted).
+    #[serde(default)]
+    pub code_drive: Option<String>,
 }
 
 impl FunctionStart {
@@ -250,6 +260,14 @@ impl FunctionStart {
         as_invoke.env.clone_from(&self.env);
         as_invoke.files_in.clone_from(&self.files_in);
         as_invoke.timeout_ms = self.ready_timeout_ms;
+        if let Some(device) = &self.code_drive {
+            let name = device.strip_prefix("/dev/vd").unwrap_or_default();
+            if name.len() != 1 || !name.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(format!(
+                    "code drive {device:?} is not a virtio disk (/dev/vda to /dev/vdz)"
+                ));
+            }
+        }
         as_invoke.validate()
     }
 }

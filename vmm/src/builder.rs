@@ -180,10 +180,16 @@ impl Machine {
     }
 }
 
-/// The device side of a config; opens the root drive, if any.
+/// The device side of a config; opens the root and code drives, if any.
 pub(crate) fn device_options(config: &VmConfig) -> Result<DeviceOptions, DeviceError> {
     let root_drive = config
         .root_drive
+        .as_deref()
+        .map(DiskImage::open)
+        .transpose()?
+        .map(Arc::new);
+    let code_drive = config
+        .code_drive
         .as_deref()
         .map(DiskImage::open)
         .transpose()?
@@ -195,6 +201,7 @@ pub(crate) fn device_options(config: &VmConfig) -> Result<DeviceOptions, DeviceE
         vsock_uds: config.vsock_uds.clone(),
         root_drive,
         io_limits: config.io_limits,
+        code_drive,
     })
 }
 

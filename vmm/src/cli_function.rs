@@ -43,10 +43,16 @@ pub struct FunctionCreateArgs {
     /// python3 or exec
     #[arg(long, default_value = "python3")]
     runtime: String,
-    /// python3: FILE.py:NAME; exec: the executable (it speaks the runtime
-    /// pipe protocol of guest-agent/runtimes/README.md)
+    /// python3: FILE.py:NAME, or with --code MODULE:NAME (a dotted module
+    /// in the bundle, e.g. app.main:handler); exec: the executable (it
+    /// speaks the runtime pipe protocol of guest-agent/runtimes/README.md)
     #[arg(long)]
     handler: String,
+    /// python3: the function's code bundle, a directory or a .zip; its
+    /// requirements.txt is installed with pip (for the guest's CPython
+    /// 3.11), and all of it is on a read-only drive at /var/task
+    #[arg(long, value_name = "DIR|BUNDLE.zip")]
+    code: Option<PathBuf>,
     /// An event run once before the snapshot, so lazily initialised state
     /// is in it (must succeed)
     #[arg(long, value_name = "JSON")]
@@ -186,13 +192,21 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
     let runtime = match args.runtime.as_str() {
         "python3" => {
             let Some((file, name)) = args.handler.rsplit_once(':') else {
-                bail!("--handler for python3 is FILE.py:NAME");
+                bail!("--handler for python3 is FILE.py:NAME, or MODULE:NAME with --code");
             };
-            Runtime::Python3 {
-                file: file.into(),
-                name: name.into(),
+            match &args.code {
+                Some(code) => Runtime::Python3Bundle {
+                    code: code.clone(),
+                    module: file.into(),
+                    name: name.into(),
+                },
+                None => Runtime::Python3 {
+                    file: file.into(),
+                    name: name.into(),
+                },
             }
         }
+        _ if args.code.is_some() => bail!("--code is for the python3 runtime"),
         "exec" => Runtime::Exec {
             program: args.handler.clone().into(),
             args: Vec::new(),

@@ -59,6 +59,11 @@ pub struct VmConfig {
     pub root_drive: Option<PathBuf>,
     /// Rate limits on the guest's disk and vsock I/O (default: unlimited).
     pub io_limits: IoLimits,
+    /// A read-only code drive (a function's bundle and dependencies, see
+    /// [`crate::function`]): a second virtio-blk device, after the root
+    /// drive (`/dev/vdb` with one, else `/dev/vda`). Mounted by the agent
+    /// only when a function start asks for it.
+    pub code_drive: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -82,6 +87,7 @@ impl VmConfig {
             seccomp: true,
             root_drive: None,
             io_limits: IoLimits::default(),
+            code_drive: None,
         }
     }
 
@@ -129,8 +135,12 @@ impl VmConfig {
             return Err(ConfigError::VsockCid(self.vsock_cid));
         }
         self.io_limits.validate()?;
-        if let Some(drive) = &self.root_drive {
-            let meta = check_readable(drive, "root drive")?;
+        for (drive, what) in [
+            (&self.root_drive, "root drive"),
+            (&self.code_drive, "code drive"),
+        ] {
+            let Some(drive) = drive else { continue };
+            let meta = check_readable(drive, what)?;
             let sector = crate::devices::virtio::block::disk::SECTOR_SIZE;
             if meta.len() == 0 || !meta.len().is_multiple_of(sector) {
                 return Err(ConfigError::DriveSize {
@@ -220,8 +230,8 @@ pub enum ConfigError {
     /// An invalid rate limit.
     #[error(transparent)]
     RateLimit(#[from] RateLimitError),
-    /// A root drive that is empty or not a whole number of sectors.
-    #[error("root drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
+    /// A drive that is empty or not a whole number of sectors.
+    #[error("drive {} is {size} bytes: it must be a non-zero multiple of 512", path.display())]
     DriveSize {
         /// The drive.
         path: PathBuf,

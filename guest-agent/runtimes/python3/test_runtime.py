@@ -802,6 +802,76 @@ class RestoreTests(unittest.TestCase):
         self.assertFalse(rt._is_dev_mem(r))
 
 
+class BundleTests(unittest.TestCase):
+    """--bundle DIR MODULE NAME: a dotted module of a code directory, its
+    dependencies in DIR/.ember-site (with .pth files), started in DIR."""
+
+    def setUp(self):
+        self.fn = FunctionDir(self)
+        self.code = self.fn.path
+
+    def add(self, rel, source):
+        path = os.path.join(self.code, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(source))
+
+    def start(self, module, handler="handler"):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        argv = PYTHON + [self.fn.runtime, "--bundle", self.code, module, handler]
+        process = Process(argv, env=env, cwd=self.code)
+        self.addCleanup(process.kill)
+        return process
+
+    def test_a_package_module_with_dependencies(self):
+        self.add("app/__init__.py", "")
+        self.add("app/util.py", "def twice(x):\n    return 2 * x\n")
+        self.add(
+            "app/main.py",
+            """\
+            import dep
+            from app.util import twice
+
+            DATA = open("data.txt").read().strip()
+
+            def handler(event):
+                return {"n": twice(event["n"]), "dep": dep.NAME, "data": DATA, "extra": __import__("extra").X}
+            """,
+        )
+        self.add("data.txt", "payload\n")
+        self.add(".ember-site/dep/__init__.py", "NAME = 'dep'\n")
+        # A .pth file in the site directory adds its own path, as site-packages would.
+        self.add(".ember-site/more/extra.py", "X = 7\n")
+        self.add(".ember-site/more.pth", "more\n")
+        p = self.start("app.main")
+        self.assertEqual(p.ready(), {})
+        status, result, _, _ = p.call(b'{"n": 21}')
+        self.assertEqual(status, "json")
+        self.assertEqual(json.loads(result), {"n": 42, "dep": "dep", "data": "payload", "extra": 7})
+
+    def test_import_failure_shows_the_modules_frames(self):
+        self.add("pkg/__init__.py", "")
+        self.add("pkg/bad.py", "def f():\n    raise RuntimeError('at import')\n\nf()\n")
+        p = self.start("pkg.bad")
+        self.assertTrue(p.responses.at_eof(), "no READY expected")
+        code, stderr = p.close()
+        self.assertEqual(code, 1)
+        self.assertIn("RuntimeError: at import", stderr)
+        self.assertIn('bad.py", line 2, in f', stderr)
+        self.assertNotIn("importlib", stderr)
+
+    def test_missing_module_and_handler(self):
+        p = self.start("nothere")
+        self.assertTrue(p.responses.at_eof())
+        code, stderr = p.close()
+        self.assertEqual(code, 1)
+        self.assertIn("No module named 'nothere'", stderr)
+        self.add("m.py", "x = 1\n")
+        p = self.start("m")
+        self.assertTrue(p.responses.at_eof())
+        self.assertEqual(p.close(), (1, "ember-runtime: m defines no 'handler'\n"))
+
+
 class StartupTests(unittest.TestCase):
     def start_failing(self, source, handler="handler"):
         fn = FunctionDir(self)

@@ -55,7 +55,8 @@ use std::time::{Duration, Instant};
 use crate::hotpath::{DOORBELL_FD, MAX_BUFFER_BYTES};
 use crate::protocol::{
     AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, HotPathPages, FUNCTION_DIR, MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
+    FunctionResult, FunctionStart, HotPathPages, CODE_DIR, FUNCTION_DIR, MAX_TIMEOUT_MS,
+    PYTHON_RUNTIME_PATH,
 };
 use crate::serve::cgroup::InvocationCgroup;
 use crate::serve::invoke::{self, Runner};
@@ -346,6 +347,7 @@ impl Function {
             files_in,
             hot_path,
             ready_timeout_ms,
+            code_drive,
         } = start;
         let spawn_failed = |what: &str, err: &dyn std::fmt::Display| {
             (ErrorKind::SpawnFailed, format!("{what}: {err}"))
@@ -355,6 +357,13 @@ impl Function {
         };
         prepare_dir(files_in).map_err(|err| spawn_failed(FUNCTION_DIR, &err))?;
         install_python_runtime().map_err(|err| spawn_failed(PYTHON_RUNTIME_PATH, &err))?;
+        let cwd = match &code_drive {
+            Some(device) => {
+                mount_code_drive(device).map_err(|err| spawn_failed(device, &err))?;
+                CODE_DIR
+            }
+            None => FUNCTION_DIR,
+        };
         let injecting = code_injecting_var(&env).map(str::to_owned);
 
         let pipe = || sys::pipe().map_err(|err| internal("pipe", &err));
@@ -384,7 +393,7 @@ impl Function {
             .into_iter()
             .map(|(key, value)| to_c(format!("{key}={value}")))
             .collect::<Result<_, _>>()?;
-        let mut plan = Plan::new(programs, argv, env, to_c(FUNCTION_DIR.to_owned())?);
+        let mut plan = Plan::new(programs, argv, env, to_c(cwd.to_owned())?);
         plan.stdin = runner
             .devnull()
             .ok_or_else(|| internal("/dev/null", &"could not be opened at boot"))?;
@@ -1122,6 +1131,46 @@ fn prepare_dir(mut files: Vec<FileIn>) -> io::Result<()> {
     }
     let mut made = BTreeSet::new();
     invoke::write_files(FUNCTION_DIR, &files, &mut made).map_err(io::Error::other)
+}
+
+/// Mounts the code drive `device` (ext4) read-only, without devices or
+/// set-id programs, at [`CODE_DIR`], unless something already is (a
+/// runtime started again in the same VM). Says on the console how long
+/// the mount took: it is emulated guest-kernel work on PVM hosts.
+fn mount_code_drive(device: &str) -> io::Result<()> {
+    let started = Instant::now();
+    let source = sys::cstring(device)?;
+    let target = sys::cstring(CODE_DIR)?;
+    // SAFETY: NUL-terminated strings; mount(2) keeps no reference to them.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"ext4".as_ptr(),
+            libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOATIME,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = sys::last_error();
+        if err.raw_os_error() == Some(libc::EBUSY) {
+            return Ok(());
+        }
+        let hint = if err.raw_os_error() == Some(libc::ENOENT) {
+            format!(" (the root image needs an empty {CODE_DIR}: rebuild it with rootfs/build-python-image.sh)")
+        } else {
+            String::new()
+        };
+        return Err(io::Error::new(
+            err.kind(),
+            format!("mount it read-only as ext4 on {CODE_DIR}: {err}{hint}"),
+        ));
+    }
+    console::info(format_args!(
+        "code drive {device} mounted on {CODE_DIR} in {} ms",
+        started.elapsed().as_millis()
+    ));
+    Ok(())
 }
 
 /// Writes [`PYTHON_RUNTIME`] to [`PYTHON_RUNTIME_PATH`], root-owned and

@@ -1,8 +1,9 @@
 //! The devices of an ember microVM, wired to its VM: COM1, the i8042 reset
 //! line, a vsock device on the first virtio-mmio slot and, when the VM has
 //! a root drive, a read-only virtio-blk device on the second (the guest's
-//! `/dev/vda`). Created fresh for a boot, or from saved state for a
-//! snapshot restore.
+//! `/dev/vda`) and, when it has a code drive, another on the third (the
+//! guest's `/dev/vdb`, or `/dev/vda` without a root drive). Created fresh
+//! for a boot, or from saved state for a snapshot restore.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -45,6 +46,21 @@ const VSOCK_SLOT: usize = 0;
 const ROOT_DRIVE_SLOT: usize = 1;
 /// The guest's name for the root drive.
 pub const ROOT_DRIVE_GUEST_DEVICE: &str = "/dev/vda";
+/// The virtio-mmio slot of the code drive: declared after the root drive,
+/// so the guest names it after it.
+const CODE_DRIVE_SLOT: usize = 2;
+/// The code drive's virtio-blk serial (`VIRTIO_BLK_T_GET_ID`).
+pub const CODE_DRIVE_ID: &str = "ember-code";
+
+/// The guest's name for the code drive of a VM with (or without) a root
+/// drive: virtio-blk disks are named in the order they are declared.
+pub fn code_drive_guest_device(has_root_drive: bool) -> &'static str {
+    if has_root_drive {
+        "/dev/vdb"
+    } else {
+        "/dev/vda"
+    }
+}
 
 /// How the devices connect to the host.
 #[derive(Debug, Clone)]
@@ -62,6 +78,8 @@ pub struct DeviceOptions {
     /// Rate limits on the root drive and vsock (not part of the devices'
     /// saved state: a restored clone gets the ones given here).
     pub io_limits: IoLimits,
+    /// The read-only code drive, if the VM has one.
+    pub code_drive: Option<Arc<DiskImage>>,
 }
 
 /// Every device's state, for a snapshot.
@@ -73,6 +91,8 @@ pub struct DeviceStates {
     pub vsock: MmioTransportState,
     /// The root drive, if the VM has one.
     pub block: Option<BlockState>,
+    /// The code drive, if the VM has one.
+    pub code: Option<BlockState>,
 }
 
 /// The root drive's device in a snapshot.
@@ -83,6 +103,9 @@ pub struct BlockState {
     /// The drive the template had: a clone gets the same one.
     pub drive: DriveSpec,
 }
+
+/// A drive's transport, and what a snapshot records of the drive.
+pub(crate) type AttachedDrive = (Arc<Mutex<MmioTransport>>, DriveSpec);
 
 /// The devices of one microVM.
 pub struct DeviceSet {
@@ -98,7 +121,9 @@ pub struct DeviceSet {
     pub(crate) vsock_uds: bool,
     /// The root drive's transport and what a snapshot records of the
     /// drive, if the VM has one.
-    pub(crate) block: Option<(Arc<Mutex<MmioTransport>>, DriveSpec)>,
+    pub(crate) block: Option<AttachedDrive>,
+    /// The same for the code drive.
+    pub(crate) code: Option<AttachedDrive>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     /// Kernel parameters declaring the virtio-mmio devices.
@@ -164,35 +189,24 @@ impl DeviceSet {
         let mut subscribers: Vec<Subscriber> =
             vec![Arc::new(Mutex::new(VsockEvents::new(vsock.device.clone())))];
         let mut cmdline_params = vec![vsock.cmdline];
-        let saved_block = saved.map(|s| s.block.as_ref());
-        let block = match (&options.root_drive, saved_block) {
-            (None, None | Some(None)) => None,
-            (Some(disk), Some(Some(state))) => {
-                // The caller picked the file; it must at least fit the
-                // guest's idea of the drive.
-                state.drive.check(disk, false)?;
-                Some(attach_block(
-                    vm,
-                    memory,
-                    &mut mmio,
-                    (disk, &options.io_limits.disk),
-                    Some(&state.transport),
-                    &mut subscribers,
-                    &mut cmdline_params,
-                )?)
-            }
-            (Some(disk), None) => Some(attach_block(
-                vm,
-                memory,
-                &mut mmio,
-                (disk, &options.io_limits.disk),
-                None,
-                &mut subscribers,
-                &mut cmdline_params,
-            )?),
-            (None, Some(Some(_))) => return Err(DeviceError::DriveMissing),
-            (Some(_), Some(None)) => return Err(DiskError::NoDriveInSnapshot.into()),
+        let mut drives = Drives {
+            vm,
+            memory,
+            mmio: &mut mmio,
+            subscribers: &mut subscribers,
+            cmdline_params: &mut cmdline_params,
+            limits: &options.io_limits.disk,
         };
+        let block = drives.attach(
+            DriveSlot::Root,
+            options.root_drive.as_ref(),
+            saved.map(|s| s.block.as_ref()),
+        )?;
+        let code = drives.attach(
+            DriveSlot::Code,
+            options.code_drive.as_ref(),
+            saved.map(|s| s.code.as_ref()),
+        )?;
         if options.interactive {
             subscribers.push(Arc::new(Mutex::new(StdinForwarder::new(
                 dup_fd(libc::STDIN_FILENO)?,
@@ -210,6 +224,7 @@ impl DeviceSet {
             vsock_connector: vsock.connector,
             vsock_uds: options.vsock_uds.is_some(),
             block,
+            code,
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             cmdline_params,
@@ -223,11 +238,60 @@ impl DeviceSet {
         DeviceStates {
             serial: lock(&self.serial).state(),
             vsock: lock(&self.vsock_transport).state(),
-            block: self.block.as_ref().map(|(transport, drive)| BlockState {
-                transport: lock(transport).state(),
-                drive: drive.clone(),
-            }),
+            block: self.block.as_ref().map(block_state),
+            code: self.code.as_ref().map(block_state),
         }
+    }
+}
+
+fn block_state((transport, drive): &AttachedDrive) -> BlockState {
+    BlockState {
+        transport: lock(transport).state(),
+        drive: drive.clone(),
+    }
+}
+
+/// Which drive a virtio-blk slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DriveSlot {
+    Root,
+    Code,
+}
+
+/// What attaching a drive needs of the device set being made.
+struct Drives<'a> {
+    vm: &'a Vm,
+    memory: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    subscribers: &'a mut Vec<Subscriber>,
+    cmdline_params: &'a mut Vec<String>,
+    /// The disk limits; each drive gets buckets of its own.
+    limits: &'a RateLimitConfig,
+}
+
+impl Drives<'_> {
+    /// Attaches `disk` in `slot`, fresh or from its `saved` state (`None`:
+    /// a boot; `Some(None)`: a snapshot without that drive).
+    fn attach(
+        &mut self,
+        slot: DriveSlot,
+        disk: Option<&Arc<DiskImage>>,
+        saved: Option<Option<&BlockState>>,
+    ) -> Result<Option<AttachedDrive>, DeviceError> {
+        let transport = match (disk, saved) {
+            (None, None | Some(None)) => return Ok(None),
+            (Some(disk), Some(Some(state))) => {
+                // The caller picked the file; it must at least fit the
+                // guest's idea of the drive.
+                state.drive.check(disk, false)?;
+                Some(&state.transport)
+            }
+            (Some(_), None) => None,
+            (None, Some(Some(_))) => return Err(DeviceError::DriveMissing),
+            (Some(_), Some(None)) => return Err(DiskError::NoDriveInSnapshot.into()),
+        };
+        let Some(disk) = disk else { return Ok(None) };
+        attach_block(self, slot, disk, transport).map(Some)
     }
 }
 
@@ -331,31 +395,32 @@ fn plug_transport(
     Ok(transport)
 }
 
-/// Puts the root drive's block device in its virtio-mmio slot (interrupt
+/// Puts a drive's block device in its virtio-mmio slot (interrupt
 /// through an irqfd, queue notifications through an ioeventfd), its
 /// backend on the event loop, and its kernel parameters on the command
 /// line, limited by `limits`. Returns its transport and what a snapshot
 /// records of the drive.
 fn attach_block(
-    vm: &Vm,
-    memory: &GuestMemoryMmap,
-    mmio: &mut Bus,
-    (disk, limits): (&Arc<DiskImage>, &RateLimitConfig),
+    at: &mut Drives<'_>,
+    slot: DriveSlot,
+    disk: &Arc<DiskImage>,
     saved: Option<&MmioTransportState>,
-    subscribers: &mut Vec<Subscriber>,
-    cmdline_params: &mut Vec<String>,
-) -> Result<(Arc<Mutex<MmioTransport>>, DriveSpec), DeviceError> {
+) -> Result<AttachedDrive, DeviceError> {
+    let (index, id) = match slot {
+        DriveSlot::Root => (ROOT_DRIVE_SLOT, ROOT_DRIVE_ID),
+        DriveSlot::Code => (CODE_DRIVE_SLOT, CODE_DRIVE_ID),
+    };
+    let vm = at.vm;
     let (Some(addr), Some(irq)) = (
-        layout::virtio_mmio_addr(ROOT_DRIVE_SLOT),
-        layout::virtio_mmio_irq(ROOT_DRIVE_SLOT),
+        layout::virtio_mmio_addr(index),
+        layout::virtio_mmio_irq(index),
     ) else {
         return Err(DeviceError::NoSlot);
     };
     let interrupt = Arc::new(Interrupt::new(eventfd()?));
     vm.register_irqfd(interrupt.irqfd(), irq)?;
-    let mut device =
-        Block::new(disk.clone(), ROOT_DRIVE_ID, interrupt.clone()).map_err(DeviceError::EventFd)?;
-    device.set_rate_limiter(RateLimiter::new(limits)?);
+    let mut device = Block::new(disk.clone(), id, interrupt.clone()).map_err(DeviceError::EventFd)?;
+    device.set_rate_limiter(RateLimiter::new(at.limits)?);
     register_queue_events(
         vm,
         addr.raw_value(),
@@ -363,22 +428,27 @@ fn attach_block(
     )?;
     let device = Arc::new(Mutex::new(device));
     let transport = plug_transport(
-        mmio,
+        at.mmio,
         addr.raw_value(),
         device.clone(),
-        memory,
+        at.memory,
         interrupt,
         saved,
     )?;
-    subscribers.push(Arc::new(Mutex::new(BlockEvents::new(device))));
-    cmdline_params.push(format!(
+    at.subscribers
+        .push(Arc::new(Mutex::new(BlockEvents::new(device))));
+    at.cmdline_params.push(format!(
         "virtio_mmio.device=4K@{:#x}:{irq}",
         addr.raw_value()
     ));
-    cmdline_params.push(format!(
-        "{}={ROOT_DRIVE_GUEST_DEVICE}",
-        ember_protocol::CMDLINE_ROOT
-    ));
+    // The agent mounts the root drive at boot; the code drive only when a
+    // function start names it.
+    if slot == DriveSlot::Root {
+        at.cmdline_params.push(format!(
+            "{}={ROOT_DRIVE_GUEST_DEVICE}",
+            ember_protocol::CMDLINE_ROOT
+        ));
+    }
     Ok((transport, disk.spec()))
 }
 

@@ -7,7 +7,7 @@ use ember_protocol::protocol::FunctionStart;
 
 use super::manifest::MANIFEST_VERSION;
 use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
-use super::{create, FunctionError, MANIFEST_FILE};
+use super::{create, FunctionError, Runtime, MANIFEST_FILE};
 use crate::cache_key::KeyBuilder;
 use crate::paths;
 use crate::snapshot::snapshot_key;
@@ -40,14 +40,31 @@ pub fn function_key(
 ) -> Result<String, FunctionError> {
     let vm = snapshot_key(&vm_config(options))?;
     let (start, _, _) = start_request(spec, options)?;
-    Ok(key_of(&vm, &start, spec.warmup_event.as_deref()))
+    let code = match &spec.runtime {
+        Runtime::Python3Bundle { code, .. } => Some(super::code_image::code_key(code)?),
+        _ => None,
+    };
+    Ok(key_of(
+        &vm,
+        &start,
+        spec.warmup_event.as_deref(),
+        code.as_deref(),
+    ))
 }
 
-fn key_of(vm: &str, start: &FunctionStart, warmup_event: Option<&[u8]>) -> String {
+fn key_of(
+    vm: &str,
+    start: &FunctionStart,
+    warmup_event: Option<&[u8]>,
+    code_drive: Option<&str>,
+) -> String {
     let mut key = KeyBuilder::new("function");
     key.field("manifest", MANIFEST_VERSION.to_le_bytes())
         .field("contents", TEMPLATE_CONTENTS.to_le_bytes())
         .field("vm", vm);
+    if let Some(code) = code_drive {
+        key.field("code drive", code);
+    }
     for arg in &start.argv {
         key.field("arg", arg);
     }
@@ -60,6 +77,9 @@ fn key_of(vm: &str, start: &FunctionStart, warmup_event: Option<&[u8]>) -> Strin
             .field("file data", &file.data);
     }
     key.field("hot path", [u8::from(start.hot_path)]);
+    if let Some(device) = &start.code_drive {
+        key.field("code drive device", device);
+    }
     match warmup_event {
         Some(event) => key.field("warm-up event", event),
         None => key.field("no warm-up event", ""),
@@ -93,7 +113,6 @@ pub fn ensure_cached_function(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::function::Runtime;
 
     /// Stand-in guest artifacts and a handler (keys only hash them).
     struct Inputs {

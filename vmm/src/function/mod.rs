@@ -46,11 +46,14 @@
 //! ```
 
 mod buffers;
+pub mod bundle;
 mod cache;
+pub mod code_image;
 pub mod guest_clock;
 pub mod guest_rng;
 mod invoke;
 mod manifest;
+pub mod pip;
 mod recycled;
 mod template;
 
@@ -68,6 +71,7 @@ pub use recycled::{
     VERIFY_RESET_ENV,
 };
 pub(crate) use template::check as check_spec;
+pub(crate) use template::make_code_drive;
 pub use template::{
     create, create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions,
 };
@@ -105,6 +109,9 @@ pub enum FunctionError {
     /// The template's runtime did not behave as the hot path requires.
     #[error("function template: {0}")]
     Template(String),
+    /// The code drive (bundle, dependencies, image) could not be made.
+    #[error(transparent)]
+    Code(#[from] code_image::CodeImageError),
     /// The request is invalid; nothing ran.
     #[error("invalid function request: {0}")]
     BadRequest(String),

@@ -8,8 +8,9 @@ use ember_protocol::hotpath::{
     RequestHeader, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_HEADER_LEN,
 };
 use ember_protocol::protocol::{
-    FileIn, FunctionInvoke, FunctionStart, HotPathPages, PYTHON_RUNTIME_PATH,
+    FileIn, FunctionInvoke, FunctionStart, HotPathPages, CODE_DIR, PYTHON_RUNTIME_PATH,
 };
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::guest_rng::{self, GuestRng};
@@ -34,12 +35,24 @@ const MAX_HANDLER_BYTES: u64 = 16 << 20;
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What runs the function.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Runtime {
     /// `python3` with the handler `name` from the module file `file`.
     Python3 {
         /// The handler's module (a `.py` file on the host).
         file: PathBuf,
+        /// The handler function's name in it.
+        name: String,
+    },
+    /// `python3` with the handler `name` from the module `module` of a
+    /// code bundle: a directory or a `.zip` (see [`super::bundle`]), with
+    /// its `requirements.txt` installed, on a read-only code drive the
+    /// guest mounts at `/var/task` (see [`super::code_image`]).
+    Python3Bundle {
+        /// The bundle on the host.
+        code: PathBuf,
+        /// The handler's module, dotted (`app.main`).
+        module: String,
         /// The handler function's name in it.
         name: String,
     },
@@ -56,7 +69,7 @@ pub enum Runtime {
 /// A function to make a template of. (Sent whole to a jailed template
 /// worker: every host path it names must be in
 /// [`FunctionSpec::host_paths_mut`].)
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionSpec {
     /// The runtime and handler.
     pub runtime: Runtime,
@@ -70,6 +83,23 @@ pub struct FunctionSpec {
 }
 
 impl FunctionSpec {
+    /// A python3 function with the handler `name` in the module `module`
+    /// of the bundle `code` (a directory or a `.zip`).
+    pub fn python3_bundle(
+        code: impl Into<PathBuf>,
+        module: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        FunctionSpec {
+            runtime: Runtime::Python3Bundle {
+                code: code.into(),
+                module: module.into(),
+                name: name.into(),
+            },
+            ..Self::python3(PathBuf::new(), String::new())
+        }
+    }
+
     /// A python3 function with the handler `name` in `file`.
     pub fn python3(file: impl Into<PathBuf>, name: impl Into<String>) -> Self {
         FunctionSpec {
@@ -106,6 +136,11 @@ pub struct TemplateOptions {
     /// as root: an explicit choice, only for trusted code.
     #[serde(skip)]
     pub isolation: Option<crate::worker::Isolation>,
+    /// A bundle function's code drive, already made from the spec's
+    /// bundle by [`super::code_image::ensure_code_drive`]; `None` makes it
+    /// (cached). A jailed build makes it in the parent and hands it over,
+    /// so the worker needs neither the bundle nor pip.
+    pub code_drive: Option<PathBuf>,
     /// How long the runtime may take to start and load the handler.
     pub startup_timeout: Duration,
     /// How long the warm-up event may take.
@@ -119,6 +154,7 @@ impl TemplateOptions {
             kernel,
             initrd,
             root_drive,
+            code_drive: None,
             mem_mib: 256,
             console: ConsoleOutput::default(),
             isolation: Some(crate::worker::Isolation::default()),
@@ -136,6 +172,9 @@ impl FunctionSpec {
         match &mut self.runtime {
             Runtime::Python3 { file, .. } => vec![file],
             Runtime::Exec { program, .. } => vec![program],
+            // Read into the code drive before the worker starts; the
+            // worker gets the drive (`TemplateOptions::code_drive`).
+            Runtime::Python3Bundle { .. } => Vec::new(),
         }
     }
 }
@@ -202,10 +241,16 @@ pub fn create_in_process(
     out: &Path,
 ) -> Result<TemplateInfo, FunctionError> {
     let (start, runtime_name, handler) = start_request(spec, options)?;
+    let code_drive = match (&spec.runtime, &options.code_drive) {
+        (Runtime::Python3Bundle { .. }, Some(made)) => Some(made.clone()),
+        (Runtime::Python3Bundle { code, module, .. }, None) => Some(make_code_drive(code, module)?),
+        _ => None,
+    };
     std::fs::create_dir_all(out).map_err(|e| FunctionError::Io(out.to_path_buf(), e))?;
 
     let mut config = vm_config(options);
     config.console = options.console.clone();
+    config.code_drive = code_drive;
     let booting = Instant::now();
     let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
     if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
@@ -323,6 +368,17 @@ pub(crate) fn vm_config(options: &TemplateOptions) -> VmConfig {
     config
 }
 
+/// The code drive of the bundle `code` (cached by its content).
+pub(crate) fn make_code_drive(code: &Path, module: &str) -> Result<PathBuf, FunctionError> {
+    let drive = super::code_image::ensure_code_drive(code, module, || {
+        log::info!(
+            "making the code drive of {} (dependencies are installed with pip)",
+            code.display()
+        );
+    })?;
+    Ok(drive.image)
+}
+
 /// The agent request that starts `spec`'s runtime, the runtime's name and
 /// the handler's description.
 pub(crate) fn start_request(
@@ -330,6 +386,7 @@ pub(crate) fn start_request(
     options: &TemplateOptions,
 ) -> Result<(FunctionStart, &'static str, String), FunctionError> {
     let mut files_in = Vec::new();
+    let mut code_drive = None;
     let (argv, runtime, handler) = match &spec.runtime {
         Runtime::Python3 { file, name } => {
             let base = file_name(file)?;
@@ -339,11 +396,7 @@ pub(crate) fn start_request(
                     file.display()
                 )));
             }
-            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
-                return Err(FunctionError::BadRequest(format!(
-                    "{name:?} is not a python function name"
-                )));
-            }
+            check_python_name(name)?;
             check_python_env(&spec.env)?;
             files_in.push(FileIn {
                 path: base.clone(),
@@ -368,6 +421,38 @@ pub(crate) fn start_request(
             .to_vec();
             (argv, "python3", format!("{base}:{name}"))
         }
+        Runtime::Python3Bundle { code, module, name } => {
+            super::bundle::check_module_name(module)
+                .map_err(|e| FunctionError::BadRequest(e.to_string()))?;
+            check_python_name(name)?;
+            check_python_env(&spec.env)?;
+            if options.code_drive.is_none() && !code.exists() {
+                return Err(FunctionError::BadRequest(format!(
+                    "the code bundle {} does not exist",
+                    code.display()
+                )));
+            }
+            code_drive = Some(
+                crate::devices::set::code_drive_guest_device(options.root_drive.is_some())
+                    .to_owned(),
+            );
+            // As for a single file (above); the runtime imports the module
+            // from the code drive the agent mounts at CODE_DIR.
+            let argv = [
+                "python3",
+                "-I",
+                "-u",
+                "-B",
+                PYTHON_RUNTIME_PATH,
+                "--bundle",
+                CODE_DIR,
+                module,
+                name,
+            ]
+            .map(String::from)
+            .to_vec();
+            (argv, "python3", format!("{module}:{name}"))
+        }
         Runtime::Exec { program, args } => {
             let base = file_name(program)?;
             files_in.push(FileIn {
@@ -387,11 +472,25 @@ pub(crate) fn start_request(
         // The hot path hands the runtime /dev/mem to map its doorbell; only
         // ember's own python runtime is trusted to map it and close it
         // before user code runs. `exec` runtimes use the vsock path.
-        hot_path: spec.hot_path && matches!(spec.runtime, Runtime::Python3 { .. }),
+        hot_path: spec.hot_path
+            && matches!(
+                spec.runtime,
+                Runtime::Python3 { .. } | Runtime::Python3Bundle { .. }
+            ),
         ready_timeout_ms: duration_ms(options.startup_timeout),
+        code_drive,
     };
     start.validate().map_err(FunctionError::BadRequest)?;
     Ok((start, runtime, handler))
+}
+
+fn check_python_name(name: &str) -> Result<(), FunctionError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') {
+        return Err(FunctionError::BadRequest(format!(
+            "{name:?} is not a python function name"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses the variables of [`FORBIDDEN_PYTHON_ENV`].
@@ -583,6 +682,7 @@ mod tests {
     fn spec_file(spec: &FunctionSpec) -> PathBuf {
         match &spec.runtime {
             Runtime::Python3 { file, .. } => file.clone(),
+            Runtime::Python3Bundle { code, .. } => code.clone(),
             Runtime::Exec { program, .. } => program.clone(),
         }
     }

@@ -59,10 +59,11 @@ impl SnapshotState {
         if !(3..u64::from(u32::MAX)).contains(&self.vsock_cid) {
             return Err(format!("invalid vsock CID {}", self.vsock_cid));
         }
-        if let Some(block) = &self.devices.block {
+        for (block, what) in [(&self.devices.block, "root"), (&self.devices.code, "code")] {
+            let Some(block) = block else { continue };
             let size = block.drive.size;
             if size == 0 || !size.is_multiple_of(crate::devices::virtio::block::disk::SECTOR_SIZE) {
-                return Err(format!("invalid root drive size {size}"));
+                return Err(format!("invalid {what} drive size {size}"));
             }
         }
         Ok(())

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::contents::SnapshotState;
 use super::{
-    dump_memory_with_stats, write_state, SnapshotError, DRIVE_FILE, MEMORY_FILE, STATE_FILE,
+    dump_memory_with_stats, write_state, SnapshotError, CODE_DRIVE_FILE, DRIVE_FILE, MEMORY_FILE,
+    STATE_FILE,
 };
 use crate::agent::AgentClient;
 use crate::arch::x86_64::state::{save_vcpu, save_vm, saveable_msrs};
@@ -96,7 +97,10 @@ pub(crate) fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotErr
     let (memory, stats) = dump_memory_with_stats(&machine.memory, &dir.join(MEMORY_FILE))?;
     let mut devices = machine.devices.state();
     if let Some(block) = devices.block.as_mut() {
-        block.drive = drive_into(dir, &block.drive)?;
+        block.drive = drive_into(dir, DRIVE_FILE, &block.drive)?;
+    }
+    if let Some(code) = devices.code.as_mut() {
+        code.drive = drive_into(dir, CODE_DRIVE_FILE, &code.drive)?;
     }
     let state = SnapshotState {
         host: machine.host,
@@ -117,18 +121,18 @@ pub(crate) fn save(machine: &mut Machine, dir: &Path) -> Result<u64, SnapshotErr
     Ok(stats.written)
 }
 
-/// Puts the template's root drive into the snapshot directory as
-/// [`DRIVE_FILE`] (a hard link, or a copy across file systems) and returns
+/// Puts one of the template's drives into the snapshot directory as
+/// `name` ([`DRIVE_FILE`], [`CODE_DRIVE_FILE`]; a hard link, or a copy across file systems) and returns
 /// what the state records of it: that name, and the identity of the file
 /// there. A clone then opens nothing outside the directory.
-fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError> {
+fn drive_into(dir: &Path, name: &str, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError> {
     use std::os::unix::fs::MetadataExt;
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |e| SnapshotError::Io(path, e)
     };
     let source = drive.path();
-    let target = dir.join(DRIVE_FILE);
+    let target = dir.join(name);
     // Already there (a jailed template worker's parent linked it in).
     let same =
         |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
@@ -143,7 +147,7 @@ fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError>
         }
         if let Err(e) = std::fs::hard_link(&source, &target) {
             log::debug!(
-                "cannot link the root drive into {} ({e}): copying it",
+                "cannot link the drive {name} into {} ({e}): copying it",
                 dir.display()
             );
             std::fs::copy(&source, &target).map_err(io(&target))?;
@@ -156,11 +160,11 @@ fn drive_into(dir: &Path, drive: &DriveSpec) -> Result<DriveSpec, SnapshotError>
     {
         return Err(SnapshotError::Io(
             source,
-            std::io::Error::other("the root drive changed while the snapshot was taken"),
+            std::io::Error::other("the drive changed while the snapshot was taken"),
         ));
     }
     Ok(DriveSpec {
-        path: DRIVE_FILE.as_bytes().to_vec(),
+        path: name.as_bytes().to_vec(),
         size: drive.size,
         identity: FileIdentity::of(&meta),
     })

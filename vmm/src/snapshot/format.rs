@@ -32,7 +32,8 @@ pub const MAGIC: [u8; 8] = *b"EMBRSNAP";
 ///
 /// 2: the devices have an optional root drive (`DeviceStates::block`).
 /// 3: the root drive is recorded by its name in the snapshot directory.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: the devices have an optional code drive (`DeviceStates::code`).
+pub const FORMAT_VERSION: u32 = 4;
 /// Size of the header before the payload.
 pub const HEADER_LEN: u64 = 24;
 /// Largest payload accepted: far above any real state (a few KiB per

@@ -110,6 +110,8 @@ pub const MEMORY_FILE: &str = "memory";
 /// template's drive, or a copy where a link cannot be made): the `state`
 /// file records it by this name, never by a path outside the directory.
 pub const DRIVE_FILE: &str = "drive";
+/// Name of the code drive in a snapshot directory (as [`DRIVE_FILE`]).
+pub const CODE_DRIVE_FILE: &str = "code-drive";
 
 /// An I/O operation on a snapshot file failed.
 #[derive(Debug, thiserror::Error)]

@@ -345,7 +345,7 @@ impl ResettableClone {
         // The block device wrote the data it read into guest memory, which
         // KVM does not log: find those pages by content. Bounded by the
         // pages the clone ever wrote, and only after a disk read.
-        if block_served.is_some() {
+        if block_served.root.is_some() || block_served.code.is_some() {
             report.device_pages = restore_differing_pages(&memory, template)?;
         }
         report.pages = report.guest_pages + report.host_pages + report.device_pages;
@@ -356,19 +356,30 @@ impl ResettableClone {
                 .reregister_memory(&memory)
                 .map_err(ResetError::Vm)?;
         }
-        if let (Some(observed), Some(saved)) = (&block_served, &snapshot.state.devices.block) {
-            let (transport, _) = self
-                .machine
-                .devices
-                .block
-                .as_ref()
-                .ok_or(ResetError::DevicesChanged("block"))?;
-            crate::devices::bus::lock(transport)
-                .reset_to(observed, &saved.transport)
-                .map_err(|e| ResetError::Device(e.to_string()))?;
+        let devices = &self.machine.devices;
+        for (served, saved, attached) in [
+            (
+                &block_served.root,
+                &snapshot.state.devices.block,
+                &devices.block,
+            ),
+            (
+                &block_served.code,
+                &snapshot.state.devices.code,
+                &devices.code,
+            ),
+        ] {
+            if let (Some(observed), Some(saved)) = (served, saved) {
+                let (transport, _) = attached
+                    .as_ref()
+                    .ok_or(ResetError::DevicesChanged("block"))?;
+                crate::devices::bus::lock(transport)
+                    .reset_to(observed, &saved.transport)
+                    .map_err(|e| ResetError::Device(e.to_string()))?;
+            }
         }
         // Nothing a device did may have landed while memory was copied.
-        if self.check_devices(snapshot)?.is_some() {
+        if self.check_devices(snapshot)?.any() {
             return Err(ResetError::DevicesChanged("block"));
         }
         for (vcpu, state) in self.parked.iter().zip(&self.vcpu_states) {
@@ -450,7 +461,7 @@ impl ResettableClone {
         if timeless(vm.pit)? != timeless(self.initial_pit)? {
             return Err(ResetError::Verify("the PIT differs".into()));
         }
-        if self.check_devices(snapshot)?.is_some() {
+        if self.check_devices(snapshot)?.any() {
             return Err(ResetError::Verify(
                 "the block device's state differs".into(),
             ));
@@ -469,7 +480,7 @@ impl ResettableClone {
     /// vsock device must be unchanged; the block device may have served
     /// requests (a guest kernel reading its disk), and its state then is
     /// returned, for [`ResettableClone::reset`] to put back.
-    fn check_devices(&self, snapshot: &Snapshot) -> Result<Option<MmioTransportState>, ResetError> {
+    fn check_devices(&self, snapshot: &Snapshot) -> Result<BlocksServed, ResetError> {
         let now = self.machine.devices.state();
         let template = &snapshot.state.devices;
         if now.serial != template.serial {
@@ -481,13 +492,20 @@ impl ResettableClone {
         // The drive itself is the clone's for its life (a snapshot records
         // it by a name in its directory, a clone has it open): only the
         // device's registers and queues can change.
-        match (now.block, &template.block) {
-            (Some(now), Some(template)) if now.transport != template.transport => {
-                Ok(Some(now.transport))
+        let served = |now: Option<crate::devices::set::BlockState>,
+                      template: &Option<crate::devices::set::BlockState>| {
+            match (now, template) {
+                (Some(now), Some(template)) if now.transport != template.transport => {
+                    Ok(Some(now.transport))
+                }
+                (Some(_), Some(_)) | (None, None) => Ok(None),
+                _ => Err(ResetError::DevicesChanged("block")),
             }
-            (Some(_), Some(_)) | (None, None) => Ok(None),
-            _ => Err(ResetError::DevicesChanged("block")),
-        }
+        };
+        Ok(BlocksServed {
+            root: served(now.block, &template.block)?,
+            code: served(now.code, &template.code)?,
+        })
     }
 
     /// The guest-kernel counters of the vCPUs, and the VM's page-table
@@ -774,4 +792,17 @@ pub enum ResetError {
     /// Verification found a difference from the template.
     #[error("reset verification failed: {0}")]
     Verify(String),
+}
+
+/// The block devices' states where they differ from the template's (they
+/// served requests since).
+struct BlocksServed {
+    root: Option<MmioTransportState>,
+    code: Option<MmioTransportState>,
+}
+
+impl BlocksServed {
+    fn any(&self) -> bool {
+        self.root.is_some() || self.code.is_some()
+    }
 }

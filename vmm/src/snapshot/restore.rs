@@ -97,6 +97,8 @@ pub struct Snapshot {
     memory: File,
     /// The root drive, opened with the snapshot (for jailed clones too).
     root_drive: Option<SnapshotDrive>,
+    /// The code drive, likewise.
+    code_drive: Option<SnapshotDrive>,
     /// This opened snapshot's identity: resettable clones are only ever
     /// reset to the snapshot they came from.
     pub(super) template_id: u64,
@@ -134,21 +136,32 @@ impl Snapshot {
 
     /// Opens a snapshot from a state file image already read (a jailed
     /// worker parses it after dropping its privileges) and already open
-    /// files: the memory file and the root drive the parent opened and
-    /// checked (`None`: it had none, or could not open it). The drive must
-    /// still be the one the state records. `dir` is only for messages.
+    /// files: the memory file and the root and code drives the parent
+    /// opened and checked (`None`: it had none, or could not open it).
+    /// Each drive must still be the one the state records. `dir` is only
+    /// for messages.
     pub fn from_state_bytes(
         dir: &Path,
         state: &[u8],
         memory: File,
-        drive: Option<File>,
+        root_drive: Option<File>,
+        code_drive: Option<File>,
     ) -> Result<Snapshot, SnapshotError> {
         let state: SnapshotState = super::format::decode_state(state)?;
-        let given = move |spec: &DriveSpec| match drive {
-            Some(file) => DiskImage::from_file(file, spec.path()),
-            None => Err(DiskError::Unavailable(
-                "the parent process handed over no drive".into(),
-            )),
+        let mut root_drive = Some(root_drive);
+        let mut code_drive = Some(code_drive);
+        let given = move |spec: &DriveSpec| {
+            let slot = if spec.path == super::CODE_DRIVE_FILE.as_bytes() {
+                &mut code_drive
+            } else {
+                &mut root_drive
+            };
+            match slot.take().flatten() {
+                Some(file) => DiskImage::from_file(file, spec.path()),
+                None => Err(DiskError::Unavailable(
+                    "the parent process handed over no such drive".into(),
+                )),
+            }
         };
         Self::from_parts(dir, state, memory, given)
     }
@@ -157,7 +170,7 @@ impl Snapshot {
         dir: &Path,
         state: SnapshotState,
         memory: File,
-        open_drive: impl FnOnce(&DriveSpec) -> Result<DiskImage, DiskError>,
+        mut open_drive: impl FnMut(&DriveSpec) -> Result<DiskImage, DiskError>,
     ) -> Result<Snapshot, SnapshotError> {
         state.validate().map_err(SnapshotError::Invalid)?;
         let len = memory
@@ -170,11 +183,17 @@ impl Snapshot {
             .block
             .as_ref()
             .map(|b| SnapshotDrive::new(&b.drive, open_drive(&b.drive)));
+        let code_drive = state
+            .devices
+            .code
+            .as_ref()
+            .map(|b| SnapshotDrive::new(&b.drive, open_drive(&b.drive)));
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             state,
             memory,
             root_drive,
+            code_drive,
             template_id: next_template_id(),
             template: std::sync::OnceLock::new(),
         })
@@ -193,6 +212,11 @@ impl Snapshot {
     /// opened and checked (a jailed worker is handed this descriptor).
     pub fn root_drive_file(&self) -> Option<&File> {
         self.root_drive.as_ref().and_then(SnapshotDrive::file)
+    }
+
+    /// The code drive's file, likewise.
+    pub fn code_drive_file(&self) -> Option<&File> {
+        self.code_drive.as_ref().and_then(SnapshotDrive::file)
     }
 
     /// The snapshot's memory file (shared by every clone).
@@ -340,6 +364,8 @@ impl Snapshot {
             root_drive: drive_for_clone(self.root_drive.as_ref(), options.root_drive.as_deref())
                 .map_err(DeviceError::from)?,
             io_limits: options.io_limits,
+            code_drive: drive_for_clone(self.code_drive.as_ref(), None)
+                .map_err(DeviceError::from)?,
         };
         let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;
         // Connections the guest remembers do not exist on this host; it

@@ -51,11 +51,14 @@ const CONTROL_FD: RawFd = 3;
 const STATE_FD: RawFd = 4;
 const MEMORY_FD: RawFd = 5;
 const KVM_FD: RawFd = 6;
-/// The snapshot's root drive, when it has one (the worker is told so by
-/// its `with-drive` argument).
-const DRIVE_FD: RawFd = 7;
+/// The snapshot's drives follow from descriptor 7 on: the root drive if
+/// the worker is told so by its `with-drive` argument, then the code drive
+/// if by `with-code-drive`.
+const FIRST_DRIVE_FD: RawFd = 7;
 /// The argument that says the worker got a root drive.
 const WITH_DRIVE: &str = "with-drive";
+/// The argument that says the worker got a code drive.
+const WITH_CODE_DRIVE: &str = "with-code-drive";
 /// The test hook argument of [`Isolation::forge_stderr`].
 const FORGE_STDERR: &str = "forge-stderr";
 /// Prefix of the worker argument carrying the clone's I/O limits (JSON).
@@ -224,10 +227,13 @@ fn start(
     // Opened (beneath the snapshot directory) and checked with the
     // snapshot; a drive that could not be is not handed over.
     let drive = snapshot.root_drive_file();
+    let code_drive = snapshot.code_drive_file();
     let mut fds = vec![state.as_raw_fd(), memory.as_raw_fd(), kvm.as_raw_fd()];
     fds.extend(drive.map(AsRawFd::as_raw_fd));
+    fds.extend(code_drive.map(AsRawFd::as_raw_fd));
     let mut args: Vec<String> = mode.map(String::from).into_iter().collect();
     args.extend(drive.is_some().then(|| WITH_DRIVE.to_string()));
+    args.extend(code_drive.is_some().then(|| WITH_CODE_DRIVE.to_string()));
     args.extend(io_limits_arg(&options.io_limits)?);
     let ids = isolation.ids.lease()?;
     launch(isolation, ids, limits, &fds, &args, false)
@@ -448,18 +454,25 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
 
     // Everything from the host was opened by the parent: the worker opens
     // no file by name.
-    // SAFETY: fds 4 to 6 (and 7 with a drive) were set up by the parent
+    // SAFETY: fds 4 to 6 (and the drives after them) were set up by the
     // for us alone.
     let state = unsafe { File::from_raw_fd(STATE_FD) };
     // SAFETY: as above.
     let memory = unsafe { File::from_raw_fd(MEMORY_FD) };
     // SAFETY: as above.
     let kvm = unsafe { kvm_ioctls::Kvm::from_raw_fd(KVM_FD) };
-    let with_drive = args.iter().skip(2).any(|a| a == WITH_DRIVE);
-    // SAFETY: as above.
-    let drive = with_drive.then(|| unsafe { File::from_raw_fd(DRIVE_FD) });
+    let mut next_fd = FIRST_DRIVE_FD;
+    let mut handed = |flag: &str| {
+        let fd = args.iter().skip(2).any(|a| a == flag).then_some(next_fd)?;
+        next_fd += 1;
+        // SAFETY: the parent handed this descriptor over for us alone, as
+        // the flag says.
+        Some(unsafe { File::from_raw_fd(fd) })
+    };
+    let drive = handed(WITH_DRIVE);
+    let code_drive = handed(WITH_CODE_DRIVE);
     crate::vstate::use_kvm(kvm);
-    jail::close_fds_from(if with_drive { DRIVE_FD } else { KVM_FD } as u32 + 1)?;
+    jail::close_fds_from(next_fd as u32)?;
     // Read (not parsed) with the privileges it was opened with.
     let mut state_bytes = Vec::new();
     state
@@ -479,7 +492,13 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
     // The state file is untrusted input: parsed only now, jailed. It can
     // name no file; the drive is the one the parent opened beneath the
     // snapshot directory, and must still match what the state records.
-    let snapshot = Snapshot::from_state_bytes(Path::new("(worker)"), &state_bytes, memory, drive)?;
+    let snapshot = Snapshot::from_state_bytes(
+        Path::new("(worker)"),
+        &state_bytes,
+        memory,
+        drive,
+        code_drive,
+    )?;
 
     if args.iter().skip(2).any(|a| a == function::FUNCTION_MODE) {
         return function::serve(control, snapshot);

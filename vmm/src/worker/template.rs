@@ -127,8 +127,18 @@ pub fn create(
     let mut options = options.clone();
     options.isolation = None;
     if let Some(image) = options.root_drive.take() {
-        stage.link_drive(&image)?;
+        stage.link_drive(&image, crate::snapshot::DRIVE_FILE)?;
         options.root_drive = Some(Path::new(OUT_DIR).join(crate::snapshot::DRIVE_FILE));
+    }
+    // A bundle's dependencies are installed (by pip, wheels only) here,
+    // before the worker starts: the jail has no network and no cache.
+    if let crate::function::Runtime::Python3Bundle { code, module, .. } = &spec.runtime {
+        let image = match options.code_drive.take() {
+            Some(made) => made,
+            None => crate::function::make_code_drive(code, module)?,
+        };
+        stage.link_drive(&image, crate::snapshot::CODE_DRIVE_FILE)?;
+        options.code_drive = Some(Path::new(OUT_DIR).join(crate::snapshot::CODE_DRIVE_FILE));
     }
     let mut inputs = Vec::new();
     let mut files = Vec::new();
@@ -256,10 +266,11 @@ impl Stage {
         Ok(stage)
     }
 
-    /// Puts the root drive into the staging directory (a hard link, or a
-    /// copy across file systems), root's and read-only to the worker.
-    fn link_drive(&self, image: &Path) -> Result<(), FunctionError> {
-        let target = self.path.join(crate::snapshot::DRIVE_FILE);
+    /// Puts a drive (root or code) into the staging directory as `name` (a
+    /// hard link, or a copy across file systems), root's and read-only to
+    /// the worker.
+    fn link_drive(&self, image: &Path, name: &str) -> Result<(), FunctionError> {
+        let target = self.path.join(name);
         // The file itself: link(2) would link a symlink, not its target.
         let image =
             &std::fs::canonicalize(image).map_err(|e| FunctionError::Io(image.to_path_buf(), e))?;

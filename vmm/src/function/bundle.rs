@@ -1,0 +1,548 @@
+//! Code bundles: a python function given as a directory or a `.zip`,
+//! copied into a staging tree the code drive is made from.
+//!
+//! Whatever the source, the tree gets regular files (mode 0644, or 0755
+//! when the source had an execute bit), directories (0755) and relative
+//! symbolic links that point at or below their own directory (no `..`, no
+//! absolute target: so a link can never lead out of the bundle, whatever
+//! the other links are). Anything else is refused with the entry named:
+//! an absolute path or a `..` component in a zip, a link that could lead
+//! out, a device or socket, more than [`MAX_BUNDLE_BYTES`] or
+//! [`MAX_BUNDLE_ENTRIES`] in all (counted as written, not as a zip
+//! declares). Nothing is ever written outside the staging tree.
+
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Most bytes of file data a bundle may hold (its dependencies aside).
+pub const MAX_BUNDLE_BYTES: u64 = 1 << 30;
+/// Most files, directories and links a bundle may hold.
+pub const MAX_BUNDLE_ENTRIES: u64 = 100_000;
+/// The bundle's dependencies, in the code drive: a name of ours, refused
+/// in a bundle.
+pub const SITE_DIR: &str = ".ember-site";
+/// The bundle's dependency list, installed with pip when present.
+pub const REQUIREMENTS: &str = "requirements.txt";
+/// Byte-compiled files: never taken from a bundle (they are made again
+/// for the guest's paths).
+const PYCACHE: &str = "__pycache__";
+
+/// A bundle could not be read or is not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(PathBuf, io::Error),
+    /// The zip archive is corrupt or uses something unsupported.
+    #[error("{0}: not a readable zip archive: {1}")]
+    Zip(PathBuf, String),
+    /// An entry would land outside the bundle or is of a refused kind.
+    #[error("{bundle}: entry {entry:?} refused: {why}")]
+    Entry {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The entry's name in it.
+        entry: String,
+        /// Why.
+        why: String,
+    },
+    /// Over [`MAX_BUNDLE_BYTES`] or [`MAX_BUNDLE_ENTRIES`].
+    #[error(
+        "{0}: over the bundle limit of {MAX_BUNDLE_BYTES} bytes and {MAX_BUNDLE_ENTRIES} entries"
+    )]
+    TooLarge(PathBuf),
+    /// The handler's module is not in the bundle.
+    #[error("the bundle {code} has no module {module:?} (looked for {looked_for})")]
+    NoModule {
+        /// The bundle.
+        code: PathBuf,
+        /// The dotted module name.
+        module: String,
+        /// The files that would have been it.
+        looked_for: String,
+    },
+    /// The handler is not `MODULE:FUNCTION` with a dotted python module.
+    #[error("{0}")]
+    BadHandler(String),
+}
+
+/// What a staged bundle holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Staged {
+    /// Bytes of file data.
+    pub bytes: u64,
+    /// Files, directories and links.
+    pub entries: u64,
+}
+
+impl Staged {
+    fn add(&mut self, bundle: &Path, bytes: u64) -> Result<(), BundleError> {
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.entries += 1;
+        if self.bytes > MAX_BUNDLE_BYTES || self.entries > MAX_BUNDLE_ENTRIES {
+            return Err(BundleError::TooLarge(bundle.to_path_buf()));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `code` is a zip archive (by its name).
+pub fn is_zip(code: &Path) -> bool {
+    code.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zip"))
+}
+
+/// Checks that `module` is a dotted python module name (`app.main`).
+pub fn check_module_name(module: &str) -> Result<(), BundleError> {
+    let ok = !module.is_empty()
+        && module.split('.').all(|part| {
+            part.chars().next().is_some_and(|c| !c.is_ascii_digit())
+                && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::BadHandler(format!(
+            "{module:?} is not a dotted python module name (e.g. app.main)"
+        )))
+    }
+}
+
+/// Checks that the staged bundle at `tree` has `module` (a `.py` file or a
+/// package).
+pub fn check_module(code: &Path, tree: &Path, module: &str) -> Result<(), BundleError> {
+    let rel: PathBuf = module.split('.').collect();
+    let candidates = [rel.with_extension("py"), rel.join("__init__.py")];
+    if candidates.iter().any(|c| tree.join(c).is_file()) {
+        return Ok(());
+    }
+    Err(BundleError::NoModule {
+        code: code.to_path_buf(),
+        module: module.to_owned(),
+        looked_for: candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or "),
+    })
+}
+
+/// A SHA-256 (hex) of what [`stage`] would make of `code`: a zip's bytes,
+/// or a directory's names, kinds, execute bits, contents and link targets.
+pub fn digest(code: &Path) -> Result<String, BundleError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| BundleError::Io(path, e)
+    };
+    let mut hasher = Sha256::new();
+    if is_zip(code) {
+        hasher.update(b"zip\0");
+        hasher.update(crate::cache_key::file_digest(code).map_err(io(code))?);
+    } else {
+        hasher.update(b"dir\0");
+        let mut staged = Staged::default();
+        walk(code, code, &mut staged, &mut |rel, kind| {
+            hasher.update((rel.len() as u64).to_le_bytes());
+            hasher.update(rel.as_bytes());
+            match kind {
+                Kind::Dir => hasher.update(b"d"),
+                Kind::File { path, executable } => {
+                    hasher.update(if executable { b"x" } else { b"f" });
+                    hasher.update(crate::cache_key::file_digest(&path).map_err(io(&path))?);
+                }
+                Kind::Link(target) => {
+                    hasher.update(b"l");
+                    hasher.update((target.len() as u64).to_le_bytes());
+                    hasher.update(target.as_bytes());
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(crate::cache_key::hex(&hasher.finalize()))
+}
+
+/// Copies the bundle `code` (a directory or a `.zip`) into `into` (made
+/// here; must not exist).
+pub fn stage(code: &Path, into: &Path) -> Result<Staged, BundleError> {
+    std::fs::create_dir(into).map_err(|e| BundleError::Io(into.to_path_buf(), e))?;
+    set_mode(into, 0o755)?;
+    if is_zip(code) {
+        stage_zip(code, into)
+    } else {
+        let mut staged = Staged::default();
+        walk(code, code, &mut staged, &mut |rel, kind| {
+            let target = into.join(&rel);
+            match kind {
+                Kind::Dir => {
+                    std::fs::create_dir(&target).map_err(|e| BundleError::Io(target.clone(), e))?;
+                    set_mode(&target, 0o755)
+                }
+                Kind::File { path, executable } => {
+                    std::fs::copy(&path, &target).map_err(|e| BundleError::Io(path.clone(), e))?;
+                    set_mode(&target, if executable { 0o755 } else { 0o644 })
+                }
+                Kind::Link(to) => std::os::unix::fs::symlink(&to, &target)
+                    .map_err(|e| BundleError::Io(target.clone(), e)),
+            }
+        })?;
+        Ok(staged)
+    }
+}
+
+enum Kind {
+    Dir,
+    File { path: PathBuf, executable: bool },
+    Link(String),
+}
+
+/// Visits the entries under `dir` (of the bundle `root`) in name order,
+/// parents first, with their path relative to `root`.
+fn walk(
+    root: &Path,
+    dir: &Path,
+    staged: &mut Staged,
+    visit: &mut dyn FnMut(String, Kind) -> Result<(), BundleError>,
+) -> Result<(), BundleError> {
+    let io = |e| BundleError::Io(dir.to_path_buf(), e);
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let rel_path = path.strip_prefix(root).unwrap_or(&path);
+        let rel = rel_path.to_str().ok_or_else(|| BundleError::Entry {
+            bundle: root.to_path_buf(),
+            entry: rel_path.to_string_lossy().into_owned(),
+            why: "the name is not UTF-8".into(),
+        })?;
+        let refuse = |why: &str| BundleError::Entry {
+            bundle: root.to_path_buf(),
+            entry: rel.to_owned(),
+            why: why.to_owned(),
+        };
+        if name == PYCACHE {
+            continue;
+        }
+        if dir == root && name == SITE_DIR {
+            return Err(refuse("the name is ember's, for the bundle's dependencies"));
+        }
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|e| BundleError::Io(path.clone(), e))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            staged.add(root, 0)?;
+            visit(rel.to_owned(), Kind::Dir)?;
+            walk(root, &path, staged, visit)?;
+        } else if kind.is_file() {
+            staged.add(root, meta.len())?;
+            let executable = meta.mode() & 0o111 != 0;
+            visit(rel.to_owned(), Kind::File { path, executable })?;
+        } else if kind.is_symlink() {
+            staged.add(root, 0)?;
+            let target = std::fs::read_link(&path).map_err(|e| BundleError::Io(path.clone(), e))?;
+            let target = check_link(&target.to_string_lossy()).map_err(|why| refuse(&why))?;
+            visit(rel.to_owned(), Kind::Link(target))?;
+        } else {
+            return Err(refuse("not a file, directory or symbolic link"));
+        }
+    }
+    Ok(())
+}
+
+/// A link target a bundle may have: relative, without `..` (so it stays
+/// at or below the link's directory, whatever other links there are).
+fn check_link(target: &str) -> Result<String, String> {
+    let path = Path::new(target);
+    if target.is_empty() || path.is_absolute() {
+        return Err(format!(
+            "a symbolic link to {target:?} (absolute) could lead out of the bundle"
+        ));
+    }
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "a symbolic link to {target:?} (with ..) could lead out of the bundle"
+        ));
+    }
+    Ok(target.to_owned())
+}
+
+/// The path a zip entry's name stands for, relative to the bundle: plain
+/// components only.
+fn zip_entry_path(name: &str) -> Result<PathBuf, String> {
+    if name.starts_with('/') || name.starts_with('\\') {
+        return Err("an absolute path".into());
+    }
+    if name.contains('\0') || name.contains('\\') {
+        return Err("a NUL byte or backslash in the name".into());
+    }
+    let mut rel = PathBuf::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err("a `..` component leads out of the bundle".into()),
+            part => rel.push(part),
+        }
+    }
+    if rel.as_os_str().is_empty() {
+        return Err("an empty name".into());
+    }
+    Ok(rel)
+}
+
+fn stage_zip(code: &Path, into: &Path) -> Result<Staged, BundleError> {
+    let zip_error = |e: zip::result::ZipError| BundleError::Zip(code.to_path_buf(), e.to_string());
+    let file = std::fs::File::open(code).map_err(|e| BundleError::Io(code.to_path_buf(), e))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_error)?;
+    if archive.len() as u64 > MAX_BUNDLE_ENTRIES {
+        return Err(BundleError::TooLarge(code.to_path_buf()));
+    }
+    let mut staged = Staged::default();
+    // Links last: no entry is ever written through one.
+    let mut links = Vec::new();
+    for index in 0..archive.len() {
+        let mut entry = archive.by_index(index).map_err(zip_error)?;
+        let name = entry.name().map_err(zip_error)?.into_owned();
+        let refuse = |why: String| BundleError::Entry {
+            bundle: code.to_path_buf(),
+            entry: name.clone(),
+            why,
+        };
+        let rel = zip_entry_path(&name).map_err(refuse)?;
+        let mut parts = rel.components();
+        let first = parts.next().map(|c| c.as_os_str().to_owned());
+        if first.as_deref() == Some(SITE_DIR.as_ref()) {
+            return Err(refuse(
+                "the name is ember's, for the bundle's dependencies".into(),
+            ));
+        }
+        if rel.components().any(|c| c.as_os_str() == PYCACHE) {
+            continue;
+        }
+        let target = into.join(&rel);
+        if entry.is_dir() {
+            staged.add(code, 0)?;
+            make_dirs(into, &rel)?;
+        } else if entry.is_symlink() {
+            staged.add(code, 0)?;
+            let mut text = String::new();
+            (&mut entry)
+                .take(4096)
+                .read_to_string(&mut text)
+                .map_err(|e| refuse(format!("unreadable link target: {e}")))?;
+            let to = check_link(&text).map_err(refuse)?;
+            links.push((rel, to));
+        } else {
+            if let Some(parent) = rel.parent() {
+                make_dirs(into, parent)?;
+            }
+            let executable = entry.unix_mode().is_some_and(|m| m & 0o111 != 0);
+            let left = MAX_BUNDLE_BYTES.saturating_sub(staged.bytes);
+            let mut out = std::fs::File::options()
+                .write(true)
+                .create_new(true)
+                .open(&target)
+                .map_err(|e| refuse(format!("cannot create it (twice in the archive?): {e}")))?;
+            // Counted as written: a zip's declared sizes are not trusted.
+            let written = copy_limited(&mut entry, &mut out, left)
+                .map_err(|e| refuse(format!("cannot extract it: {e}")))?;
+            staged.add(code, written)?;
+            drop(out);
+            set_mode(&target, if executable { 0o755 } else { 0o644 })?;
+        }
+    }
+    for (rel, to) in links {
+        if let Some(parent) = rel.parent() {
+            make_dirs(into, parent)?;
+        }
+        let target = into.join(&rel);
+        std::os::unix::fs::symlink(&to, &target).map_err(|e| BundleError::Io(target, e))?;
+    }
+    Ok(staged)
+}
+
+/// Copies at most `limit + 1` bytes; the count tells the caller whether
+/// the limit was passed.
+fn copy_limited(from: &mut impl Read, to: &mut impl Write, limit: u64) -> io::Result<u64> {
+    io::copy(&mut from.take(limit.saturating_add(1)), to)
+}
+
+/// Makes the directories of `rel` under `root`, refusing to go through
+/// anything that is not a directory of ours.
+fn make_dirs(root: &Path, rel: &Path) -> Result<(), BundleError> {
+    let mut at = root.to_path_buf();
+    for part in rel.components() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(BundleError::Io(
+                    at,
+                    io::Error::other("a file of the bundle is in the way of a directory"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(|e| BundleError::Io(at.clone(), e))?;
+                set_mode(&at, 0o755)?;
+            }
+            Err(e) => return Err(BundleError::Io(at, e)),
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), BundleError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| BundleError::Io(path.to_path_buf(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("ember-bundle-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write_zip(path: &Path, entries: &[(&str, &[u8])], links: &[(&str, &str)]) {
+        let file = std::fs::File::create(path).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let options = zip::write::SimpleFileOptions::default();
+        for (name, data) in entries {
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        for (name, target) in links {
+            zip.add_symlink(*name, *target, options).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    #[test]
+    fn directories_are_staged_with_normalised_modes() {
+        let s = Scratch::new("dir");
+        let code = s.0.join("code");
+        std::fs::create_dir_all(code.join("app/__pycache__")).unwrap();
+        std::fs::write(code.join("app/__init__.py"), "").unwrap();
+        std::fs::write(code.join("app/main.py"), "def handler(e): return e\n").unwrap();
+        std::fs::write(code.join("app/__pycache__/main.cpython-311.pyc"), "stale").unwrap();
+        std::fs::write(code.join("data.txt"), "hello").unwrap();
+        std::os::unix::fs::symlink("data.txt", code.join("alias")).unwrap();
+        let before = digest(&code).unwrap();
+        let tree = s.0.join("tree");
+        let staged = stage(&code, &tree).unwrap();
+        assert_eq!(staged.bytes, 5 + 25);
+        assert_eq!(std::fs::read(tree.join("alias")).unwrap(), b"hello");
+        assert!(!tree.join("app/__pycache__").exists());
+        let mode = std::fs::metadata(tree.join("data.txt")).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o644);
+        check_module(&code, &tree, "app.main").unwrap();
+        check_module(&code, &tree, "app").unwrap();
+        assert!(matches!(
+            check_module(&code, &tree, "app.other"),
+            Err(BundleError::NoModule { .. })
+        ));
+        std::fs::write(code.join("data.txt"), "hellO").unwrap();
+        assert_ne!(digest(&code).unwrap(), before);
+    }
+
+    #[test]
+    fn links_out_of_a_directory_are_refused() {
+        for target in ["/etc/passwd", "../outside", "a/../../b"] {
+            let s = Scratch::new("dirlink");
+            let code = s.0.join("code");
+            std::fs::create_dir_all(&code).unwrap();
+            std::os::unix::fs::symlink(target, code.join("l")).unwrap();
+            let err = stage(&code, &s.0.join("tree")).unwrap_err();
+            assert!(
+                err.to_string().contains("could lead out"),
+                "{target}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn zips_are_extracted_and_hostile_entries_refused() {
+        let s = Scratch::new("zip");
+        let good = s.0.join("good.zip");
+        write_zip(
+            &good,
+            &[
+                ("app/main.py", b"def handler(e): return e\n"),
+                ("app/data/x.txt", b"x"),
+            ],
+            &[("app/y", "data/x.txt")],
+        );
+        let tree = s.0.join("tree");
+        stage(&good, &tree).unwrap();
+        check_module(&good, &tree, "app.main").unwrap();
+        assert_eq!(std::fs::read(tree.join("app/y")).unwrap(), b"x");
+
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a [u8])],
+            &'a [(&'a str, &'a str)],
+            &'a str,
+        );
+        let cases: [Case; 5] = [
+            ("dotdot", &[("../evil.py", b"x")], &[], "`..`"),
+            ("inner-dotdot", &[("a/../../evil.py", b"x")], &[], "`..`"),
+            ("absolute", &[("/tmp/evil.py", b"x")], &[], "absolute"),
+            ("link-out", &[], &[("l", "/etc")], "could lead out"),
+            ("site", &[(".ember-site/x.py", b"x")], &[], "ember's"),
+        ];
+        for (name, entries, links, expect) in cases {
+            let zip = s.0.join(format!("{name}.zip"));
+            write_zip(&zip, entries, links);
+            let tree = s.0.join(format!("tree-{name}"));
+            let err = stage(&zip, &tree).unwrap_err();
+            assert!(err.to_string().contains(expect), "{name}: {err}");
+        }
+        assert!(!s.0.parent().unwrap().join("evil.py").exists());
+
+        let corrupt = s.0.join("corrupt.zip");
+        std::fs::write(&corrupt, b"PK\x03\x04 not really").unwrap();
+        assert!(matches!(
+            stage(&corrupt, &s.0.join("tree-corrupt")),
+            Err(BundleError::Zip(..))
+        ));
+    }
+
+    #[test]
+    fn module_names_are_checked() {
+        for good in ["app", "app.main", "a_b.c2"] {
+            check_module_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            "app.",
+            ".app",
+            "app/main",
+            "1app",
+            "app..main",
+            "app.main.py/x",
+        ] {
+            assert!(check_module_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! A bundle's dependencies: its `requirements.txt` installed on the host
+//! with pip, for the guest's interpreter (Debian 12's CPython 3.11 on
+//! x86_64), into a site directory cached by the requirements' content.
+//!
+//! pip is told the guest's platform, so it takes wheels only: manylinux
+//! wheels for x86_64/cp311 (glibc up to 2.28, below Debian 12's 2.36), and
+//! pure-python wheels. A requirement published only as an sdist has no
+//! wheel to take; when pip says so, the requirements are built into wheels
+//! on the host (`pip wheel`), the pure-python ones (`*-none-any.whl`) are
+//! kept, and the install is tried once more with them on hand. Anything
+//! else pip cannot install for the guest is an error naming it, with the
+//! tail of pip's output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::cache_key::KeyBuilder;
+use crate::paths;
+
+/// The directory inside a cache entry that holds the installed packages.
+pub const SITE: &str = "site";
+/// Written last into a complete cache entry.
+const COMPLETE: &str = "complete";
+/// pip's options that pick the guest's wheels.
+const GUEST_PLATFORM: [&str; 12] = [
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+    "--no-compile",
+];
+/// Bytes of pip's output quoted in an error.
+const TAIL: usize = 1500;
+
+/// The dependencies could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipError {
+    /// A file could not be read or written.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// pip could not be run.
+    #[error("cannot run `python3 -m pip` on the host (is pip installed?): {0}")]
+    NoPip(std::io::Error),
+    /// pip refused or failed.
+    #[error("cannot install {what} for the guest (CPython 3.11, manylinux x86_64 wheels or pure-python packages): pip says:\n{tail}")]
+    Install {
+        /// The requirement pip named, or "the requirements".
+        what: String,
+        /// The end of pip's output.
+        tail: String,
+    },
+}
+
+/// The site directory with `requirements`'s packages installed, made first
+/// if it is not cached (`on_install` is told).
+pub fn ensure_site(requirements: &Path, on_install: impl FnOnce()) -> Result<PathBuf, PipError> {
+    let text = std::fs::read(requirements).map_err(|e| PipError::Io(requirements.into(), e))?;
+    let mut key = KeyBuilder::new("python-site");
+    for arg in GUEST_PLATFORM {
+        key.field("pip arg", arg);
+    }
+    key.field("requirements", &text);
+    let dir = paths::cache_dir().join(format!("site-{}", key.finish()));
+    if !dir.join(COMPLETE).exists() {
+        on_install();
+        paths::build_cache_entry(
+            &dir,
+            COMPLETE,
+            |building| install(requirements, building),
+            PipError::Io,
+        )?;
+    }
+    Ok(dir.join(SITE))
+}
+
+fn install(requirements: &Path, building: &Path) -> Result<(), PipError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| PipError::Io(path, e)
+    };
+    std::fs::create_dir_all(building).map_err(io(building))?;
+    let site = building.join(SITE);
+    let first = pip_install(requirements, &site, None)?;
+    if let Err(output) = first {
+        if !no_wheel(&output) {
+            return Err(install_error(&output));
+        }
+        // Some requirement has no wheel for the guest: build what the
+        // host can, keep the pure-python ones, and try again with those.
+        let wheels = building.join("wheels");
+        let built = run_pip(&[
+            "wheel",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            &wheels.to_string_lossy(),
+            "-r",
+            &requirements.to_string_lossy(),
+        ])?;
+        if let Err(output) = built {
+            return Err(install_error(&output));
+        }
+        for entry in std::fs::read_dir(&wheels).map_err(io(&wheels))? {
+            let path = entry.map_err(io(&wheels))?.path();
+            if !path.to_string_lossy().ends_with("-none-any.whl") {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&site);
+        if let Err(output) = pip_install(requirements, &site, Some(&wheels))? {
+            return Err(install_error(&output));
+        }
+        let _ = std::fs::remove_dir_all(&wheels);
+    }
+    std::fs::create_dir_all(&site).map_err(io(&site))?;
+    std::fs::write(building.join(COMPLETE), b"").map_err(io(building))
+}
+
+/// `pip install` for the guest; `Ok(Err(output))` when pip failed.
+fn pip_install(
+    requirements: &Path,
+    site: &Path,
+    find_links: Option<&Path>,
+) -> Result<Result<(), String>, PipError> {
+    let mut args = vec![
+        "install".to_owned(),
+        "--quiet".into(),
+        "--disable-pip-version-check".into(),
+        "--no-input".into(),
+        "--target".into(),
+        site.to_string_lossy().into_owned(),
+    ];
+    args.extend(GUEST_PLATFORM.map(String::from));
+    if let Some(dir) = find_links {
+        args.push("--find-links".into());
+        args.push(dir.to_string_lossy().into_owned());
+    }
+    args.push("-r".into());
+    args.push(requirements.to_string_lossy().into_owned());
+    run_pip(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn run_pip(args: &[&str]) -> Result<Result<(), String>, PipError> {
+    let output = Command::new("python3")
+        .args(["-m", "pip"])
+        .args(args)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .output()
+        .map_err(PipError::NoPip)?;
+    if output.status.success() {
+        return Ok(Ok(()));
+    }
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    if text.contains("No module named pip") {
+        return Err(PipError::NoPip(std::io::Error::other(
+            text.trim().to_owned(),
+        )));
+    }
+    Ok(Err(text))
+}
+
+/// Whether pip failed for want of a wheel (an sdist-only package).
+fn no_wheel(output: &str) -> bool {
+    output.contains("No matching distribution found for")
+}
+
+/// The error for pip's `output`, naming the requirement it complained of.
+fn install_error(output: &str) -> PipError {
+    PipError::Install {
+        what: failed_requirement(output).unwrap_or_else(|| "the requirements".into()),
+        tail: tail(output),
+    }
+}
+
+/// The requirement pip's output names as the one that failed.
+fn failed_requirement(output: &str) -> Option<String> {
+    const MARKERS: [&str; 4] = [
+        "No matching distribution found for ",
+        "Could not find a version that satisfies the requirement ",
+        "Invalid requirement: ",
+        "Failed to build ",
+    ];
+    output.lines().rev().find_map(|line| {
+        MARKERS.iter().find_map(|marker| {
+            line.find(marker).map(|at| {
+                let rest = line[at + marker.len()..].trim();
+                match rest.strip_prefix('\'') {
+                    Some(quoted) => quoted.split('\'').next().unwrap_or(quoted).to_owned(),
+                    None => rest.split(" (").next().unwrap_or(rest).to_owned(),
+                }
+            })
+        })
+    })
+}
+
+fn tail(output: &str) -> String {
+    let trimmed = output.trim_end();
+    let start = trimmed.len().saturating_sub(TAIL);
+    let start = (start..trimmed.len())
+        .find(|&i| trimmed.is_char_boundary(i))
+        .unwrap_or(trimmed.len());
+    trimmed[start..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failed_requirement_is_named() {
+        let out = "ERROR: Could not find a version that satisfies the requirement nosuchpkg-xyz (from versions: none)\nERROR: No matching distribution found for nosuchpkg-xyz\n";
+        assert_eq!(failed_requirement(out).as_deref(), Some("nosuchpkg-xyz"));
+        assert!(no_wheel(out));
+        let out = "ERROR: Invalid requirement: 'jinja2 >>> 3': Expected end\n";
+        assert_eq!(failed_requirement(out).as_deref(), Some("jinja2 >>> 3"));
+        assert!(!no_wheel(out));
+        assert_eq!(failed_requirement("something else"), None);
+        assert!(tail(&"é".repeat(2000)).len() <= TAIL);
+    }
+}
