@@ -345,7 +345,7 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
 #[test]
 fn hostile_trickling_agent_frame_times_out_by_its_deadline() {
     use ember::agent::{AgentClient, AgentError};
-    use ember_agent::protocol::{
+    use ember_protocol::protocol::{
         encode_frame, AgentMessage, FrameHeader, FrameKind, Hello, Invoke, MAX_FRAME_LEN,
     };
 

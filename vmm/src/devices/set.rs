@@ -419,7 +419,8 @@ fn attach_block(
     };
     let interrupt = Arc::new(Interrupt::new(eventfd()?));
     vm.register_irqfd(interrupt.irqfd(), irq)?;
-    let mut device = Block::new(disk.clone(), id, interrupt.clone()).map_err(DeviceError::EventFd)?;
+    let mut device =
+        Block::new(disk.clone(), id, interrupt.clone()).map_err(DeviceError::EventFd)?;
     device.set_rate_limiter(RateLimiter::new(at.limits)?);
     register_queue_events(
         vm,

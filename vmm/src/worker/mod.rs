@@ -454,7 +454,7 @@ fn run_worker(args: &[String], control: &mut UnixStream) -> Result<(), WorkerErr
 
     // Everything from the host was opened by the parent: the worker opens
     // no file by name.
-    // SAFETY: fds 4 to 6 (and the drives after them) were set up by the
+    // SAFETY: fds 4 to 6 (and the drives after them) were set up by the parent
     // for us alone.
     let state = unsafe { File::from_raw_fd(STATE_FD) };
     // SAFETY: as above.
