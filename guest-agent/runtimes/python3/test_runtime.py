@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNTIME = os.path.join(HERE, "ember_runtime.py")
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 EXAMPLES = os.path.join(REPO, "examples", "functions")
-HOTPATH_RS = os.path.join(REPO, "guest-agent", "src", "hotpath.rs")
+HOTPATH_RS = os.path.join(REPO, "protocol", "src", "hotpath.rs")
 # The interpreter flags the host asks the agent for.
 PYTHON = [sys.executable, "-I", "-u", "-B"]
 TIMEOUT_S = 20
