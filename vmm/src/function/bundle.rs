@@ -130,6 +130,43 @@ pub fn check_module(code: &Path, tree: &Path, module: &str) -> Result<(), Bundle
     })
 }
 
+/// Checks that the bundle `code` itself (a directory or a zip, not yet
+/// staged) has the handler's module, as [`check_module`] does on a staged
+/// tree: so a missing module is refused whatever the cache holds for the
+/// same bundle, and before anything waits for a build of it.
+pub fn check_source_module(code: &Path, module: &str) -> Result<(), BundleError> {
+    if !is_zip(code) {
+        return check_module(code, code, module);
+    }
+    let zip_error = |e: zip::result::ZipError| BundleError::Zip(code.to_path_buf(), e.to_string());
+    let file = std::fs::File::open(code).map_err(|e| BundleError::Io(code.to_path_buf(), e))?;
+    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_error)?;
+    let rel: PathBuf = module.split('.').collect();
+    let candidates = [rel.with_extension("py"), rel.join("__init__.py")];
+    for index in 0..archive.len() {
+        let entry = archive.by_index(index).map_err(zip_error)?;
+        if entry.is_dir() {
+            continue;
+        }
+        // Entries that would be refused are reported when staging.
+        let Ok(name) = entry.name().map(|n| n.into_owned()) else {
+            continue;
+        };
+        if zip_entry_path(&name).is_ok_and(|path| candidates.contains(&path)) {
+            return Ok(());
+        }
+    }
+    Err(BundleError::NoModule {
+        code: code.to_path_buf(),
+        module: module.to_owned(),
+        looked_for: candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" or "),
+    })
+}
+
 /// A SHA-256 (hex) of what [`stage`] would make of `code`: a zip's bytes,
 /// or a directory's names, kinds, execute bits, contents and link targets.
 pub fn digest(code: &Path) -> Result<String, BundleError> {
@@ -464,6 +501,30 @@ mod tests {
         ));
         std::fs::write(code.join("data.txt"), "hellO").unwrap();
         assert_ne!(digest(&code).unwrap(), before);
+    }
+
+    #[test]
+    fn the_module_is_checked_in_the_source_bundle() {
+        let s = Scratch::new("source-module");
+        let code = s.0.join("code");
+        std::fs::create_dir_all(code.join("pkg")).unwrap();
+        std::fs::write(code.join("pkg/__init__.py"), "").unwrap();
+        std::fs::write(code.join("main.py"), "").unwrap();
+        let zip = s.0.join("code.zip");
+        write_zip(
+            &zip,
+            &[("./app/main.py", b""), ("pkg/__init__.py", b"")],
+            &[],
+        );
+        for (bundle, present) in [(&code, ["main", "pkg"]), (&zip, ["app.main", "pkg"])] {
+            for module in present {
+                check_source_module(bundle, module).unwrap();
+            }
+            assert!(matches!(
+                check_source_module(bundle, "app.nothere"),
+                Err(BundleError::NoModule { .. })
+            ));
+        }
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub fn ensure_code_drive(
     on_build: impl FnOnce(),
 ) -> Result<CodeDrive, CodeImageError> {
     bundle::check_module_name(module)?;
+    bundle::check_source_module(code, module)?;
     let key = code_key(code)?;
     let dir = paths::cache_dir().join(format!("code-{key}"));
     if !dir.join(IMAGE_FILE).exists() {
