@@ -264,8 +264,8 @@ fn snapshot_dir_with(dir: &Path, state: &ember::snapshot::contents::SnapshotStat
 fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
     use std::os::unix::fs::PermissionsExt;
 
-    use ember::devices::set::BlockState;
     use ember::devices::virtio::block::disk::{DriveSpec, FileIdentity};
+    use ember::devices::virtio::block::BlockState;
     use ember::snapshot::contents::SnapshotState;
     use ember::snapshot::{read_state, RestoreOptions, Snapshot, STATE_FILE};
     use ember::Sandbox;
@@ -278,7 +278,7 @@ fn hostile_state_naming_a_file_outside_the_snapshot_gets_no_drive() {
     let mut forged = honest.clone();
     let meta = std::fs::metadata(&secret).unwrap();
     forged.devices.block = Some(BlockState {
-        transport: forged.devices.vsock.clone(),
+        transport: forged.devices.vsock.transport.clone(),
         drive: DriveSpec {
             path: secret.as_os_str().as_encoded_bytes().to_vec(),
             size: meta.len(),

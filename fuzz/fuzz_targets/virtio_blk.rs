@@ -28,7 +28,7 @@ use ember::devices::virtio::block::request::{
     STATUS_UNSUPP,
 };
 use ember::devices::virtio::block::{Block, BlockEvents, QUEUE_SIZE, ROOT_DRIVE_ID};
-use ember::devices::virtio::{Activation, Interrupt, QueueSnapshot, VirtioDevice};
+use ember::devices::virtio::{Activation, Interrupt, QueueState, VirtioDevice};
 use event_manager::{EventManager, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -694,7 +694,7 @@ impl Vmm {
         g.data_next = DATA_AREA.0;
         g.indirect_next = INDIRECT_AREA.0;
         let size = g.size;
-        self.activate(QueueSnapshot {
+        self.activate(QueueState {
             max_size: QUEUE_SIZE,
             size,
             ready: true,
@@ -707,7 +707,7 @@ impl Vmm {
         });
     }
 
-    fn activate(&mut self, snap: QueueSnapshot) {
+    fn activate(&mut self, snap: QueueState) {
         let queue = snap.to_queue(&self.guest.mem).expect("valid queue");
         self.device
             .lock()
@@ -760,7 +760,7 @@ impl Vmm {
             Action::SaveRestore => {
                 let snap = {
                     let dev = self.device.lock().unwrap();
-                    dev.active_queues().map(|q| QueueSnapshot::of(&q[0]))
+                    dev.active_queues().map(|q| QueueState::of(&q[0]))
                 };
                 if let Some(snap) = snap {
                     self.device.lock().unwrap().reset();

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use ember::devices::virtio::vsock::backend::{InProcessBackend, VsockHub};
 use ember::devices::virtio::vsock::{Vsock, VsockEvents};
-use ember::devices::virtio::{Activation, Interrupt, QueueSnapshot, VirtioDevice};
+use ember::devices::virtio::{Activation, Interrupt, QueueState, VirtioDevice};
 use event_manager::{EventManager, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
@@ -711,14 +711,14 @@ struct Vmm {
     host: Host,
     device: Arc<Mutex<Vsock>>,
     events: EventManager<VsockEvents>,
-    setup_queues: [QueueSnapshot; 3],
+    setup_queues: [QueueState; 3],
 }
 
 impl Vmm {
     fn new(setup: &Setup) -> Option<Self> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
             .expect("guest memory");
-        let mut snaps = [QueueSnapshot {
+        let mut snaps = [QueueState {
             max_size: 0,
             size: 0,
             ready: true,
@@ -783,7 +783,7 @@ impl Vmm {
         vmm.activate(&snaps).then_some(vmm)
     }
 
-    fn activate(&mut self, snaps: &[QueueSnapshot; 3]) -> bool {
+    fn activate(&mut self, snaps: &[QueueState; 3]) -> bool {
         let queues: Option<Vec<Queue>> = snaps
             .iter()
             .map(|s| s.to_queue(&self.guest.mem).ok())
@@ -841,14 +841,14 @@ impl Vmm {
     /// The device's queues go through their snapshot form, as in a
     /// snapshot and restore; the restored device starts with no connection.
     fn save_restore(&mut self) {
-        let snaps: Vec<QueueSnapshot> = {
+        let snaps: Vec<QueueState> = {
             let dev = self.device.lock().unwrap();
             match dev.active_queues() {
-                Some(queues) => queues.iter().map(QueueSnapshot::of).collect(),
+                Some(queues) => queues.iter().map(QueueState::of).collect(),
                 None => return,
             }
         };
-        let snaps: [QueueSnapshot; 3] = snaps.try_into().expect("three queues");
+        let snaps: [QueueState; 3] = snaps.try_into().expect("three queues");
         self.device.lock().unwrap().reset();
         assert!(
             self.activate(&snaps),

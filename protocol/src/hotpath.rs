@@ -34,7 +34,11 @@
 //! untrusted by the host: [`ResponseHeader::decode`] and
 //! [`decode_response`] check every length against the buffer.
 
+use std::mem::offset_of;
+
 use thiserror::Error;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Guest-physical address of the doorbell page (the start of the 32-bit
 /// MMIO gap, where nothing else lives); a runtime writes 32-bit values to
@@ -127,54 +131,58 @@ pub struct RequestHeader {
     pub entropy: [u8; REQUEST_ENTROPY_LEN],
 }
 
-// Request header offsets.
-const RQ_MAGIC: usize = 0;
-const RQ_VERSION: usize = 4;
-const RQ_SEQ: usize = 8;
-const RQ_FLAGS: usize = 16;
-const RQ_EVENT_LEN: usize = 20;
-const RQ_TIMEOUT: usize = 24;
-const RQ_TIME: usize = 32;
-const RQ_ENTROPY: usize = 40;
+/// The request header as it lies in guest memory: little-endian, no
+/// padding the compiler chose (the runtimes read it with fixed offsets,
+/// e.g. Python's `struct` format `<IIQIII4xQ24s`).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct RequestLayout {
+    magic: U32,
+    version: U32,
+    seq: U64,
+    flags: U32,
+    event_len: U32,
+    timeout_ms: U32,
+    _pad: [u8; 4],
+    unix_time_ns: U64,
+    entropy: [u8; REQUEST_ENTROPY_LEN],
+}
+
+const _: () = assert!(size_of::<RequestLayout>() == REQUEST_HEADER_LEN);
 
 impl RequestHeader {
     /// The header's bytes, `seq` included; hosts write `seq` last with
     /// [`RequestHeader::SEQ_OFFSET`].
     pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
-        let mut out = [0u8; REQUEST_HEADER_LEN];
-        put_u32(&mut out, RQ_MAGIC, REQUEST_MAGIC);
-        put_u32(&mut out, RQ_VERSION, LAYOUT_VERSION);
-        put_u64(&mut out, RQ_SEQ, self.seq);
-        put_u32(&mut out, RQ_FLAGS, self.flags);
-        put_u32(&mut out, RQ_EVENT_LEN, self.event_len);
-        put_u32(&mut out, RQ_TIMEOUT, self.timeout_ms);
-        put_u64(&mut out, RQ_TIME, self.unix_time_ns);
-        if let Some(slot) = out.get_mut(RQ_ENTROPY..RQ_ENTROPY + REQUEST_ENTROPY_LEN) {
-            slot.copy_from_slice(&self.entropy);
-        }
-        out
+        let layout = RequestLayout {
+            magic: REQUEST_MAGIC.into(),
+            version: LAYOUT_VERSION.into(),
+            seq: self.seq.into(),
+            flags: self.flags.into(),
+            event_len: self.event_len.into(),
+            timeout_ms: self.timeout_ms.into(),
+            _pad: [0; 4],
+            unix_time_ns: self.unix_time_ns.into(),
+            entropy: self.entropy,
+        };
+        zerocopy::transmute!(layout)
     }
 
     /// Where `seq` lives in the header (the host's last write).
-    pub const SEQ_OFFSET: usize = RQ_SEQ;
+    pub const SEQ_OFFSET: usize = offset_of!(RequestLayout, seq);
 
     /// Reads a header (as a runtime written in Rust would).
     pub fn decode(buf: &[u8]) -> Result<Self, LayoutError> {
-        let header = buf
-            .get(..REQUEST_HEADER_LEN)
-            .ok_or(LayoutError::Short(buf.len()))?;
-        check_magic(header, REQUEST_MAGIC)?;
-        let mut entropy = [0u8; REQUEST_ENTROPY_LEN];
-        if let Some(bytes) = header.get(RQ_ENTROPY..RQ_ENTROPY + REQUEST_ENTROPY_LEN) {
-            entropy.copy_from_slice(bytes);
-        }
+        let (header, _) =
+            RequestLayout::read_from_prefix(buf).map_err(|_| LayoutError::Short(buf.len()))?;
+        check_magic(header.magic, header.version, REQUEST_MAGIC)?;
         let request = RequestHeader {
-            seq: get_u64(header, RQ_SEQ),
-            flags: get_u32(header, RQ_FLAGS),
-            event_len: get_u32(header, RQ_EVENT_LEN),
-            timeout_ms: get_u32(header, RQ_TIMEOUT),
-            unix_time_ns: get_u64(header, RQ_TIME),
-            entropy,
+            seq: header.seq.get(),
+            flags: header.flags.get(),
+            event_len: header.event_len.get(),
+            timeout_ms: header.timeout_ms.get(),
+            unix_time_ns: header.unix_time_ns.get(),
+            entropy: header.entropy,
         };
         let total = REQUEST_HEADER_LEN as u64 + u64::from(request.event_len);
         if total > buf.len() as u64 {
@@ -262,47 +270,58 @@ pub struct ResponseHeader {
     pub handler_ns: u64,
 }
 
-// Response header offsets.
-const RS_MAGIC: usize = 0;
-const RS_VERSION: usize = 4;
-const RS_SEQ: usize = 8;
-const RS_STATUS: usize = 16;
-const RS_RESULT_LEN: usize = 20;
-const RS_STDOUT_LEN: usize = 24;
-const RS_STDERR_LEN: usize = 28;
-const RS_FLAGS: usize = 32;
-const RS_HANDLER_NS: usize = 40;
+/// The response header as it lies in guest memory: little-endian, no
+/// padding the compiler chose (Python's `<IIQIIIII4xQ16x`).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+struct ResponseLayout {
+    magic: U32,
+    version: U32,
+    seq: U64,
+    status: U32,
+    result_len: U32,
+    stdout_len: U32,
+    stderr_len: U32,
+    flags: U32,
+    _pad: [u8; 4],
+    handler_ns: U64,
+    _reserved: [u8; 16],
+}
+
+const _: () = assert!(size_of::<ResponseLayout>() == RESPONSE_HEADER_LEN);
 
 impl ResponseHeader {
     /// The header's bytes.
     pub fn encode(&self) -> [u8; RESPONSE_HEADER_LEN] {
-        let mut out = [0u8; RESPONSE_HEADER_LEN];
-        put_u32(&mut out, RS_MAGIC, RESPONSE_MAGIC);
-        put_u32(&mut out, RS_VERSION, LAYOUT_VERSION);
-        put_u64(&mut out, RS_SEQ, self.seq);
-        put_u32(&mut out, RS_STATUS, self.status.code());
-        put_u32(&mut out, RS_RESULT_LEN, self.result_len);
-        put_u32(&mut out, RS_STDOUT_LEN, self.stdout_len);
-        put_u32(&mut out, RS_STDERR_LEN, self.stderr_len);
-        put_u32(&mut out, RS_FLAGS, self.flags);
-        put_u64(&mut out, RS_HANDLER_NS, self.handler_ns);
-        out
+        let layout = ResponseLayout {
+            magic: RESPONSE_MAGIC.into(),
+            version: LAYOUT_VERSION.into(),
+            seq: self.seq.into(),
+            status: self.status.code().into(),
+            result_len: self.result_len.into(),
+            stdout_len: self.stdout_len.into(),
+            stderr_len: self.stderr_len.into(),
+            flags: self.flags.into(),
+            _pad: [0; 4],
+            handler_ns: self.handler_ns.into(),
+            _reserved: [0; 16],
+        };
+        zerocopy::transmute!(layout)
     }
 
     /// Reads and checks a header against a buffer of `buf_len` bytes.
     pub fn decode(header: &[u8], buf_len: usize) -> Result<Self, LayoutError> {
-        let header = header
-            .get(..RESPONSE_HEADER_LEN)
-            .ok_or(LayoutError::Short(header.len()))?;
-        check_magic(header, RESPONSE_MAGIC)?;
+        let (layout, _) = ResponseLayout::read_from_prefix(header)
+            .map_err(|_| LayoutError::Short(header.len()))?;
+        check_magic(layout.magic, layout.version, RESPONSE_MAGIC)?;
         let response = ResponseHeader {
-            seq: get_u64(header, RS_SEQ),
-            status: ResponseStatus::from_code(get_u32(header, RS_STATUS))?,
-            result_len: get_u32(header, RS_RESULT_LEN),
-            stdout_len: get_u32(header, RS_STDOUT_LEN),
-            stderr_len: get_u32(header, RS_STDERR_LEN),
-            flags: get_u32(header, RS_FLAGS),
-            handler_ns: get_u64(header, RS_HANDLER_NS),
+            seq: layout.seq.get(),
+            status: ResponseStatus::from_code(layout.status.get())?,
+            result_len: layout.result_len.get(),
+            stdout_len: layout.stdout_len.get(),
+            stderr_len: layout.stderr_len.get(),
+            flags: layout.flags.get(),
+            handler_ns: layout.handler_ns.get(),
         };
         let total = response.total_len();
         if total > buf_len as u64 {
@@ -394,45 +413,14 @@ fn len_u32(bytes: &[u8]) -> u32 {
     u32::try_from(bytes.len()).unwrap_or(u32::MAX)
 }
 
-fn check_magic(header: &[u8], magic: u32) -> Result<(), LayoutError> {
-    let got = get_u32(header, 0);
-    if got != magic {
-        return Err(LayoutError::BadMagic(got));
+fn check_magic(got: U32, version: U32, magic: u32) -> Result<(), LayoutError> {
+    if got.get() != magic {
+        return Err(LayoutError::BadMagic(got.get()));
     }
-    let version = get_u32(header, 4);
-    if version != LAYOUT_VERSION {
-        return Err(LayoutError::Version(version));
+    if version.get() != LAYOUT_VERSION {
+        return Err(LayoutError::Version(version.get()));
     }
     Ok(())
-}
-
-// Callers pass offsets inside a fixed-size header.
-fn put_u32(out: &mut [u8], at: usize, value: u32) {
-    if let Some(slot) = out.get_mut(at..at + 4) {
-        slot.copy_from_slice(&value.to_le_bytes());
-    }
-}
-
-fn put_u64(out: &mut [u8], at: usize, value: u64) {
-    if let Some(slot) = out.get_mut(at..at + 8) {
-        slot.copy_from_slice(&value.to_le_bytes());
-    }
-}
-
-fn get_u32(buf: &[u8], at: usize) -> u32 {
-    let mut word = [0u8; 4];
-    if let Some(slot) = buf.get(at..at + 4) {
-        word.copy_from_slice(slot);
-    }
-    u32::from_le_bytes(word)
-}
-
-fn get_u64(buf: &[u8], at: usize) -> u64 {
-    let mut word = [0u8; 8];
-    if let Some(slot) = buf.get(at..at + 8) {
-        word.copy_from_slice(slot);
-    }
-    u64::from_le_bytes(word)
 }
 
 #[cfg(test)]
@@ -478,12 +466,13 @@ mod tests {
             })
         );
         // Lengths past the buffer are refused, not read.
-        buf[RS_STDERR_LEN..RS_STDERR_LEN + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let stderr_len = offset_of!(ResponseLayout, stderr_len);
+        buf[stderr_len..stderr_len + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode_response(&buf, 5),
             Err(LayoutError::Lengths(..))
         ));
-        buf[RS_STATUS] = 9;
+        buf[offset_of!(ResponseLayout, status)] = 9;
         assert_eq!(decode_response(&buf, 5), Err(LayoutError::Status(9)));
         buf[0] = 0;
         assert!(matches!(
@@ -491,6 +480,35 @@ mod tests {
             Err(LayoutError::BadMagic(_))
         ));
         assert_eq!(decode_response(&buf[..10], 5), Err(LayoutError::Short(10)));
+    }
+
+    /// The offsets the runtimes read (guest-agent/runtimes/python3/
+    /// ember_runtime.py's `RQ_*` and `RS_*`) are the structs' offsets.
+    #[test]
+    fn layouts_keep_the_runtimes_offsets() {
+        let request = [
+            offset_of!(RequestLayout, magic),
+            offset_of!(RequestLayout, version),
+            offset_of!(RequestLayout, seq),
+            offset_of!(RequestLayout, flags),
+            offset_of!(RequestLayout, event_len),
+            offset_of!(RequestLayout, timeout_ms),
+            offset_of!(RequestLayout, unix_time_ns),
+            offset_of!(RequestLayout, entropy),
+        ];
+        assert_eq!(request, [0, 4, 8, 16, 20, 24, 32, 40]);
+        let response = [
+            offset_of!(ResponseLayout, magic),
+            offset_of!(ResponseLayout, version),
+            offset_of!(ResponseLayout, seq),
+            offset_of!(ResponseLayout, status),
+            offset_of!(ResponseLayout, result_len),
+            offset_of!(ResponseLayout, stdout_len),
+            offset_of!(ResponseLayout, stderr_len),
+            offset_of!(ResponseLayout, flags),
+            offset_of!(ResponseLayout, handler_ns),
+        ];
+        assert_eq!(response, [0, 4, 8, 16, 20, 24, 28, 32, 40]);
     }
 
     #[test]

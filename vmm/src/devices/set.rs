@@ -17,19 +17,19 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::bus::lock;
 use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
-use super::legacy::serial::{SerialSnapshot, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use super::legacy::serial::{SerialArgs, SerialState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
 use super::rate_limiter::{IoLimits, RateLimitConfig, RateLimitError, RateLimiter};
 use super::stdin::StdinForwarder;
-use super::virtio::block::disk::{DiskError, DiskImage, DriveSpec};
-use super::virtio::block::{Block, BlockEvents, ROOT_DRIVE_ID};
-use super::virtio::mmio::{
-    MmioTransport, MmioTransportState, RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+use super::virtio::block::disk::{DiskError, DiskImage};
+use super::virtio::block::{
+    BlockArgs, BlockError, BlockEvents, BlockState, MmioBlock, ROOT_DRIVE_ID,
 };
+use super::virtio::mmio::{RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use super::virtio::vsock::backend::{InProcessBackend, UdsBackend, VsockBackend, VsockHub};
-use super::virtio::vsock::{Vsock, VsockEvents};
-use super::virtio::{Interrupt, VirtioDevice};
-use super::{Bus, BusError};
+use super::virtio::vsock::{MmioVsock, Vsock, VsockArgs, VsockError, VsockEvents, VsockState};
+use super::virtio::Interrupt;
+use super::{Bus, BusError, Persist};
 use crate::arch::x86_64::layout;
 use crate::config::ConsoleOutput;
 use crate::event_loop::Subscriber;
@@ -86,26 +86,14 @@ pub struct DeviceOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
     /// COM1.
-    pub serial: SerialSnapshot,
+    pub serial: SerialState,
     /// The vsock device's transport and queues.
-    pub vsock: MmioTransportState,
+    pub vsock: VsockState,
     /// The root drive, if the VM has one.
     pub block: Option<BlockState>,
     /// The code drive, if the VM has one.
     pub code: Option<BlockState>,
 }
-
-/// The root drive's device in a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockState {
-    /// Its transport and queue.
-    pub transport: MmioTransportState,
-    /// The drive the template had: a clone gets the same one.
-    pub drive: DriveSpec,
-}
-
-/// A drive's transport, and what a snapshot records of the drive.
-pub(crate) type AttachedDrive = (Arc<Mutex<MmioTransport>>, DriveSpec);
 
 /// The devices of one microVM.
 pub struct DeviceSet {
@@ -114,16 +102,16 @@ pub struct DeviceSet {
     pub(crate) kernel_panic: Arc<LineWatch>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) vsock: Arc<Mutex<Vsock>>,
-    pub(crate) vsock_transport: Arc<Mutex<MmioTransport>>,
+    /// The same device with its transport, for snapshots.
+    pub(crate) vsock_mmio: MmioVsock,
     pub(crate) vsock_connector: InProcessBackend,
     /// Whether the vsock device has a host Unix socket (its event loop
     /// then needs `socket`/`connect`).
     pub(crate) vsock_uds: bool,
-    /// The root drive's transport and what a snapshot records of the
-    /// drive, if the VM has one.
-    pub(crate) block: Option<AttachedDrive>,
+    /// The root drive's device, if the VM has one.
+    pub(crate) block: Option<MmioBlock>,
     /// The same for the code drive.
-    pub(crate) code: Option<AttachedDrive>,
+    pub(crate) code: Option<MmioBlock>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     /// Kernel parameters declaring the virtio-mmio devices.
@@ -165,8 +153,15 @@ impl DeviceSet {
         let input_drained = eventfd()?;
         let drained_for_serial = input_drained.try_clone().map_err(DeviceError::EventFd)?;
         let serial = match saved {
-            Some(state) => Serial::restore(&state.serial, serial_irq, drained_for_serial, sink)
-                .map_err(DeviceError::SerialState)?,
+            Some(state) => Serial::restore(
+                SerialArgs {
+                    irq: serial_irq,
+                    drained: drained_for_serial,
+                    sink,
+                },
+                &state.serial,
+            )
+            .map_err(DeviceError::SerialState)?,
             None => Serial::new(serial_irq, drained_for_serial, sink),
         };
         let serial = Arc::new(Mutex::new(serial));
@@ -186,8 +181,9 @@ impl DeviceSet {
         let mut mmio = Bus::new();
         let vsock = attach_vsock(vm, memory, &mut mmio, options, saved.map(|s| &s.vsock))?;
 
-        let mut subscribers: Vec<Subscriber> =
-            vec![Arc::new(Mutex::new(VsockEvents::new(vsock.device.clone())))];
+        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(VsockEvents::new(
+            vsock.mmio.device.clone(),
+        )))];
         let mut cmdline_params = vec![vsock.cmdline];
         let mut drives = Drives {
             vm,
@@ -219,8 +215,8 @@ impl DeviceSet {
             agent_ready,
             kernel_panic,
             serial,
-            vsock: vsock.device,
-            vsock_transport: vsock.transport,
+            vsock: vsock.mmio.device.clone(),
+            vsock_mmio: vsock.mmio,
             vsock_connector: vsock.connector,
             vsock_uds: options.vsock_uds.is_some(),
             block,
@@ -236,18 +232,11 @@ impl DeviceSet {
     /// paused and the event loop stopped.
     pub fn state(&self) -> DeviceStates {
         DeviceStates {
-            serial: lock(&self.serial).state(),
-            vsock: lock(&self.vsock_transport).state(),
-            block: self.block.as_ref().map(block_state),
-            code: self.code.as_ref().map(block_state),
+            serial: lock(&self.serial).save(),
+            vsock: self.vsock_mmio.save(),
+            block: self.block.as_ref().map(Persist::save),
+            code: self.code.as_ref().map(Persist::save),
         }
-    }
-}
-
-fn block_state((transport, drive): &AttachedDrive) -> BlockState {
-    BlockState {
-        transport: lock(transport).state(),
-        drive: drive.clone(),
     }
 }
 
@@ -277,28 +266,24 @@ impl Drives<'_> {
         slot: DriveSlot,
         disk: Option<&Arc<DiskImage>>,
         saved: Option<Option<&BlockState>>,
-    ) -> Result<Option<AttachedDrive>, DeviceError> {
-        let transport = match (disk, saved) {
+    ) -> Result<Option<MmioBlock>, DeviceError> {
+        let state = match (disk, saved) {
             (None, None | Some(None)) => return Ok(None),
-            (Some(disk), Some(Some(state))) => {
-                // The caller picked the file; it must at least fit the
-                // guest's idea of the drive.
-                state.drive.check(disk, false)?;
-                Some(&state.transport)
-            }
+            // The caller picked the file; restoring checks that it fits
+            // the guest's idea of the drive.
+            (Some(_), Some(Some(state))) => Some(state),
             (Some(_), None) => None,
             (None, Some(Some(_))) => return Err(DeviceError::DriveMissing),
             (Some(_), Some(None)) => return Err(DiskError::NoDriveInSnapshot.into()),
         };
         let Some(disk) = disk else { return Ok(None) };
-        attach_block(self, slot, disk, transport).map(Some)
+        attach_block(self, slot, disk, state).map(Some)
     }
 }
 
 /// The vsock device as attached to a VM.
 struct AttachedVsock {
-    device: Arc<Mutex<Vsock>>,
-    transport: Arc<Mutex<MmioTransport>>,
+    mmio: MmioVsock,
     connector: InProcessBackend,
     cmdline: String,
 }
@@ -310,7 +295,7 @@ fn attach_vsock(
     memory: &GuestMemoryMmap,
     mmio: &mut Bus,
     options: &DeviceOptions,
-    saved: Option<&MmioTransportState>,
+    saved: Option<&VsockState>,
 ) -> Result<AttachedVsock, DeviceError> {
     let (Some(addr), Some(irq)) = (
         layout::virtio_mmio_addr(VSOCK_SLOT),
@@ -337,26 +322,24 @@ fn attach_vsock(
             (Box::new(in_process.clone()), in_process)
         }
     };
-    let mut device = Vsock::new(options.vsock_cid, interrupt.clone(), backend, hub)
-        .map_err(DeviceError::EventFd)?;
     options.io_limits.validate()?;
-    device.set_rate_limiters(
-        RateLimiter::new(&options.io_limits.vsock)?,
-        RateLimiter::new(&options.io_limits.vsock)?,
-    );
-    register_queue_events(vm, addr.raw_value(), device.queue_events())?;
-    let device = Arc::new(Mutex::new(device));
-    let transport = plug_transport(
-        mmio,
-        addr.raw_value(),
-        device.clone(),
-        memory,
+    let args = VsockArgs {
+        cid: options.vsock_cid,
         interrupt,
-        saved,
-    )?;
+        backend,
+        hub,
+        memory: memory.clone(),
+        tx_limiter: RateLimiter::new(&options.io_limits.vsock)?,
+        rx_limiter: RateLimiter::new(&options.io_limits.vsock)?,
+    };
+    let vsock = match saved {
+        Some(state) => MmioVsock::restore(args, state)?,
+        None => MmioVsock::new(args)?,
+    };
+    register_queue_events(vm, addr.raw_value(), lock(&vsock.device).queue_events())?;
+    mmio.insert(addr.raw_value(), MMIO_WINDOW_SIZE, vsock.transport.clone())?;
     Ok(AttachedVsock {
-        device,
-        transport,
+        mmio: vsock,
         connector,
         cmdline: format!("virtio_mmio.device=4K@{:#x}:{irq}", addr.raw_value()),
     })
@@ -375,37 +358,16 @@ fn register_queue_events(vm: &Vm, addr: u64, events: &[EventFd]) -> Result<(), D
     Ok(())
 }
 
-/// A virtio-mmio transport for `device` (fresh, or from its saved state),
-/// on the MMIO bus at `addr`.
-fn plug_transport(
-    mmio: &mut Bus,
-    addr: u64,
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    memory: &GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    saved: Option<&MmioTransportState>,
-) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
-    let transport = match saved {
-        Some(state) => MmioTransport::restore(device, memory.clone(), interrupt, state)?,
-        None => MmioTransport::new(device, memory.clone(), interrupt)
-            .map_err(|e| DeviceError::Restore(RestoreError::Queue(e)))?,
-    };
-    let transport = Arc::new(Mutex::new(transport));
-    mmio.insert(addr, MMIO_WINDOW_SIZE, transport.clone())?;
-    Ok(transport)
-}
-
 /// Puts a drive's block device in its virtio-mmio slot (interrupt
 /// through an irqfd, queue notifications through an ioeventfd), its
 /// backend on the event loop, and its kernel parameters on the command
-/// line, limited by `limits`. Returns its transport and what a snapshot
-/// records of the drive.
+/// line, limited by `limits`.
 fn attach_block(
     at: &mut Drives<'_>,
     slot: DriveSlot,
     disk: &Arc<DiskImage>,
-    saved: Option<&MmioTransportState>,
-) -> Result<AttachedDrive, DeviceError> {
+    saved: Option<&BlockState>,
+) -> Result<MmioBlock, DeviceError> {
     let (index, id) = match slot {
         DriveSlot::Root => (ROOT_DRIVE_SLOT, ROOT_DRIVE_ID),
         DriveSlot::Code => (CODE_DRIVE_SLOT, CODE_DRIVE_ID),
@@ -419,25 +381,26 @@ fn attach_block(
     };
     let interrupt = Arc::new(Interrupt::new(eventfd()?));
     vm.register_irqfd(interrupt.irqfd(), irq)?;
-    let mut device =
-        Block::new(disk.clone(), id, interrupt.clone()).map_err(DeviceError::EventFd)?;
-    device.set_rate_limiter(RateLimiter::new(at.limits)?);
+    let args = BlockArgs {
+        disk: disk.clone(),
+        id,
+        interrupt,
+        memory: at.memory.clone(),
+        limiter: RateLimiter::new(at.limits)?,
+    };
+    let block = match saved {
+        Some(state) => MmioBlock::restore(args, state)?,
+        None => MmioBlock::new(args)?,
+    };
     register_queue_events(
         vm,
         addr.raw_value(),
-        std::slice::from_ref(device.queue_event()),
+        std::slice::from_ref(lock(&block.device).queue_event()),
     )?;
-    let device = Arc::new(Mutex::new(device));
-    let transport = plug_transport(
-        at.mmio,
-        addr.raw_value(),
-        device.clone(),
-        at.memory,
-        interrupt,
-        saved,
-    )?;
+    at.mmio
+        .insert(addr.raw_value(), MMIO_WINDOW_SIZE, block.transport.clone())?;
     at.subscribers
-        .push(Arc::new(Mutex::new(BlockEvents::new(device))));
+        .push(Arc::new(Mutex::new(BlockEvents::new(block.device.clone()))));
     at.cmdline_params.push(format!(
         "virtio_mmio.device=4K@{:#x}:{irq}",
         addr.raw_value()
@@ -450,7 +413,7 @@ fn attach_block(
             ember_protocol::CMDLINE_ROOT
         ));
     }
-    Ok((transport, disk.spec()))
+    Ok(block)
 }
 
 fn eventfd() -> Result<EventFd, DeviceError> {
@@ -480,6 +443,25 @@ fn dup_fd(fd: i32) -> Result<File, DeviceError> {
     }
     // SAFETY: `dup` is a freshly duplicated fd that nothing else owns.
     Ok(unsafe { File::from_raw_fd(dup) })
+}
+
+impl From<BlockError> for DeviceError {
+    fn from(e: BlockError) -> Self {
+        match e {
+            BlockError::EventFd(e) => DeviceError::EventFd(e),
+            BlockError::Drive(e) => DeviceError::Drive(e),
+            BlockError::Transport(e) => DeviceError::Restore(e),
+        }
+    }
+}
+
+impl From<VsockError> for DeviceError {
+    fn from(e: VsockError) -> Self {
+        match e {
+            VsockError::EventFd(e) => DeviceError::EventFd(e),
+            VsockError::Transport(e) => DeviceError::Restore(e),
+        }
+    }
 }
 
 /// The devices could not be created.

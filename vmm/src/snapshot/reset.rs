@@ -370,10 +370,10 @@ impl ResettableClone {
             ),
         ] {
             if let (Some(observed), Some(saved)) = (served, saved) {
-                let (transport, _) = attached
+                let block = attached
                     .as_ref()
                     .ok_or(ResetError::DevicesChanged("block"))?;
-                crate::devices::bus::lock(transport)
+                crate::devices::bus::lock(&block.transport)
                     .reset_to(observed, &saved.transport)
                     .map_err(|e| ResetError::Device(e.to_string()))?;
             }
@@ -492,16 +492,17 @@ impl ResettableClone {
         // The drive itself is the clone's for its life (a snapshot records
         // it by a name in its directory, a clone has it open): only the
         // device's registers and queues can change.
-        let served = |now: Option<crate::devices::set::BlockState>,
-                      template: &Option<crate::devices::set::BlockState>| {
-            match (now, template) {
-                (Some(now), Some(template)) if now.transport != template.transport => {
-                    Ok(Some(now.transport))
+        let served =
+            |now: Option<crate::devices::virtio::block::BlockState>,
+             template: &Option<crate::devices::virtio::block::BlockState>| {
+                match (now, template) {
+                    (Some(now), Some(template)) if now.transport != template.transport => {
+                        Ok(Some(now.transport))
+                    }
+                    (Some(_), Some(_)) | (None, None) => Ok(None),
+                    _ => Err(ResetError::DevicesChanged("block")),
                 }
-                (Some(_), Some(_)) | (None, None) => Ok(None),
-                _ => Err(ResetError::DevicesChanged("block")),
-            }
-        };
+            };
         Ok(BlocksServed {
             root: served(now.block, &template.block)?,
             code: served(now.code, &template.code)?,

@@ -24,7 +24,7 @@ use crate::function::{
     RecycleOptions, RecycledFunction,
 };
 use crate::host::HostKind;
-use crate::sandbox::RESTORE_CONNECT_TIMEOUT;
+use crate::ready::RESTORE_CONNECT_TIMEOUT;
 use crate::snapshot::{ResetReport, RestoreOptions, Snapshot};
 
 /// The worker's third argument for recycled mode.

@@ -31,7 +31,7 @@ use super::{describe_exit, launch, Isolation, WorkerError, CONTROL_FD};
 use crate::config::ConsoleOutput;
 use crate::function::{FunctionError, FunctionSpec, TemplateInfo, TemplateOptions};
 use crate::jail::{self, Bind, JailConfig};
-use crate::sandbox::BOOT_TIMEOUT;
+use crate::ready::BOOT_TIMEOUT;
 
 /// The worker's third argument for template mode.
 pub const TEMPLATE_MODE: &str = "template";

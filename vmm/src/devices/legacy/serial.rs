@@ -1,12 +1,13 @@
 //! The 16550A UART at COM1, the guest's console.
 
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::{SerialEvents, SerialState};
+use vm_superio::serial::SerialEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::console::ConsoleSink;
 use crate::devices::bus::BusDevice;
+use crate::devices::persist::Persist;
 
 /// COM1's base port.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -45,7 +46,7 @@ impl SerialEvents for InputDrained {
 /// The UART's registers in a snapshot (vm-superio's `SerialState`, made
 /// serializable).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot {
+pub struct SerialState {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
@@ -73,49 +74,6 @@ impl Serial {
         }
     }
 
-    /// A UART restored from `state`; errors if the state is inconsistent
-    /// (its input FIFO holds more than a UART can).
-    pub fn restore(
-        state: &SerialSnapshot,
-        irq: EventFd,
-        drained: EventFd,
-        sink: ConsoleSink,
-    ) -> Result<Self, String> {
-        let state = SerialState {
-            baud_divisor_low: state.baud_divisor_low,
-            baud_divisor_high: state.baud_divisor_high,
-            interrupt_enable: state.interrupt_enable,
-            interrupt_identification: state.interrupt_identification,
-            line_control: state.line_control,
-            line_status: state.line_status,
-            modem_control: state.modem_control,
-            modem_status: state.modem_status,
-            scratch: state.scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let inner =
-            vm_superio::Serial::from_state(&state, IrqTrigger(irq), InputDrained(drained), sink)
-                .map_err(|e| format!("serial state: {e:?}"))?;
-        Ok(Serial { inner })
-    }
-
-    /// The registers, for a snapshot.
-    pub fn state(&self) -> SerialSnapshot {
-        let s = self.inner.state();
-        SerialSnapshot {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-
     /// Queues host input for the guest; returns how many bytes fit (0 when
     /// the FIFO is full: retry after the drained event).
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
@@ -134,6 +92,63 @@ impl Serial {
     pub fn flush(&mut self) {
         use std::io::Write;
         let _ = self.inner.writer_mut().flush();
+    }
+}
+
+/// What restoring a UART needs besides its state.
+pub struct SerialArgs {
+    /// Raises its interrupt.
+    pub irq: EventFd,
+    /// Signalled when the guest empties its input FIFO.
+    pub drained: EventFd,
+    /// Where its output goes.
+    pub sink: ConsoleSink,
+}
+
+impl Persist for Serial {
+    type State = SerialState;
+    type ConstructorArgs = SerialArgs;
+    type Error = String;
+
+    fn save(&self) -> SerialState {
+        let s = self.inner.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Errors if the state is inconsistent (its input FIFO holds more than
+    /// a UART can).
+    fn restore(args: SerialArgs, state: &SerialState) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let inner = vm_superio::Serial::from_state(
+            &state,
+            IrqTrigger(args.irq),
+            InputDrained(args.drained),
+            args.sink,
+        )
+        .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Serial { inner })
     }
 }
 
@@ -185,11 +200,16 @@ mod tests {
         serial.write(3, &[0x80]); // DLAB on
         serial.write(0, &[0x0c]);
         serial.enqueue_input(b"ab");
-        let state = serial.state();
-        let restored = Serial::restore(&state, ev(), ev(), sink()).unwrap();
-        assert_eq!(restored.state(), state);
+        let args = || SerialArgs {
+            irq: ev(),
+            drained: ev(),
+            sink: sink(),
+        };
+        let state = serial.save();
+        let restored = Serial::restore(args(), &state).unwrap();
+        assert_eq!(restored.save(), state);
         let mut bad = state;
         bad.in_buffer = vec![0; 1000];
-        assert!(Serial::restore(&bad, ev(), ev(), sink()).is_err());
+        assert!(Serial::restore(args(), &bad).is_err());
     }
 }

@@ -19,10 +19,10 @@ use vm_memory::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ActivateError, Activation, Interrupt, QueueSnapshot, VirtioDevice, INT_CONFIG,
-    VIRTIO_F_VERSION_1,
+    ActivateError, Activation, Interrupt, QueueState, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::{lock, BusDevice};
+use crate::devices::persist::Persist;
 
 /// "virt", little endian.
 const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -54,7 +54,17 @@ pub struct MmioTransportState {
     pub interrupt_status: u32,
     /// The queues: the running device's when it runs (with its ring
     /// positions), else as configured.
-    pub queues: Vec<QueueSnapshot>,
+    pub queues: Vec<QueueState>,
+}
+
+/// What restoring a transport needs besides its state.
+pub struct MmioTransportArgs {
+    /// The device it drives.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// Guest memory, where its queues live.
+    pub memory: GuestMemoryMmap,
+    /// Its interrupt line.
+    pub interrupt: Arc<Interrupt>,
 }
 
 /// One virtio device's register window.
@@ -112,16 +122,10 @@ impl MmioTransport {
         self.status
     }
 
-    /// Captures the transport (the device must be quiescent: no vCPU and
-    /// no event-loop activity).
-    pub fn state(&self) -> MmioTransportState {
-        self.state_with(&*lock(&self.device))
-    }
-
     fn state_with(&self, device: &dyn VirtioDevice) -> MmioTransportState {
         let queues = match device.active_queues() {
-            Some(live) => live.iter().map(QueueSnapshot::of).collect(),
-            None => self.queues.iter().map(QueueSnapshot::of).collect(),
+            Some(live) => live.iter().map(QueueState::of).collect(),
+            None => self.queues.iter().map(QueueState::of).collect(),
         };
         MmioTransportState {
             status: self.status,
@@ -133,21 +137,6 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             queues,
         }
-    }
-
-    /// Recreates a transport from `state`, re-activating `device` with the
-    /// saved queues if it was running. The state comes from a file: queue
-    /// counts, sizes and addresses are validated against the device and
-    /// `memory`.
-    pub fn restore(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        memory: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        state: &MmioTransportState,
-    ) -> Result<Self, RestoreError> {
-        let mut transport = Self::new(device, memory, interrupt).map_err(RestoreError::Queue)?;
-        transport.apply(state, None)?;
-        Ok(transport)
     }
 
     /// Puts a live transport back into `state` (a clone reset in place),
@@ -449,6 +438,27 @@ pub enum RestoreError {
     /// The device served a request after its owner last looked.
     #[error("the virtio device changed while it was being reset")]
     Changed,
+}
+
+impl Persist for MmioTransport {
+    type State = MmioTransportState;
+    type ConstructorArgs = MmioTransportArgs;
+    type Error = RestoreError;
+
+    fn save(&self) -> MmioTransportState {
+        self.state_with(&*lock(&self.device))
+    }
+
+    /// Recreates a transport from `state`, re-activating its device with
+    /// the saved queues if it was running. The state comes from a file:
+    /// queue counts, sizes and addresses are validated against the device
+    /// and guest memory.
+    fn restore(args: MmioTransportArgs, state: &MmioTransportState) -> Result<Self, RestoreError> {
+        let mut transport =
+            Self::new(args.device, args.memory, args.interrupt).map_err(RestoreError::Queue)?;
+        transport.apply(state, None)?;
+        Ok(transport)
+    }
 }
 
 impl BusDevice for MmioTransport {

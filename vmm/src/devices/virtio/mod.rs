@@ -13,7 +13,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -76,9 +76,9 @@ impl Interrupt {
 }
 
 /// A virtqueue's state in a snapshot. Read from a file, so untrusted:
-/// [`QueueSnapshot::to_queue`] validates it.
+/// [`QueueState::to_queue`] validates it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSnapshot {
+pub struct QueueState {
     /// Largest size the device offers.
     pub max_size: u16,
     /// Size the driver chose.
@@ -99,11 +99,11 @@ pub struct QueueSnapshot {
     pub event_idx_enabled: bool,
 }
 
-impl QueueSnapshot {
+impl QueueState {
     /// Captures `queue`.
     pub fn of(queue: &Queue) -> Self {
         let s = queue.state();
-        QueueSnapshot {
+        QueueState {
             max_size: s.max_size,
             size: s.size,
             ready: s.ready,
@@ -119,7 +119,7 @@ impl QueueSnapshot {
     /// A queue in this state, if the state is self-consistent and (when
     /// ready) lies inside `memory`.
     pub fn to_queue(&self, memory: &GuestMemoryMmap) -> Result<Queue, virtio_queue::Error> {
-        let queue = Queue::try_from(QueueState {
+        let queue = Queue::try_from(virtio_queue::QueueState {
             max_size: self.max_size,
             next_avail: self.next_avail,
             next_used: self.next_used,

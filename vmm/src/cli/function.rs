@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use ember::bench::function::{self as bench, BenchPath};
 use ember::function::{
@@ -15,6 +15,17 @@ use ember::function::{
 };
 use ember::paths;
 use ember::worker::recycled::JailedRecycledFunction;
+
+use super::isolation::isolation;
+use super::limits::IoLimitArgs;
+use super::run::parse_env;
+
+#[derive(Subcommand)]
+pub enum FunctionCommand {
+    /// Boot the runtime's image, start the runtime with the handler, run
+    /// the warm-up event and snapshot it waiting into --out.
+    Create(FunctionCreateArgs),
+}
 
 #[derive(Args, Clone)]
 pub struct TemplateVmArgs {
@@ -119,7 +130,7 @@ pub struct InvokeArgs {
     #[arg(long, short)]
     pub verbose: bool,
     #[command(flatten)]
-    limits: crate::cli_limits::IoLimitArgs,
+    limits: IoLimitArgs,
 }
 
 #[derive(Args)]
@@ -217,11 +228,11 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
     if args.verbose {
         options.console = ember::ConsoleOutput::Stdout;
     }
-    options.isolation = (!args.in_process).then(crate::isolation).transpose()?;
+    options.isolation = (!args.in_process).then(isolation).transpose()?;
     let spec = FunctionSpec {
         runtime,
         warmup_event: args.warmup_event.map(String::into_bytes),
-        env: crate::parse_env(&args.env)?,
+        env: parse_env(&args.env)?,
         hot_path: !args.no_hot_path,
     };
     eprintln!(
@@ -286,7 +297,7 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             .console
             .clone()
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
-        isolation: (!args.in_process).then(crate::isolation).transpose()?,
+        isolation: (!args.in_process).then(isolation).transpose()?,
         io_limits: args.limits.to_limits(),
         ..FunctionInvokeOptions::default()
     };
@@ -347,7 +358,7 @@ fn invoke_recycled(args: InvokeArgs) -> Result<ExitCode> {
         force_vsock: args.vsock,
         ..FunctionInvokeOptions::in_process()
     };
-    let isolation = (!args.in_process).then(crate::isolation).transpose()?;
+    let isolation = (!args.in_process).then(isolation).transpose()?;
     let new_clone = || Recycled::new(&function, &recycle, isolation.as_ref());
     let mut clone = new_clone()?;
     let mut code = ExitCode::SUCCESS;

@@ -1,0 +1,128 @@
+//! `ember serve`: the HTTP API over a pool of warm sandboxes and, with
+//! `--functions`, a directory of functions.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+
+use ember::snapshot::RestoreOptions;
+
+use super::isolation::isolation;
+use super::limits::IoLimitArgs;
+use super::vm::{open_snapshot, VmArgs};
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    /// Snapshot to restore [default: the cached default snapshot; with
+    /// --functions, no snapshot is served unless given]
+    #[arg(long)]
+    snapshot: Option<PathBuf>,
+    /// Serve the functions in DIR (each subdirectory with a function.json,
+    /// named after it) at POST /v1/functions/NAME/invocations; --max-live
+    /// and --max-queue bound their clones too
+    #[arg(long, value_name = "DIR")]
+    functions: Option<PathBuf>,
+    /// ADDR:PORT or unix:PATH
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: ember::server::ListenAddr,
+    /// Sandboxes kept restored and ready
+    #[arg(long, default_value_t = 2)]
+    warm: usize,
+    /// Most sandboxes alive at once (warm + restoring + running)
+    #[arg(long, default_value_t = 8)]
+    max_live: usize,
+    /// Most requests waiting for a sandbox; more get 429
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Largest timeout_ms a request may ask for
+    #[arg(long, default_value_t = 300_000)]
+    max_timeout_ms: u64,
+    /// Largest max_output_bytes a request may ask for
+    #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
+    max_output_bytes: u64,
+    /// On SIGTERM/SIGINT, how long running invocations may go on
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_s: u64,
+    /// Run sandboxes in this process instead of one jailed worker process
+    /// each (only for trusted code)
+    #[arg(long)]
+    in_process: bool,
+    /// Require `Authorization: Bearer <token>` on every route but
+    /// /v1/health; the token is FILE's content, trimmed (FILE must not be
+    /// world-readable). Required to listen on a non-loopback address
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Most connections open at once; more are closed as they come
+    #[arg(long, default_value_t = ember::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// I/O limits of each sandbox of the pool
+    #[command(flatten)]
+    limits: IoLimitArgs,
+}
+
+pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
+    use ember::server::{self, api::Limits, ServerConfig};
+    server::init_logging();
+    let vm = VmArgs::defaults();
+    let functions = match &args.functions {
+        Some(dir) => Some(std::sync::Arc::new(server::functions::FunctionSet::open(
+            dir,
+            server::functions::FunctionSetConfig {
+                max_live: args.max_live,
+                max_queue: args.max_queue,
+                queue_timeout: ember::PoolConfig::default().queue_timeout,
+                shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+                isolation: (!args.in_process).then(isolation).transpose()?,
+            },
+        )?)),
+        None => None,
+    };
+    let services = server::Services {
+        pool: serve_pool(&args, &vm)?,
+        functions,
+    };
+    let limits = Limits {
+        max_timeout_ms: args.max_timeout_ms,
+        max_output_bytes: args.max_output_bytes,
+        ..Limits::default()
+    };
+    let auth_token = args
+        .auth_token_file
+        .as_deref()
+        .map(server::guard::AuthToken::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let config = ServerConfig {
+        limits,
+        auth_token,
+        max_connections: args.max_connections,
+    };
+    server::run(&args.listen, services, config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The pool `ember serve` serves `/v1/invocations` from, if any.
+fn serve_pool(args: &ServeArgs, vm: &VmArgs) -> Result<Option<std::sync::Arc<ember::Pool>>> {
+    if args.functions.is_some() && args.snapshot.is_none() {
+        return Ok(None);
+    }
+    let snapshot = std::sync::Arc::new(open_snapshot(args.snapshot.as_deref(), vm)?);
+    let config = ember::PoolConfig {
+        warm: args.warm,
+        max_live: args.max_live,
+        max_queue: args.max_queue,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        restore_options: RestoreOptions {
+            isolation: (!args.in_process).then(isolation).transpose()?,
+            io_limits: args.limits.to_limits(),
+            ..RestoreOptions::default()
+        },
+        ..ember::PoolConfig::default()
+    };
+    Ok(Some(std::sync::Arc::new(ember::Pool::new(
+        snapshot, config,
+    )?)))
+}
