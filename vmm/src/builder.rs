@@ -12,8 +12,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::{self as arch, boot::configure_boot, mptable::setup_mptable};
 use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceOptions, DeviceSet};
 use crate::devices::doorbell::Doorbell;
-use crate::devices::set::{DeviceError, DeviceOptions, DeviceSet};
 use crate::devices::virtio::block::disk::DiskImage;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::host::HostKind;

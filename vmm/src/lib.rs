@@ -26,6 +26,7 @@ pub mod builder;
 pub mod cache_key;
 pub mod config;
 pub mod deadline;
+pub mod device_manager;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 
+use crate::device_manager::DeviceSet;
 use crate::devices::bus::lock;
 use crate::devices::doorbell::Doorbell;
 use crate::devices::legacy::LineWatch;
-use crate::devices::set::DeviceSet;
 use crate::event_loop::EventLoop;
 use crate::exit::VmExit;
 use crate::host::HostKind;

@@ -5,7 +5,6 @@ pub mod doorbell;
 pub mod legacy;
 pub mod persist;
 pub mod rate_limiter;
-pub mod set;
 pub mod stdin;
 pub mod virtio;
 

@@ -433,7 +433,7 @@ pub(crate) fn start_request(
                 )));
             }
             code_drive = Some(
-                crate::devices::set::code_drive_guest_device(options.root_drive.is_some())
+                crate::device_manager::code_drive_guest_device(options.root_drive.is_some())
                     .to_owned(),
             );
             // As for a single file (above); the runtime imports the module

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::MemoryRegionLayout;
 use crate::arch::x86_64::state::{VcpuState, VmState};
-use crate::devices::set::DeviceStates;
+use crate::device_manager::DeviceStates;
 use crate::host::HostKind;
 
 /// Everything needed to resume a paused microVM, except guest RAM.

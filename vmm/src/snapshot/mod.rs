@@ -46,7 +46,7 @@ pub use restore::{GuestWrite, PreparedClone, RestoreOptions, Snapshot};
 use crate::agent::AgentError;
 use crate::arch::x86_64::state::StateError;
 use crate::builder::BuildError;
-use crate::devices::set::DeviceError;
+use crate::device_manager::DeviceError;
 use crate::exit::VmExit;
 use crate::vstate::vm::VmError;
 

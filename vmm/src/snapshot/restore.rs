@@ -20,8 +20,8 @@ use crate::arch::x86_64::interrupts::postpone_oneshot_timer;
 use crate::arch::x86_64::state::{restore_vcpu, restore_vm};
 use crate::builder::host_memory_bytes;
 use crate::config::ConsoleOutput;
+use crate::device_manager::{DeviceError, DeviceOptions, DeviceSet};
 use crate::devices::bus::lock;
-use crate::devices::set::{DeviceError, DeviceOptions, DeviceSet};
 use crate::devices::virtio::block::disk::{
     drive_for_clone, DiskError, DiskImage, DriveSpec, SnapshotDrive,
 };

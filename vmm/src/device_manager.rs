@@ -15,23 +15,27 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::bus::lock;
-use super::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
-use super::legacy::serial::{SerialArgs, SerialState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
-use super::legacy::{ConsoleSink, LineWatch, Serial, I8042};
-use super::rate_limiter::{IoLimits, RateLimitConfig, RateLimitError, RateLimiter};
-use super::stdin::StdinForwarder;
-use super::virtio::block::disk::{DiskError, DiskImage};
-use super::virtio::block::{
-    BlockArgs, BlockError, BlockEvents, BlockState, MmioBlock, ROOT_DRIVE_ID,
-};
-use super::virtio::mmio::{RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
-use super::virtio::vsock::backend::{InProcessBackend, UdsBackend, VsockBackend, VsockHub};
-use super::virtio::vsock::{MmioVsock, Vsock, VsockArgs, VsockError, VsockEvents, VsockState};
-use super::virtio::Interrupt;
-use super::{Bus, BusError, Persist};
 use crate::arch::x86_64::layout;
 use crate::config::ConsoleOutput;
+use crate::devices::bus::lock;
+use crate::devices::legacy::i8042::{I8042_PORT_BASE, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{SerialArgs, SerialState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use crate::devices::legacy::{ConsoleSink, LineWatch, Serial, I8042};
+use crate::devices::rate_limiter::{IoLimits, RateLimitConfig, RateLimitError, RateLimiter};
+use crate::devices::stdin::StdinForwarder;
+use crate::devices::virtio::block::disk::{DiskError, DiskImage};
+use crate::devices::virtio::block::{
+    BlockArgs, BlockError, BlockEvents, BlockState, MmioBlock, ROOT_DRIVE_ID,
+};
+use crate::devices::virtio::mmio::{RestoreError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::vsock::backend::{
+    InProcessBackend, UdsBackend, VsockBackend, VsockHub,
+};
+use crate::devices::virtio::vsock::{
+    MmioVsock, Vsock, VsockArgs, VsockError, VsockEvents, VsockState,
+};
+use crate::devices::virtio::Interrupt;
+use crate::devices::{Bus, BusError, Persist};
 use crate::event_loop::Subscriber;
 use crate::exit::ExitSignal;
 use crate::vstate::vm::VmError;
@@ -512,4 +516,38 @@ pub enum DeviceError {
     /// The saved state has a root drive, but none was given.
     #[error("the snapshot has a root drive, but no drive file was opened for it")]
     DriveMissing,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceStates;
+
+    /// The devices' part of a snapshot `state` payload as written by ember
+    /// before the devices' states had one trait (`ember snapshot create
+    /// --root-drive`): serial, the vsock transport (three queues) and a
+    /// root drive's transport (one queue) with its drive, no code drive.
+    const DEVICES_V4: [u8; 137] = [
+        0x0c, 0x00, 0x05, 0x01, 0x13, 0x60, 0x0b, 0xb0, 0x00, 0x00, 0x0f, 0x80, 0x80, 0x80, 0x80,
+        0x10, 0x02, 0x00, 0x00, 0x00, 0x01, 0x03, 0x80, 0x02, 0x80, 0x02, 0x01, 0x80, 0x80, 0xce,
+        0x01, 0x80, 0xa0, 0xce, 0x01, 0x80, 0xc0, 0xce, 0x01, 0x03, 0x03, 0x00, 0x80, 0x02, 0x80,
+        0x02, 0x01, 0x80, 0x80, 0xcf, 0x01, 0x80, 0xa0, 0xcf, 0x01, 0x80, 0xc0, 0xcf, 0x01, 0x03,
+        0x03, 0x00, 0x10, 0x10, 0x01, 0x80, 0x80, 0xcd, 0x01, 0x80, 0x82, 0xcd, 0x01, 0x80, 0xa0,
+        0xcd, 0x01, 0x00, 0x00, 0x00, 0x01, 0x0f, 0xe6, 0x84, 0x80, 0x80, 0x10, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x01, 0x80, 0x02, 0x80, 0x02, 0x01, 0x80, 0x80, 0xc0, 0x01, 0x80, 0xa0, 0xc0,
+        0x01, 0x80, 0xc0, 0xc0, 0x01, 0x09, 0x09, 0x00, 0x05, 0x64, 0x72, 0x69, 0x76, 0x65, 0x80,
+        0x80, 0xc0, 0x49, 0x95, 0xc1, 0xe9, 0x04, 0xe4, 0xda, 0xb4, 0xb1, 0x0d, 0x92, 0xdb, 0xbc,
+        0x4c, 0x00,
+    ];
+
+    #[test]
+    fn saved_device_states_keep_their_encoding() {
+        let states: DeviceStates = postcard::from_bytes(&DEVICES_V4).unwrap();
+        assert_eq!(states.vsock.transport.queues.len(), 3);
+        assert_eq!(states.vsock.transport.queues[0].max_size, 256);
+        let block = states.block.as_ref().unwrap();
+        assert_eq!(block.transport.queues.len(), 1);
+        assert_eq!(block.drive.path, b"drive");
+        assert!(states.code.is_none());
+        assert_eq!(postcard::to_stdvec(&states).unwrap(), DEVICES_V4);
+    }
 }
