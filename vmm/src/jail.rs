@@ -61,9 +61,9 @@ pub const DEFAULT_JAIL_ID: u32 = 60_000;
 /// its own uid, so one compromised worker cannot signal, ptrace or read
 /// the `/proc` files of another.
 ///
-/// IDs are leased per process: two ember processes on one host should be
-/// given disjoint ranges (an ID is never checked against other processes).
-/// No account on the host should own an ID of the range.
+/// IDs are leased host-wide: a lease holds a lock on a file of its own in
+/// [`ID_LOCK_DIR`], so two ember processes sharing a range never run two
+/// workers as one ID. No account on the host should own an ID of the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdRange {
     /// The first ID (not 0).
@@ -115,6 +115,11 @@ impl std::str::FromStr for IdRange {
     }
 }
 
+/// Where worker ID leases are held host-wide: one lock file per ID, locked
+/// (`flock`) by the process whose worker runs as it. The kernel drops the
+/// lock with that process, however it ends; `/run` starts empty at boot.
+pub const ID_LOCK_DIR: &str = "/run/ember/worker-ids";
+
 /// The IDs of every range leased in this process, and where the next
 /// search starts (so a just-released ID is the last to be reused).
 struct Leases {
@@ -139,38 +144,83 @@ impl IdRange {
         Ok(())
     }
 
-    /// Takes an ID of the range that no live lease of this process holds;
-    /// it is free again when the lease is dropped (after the worker that
-    /// ran as it is gone).
+    /// Takes an ID of the range that no live lease on this host holds (in
+    /// this process or any other); it is free again when the lease is
+    /// dropped (after the worker that ran as it is gone).
     pub fn lease(&self) -> Result<IdLease, JailError> {
+        use std::os::unix::fs::DirBuilderExt;
         self.check()?;
+        let lock_error = |source| JailError::IdLock {
+            path: ID_LOCK_DIR.into(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(ID_LOCK_DIR)
+            .map_err(lock_error)?;
         let mut leases = LEASES.lock().unwrap_or_else(|e| e.into_inner());
         let start = leases.next.wrapping_sub(self.first) % self.count;
-        let free = (0..self.count)
-            .map(|i| self.first + (start + i) % self.count)
-            .find(|id| !leases.taken.contains(id))
-            .ok_or(JailError::IdsExhausted(*self))?;
-        leases.taken.insert(free);
-        leases.next = free.wrapping_add(1);
-        Ok(IdLease(free))
+        for id in (0..self.count).map(|i| self.first + (start + i) % self.count) {
+            if leases.taken.contains(&id) {
+                continue;
+            }
+            let Some(lock) = lock_id(id)? else { continue };
+            leases.taken.insert(id);
+            leases.next = id.wrapping_add(1);
+            return Ok(IdLease { id, _lock: lock });
+        }
+        Err(JailError::IdsExhausted(*self))
+    }
+}
+
+/// Locks `id`'s file in [`ID_LOCK_DIR`]; `None` if another process (or
+/// another lease of this one) holds it.
+fn lock_id(id: u32) -> Result<Option<std::fs::File>, JailError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::path::Path::new(ID_LOCK_DIR).join(id.to_string());
+    let lock_error = |source| JailError::IdLock {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(lock_error)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(file));
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+        e => Err(lock_error(e)),
     }
 }
 
 /// One worker's uid/gid, held while the worker lives.
-#[derive(Debug, PartialEq, Eq)]
-pub struct IdLease(u32);
+#[derive(Debug)]
+pub struct IdLease {
+    id: u32,
+    /// Its lock file in [`ID_LOCK_DIR`], locked while this is open.
+    _lock: std::fs::File,
+}
 
 impl IdLease {
     /// The uid (and gid).
     pub fn id(&self) -> u32 {
-        self.0
+        self.id
     }
 }
 
 impl Drop for IdLease {
     fn drop(&mut self) {
         let mut leases = LEASES.lock().unwrap_or_else(|e| e.into_inner());
-        leases.taken.remove(&self.0);
+        leases.taken.remove(&self.id);
     }
 }
 
@@ -550,6 +600,14 @@ pub enum JailError {
     /// Every ID of the range is held by a live worker.
     #[error("jail: all {} worker IDs from {} are in use", .0.count, .0.first)]
     IdsExhausted(IdRange),
+    /// A worker ID's lock file could not be made or locked.
+    #[error("jail: worker ID lock {}: {source}", path.display())]
+    IdLock {
+        /// The lock file (or its directory).
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -582,6 +640,23 @@ mod tests {
         let freed = b.id();
         drop(b);
         assert_eq!(range.lease().unwrap().id(), freed);
+    }
+
+    #[test]
+    fn an_id_locked_by_another_process_is_skipped() {
+        let range = IdRange {
+            first: 70_100,
+            count: 2,
+        };
+        std::fs::create_dir_all(ID_LOCK_DIR).unwrap();
+        // Another process's lease, as the kernel sees it: a lock on the
+        // ID's file through an open file of its own.
+        let other = lock_id(70_100).unwrap().unwrap();
+        let a = range.lease().unwrap();
+        assert_eq!(a.id(), 70_101);
+        assert!(matches!(range.lease(), Err(JailError::IdsExhausted(_))));
+        drop(other);
+        assert_eq!(range.lease().unwrap().id(), 70_100);
     }
 
     #[test]
