@@ -114,20 +114,11 @@ pub fn check_module_name(module: &str) -> Result<(), BundleError> {
 /// Checks that the staged bundle at `tree` has `module` (a `.py` file or a
 /// package).
 pub fn check_module(code: &Path, tree: &Path, module: &str) -> Result<(), BundleError> {
-    let rel: PathBuf = module.split('.').collect();
-    let candidates = [rel.with_extension("py"), rel.join("__init__.py")];
+    let candidates = module_files(module);
     if candidates.iter().any(|c| tree.join(c).is_file()) {
         return Ok(());
     }
-    Err(BundleError::NoModule {
-        code: code.to_path_buf(),
-        module: module.to_owned(),
-        looked_for: candidates
-            .iter()
-            .map(|c| c.display().to_string())
-            .collect::<Vec<_>>()
-            .join(" or "),
-    })
+    Err(no_module(code, module, &candidates))
 }
 
 /// Checks that the bundle `code` itself (a directory or a zip, not yet
@@ -141,8 +132,7 @@ pub fn check_source_module(code: &Path, module: &str) -> Result<(), BundleError>
     let zip_error = |e: zip::result::ZipError| BundleError::Zip(code.to_path_buf(), e.to_string());
     let file = std::fs::File::open(code).map_err(|e| BundleError::Io(code.to_path_buf(), e))?;
     let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_error)?;
-    let rel: PathBuf = module.split('.').collect();
-    let candidates = [rel.with_extension("py"), rel.join("__init__.py")];
+    let candidates = module_files(module);
     for index in 0..archive.len() {
         let entry = archive.by_index(index).map_err(zip_error)?;
         if entry.is_dir() {
@@ -156,7 +146,17 @@ pub fn check_source_module(code: &Path, module: &str) -> Result<(), BundleError>
             return Ok(());
         }
     }
-    Err(BundleError::NoModule {
+    Err(no_module(code, module, &candidates))
+}
+
+/// The files the dotted `module` may be: a `.py` file or a package.
+fn module_files(module: &str) -> [PathBuf; 2] {
+    let rel: PathBuf = module.split('.').collect();
+    [rel.with_extension("py"), rel.join("__init__.py")]
+}
+
+fn no_module(code: &Path, module: &str, candidates: &[PathBuf]) -> BundleError {
+    BundleError::NoModule {
         code: code.to_path_buf(),
         module: module.to_owned(),
         looked_for: candidates
@@ -164,7 +164,7 @@ pub fn check_source_module(code: &Path, module: &str) -> Result<(), BundleError>
             .map(|c| c.display().to_string())
             .collect::<Vec<_>>()
             .join(" or "),
-    })
+    }
 }
 
 /// A SHA-256 (hex) of what [`stage`] would make of `code`: a zip's bytes,
