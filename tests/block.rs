@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{default_config, sh, temp_path};
+use common::root_image::{self, pattern, run, TempDir};
+use common::{default_config, sh};
 use ember::sandbox::ExitStatus;
 use ember::snapshot::{self, RestoreOptions, Snapshot};
 use ember::Sandbox;
@@ -24,37 +25,6 @@ const HELLO: &str = "hello from the root drive";
 /// Size of the image: busybox, a 1 MiB file and ext4's own blocks fit.
 const IMAGE_MIB: u64 = 8;
 const BIG_LEN: usize = 1 << 20;
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = temp_path(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn md5(path: &Path) -> String {
     run(Command::new("md5sum").arg(path))
@@ -68,34 +38,14 @@ fn md5(path: &Path) -> String {
 /// that it also works as the guest's root. Returns the image and the md5
 /// of `big.bin`.
 fn make_image(dir: &Path) -> (PathBuf, String) {
-    let root = dir.join("root");
-    for sub in [
-        "bin", "dev", "proc", "sys", "tmp", "run", "mnt", "etc", "root",
-    ] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    std::fs::write(root.join("hello.txt"), format!("{HELLO}\n")).unwrap();
-    let big: Vec<u8> = (0..BIG_LEN as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    std::fs::write(root.join("big.bin"), &big).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("/bin/busybox (busybox-static, installed by scripts/setup)");
-    // Relative links: `busybox --install` would point them at the host's
-    // path of busybox.
-    for applet in run(Command::new("/bin/busybox").arg("--list")).lines() {
-        let link = root.join("bin").join(applet);
-        if applet != "busybox" && !link.exists() {
-            std::os::unix::fs::symlink("busybox", link).unwrap();
-        }
-    }
-    let image = dir.join("root.ext4");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "ember-test", "-d"])
-        .arg(&root)
-        .arg(&image)
-        .arg(format!("{IMAGE_MIB}M")));
-    let big_md5 = md5(&root.join("big.bin"));
+    let hello = format!("{HELLO}\n");
+    let big = pattern(BIG_LEN);
+    let image = root_image::make(
+        dir,
+        &[("hello.txt", hello.as_bytes()), ("big.bin", &big)],
+        IMAGE_MIB,
+    );
+    let big_md5 = md5(&dir.join("root/big.bin"));
     (image, big_md5)
 }
 

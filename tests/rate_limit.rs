@@ -9,10 +9,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{default_config, sh, temp_path};
+use common::root_image::{self, pattern, TempDir};
+use common::{default_config, sh};
 use ember::config::{IoLimits, RateLimitConfig};
 use ember::sandbox::ExitStatus;
 use ember::snapshot::{self, RestoreOptions, Snapshot};
@@ -23,55 +23,11 @@ const DATA_MIB: u64 = 4;
 /// The disk limit under test: 256 KiB/s, burst one second's worth.
 const DISK_LIMIT: u64 = 256 << 10;
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// An ext4 image with `/data.bin` and a static busybox, usable as the
 /// guest's root.
 fn make_image(dir: &Path) -> PathBuf {
-    let root = dir.join("root");
-    for sub in [
-        "bin", "dev", "proc", "sys", "tmp", "run", "mnt", "etc", "root",
-    ] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    let data: Vec<u8> = (0..(DATA_MIB << 20) as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    std::fs::write(root.join("data.bin"), &data).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("/bin/busybox (busybox-static, installed by scripts/setup)");
-    for applet in run(Command::new("/bin/busybox").arg("--list")).lines() {
-        let link = root.join("bin").join(applet);
-        if applet != "busybox" && !link.exists() {
-            std::os::unix::fs::symlink("busybox", link).unwrap();
-        }
-    }
-    let image = dir.join("root.ext4");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(&image)
-        .arg(format!("{}M", DATA_MIB + 8)));
-    image
+    let data = pattern((DATA_MIB << 20) as usize);
+    root_image::make(dir, &[("data.bin", &data)], DATA_MIB + 8)
 }
 
 /// Reads the data file with direct I/O; prints dd's record count and the
@@ -119,7 +75,7 @@ fn mib_per_s(bytes: u64, t: Duration) -> f64 {
 
 #[test]
 fn hostile_guest_reading_its_disk_is_held_to_its_limit() {
-    let dir = TempDir(temp_path("rate-limit"));
+    let dir = TempDir::new("rate-limit");
     std::fs::create_dir_all(&dir.0).unwrap();
     let image = make_image(&dir.0);
     let mut config = default_config();

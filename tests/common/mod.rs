@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod root_image;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
