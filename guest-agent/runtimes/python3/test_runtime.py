@@ -1043,13 +1043,38 @@ class HotPathBufferTests(unittest.TestCase):
                 values[name] = int.from_bytes(magic.group(1).encode(), "little")
             elif shift:
                 values[name] = int(shift.group(1), 0) << int(shift.group(2))
-            elif expression in values:
-                continue  # an alias (SEQ_OFFSET = RQ_SEQ)
+            elif expression in values or expression.startswith("offset_of!"):
+                continue  # an alias, or an offset checked below
             else:
                 values[name] = int(expression, 0)
-        self.assertGreaterEqual(len(values), 31)
+        self.assertGreaterEqual(len(values), 15)
         for name, value in values.items():
             self.assertEqual(getattr(rt, name), value, name)
+        # The headers are #[repr(C)] structs there: their fields' offsets,
+        # summed from the field types, are the runtime's RQ_*/RS_* offsets.
+        sizes = {"U32": 4, "U64": 8}
+        fields = {
+            "RequestLayout": ("RQ_", {"timeout_ms": "TIMEOUT", "unix_time_ns": "TIME"}),
+            "ResponseLayout": ("RS_", {}),
+        }
+        for struct, (prefix, renames) in fields.items():
+            body = re.search(r"struct %s \{(.*?)\n\}" % struct, source, re.S)
+            self.assertIsNotNone(body, struct)
+            offset = 0
+            checked = 0
+            for field, ty in re.findall(r"^\s*(\w+): ([^,]+),", body.group(1), re.M):
+                array = re.fullmatch(r"\[u8; (\w+)\]", ty)
+                if array:
+                    size = values.get(array.group(1)) or int(array.group(1), 0)
+                else:
+                    size = sizes[ty]
+                if not field.startswith("_"):
+                    name = prefix + renames.get(field, field.upper())
+                    self.assertEqual(getattr(rt, name), offset, f"{struct}.{field}")
+                    checked += 1
+                offset += size
+            self.assertEqual(offset, 64, struct)
+            self.assertGreaterEqual(checked, 8, struct)
         codes = dict(re.findall(r"ResponseStatus::(\w+) => (\d+),", source))
         words = dict(re.findall(r'ResponseStatus::(\w+) => "(\w+)",', source))
         self.assertEqual(set(codes), {"Json", "Bytes", "Error", "ViaPipe"})
