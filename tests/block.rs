@@ -168,10 +168,13 @@ fn root_drive_is_read_only_and_shared_by_clones() {
     assert_clone_sees_drive(&checks(&mut c), &big_md5);
     drop(c);
 
-    // So does the command line's --root-drive with --snapshot.
-    let out = common::run_ember(
-        &[
-            "run",
+    // So does the command line's --root-drive with --snapshot: a drive the
+    // caller names is opened by the VMM itself, so only in-process (a
+    // jailed worker takes the snapshot's own drive), and it says so.
+    let run = |in_process: bool| {
+        let mut args = vec!["run"];
+        args.extend(in_process.then_some("--in-process"));
+        args.extend([
             "--snapshot",
             snap_dir.to_str().unwrap(),
             "--root-drive",
@@ -179,9 +182,16 @@ fn root_drive_is_read_only_and_shared_by_clones() {
             "--",
             "cat",
             "/sys/block/vda/ro",
-        ],
-        Duration::from_secs(120),
+        ]);
+        common::run_ember(&args, Duration::from_secs(120))
+    };
+    let refused = run(false);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("add --in-process"),
+        "{refused:?}"
     );
+    let out = run(true);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
 
