@@ -159,7 +159,7 @@ impl Snapshot {
             match slot.take().flatten() {
                 Some(file) => DiskImage::from_file(file, spec.path()),
                 None => Err(DiskError::Unavailable(
-                    "the parent process handed over no such drive".into(),
+                    "the parent process handed over no drive".into(),
                 )),
             }
         };
