@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ember::function::{
-    ensure_cached_function, Function, FunctionError, FunctionInvokeOptions, FunctionSpec,
-    HandlerResult, TemplateOptions,
+    Function, FunctionError, FunctionInvokeOptions, FunctionSpec, HandlerResult, TemplateOptions,
 };
 use serde_json::{json, Value};
 
@@ -45,7 +44,7 @@ fn spec(code: &Path, handler: &str) -> FunctionSpec {
 /// long that took.
 fn template(code: &Path, handler: &str) -> (Function, Duration) {
     let started = Instant::now();
-    let dir = ensure_cached_function(&spec(code, handler), &options(), |dir| {
+    let dir = ember::ensure_cached_function(&spec(code, handler), &options(), |dir| {
         eprintln!("making {} in {}", code.display(), dir.display())
     })
     .unwrap_or_else(|e| panic!("template of {}: {e}", code.display()));
@@ -160,7 +159,7 @@ fn numpy_clones_draw_different_random_numbers_and_the_template_is_cached() {
 fn a_handler_that_fails_to_import_shows_its_traceback() {
     let code = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/bundles/broken");
     let out = common::temp_path("broken-fn");
-    let err = ember::function::create(&spec(&code, "main:handler"), &options(), &out)
+    let err = ember::create_function(&spec(&code, "main:handler"), &options(), &out)
         .expect_err("a handler that raises at import was accepted");
     let text = err.to_string();
     assert!(matches!(err, FunctionError::Startup(_)), "{text}");
@@ -177,7 +176,7 @@ fn bad_bundles_are_refused_before_anything_boots() {
     let create = |code: &Path, handler: &str| {
         let out = scratch.join("out");
         let started = Instant::now();
-        let err = ember::function::create(&spec(code, handler), &options(), &out)
+        let err = ember::create_function(&spec(code, handler), &options(), &out)
             .expect_err("a bad bundle was accepted");
         assert!(started.elapsed() < Duration::from_secs(120));
         err.to_string()

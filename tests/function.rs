@@ -332,7 +332,7 @@ fn python_function(file_name: &str, source: &str) -> Function {
     std::fs::write(&file, source).unwrap();
     let spec = ember::function::FunctionSpec::python3(&file, "handler");
     let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
-    let template = ember::function::ensure_cached_function(&spec, &options, |dir| {
+    let template = ember::ensure_cached_function(&spec, &options, |dir| {
         eprintln!("making {file_name} in {}", dir.display())
     })
     .unwrap_or_else(|err| panic!("template of {file_name}: {err}"));

@@ -124,7 +124,7 @@ pub fn probe_template() -> &'static std::path::Path {
         let mut spec = ember::function::FunctionSpec::python3(probe, "handler");
         spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
         let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
-        ember::function::ensure_cached_function(&spec, &options, |dir| {
+        ember::ensure_cached_function(&spec, &options, |dir| {
             eprintln!("making the probe function in {}", dir.display())
         })
         .expect("probe function template")

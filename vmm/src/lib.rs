@@ -28,6 +28,7 @@ pub mod config;
 pub mod deadline;
 pub mod device_manager;
 pub mod devices;
+pub mod dispatch;
 pub mod event_loop;
 pub mod exit;
 pub mod function;
@@ -51,6 +52,7 @@ pub mod worker;
 
 pub use builder::BuildError;
 pub use config::{ConsoleOutput, VmConfig};
+pub use dispatch::{create_function, ensure_cached_function};
 pub use exit::VmExit;
 pub use function::{Function, FunctionOutcome, FunctionSpec};
 pub use host::HostKind;

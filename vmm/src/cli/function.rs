@@ -10,8 +10,8 @@ use clap::{Args, Subcommand};
 
 use ember::bench::function::{self as bench, BenchPath};
 use ember::function::{
-    self, ensure_cached_function, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec,
-    HandlerResult, RecycleOptions, RecycledFunction, Runtime, TemplateOptions,
+    self, Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec, HandlerResult,
+    RecycleOptions, RecycledFunction, Runtime, TemplateOptions,
 };
 use ember::paths;
 use ember::worker::recycled::JailedRecycledFunction;
@@ -247,7 +247,7 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
             "in a jailed worker"
         }
     );
-    let info = function::create(&spec, &options, &args.out)
+    let info = ember::create_function(&spec, &options, &args.out)
         .with_context(|| format!("cannot create the function in {}", args.out.display()))?;
     eprintln!(
         "ember: function ready in {}: boot {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms, calibration {:.0} ms ({} pages of working set); {}{}",
@@ -504,7 +504,7 @@ pub fn bench_function(args: BenchFunctionArgs) -> Result<ExitCode> {
             }
             .options("python3")?;
             let spec = bench::echo_spec()?;
-            ensure_cached_function(&spec, &options, |dir| {
+            ember::ensure_cached_function(&spec, &options, |dir| {
                 eprintln!(
                     "ember: creating the echo function in {} (one cold boot and a python start, a minute or two on emulated-KVM hosts)...",
                     dir.display()

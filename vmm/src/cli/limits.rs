@@ -57,7 +57,8 @@ pub fn bench_noisy(args: BenchNoisyArgs) -> anyhow::Result<std::process::ExitCod
     use anyhow::{bail, Context};
     use ember::bench::function::{echo_spec, DEFAULT_EVENT};
     use ember::bench::noisy::{self, NoisyConfig};
-    use ember::function::{ensure_cached_function, Function, TemplateOptions};
+    use ember::ensure_cached_function;
+    use ember::function::{Function, TemplateOptions};
     use ember::paths;
 
     if args.window_s == 0 || args.disk_limit_mib == 0 {

@@ -7,7 +7,7 @@ use ember_protocol::protocol::FunctionStart;
 
 use super::manifest::MANIFEST_VERSION;
 use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
-use super::{create, FunctionError, Runtime, MANIFEST_FILE};
+use super::{FunctionError, Runtime, MANIFEST_FILE};
 use crate::cache_key::KeyBuilder;
 use crate::paths;
 use crate::snapshot::snapshot_key;
@@ -87,13 +87,16 @@ fn key_of(
     key.finish()
 }
 
-/// The cached template of `spec`, made first if there is none
+/// The cached template of `spec`, made by `create` first if there is none
 /// (`on_create` is told: that takes a cold boot and the runtime's start).
 /// Concurrent callers may each make one; the first to finish wins.
-pub fn ensure_cached_function(
+/// [`crate::dispatch::ensure_cached_function`] passes the builder that
+/// `options.isolation` asks for.
+pub(crate) fn ensure_cached_with(
     spec: &FunctionSpec,
     options: &TemplateOptions,
     on_create: impl FnOnce(&Path),
+    create: impl FnOnce(&Path) -> Result<(), FunctionError>,
 ) -> Result<PathBuf, FunctionError> {
     let dir = cached_function_dir(spec, options)?;
     if dir.join(MANIFEST_FILE).exists() {
@@ -101,12 +104,7 @@ pub fn ensure_cached_function(
     }
     on_create(&dir);
     // The manifest is written last, so a directory with one is complete.
-    paths::build_cache_entry(
-        &dir,
-        MANIFEST_FILE,
-        |building| create(spec, options, building).map(drop),
-        FunctionError::Io,
-    )?;
+    paths::build_cache_entry(&dir, MANIFEST_FILE, create, FunctionError::Io)?;
     Ok(dir)
 }
 

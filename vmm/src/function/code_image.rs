@@ -1,6 +1,6 @@
 //! The code drive: a bundle and its installed dependencies as a read-only
 //! ext4 image, mounted in the guest at [`GUEST_CODE_DIR`] (the bundle at
-//! its root, the dependencies in [`SITE_DIR`](super::bundle::SITE_DIR)).
+//! its root, the dependencies in [`SITE_DIR`]).
 //!
 //! Every python file is byte-compiled on the host for the paths the guest
 //! sees (`compileall -p /var/task`), with unchecked-hash `.pyc` files: the

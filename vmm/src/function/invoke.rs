@@ -47,7 +47,7 @@ pub struct FunctionInvokeOptions {
     /// as root, next to the caller's memory: an explicit choice, only for
     /// trusted code and for measuring the VMM itself
     /// ([`FunctionInvokeOptions::in_process`]).
-    pub isolation: Option<crate::worker::Isolation>,
+    pub isolation: Option<crate::isolation::Isolation>,
     /// Install the control seccomp filter ([`crate::seccomp::Filter::Control`])
     /// on the calling thread as soon as the clone runs, before any byte
     /// from the guest is read: for a worker process, whose every thread
@@ -68,7 +68,7 @@ impl Default for FunctionInvokeOptions {
             force_vsock: false,
             console: ConsoleOutput::default(),
             seccomp: true,
-            isolation: Some(crate::worker::Isolation::default()),
+            isolation: Some(crate::isolation::Isolation::default()),
             filter_caller: false,
             io_limits: Default::default(),
         }
@@ -277,22 +277,17 @@ impl Function {
         })
     }
 
-    /// Restores a clone, delivers `event`, returns what the handler made
-    /// of it, and destroys the clone.
-    pub fn invoke(
+    /// Restores a clone in this process, delivers `event`, returns what
+    /// the handler made of it, and destroys the clone, whatever
+    /// `options.isolation` says. [`Function::invoke`] (in
+    /// [`crate::dispatch`], which sits above [`crate::worker`]) picks a
+    /// jailed worker or this; a jailed worker itself calls this.
+    pub fn invoke_in_process(
         &self,
         event: &[u8],
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
         let requested = Instant::now();
-        if let Some(isolation) = &options.isolation {
-            timeout_ms(options)?;
-            let mut outcome = crate::worker::function::invoke(self, event, options, isolation)?;
-            let t = &mut outcome.timings;
-            t.total = requested.elapsed();
-            t.isolation = Some(t.total.saturating_sub(t.restore + t.run + t.teardown));
-            return Ok(outcome);
-        }
         let clone = self.prepare(options)?;
         self.run(clone, event, options, requested)
     }

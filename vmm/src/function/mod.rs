@@ -3,7 +3,7 @@
 //! the handler imported and warmed, waiting.
 //!
 //! A function directory is a snapshot (`state`, `memory`) plus
-//! `function.json` ([`Manifest`]). [`create`] makes one: it boots the
+//! `function.json` ([`Manifest`]). [`crate::create_function`] makes one: it boots the
 //! runtime's image, starts the runtime through the agent
 //! (`FunctionStart`), runs the warm-up event, and saves the VM with the
 //! runtime waiting. [`Function::invoke`] restores a clone per event:
@@ -25,8 +25,8 @@
 //! ([`guest_rng`]) and fresh entropy for the runtime's own generators.
 //!
 //! ```no_run
-//! use ember::function::{self, Function, FunctionInvokeOptions, FunctionSpec, TemplateOptions};
-//! use ember::paths;
+//! use ember::function::{Function, FunctionInvokeOptions, FunctionSpec, TemplateOptions};
+//! use ember::{create_function, paths};
 //!
 //! // Once: boot the python image, import the handler, warm it, snapshot it.
 //! let mut spec = FunctionSpec::python3("examples/functions/echo.py", "handler");
@@ -36,7 +36,7 @@
 //!     paths::default_initrd(),
 //!     Some(paths::default_python_image()),
 //! );
-//! function::create(&spec, &options, "/tmp/echo".as_ref())?;
+//! create_function(&spec, &options, "/tmp/echo".as_ref())?;
 //!
 //! // Every invocation: a fresh clone, destroyed after.
 //! let echo = Function::open("/tmp/echo".as_ref())?;
@@ -59,7 +59,8 @@ mod template;
 
 use std::path::PathBuf;
 
-pub use cache::{cached_function_dir, ensure_cached_function, function_key};
+pub(crate) use cache::ensure_cached_with;
+pub use cache::{cached_function_dir, function_key};
 pub(crate) use invoke::{cap_output, timeout_ms as check_timeout};
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
@@ -72,9 +73,7 @@ pub use recycled::{
 };
 pub(crate) use template::check as check_spec;
 pub(crate) use template::make_code_drive;
-pub use template::{
-    create, create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions,
-};
+pub use template::{create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};
 
 use crate::agent::AgentError;
 use crate::exit::VmExit;

@@ -135,7 +135,7 @@ pub struct TemplateOptions {
     /// [`crate::worker`]): the default. `None` builds it in this process,
     /// as root: an explicit choice, only for trusted code.
     #[serde(skip)]
-    pub isolation: Option<crate::worker::Isolation>,
+    pub isolation: Option<crate::isolation::Isolation>,
     /// A bundle function's code drive, already made from the spec's
     /// bundle by [`super::code_image::ensure_code_drive`]; `None` makes it
     /// (cached). A jailed build makes it in the parent and hands it over,
@@ -157,7 +157,7 @@ impl TemplateOptions {
             code_drive: None,
             mem_mib: 256,
             console: ConsoleOutput::default(),
-            isolation: Some(crate::worker::Isolation::default()),
+            isolation: Some(crate::isolation::Isolation::default()),
             startup_timeout: Duration::from_secs(600),
             warmup_timeout: Duration::from_secs(600),
         }
@@ -187,7 +187,7 @@ impl TemplateOptions {
     }
 }
 
-/// What [`create`] made and how long it took.
+/// What [`create_in_process`] (or a jailed build) made and how long it took.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TemplateInfo {
     /// The function directory.
@@ -212,29 +212,17 @@ pub struct TemplateInfo {
     pub working_set_pages: u64,
 }
 
-/// Makes a function template in `out` (created if missing; an existing
-/// template there is replaced): in a jailed worker unless
-/// `options.isolation` is `None` (see [`create_in_process`]).
-pub fn create(
-    spec: &FunctionSpec,
-    options: &TemplateOptions,
-    out: &Path,
-) -> Result<TemplateInfo, FunctionError> {
-    match &options.isolation {
-        Some(isolation) => crate::worker::template::create(spec, options, out, isolation),
-        None => create_in_process(spec, options, out),
-    }
-}
-
 /// Checks `spec` as the template builder would (handler files readable,
 /// names and environment valid), without booting anything.
 pub(crate) fn check(spec: &FunctionSpec, options: &TemplateOptions) -> Result<(), FunctionError> {
     start_request(spec, options).map(drop)
 }
 
-/// Makes a function template in `out` in this process, whatever
+/// Makes a function template in `out` (created if missing; an existing
+/// template there is replaced) in this process, whatever
 /// `options.isolation` says: the tenant's code runs in a VM of this
-/// process. What a jailed template worker itself calls.
+/// process. [`crate::dispatch::create_function`] picks a jailed worker or
+/// this; a jailed template worker itself calls this.
 pub fn create_in_process(
     spec: &FunctionSpec,
     options: &TemplateOptions,

@@ -148,7 +148,7 @@ fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionErro
         // This process is the jail.
         ..FunctionInvokeOptions::in_process()
     };
-    let outcome = function.invoke(&request.event, &options)?;
+    let outcome = function.invoke_in_process(&request.event, &options)?;
     Ok(to_wire(outcome))
 }
 

@@ -1,7 +1,7 @@
 //! Function templates built in a jailed worker: the tenant's runtime
 //! start, import and warm-up (and the calibration clone) run in a worker
 //! process as its own unprivileged uid, in its namespaces and cgroups,
-//! exactly as [`crate::function::create`] runs them in-process.
+//! exactly as [`crate::function::create_in_process`] runs them.
 //!
 //! The parent opens every input the template reads (kernel, initramfs,
 //! handler files, ...) and a fresh staging directory owned by the

@@ -7,7 +7,7 @@
 //! buffers, bounded in size, and a notification serves at most
 //! [`REQUESTS_PER_WAKE`] of them before it lets the other devices run.
 //!
-//! An optional [`RateLimiter`] caps bytes and requests per second: a
+//! An optional [`RateLimiter`](crate::devices::rate_limiter::RateLimiter) caps bytes and requests per second: a
 //! request that finds a bucket short stays on the queue (its pop is
 //! undone) until the limiter's timer says the tokens are there.
 //!
