@@ -802,9 +802,6 @@ def _warm_up_failure(event, context):
 # --- Setting the hot path up in the guest -------------------------------------------------
 
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-# Glibc's mallopt parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def doorbell_code():
@@ -875,23 +872,6 @@ def allocate_buffer(size, libc):
         errno = ctypes.get_errno()
         raise OSError(errno, f"mlock of {size} bytes: {os.strerror(errno)} (RLIMIT_MEMLOCK?)")
     return buf, addr
-
-
-def keep_heap_warm(libc, size):
-    """Lets large allocations on the hot path reuse memory touched now.
-
-    By default glibc serves allocations over 128 KiB with mmap and gives
-    freed heap back with brk: system calls and fresh pages in every clone
-    for an event or result of that size. Serve them from the heap, never
-    trim it, and grow it by `size` touched bytes now. Best effort (glibc).
-    """
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed value
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    warm = bytearray(size)  # zero-filled, so every page written
-    del warm
 
 
 def hot_path_size():
@@ -965,11 +945,197 @@ def setup_hot_path(runtime, pipes, bell=None):
         noop(0)  # the ctypes call path, warmed without ringing
     request, request_addr = allocate_buffer(size, libc)
     response, response_addr = allocate_buffer(size, libc)
-    keep_heap_warm(libc, 4 * size)
     hot = HotPath(runtime, pipes, request, response, doorbell)
     hot.code_page = code_page  # the doorbell's pages live as long as the hot path
     hot.warm_up()
     return hot, hot.describe(request_addr, response_addr)
+
+
+# --- Keeping the handler's memory mapped ---------------------------------------------------
+
+# Glibc's mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+# The template's pre-touched heap, MiB, unless EMBER_ARENA_MIB says.
+DEFAULT_ARENA_MIB = 64
+MAX_ARENA_MIB = 16 << 10
+# Glibc's largest mmap threshold (32 MiB on 64-bit): anything smaller
+# comes from the heap.
+MMAP_THRESHOLD = 32 << 20
+# "Never give the heap back" (mallopt takes an int).
+TRIM_THRESHOLD = (1 << 31) - 1
+TOP_PAD = 64 << 20
+# What pre-touching allocates at a time: well under MMAP_THRESHOLD, so it
+# comes from the heap and goes back to the heap's top when freed.
+_TOUCH_CHUNK = 1 << 20
+
+
+class Memory:
+    """How the runtime keeps a handler's allocations off the guest kernel.
+
+    Every fresh page an invocation touches is a guest page fault, and on
+    PVM hosts the guest kernel is emulated (~3 ms a page); on hardware
+    KVM a fault is a few microseconds, but still guest-kernel work. So the
+    runtime makes the heap hold on to memory and touches a block of it at
+    template time: clones inherit those pages mapped, and allocations
+    during an invocation reuse them. Three parts:
+
+    - glibc keeps memory: allocations up to 32 MiB come from the heap (not
+      mmap), the heap is never trimmed, grows 64 MiB at a time, and every
+      thread uses the main heap (a thread's own arena is fresh mmap'd
+      memory). The VMM also sets the MALLOC_* variables for the
+      interpreter's own start; mallopt here covers any other start.
+    - pymalloc's 1 MiB arenas (every object up to 512 bytes) come from
+      malloc instead of mmap, so they reuse that heap. This is what
+      PYTHONMALLOC=malloc would do, but that variable is ignored under -I
+      (the runtime's isolated mode), while pymalloc stays as fast as it is.
+    - pretouch() allocates and frees the arena block at template time.
+    """
+
+    def __init__(self, libc):
+        self.libc = libc
+
+    def keep_memory(self):
+        """Tells glibc and pymalloc to keep memory; best effort."""
+        mallopt = getattr(self.libc, "mallopt", None)
+        if mallopt is None:
+            return False
+        for param, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (_M_TOP_PAD, TOP_PAD),
+        ):
+            mallopt(param, value)
+        try:
+            _arenas_from_malloc(self.libc)
+        except (OSError, ValueError, AttributeError) as exc:
+            print(f"ember-runtime: pymalloc arenas stay on mmap: {exc}", file=sys.stderr)
+        return True
+
+    @staticmethod
+    def pretouch(size):
+        """Allocates `size` bytes of heap, writes every page, frees them.
+
+        In 1 MiB blocks, all alive at once, so the heap grows by `size`;
+        freed, they merge into the heap's top, which is never trimmed.
+        Written explicitly: calloc skips fresh heap memory (the kernel's
+        pages are zero), so a zero-filled bytearray alone touches nothing.
+        """
+        blocks = []
+        zeros = bytes(_TOUCH_CHUNK // PAGE_SIZE)
+        for _ in range(-(-size // _TOUCH_CHUNK)):
+            block = bytearray(_TOUCH_CHUNK)
+            block[::PAGE_SIZE] = zeros
+            blocks.append(block)
+        del blocks
+
+
+def arena_size():
+    """Bytes to pre-touch: EMBER_ARENA_MIB MiB, or the default."""
+    text = os.environ.get("EMBER_ARENA_MIB")
+    if text is None or text == "":
+        return DEFAULT_ARENA_MIB << 20
+    try:
+        mib = int(text)
+    except ValueError:
+        raise ValueError(f"EMBER_ARENA_MIB={text!r} is not a number") from None
+    if not 0 <= mib <= MAX_ARENA_MIB:
+        raise ValueError(f"EMBER_ARENA_MIB={mib} is not in 0..={MAX_ARENA_MIB}")
+    return mib << 20
+
+
+class _ArenaAllocator(ctypes.Structure):
+    """CPython's PyObjectArenaAllocator."""
+
+    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
+
+
+def _heap_ceiling():
+    """The lowest mapping above the brk heap ([heap] in /proc/self/maps).
+
+    Everything malloc hands out from the heap lies below it; what
+    pymalloc mmap'd before the switch lies above.
+    """
+    heap_end, starts = None, []
+    with open("/proc/self/maps", "rb") as maps:
+        for line in maps:
+            fields = line.split()
+            start, _, end = fields[0].partition(b"-")
+            start, end = int(start, 16), int(end, 16)
+            starts.append(start)
+            if fields[-1] == b"[heap]":
+                heap_end = end
+    if heap_end is None:
+        raise OSError("no [heap] in /proc/self/maps")
+    above = [start for start in starts if start >= heap_end]
+    if not above:
+        raise OSError("nothing mapped above the heap")
+    return min(above)
+
+
+def arena_code(malloc, free, ceiling):
+    """x86-64 code for pymalloc's arena alloc(ctx, size) and free(ctx, ptr, size).
+
+    alloc is malloc(size). free is free(ptr) for a pointer below `ceiling`
+    (malloc's heap); an arena above it was mmap'd before the switch (or by
+    malloc's own mmap fallback, which free must not munmap piecemeal) and
+    is left mapped: a few MiB at most, and no invocation outlives its clone.
+    Returns (code, offset of free).
+    """
+    alloc = b"\x48\x89\xf7" + b"\x48\xb8" + struct.pack("<Q", malloc) + b"\xff\xe0"
+    # mov rdi, rsi; movabs rax, ceiling; cmp rdi, rax; jae ret;
+    # movabs rax, free; jmp rax; ret
+    tail_call = b"\x48\xb8" + struct.pack("<Q", free) + b"\xff\xe0"
+    release = (
+        b"\x48\x89\xf7"
+        + b"\x48\xb8"
+        + struct.pack("<Q", ceiling)
+        + b"\x48\x39\xc7"
+        + b"\x73"
+        + bytes([len(tail_call)])
+        + tail_call
+        + b"\xc3"
+    )
+    offset = 64
+    return alloc.ljust(offset, b"\xcc") + release, offset
+
+
+def _arenas_from_malloc(libc):
+    """Points pymalloc's arena allocator at malloc (for good: see _immortal_code)."""
+    malloc = ctypes.cast(libc.malloc, ctypes.c_void_p).value
+    free = ctypes.cast(libc.free, ctypes.c_void_p).value
+    code, offset = arena_code(malloc, free, _heap_ceiling())
+    addr = _immortal_code(libc, code)
+    allocator = _ArenaAllocator(None, addr, addr + offset)
+    set_allocator = ctypes.pythonapi.PyObject_SetArenaAllocator
+    set_allocator.argtypes = [ctypes.POINTER(_ArenaAllocator)]
+    set_allocator.restype = None
+    set_allocator(ctypes.byref(allocator))  # copies the struct
+
+
+def _immortal_code(libc, code):
+    """The address of a page holding `code`, read+exec, never unmapped.
+
+    Mapped with libc's mmap, not Python's: pymalloc calls into it until
+    the process ends, after Python objects (an mmap's unmapping included)
+    have been torn down at exit.
+    """
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mmap.restype = ctypes.c_void_p
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    addr = libc.mmap(None, PAGE_SIZE, prot, _MAP_FLAGS, -1, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mmap of a code page: {os.strerror(errno)}")
+    ctypes.memmove(addr, code, len(code))
+    if libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(PAGE_SIZE), mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mprotect of a code page: {os.strerror(errno)}")
+    return addr
 
 
 # --- Start-up -----------------------------------------------------------------------------
@@ -1014,6 +1180,13 @@ def main(argv):
         bell = take_doorbell(want_hot_path and not test_doorbell)
     except Exception as exc:
         bell_error = exc
+    # Before the handler's import, so its allocations keep their memory too.
+    try:
+        arena = arena_size()
+    except ValueError as exc:
+        print(f"ember-runtime: {exc}", file=sys.stderr)
+        return 1
+    Memory(_libc()).keep_memory()
     # Only now: the function's directory becomes importable (a sibling
     # helper.py is `import helper`), as does the `ember` module.
     restore = Restore()
@@ -1049,6 +1222,17 @@ def main(argv):
         except Exception as exc:
             hot, ready = None, {}
             print(f"ember-runtime: no hot path, serving on the pipes only: {exc}", file=sys.stderr)
+
+    # The heap every invocation allocates from, touched now (and the
+    # hot path's room for large events and results).
+    touching = time.monotonic()
+    heap = arena + (4 * len(hot.request) if hot is not None else 0)
+    Memory.pretouch(heap)
+    if arena:
+        print(
+            f"ember-runtime: {heap >> 20} MiB of heap touched in {(time.monotonic() - touching) * 1000:.0f} ms",
+            file=sys.stderr,
+        )
 
     # What clones inherit: no buffered output (each clone would flush its
     # own copy) and a heap the collector no longer walks (its walks would
