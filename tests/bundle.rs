@@ -156,6 +156,39 @@ fn numpy_clones_draw_different_random_numbers_and_the_template_is_cached() {
 }
 
 #[test]
+fn pillow_makes_a_thumbnail_of_the_image_in_the_event() {
+    use base64::Engine as _;
+    let (function, _) = template(&examples().join("thumbnail"), "thumb:handler");
+    let event_file = examples().join("../events/thumbnail.json");
+    let event: Value = serde_json::from_slice(&std::fs::read(&event_file).unwrap()).unwrap();
+    let value = invoke(&function, event);
+    assert_eq!(value["source"], json!([320, 240]), "{value}");
+    assert_eq!(
+        (&value["width"], &value["height"]),
+        (&json!(64), &json!(48))
+    );
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(value["thumbnail"].as_str().expect("thumbnail"))
+        .expect("base64");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
+    // IHDR: width and height, big-endian, after the signature and chunk header.
+    assert_eq!(&png[16..24], &[0, 0, 0, 64, 0, 0, 0, 48]);
+    // A bad image is the handler's error, not the runtime's.
+    let outcome = function
+        .invoke(
+            br#"{"image": "bm90IGFuIGltYWdl"}"#,
+            &FunctionInvokeOptions::default(),
+        )
+        .expect("invoke");
+    match outcome.result {
+        HandlerResult::Error { error_type, .. } => {
+            assert_eq!(error_type, "UnidentifiedImageError")
+        }
+        other => panic!("expected the handler's error, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_handler_that_fails_to_import_shows_its_traceback() {
     let code = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/bundles/broken");
     let out = common::temp_path("broken-fn");

@@ -1186,7 +1186,10 @@ def main(argv):
     except ValueError as exc:
         print(f"ember-runtime: {exc}", file=sys.stderr)
         return 1
-    Memory(_libc()).keep_memory()
+    # EMBER_KEEP_MEMORY=0 leaves glibc and pymalloc as they come (to
+    # measure what keeping memory saves).
+    if os.environ.get("EMBER_KEEP_MEMORY") != "0":
+        Memory(_libc()).keep_memory()
     # Only now: the function's directory becomes importable (a sibling
     # helper.py is `import helper`), as does the `ember` module.
     restore = Restore()

@@ -171,6 +171,8 @@ pub struct GuestKernelFigures {
     pub guest_page_faults: Stats,
     /// Interrupts injected.
     pub injected_interrupts: Stats,
+    /// Exits from guest mode to KVM (faults, MMIO, interrupts, halts).
+    pub exits: Stats,
 }
 
 /// The report.
@@ -348,6 +350,7 @@ fn measure(
         emulated_instructions: Stats::of(works.iter().map(|w| w.emulated_instructions as f64)),
         guest_page_faults: Stats::of(works.iter().map(|w| w.guest_page_faults as f64)),
         injected_interrupts: Stats::of(works.iter().map(|w| w.injected_interrupts as f64)),
+        exits: Stats::of(works.iter().map(|w| w.exits as f64)),
     });
     Ok(PathFigures {
         path: outcomes.last().and_then(|o| o.path),
@@ -457,12 +460,20 @@ impl fmt::Display for FunctionBenchReport {
             )?;
             if let Some(k) = &p.guest_kernel {
                 let row = |s: &Stats, name: &str| s.row(name);
+                writeln!(
+                    f,
+                    "  guest-kernel work per invocation, KVM's counters (n = invocations):"
+                )?;
                 write!(
                     f,
-                    "{}{}{}",
-                    row(&k.emulated_instructions, "  emulated instructions (count)"),
-                    row(&k.guest_page_faults, "  guest page faults (count)"),
-                    row(&k.injected_interrupts, "  injected interrupts (count)")
+                    "{}{}{}{}",
+                    row(&k.guest_page_faults, "    guest page faults (count)"),
+                    row(
+                        &k.emulated_instructions,
+                        "    emulated instructions (count)"
+                    ),
+                    row(&k.exits, "    exits to KVM (count)"),
+                    row(&k.injected_interrupts, "    injected interrupts (count)")
                 )?;
             }
             if let Some(r) = &p.reset {

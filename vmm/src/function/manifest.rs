@@ -42,6 +42,10 @@ pub struct Manifest {
     /// The guest pages a hot-path request touched in a calibration clone,
     /// populated up front in every clone.
     pub working_set: Vec<PageRun>,
+    /// The python runtime's heap pre-touched at template time, MiB
+    /// (`EMBER_ARENA_MIB`; absent for other runtimes and older templates).
+    #[serde(default)]
+    pub arena_mib: Option<u32>,
 }
 
 impl Manifest {
@@ -57,6 +61,7 @@ impl Manifest {
             guest_clock: None,
             created_unix_ms: 0,
             working_set: Vec::new(),
+            arena_mib: None,
         }
     }
 

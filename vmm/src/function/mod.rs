@@ -73,7 +73,10 @@ pub use recycled::{
 };
 pub(crate) use template::check as check_spec;
 pub(crate) use template::make_code_drive;
-pub use template::{create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions};
+pub use template::{
+    create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions, ARENA_MIB_ENV,
+    PYTHON_MEMORY_ENV,
+};
 
 use crate::agent::AgentError;
 use crate::exit::VmExit;

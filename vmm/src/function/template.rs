@@ -29,6 +29,27 @@ use crate::snapshot::SnapshotError;
 /// dynamic loader's (`LD_PRELOAD`...) and python's own (`PYTHONPATH`...) run
 /// code before the runtime has closed `/dev/mem`.
 const FORBIDDEN_PYTHON_ENV: [&str; 2] = ["LD_", "PYTHON"];
+
+/// The python runtime's environment unless the function sets these:
+/// glibc's allocator keeps the handler's memory mapped from the
+/// interpreter's first allocation on (every thread on the main heap,
+/// blocks up to 32 MiB from the heap, the heap never trimmed and grown
+/// 64 MiB at a time), and the runtime pre-touches `EMBER_ARENA_MIB` MiB
+/// of heap at template time. A fresh page is a guest page fault in every
+/// clone (≈3 ms of emulated guest kernel on PVM hosts); see the runtime's
+/// `Memory` and the README's "What makes a handler slow".
+pub const PYTHON_MEMORY_ENV: [(&str, &str); 5] = [
+    ("MALLOC_ARENA_MAX", "1"),
+    ("MALLOC_MMAP_THRESHOLD_", "33554432"),
+    ("MALLOC_TRIM_THRESHOLD_", "2147483647"),
+    ("MALLOC_TOP_PAD_", "67108864"),
+    (ARENA_MIB_ENV, "64"),
+];
+
+/// The runtime's setting for its pre-touched heap, in MiB.
+pub const ARENA_MIB_ENV: &str = "EMBER_ARENA_MIB";
+/// The largest `EMBER_ARENA_MIB` (the runtime's MAX_ARENA_MIB).
+const MAX_ARENA_MIB: u32 = 16 << 10;
 /// Largest handler file or executable a template takes.
 const MAX_HANDLER_BYTES: u64 = 16 << 20;
 /// How long the guest may take to close the template's agent connection.
@@ -266,6 +287,7 @@ pub fn create_in_process(
         }
     }
     let mut manifest = Manifest::new(runtime_name, handler);
+    manifest.arena_mib = arena_mib(&start.env)?;
     if let Some(pages) = &ready.hot_path {
         buffers::validate(pages, u64::from(options.mem_mib) << 20)?;
     }
@@ -453,9 +475,18 @@ pub(crate) fn start_request(
             (argv, "exec", base)
         }
     };
+    let mut env = spec.env.clone();
+    if runtime == "python3" {
+        arena_mib(&env)?;
+        for (key, value) in PYTHON_MEMORY_ENV {
+            if !env.iter().any(|(k, _)| k == key) {
+                env.push((key.to_owned(), value.to_owned()));
+            }
+        }
+    }
     let start = FunctionStart {
         argv,
-        env: spec.env.clone(),
+        env,
         files_in,
         // The hot path hands the runtime /dev/mem to map its doorbell; only
         // ember's own python runtime is trusted to map it and close it
@@ -470,6 +501,19 @@ pub(crate) fn start_request(
     };
     start.validate().map_err(FunctionError::BadRequest)?;
     Ok((start, runtime, handler))
+}
+
+/// The function's `EMBER_ARENA_MIB`, checked, if it sets one.
+pub(crate) fn arena_mib(env: &[(String, String)]) -> Result<Option<u32>, FunctionError> {
+    let Some((_, value)) = env.iter().rev().find(|(k, _)| k == ARENA_MIB_ENV) else {
+        return Ok(None);
+    };
+    match value.parse::<u32>() {
+        Ok(mib) if mib <= MAX_ARENA_MIB => Ok(Some(mib)),
+        _ => Err(FunctionError::BadRequest(format!(
+            "{ARENA_MIB_ENV}={value:?} is not a number of MiB in 0..={MAX_ARENA_MIB}"
+        ))),
+    }
 }
 
 fn check_python_name(name: &str) -> Result<(), FunctionError> {
@@ -665,6 +709,36 @@ mod tests {
             start.files_in[0].data,
             std::fs::read(spec_file(&spec)).unwrap()
         );
+    }
+
+    #[test]
+    fn python_gets_the_memory_defaults_unless_it_sets_them() {
+        let dir = TempDir::new("memory-env");
+        let spec = python_spec(dir.path(), "main.py", &[("MALLOC_TOP_PAD_", "0")]);
+        let (start, _, _) = start_request(&spec, &options()).unwrap();
+        let value = |key: &str| {
+            let values: Vec<&str> = start
+                .env
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(values.len(), 1, "{key} set once: {:?}", start.env);
+            values[0].to_owned()
+        };
+        assert_eq!(value("MALLOC_TOP_PAD_"), "0");
+        assert_eq!(value("MALLOC_MMAP_THRESHOLD_"), "33554432");
+        assert_eq!(value(ARENA_MIB_ENV), "64");
+        assert_eq!(arena_mib(&start.env).unwrap(), Some(64));
+        for bad in ["lots", "-1", "16385"] {
+            let spec = python_spec(dir.path(), "main.py", &[(ARENA_MIB_ENV, bad)]);
+            match start_request(&spec, &options()) {
+                Err(FunctionError::BadRequest(message)) => {
+                    assert!(message.contains(ARENA_MIB_ENV), "{message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 
     fn spec_file(spec: &FunctionSpec) -> PathBuf {
