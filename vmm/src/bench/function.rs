@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use super::own_memory_kib;
 use super::stats::{ms, Stats};
+use crate::function::Manifest;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionPool, FunctionSpec,
     FunctionTimings, HandlerResult, InvocationPath, PoolOptions, RecycleInfo, RecycleOptions,
@@ -31,6 +32,7 @@ use crate::function::{
 use crate::sandbox::{ExitStatus, Invocation, Sandbox};
 use crate::snapshot::RestoreOptions;
 use crate::vstate::stats::GuestKernelWork;
+use ember_protocol::protocol::{CODE_DIR, FUNCTION_DIR};
 
 /// The built-in echo handler (`examples/functions/echo.py`).
 const ECHO_PY: &str = include_str!("../../../examples/functions/echo.py");
@@ -100,6 +102,9 @@ pub struct FunctionBenchConfig {
     pub vsock_iterations: usize,
     /// Measure one cold `python3 -c pass` in a fresh clone.
     pub cold: bool,
+    /// Times to run the function's handler in a new `python3 -c` in a
+    /// fresh clone (import and call, as without a template); 0: never.
+    pub cold_handler_iterations: usize,
     /// The paths to measure.
     pub paths: Vec<BenchPath>,
     /// The event every invocation gets.
@@ -194,6 +199,9 @@ pub struct FunctionBenchReport {
     pub vsock: Option<PathFigures>,
     /// Cold `python3 -c pass` in a fresh clone, request to exit.
     pub cold_python_ms: Option<Stats>,
+    /// The handler run by a new `python3 -c` in a fresh clone (import and
+    /// one call), request to exit.
+    pub cold_handler_ms: Option<Stats>,
 }
 
 /// Runs the benchmark.
@@ -225,6 +233,16 @@ pub fn run(
         .cold
         .then(|| cold_python(function).map(|ms| Stats::of([ms])))
         .transpose()?;
+    let cold_handler_ms = match config.cold_handler_iterations {
+        0 => None,
+        n => {
+            let command = cold_handler_command(function.manifest())?;
+            let times = (0..n)
+                .map(|_| cold_command(function, &command, &config.event))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(Stats::of(times))
+        }
+    };
     Ok(FunctionBenchReport {
         function: function.snapshot().dir().display().to_string(),
         handler: format!(
@@ -238,6 +256,7 @@ pub fn run(
         recycled,
         vsock,
         cold_python_ms,
+        cold_handler_ms,
     })
 }
 
@@ -388,17 +407,89 @@ impl Sample {
 
 /// One cold `python3 -c pass` through the agent of a fresh clone.
 fn cold_python(function: &Function) -> Result<f64, FunctionError> {
+    let command = ColdCommand {
+        argv: ["python3", "-c", "pass"].map(String::from).to_vec(),
+        cwd: None,
+    };
+    cold_command(function, &command, b"")
+}
+
+/// A command for the agent of a fresh clone.
+struct ColdCommand {
+    argv: Vec<String>,
+    cwd: Option<String>,
+}
+
+/// What a new interpreter does to serve one event without a template:
+/// import the handler from where the template's runtime found it (the
+/// function directory, or the code drive with its installed
+/// dependencies), call it with the event from stdin, print the result's
+/// length.
+fn cold_handler_command(manifest: &Manifest) -> Result<ColdCommand, FunctionError> {
+    let unsupported = || {
+        FunctionError::BadRequest(format!(
+            "a cold handler run needs a python3 function, not {} {}",
+            manifest.runtime, manifest.handler
+        ))
+    };
+    if manifest.runtime != "python3" {
+        return Err(unsupported());
+    }
+    let (target, name) = manifest.handler.rsplit_once(':').ok_or_else(unsupported)?;
+    let (dir, module, site) = match target.strip_suffix(".py") {
+        Some(stem) => (FUNCTION_DIR, stem, false),
+        None => (CODE_DIR, target, true),
+    };
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|part| {
+                !part.is_empty() && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
+    if !valid(module) || !valid(name) || name.contains('.') {
+        return Err(unsupported());
+    }
+    let site = if site {
+        format!("import site; site.addsitedir('{CODE_DIR}/.ember-site')\n")
+    } else {
+        String::new()
+    };
+    let script = format!(
+        "import importlib, json, sys\n\
+         sys.path.insert(0, '{dir}')\n\
+         {site}\
+         handler = getattr(importlib.import_module('{module}'), '{name}')\n\
+         data = sys.stdin.buffer.read()\n\
+         result = handler(json.loads(data) if data else None, None)\n\
+         out = result if isinstance(result, (bytes, bytearray)) else json.dumps(result).encode()\n\
+         print(len(out))\n"
+    );
+    Ok(ColdCommand {
+        argv: vec!["python3".into(), "-c".into(), script],
+        cwd: Some(dir.into()),
+    })
+}
+
+/// Runs `command` with `stdin` through the agent of a fresh clone;
+/// request to exit, in ms.
+fn cold_command(
+    function: &Function,
+    command: &ColdCommand,
+    stdin: &[u8],
+) -> Result<f64, FunctionError> {
     let started = Instant::now();
     let mut sandbox = Sandbox::restore(function.snapshot(), &RestoreOptions::default())
         .map_err(|e| FunctionError::Startup(format!("cold python clone: {e}")))?;
-    let mut invocation = Invocation::new(["python3", "-c", "pass"]);
-    invocation.timeout_ms = 300_000;
+    let mut invocation = Invocation::new(command.argv.iter().cloned());
+    invocation.cwd.clone_from(&command.cwd);
+    invocation.stdin = stdin.to_vec();
+    invocation.timeout_ms = 600_000;
     let outcome = sandbox
         .invoke(&invocation)
         .map_err(|e| FunctionError::Startup(format!("cold python: {e}")))?;
     if outcome.status != ExitStatus::Code(0) {
         return Err(FunctionError::Startup(format!(
-            "cold python3 -c pass: {:?}: {}",
+            "cold python3 -c: {:?}: {}",
             outcome.status,
             String::from_utf8_lossy(&outcome.stderr)
         )));
@@ -498,6 +589,13 @@ impl fmt::Display for FunctionBenchReport {
                 cold.p50, cold.n
             )?;
         }
+        if let Some(cold) = &self.cold_handler_ms {
+            writeln!(
+                f,
+                "the handler in a new `python3 -c` in a fresh clone (import + one call), request -> exit: p50 {:.0} ms, max {:.0} ms (n={})",
+                cold.p50, cold.max, cold.n
+            )?;
+        }
         // Ratios of e2e p50s, each pair measured the same way in this run.
         let e2e = |p: &Option<PathFigures>| p.as_ref().map(|p| p.e2e_ms);
         let ratio =
@@ -532,6 +630,13 @@ impl fmt::Display for FunctionBenchReport {
             f,
             "cold python",
             self.cold_python_ms,
+            "fresh",
+            e2e(&self.fresh),
+        )?;
+        ratio(
+            f,
+            "cold handler",
+            self.cold_handler_ms,
             "fresh",
             e2e(&self.fresh),
         )?;

@@ -157,6 +157,11 @@ pub struct BenchFunctionArgs {
     /// Skip the cold `python3 -c pass` baseline
     #[arg(long)]
     no_cold: bool,
+    /// Also run the handler this many times in a new `python3 -c` in a
+    /// fresh clone (import and one call: what an invocation costs without
+    /// a template)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cold_handler: usize,
     /// The paths to measure, comma-separated: fresh, prepared, recycled,
     /// vsock [default: all]
     #[arg(long, value_name = "LIST")]
@@ -550,6 +555,7 @@ pub fn bench_function(args: BenchFunctionArgs) -> Result<ExitCode> {
         concurrency: args.concurrency.max(1),
         vsock_iterations: args.vsock_iterations,
         cold: !args.no_cold,
+        cold_handler_iterations: args.cold_handler,
         paths,
         event,
     };

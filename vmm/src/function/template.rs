@@ -48,6 +48,9 @@ pub const PYTHON_MEMORY_ENV: [(&str, &str); 5] = [
 
 /// The runtime's setting for its pre-touched heap, in MiB.
 pub const ARENA_MIB_ENV: &str = "EMBER_ARENA_MIB";
+/// `EMBER_KEEP_MEMORY=0`: no `MALLOC_*` defaults, and the runtime leaves
+/// glibc and pymalloc as they come.
+pub const KEEP_MEMORY_ENV: &str = "EMBER_KEEP_MEMORY";
 /// The largest `EMBER_ARENA_MIB` (the runtime's MAX_ARENA_MIB).
 const MAX_ARENA_MIB: u32 = 16 << 10;
 /// Largest handler file or executable a template takes.
@@ -478,8 +481,13 @@ pub(crate) fn start_request(
     let mut env = spec.env.clone();
     if runtime == "python3" {
         arena_mib(&env)?;
+        // EMBER_KEEP_MEMORY=0 leaves the allocators as they come (the
+        // runtime skips its own settings too): to measure the difference.
+        let stock = env.iter().any(|(k, v)| k == KEEP_MEMORY_ENV && v == "0");
         for (key, value) in PYTHON_MEMORY_ENV {
-            if !env.iter().any(|(k, _)| k == key) {
+            let skipped = stock && key.starts_with("MALLOC_");
+            let set = env.iter().any(|(k, _)| k == key);
+            if !skipped && !set {
                 env.push((key.to_owned(), value.to_owned()));
             }
         }
