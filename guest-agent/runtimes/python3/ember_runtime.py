@@ -960,7 +960,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 # The template's pre-touched heap, MiB, unless EMBER_ARENA_MIB says.
-DEFAULT_ARENA_MIB = 64
+DEFAULT_ARENA_MIB = 16
 MAX_ARENA_MIB = 16 << 10
 # Glibc's largest mmap threshold (32 MiB on 64-bit): anything smaller
 # comes from the heap.

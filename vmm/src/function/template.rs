@@ -43,7 +43,7 @@ pub const PYTHON_MEMORY_ENV: [(&str, &str); 5] = [
     ("MALLOC_MMAP_THRESHOLD_", "33554432"),
     ("MALLOC_TRIM_THRESHOLD_", "2147483647"),
     ("MALLOC_TOP_PAD_", "67108864"),
-    (ARENA_MIB_ENV, "64"),
+    (ARENA_MIB_ENV, "16"),
 ];
 
 /// The runtime's setting for its pre-touched heap, in MiB.
@@ -736,8 +736,8 @@ mod tests {
         };
         assert_eq!(value("MALLOC_TOP_PAD_"), "0");
         assert_eq!(value("MALLOC_MMAP_THRESHOLD_"), "33554432");
-        assert_eq!(value(ARENA_MIB_ENV), "64");
-        assert_eq!(arena_mib(&start.env).unwrap(), Some(64));
+        assert_eq!(value(ARENA_MIB_ENV), "16");
+        assert_eq!(arena_mib(&start.env).unwrap(), Some(16));
         for bad in ["lots", "-1", "16385"] {
             let spec = python_spec(dir.path(), "main.py", &[(ARENA_MIB_ENV, bad)]);
             match start_request(&spec, &options()) {
