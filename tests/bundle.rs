@@ -165,7 +165,7 @@ fn pillow_makes_a_thumbnail_of_the_image_in_the_event() {
     let code = examples().join("thumbnail");
     let mut spec = spec(&code, "thumb:handler");
     spec.warmup_event = Some(event_bytes);
-    let dir = ensure_cached_function(&spec, &options(), |dir| {
+    let dir = ember::ensure_cached_function(&spec, &options(), |dir| {
         eprintln!("making {} in {}", code.display(), dir.display())
     })
     .unwrap_or_else(|e| panic!("template of {}: {e}", code.display()));
