@@ -440,6 +440,23 @@ pub enum RestoreError {
     Changed,
 }
 
+impl MmioTransport {
+    /// A new transport for `args`, or, with `saved`, one restored from it
+    /// (see [`Persist::restore`]): what every device's own constructor
+    /// and restore share.
+    pub fn new_or_restore(
+        args: MmioTransportArgs,
+        saved: Option<&MmioTransportState>,
+    ) -> Result<Self, RestoreError> {
+        match saved {
+            Some(state) => Self::restore(args, state),
+            None => {
+                Self::new(args.device, args.memory, args.interrupt).map_err(RestoreError::Queue)
+            }
+        }
+    }
+}
+
 impl Persist for MmioTransport {
     type State = MmioTransportState;
     type ConstructorArgs = MmioTransportArgs;

@@ -71,15 +71,7 @@ impl MmioBlock {
             memory: args.memory,
             interrupt: args.interrupt,
         };
-        let transport = match saved {
-            Some(state) => MmioTransport::restore(transport_args, state)?,
-            None => MmioTransport::new(
-                transport_args.device,
-                transport_args.memory,
-                transport_args.interrupt,
-            )
-            .map_err(RestoreError::Queue)?,
-        };
+        let transport = MmioTransport::new_or_restore(transport_args, saved)?;
         Ok(MmioBlock {
             device,
             transport: Arc::new(Mutex::new(transport)),
