@@ -16,8 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::root_image::{self, pattern, run, TempDir};
-use common::{default_config, sh};
-use ember::sandbox::ExitStatus;
+use common::{default_config, sh_ok};
 use ember::snapshot::{self, RestoreOptions, Snapshot};
 use ember::Sandbox;
 
@@ -82,19 +81,8 @@ fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 
 fn checks(sandbox: &mut Sandbox) -> String {
     // Every block request is guest-kernel work, emulated here (PVM): on a
-    // loaded host the checks can outlast the default 60 s. The limit is a
-    // hang guard, not a speed target.
-    let mut invocation = sh(CHECKS);
-    invocation.timeout_ms = 300_000;
-    let outcome = sandbox.invoke(&invocation).expect("invoke");
-    let out = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    assert_eq!(
-        outcome.status,
-        ExitStatus::Code(0),
-        "{out}{}",
-        String::from_utf8_lossy(&outcome.stderr)
-    );
-    out
+    // loaded host the checks can outlast the default 60 s.
+    sh_ok(sandbox, CHECKS, Duration::from_secs(300))
 }
 
 /// The checks every clone must pass.

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::root_image::{self, pattern, TempDir};
-use common::{default_config, sh};
+use common::{default_config, sh, sh_ok};
 use ember::config::{IoLimits, RateLimitConfig};
 use ember::sandbox::ExitStatus;
 use ember::snapshot::{self, RestoreOptions, Snapshot};
@@ -51,16 +51,7 @@ fn uptime_field(out: &str, key: &str) -> Duration {
 
 /// Reads the drive in `sandbox`; returns the guest's time for the read.
 fn read_data(sandbox: &mut Sandbox) -> Duration {
-    let mut inv = sh(READ_DATA);
-    inv.timeout_ms = 300_000;
-    let outcome = sandbox.invoke(&inv).expect("invoke");
-    let out = String::from_utf8_lossy(&outcome.stdout).into_owned();
-    assert_eq!(
-        outcome.status,
-        ExitStatus::Code(0),
-        "{out}{}",
-        String::from_utf8_lossy(&outcome.stderr)
-    );
+    let out = sh_ok(sandbox, READ_DATA, Duration::from_secs(300));
     // 64 KiB records.
     assert!(
         out.contains(&format!("{}+0 records out", DATA_MIB * 16)),

@@ -104,6 +104,23 @@ pub fn sh(script: &str) -> ember::Invocation {
     ember::Invocation::new(["sh", "-c", script])
 }
 
+/// Runs `sh -c script` in `sandbox`, killed after `hang_guard` (a bound on
+/// a hang, not a speed target: guest-kernel work is emulated on PVM
+/// hosts), asserts that it exits 0, and returns its stdout.
+pub fn sh_ok(sandbox: &mut ember::Sandbox, script: &str, hang_guard: Duration) -> String {
+    let mut invocation = sh(script);
+    invocation.timeout_ms = u64::try_from(hang_guard.as_millis()).unwrap_or(u64::MAX);
+    let outcome = sandbox.invoke(&invocation).expect("invoke");
+    let out = String::from_utf8_lossy(&outcome.stdout).into_owned();
+    assert_eq!(
+        outcome.status,
+        ember::sandbox::ExitStatus::Code(0),
+        "{out}{}",
+        String::from_utf8_lossy(&outcome.stderr)
+    );
+    out
+}
+
 /// The probe function's template directory (tests/functions/probe.py,
 /// warmed with `{"op": "warm"}`), shared by the test binaries that need it
 /// and cached across runs by its inputs: made on first use with a cold
