@@ -256,6 +256,22 @@ pub(super) fn read_message<T: for<'de> Deserialize<'de>>(
     postcard::from_bytes(&payload).map_err(|e| WorkerError::Failed(format!("decode: {e}")))
 }
 
+/// Reads one message from a worker's `control` socket by `deadline`: one
+/// deadline for the whole message, so a worker trickling its answer gets
+/// no more time than a silent one.
+pub(super) fn read_message_by<T: for<'de> Deserialize<'de>>(
+    control: &UnixStream,
+    max: u32,
+    deadline: Instant,
+) -> Result<T, WorkerError> {
+    // A second descriptor of the same socket: the caller keeps its own.
+    let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
+    stream
+        .set_deadline(Some(deadline))
+        .map_err(WorkerError::Io)?;
+    read_message(&mut stream, max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +303,39 @@ mod tests {
         let back = from_wire(to_wire(outcome.clone()), 4);
         assert_eq!((back.stdout.len(), back.stderr.len()), (3, 1));
         assert!(back.output_truncated);
+    }
+
+    #[test]
+    fn a_trickled_answer_ends_at_its_deadline() {
+        let (mut worker, control) = UnixStream::pair().unwrap();
+        let trickler = std::thread::spawn(move || {
+            // An honest length, then a byte every 20 ms.
+            if worker.write_all(&1000u32.to_le_bytes()).is_err() {
+                return;
+            }
+            for _ in 0..200 {
+                if worker.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let started = Instant::now();
+        let Err(err) = read_message_by::<WireOutcome>(
+            &control,
+            MAX_ANSWER,
+            started + Duration::from_millis(200),
+        ) else {
+            panic!("a trickled answer must not be read whole");
+        };
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(&err, WorkerError::Io(e) if crate::deadline::is_timeout(e)),
+            "{err}"
+        );
+        assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+        drop(control);
+        trickler.join().unwrap();
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::function::{
-    from_wire, read_message, to_wire, write_message, Request, WireOutcome, MAX_ANSWER, MAX_REQUEST,
+    from_wire, read_message, read_message_by, to_wire, write_message, Request, WireOutcome,
+    MAX_ANSWER, MAX_REQUEST,
 };
 use super::{describe_exit, start, Isolation, WorkerError, WorkerProcess};
 use crate::agent::invoke_grace;
@@ -124,8 +125,11 @@ impl JailedRecycledFunction {
             io_limits: options.io_limits,
         };
         write_message(&mut control, &setup).map_err(worker_error)?;
-        let _ = control.set_read_timeout(Some(RESTORE_CONNECT_TIMEOUT));
-        let made: Result<Result<(), String>, WorkerError> = read_message(&mut control, MAX_ANSWER);
+        let made: Result<Result<(), String>, WorkerError> = read_message_by(
+            &control,
+            MAX_ANSWER,
+            Instant::now() + RESTORE_CONNECT_TIMEOUT,
+        );
         match made {
             Ok(Ok(())) => Ok(JailedRecycledFunction {
                 worker: Some((worker, control)),
@@ -182,10 +186,11 @@ impl JailedRecycledFunction {
             io_limits: options.io_limits,
         };
         write_message(&mut control, &request).map_err(worker_error)?;
+        // The worker enforces the timeout itself; this bounds one that
+        // does not, trickling or silent.
         let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
-        let _ = control.set_read_timeout(Some(limit));
         let answer: Result<Result<Answer, String>, WorkerError> =
-            read_message(&mut control, MAX_ANSWER);
+            read_message_by(&control, MAX_ANSWER, Instant::now() + limit);
         let answer = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(message)) => {

@@ -21,12 +21,12 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::Limits;
-use super::function::{read_message, write_message};
+use super::function::{read_message, read_message_by, write_message};
 use super::{describe_exit, launch, Isolation, WorkerError, CONTROL_FD};
 use crate::config::ConsoleOutput;
 use crate::function::{FunctionError, FunctionSpec, TemplateInfo, TemplateOptions};
@@ -175,9 +175,8 @@ pub fn create(
         inputs,
     };
     write_message(&mut control, &request).map_err(worker_error)?;
-    let _ = control.set_read_timeout(Some(limit));
     let answer: Result<Result<TemplateInfo, WireError>, WorkerError> =
-        read_message(&mut control, MAX_ANSWER);
+        read_message_by(&control, MAX_ANSWER, Instant::now() + limit);
     // The worker and everything it started are gone after this: nothing
     // changes the staging directory while it is read below.
     let status = worker.finish(Duration::from_secs(5));
