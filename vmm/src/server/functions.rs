@@ -39,9 +39,9 @@ pub struct FunctionSetConfig {
     pub queue_timeout: Duration,
     /// On shutdown, how long running invocations may go on.
     pub shutdown_grace: Duration,
-    /// Run every clone in its own jailed worker process (`None`: in the
-    /// server's process, for trusted code only).
-    pub isolation: Option<crate::worker::Isolation>,
+    /// Run every clone in its own jailed worker process: the default.
+    /// `None` runs them in the server's process, for trusted code only.
+    pub isolation: Option<crate::isolation::Isolation>,
 }
 
 impl Default for FunctionSetConfig {
@@ -49,7 +49,7 @@ impl Default for FunctionSetConfig {
         FunctionSetConfig {
             max_live: 8,
             max_queue: 64,
-            isolation: None,
+            isolation: Some(crate::isolation::Isolation::default()),
             queue_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
