@@ -1375,6 +1375,130 @@ fn serve_functions_from_a_directory() {
     }
 }
 
+/// The jailed workers `ember serve` (process `server`) runs.
+fn workers_of(server: u32) -> Vec<u32> {
+    descendants(server)
+        .into_iter()
+        .filter(|&pid| {
+            parent(pid) == Some(server)
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                    cmdline.split(|b| *b == 0).nth(1)
+                        == Some(ember::worker::WORKER_SUBCOMMAND.as_bytes())
+                })
+        })
+        .collect()
+}
+
+/// Polls `check` every 100 ms until it holds, at most `within`.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A function with a hot path is served from recycled clones, each in a
+/// jailed worker of its own: invocations one after another reuse one
+/// clone (one worker), a clone whose invocation timed out is replaced by
+/// a new one, an idle clone is destroyed after the idle timeout (its
+/// worker ends), and `--no-recycle` serves each invocation from a fresh
+/// clone.
+#[test]
+fn functions_are_served_from_recycled_clones() {
+    let dir = functions_dir("serve-recycled");
+    let socket = common::temp_path("serve-recycled.sock");
+    let listen = format!("unix:{}", socket.display());
+    let start = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--functions".as_ref(),
+            dir.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--max-live".as_ref(),
+            "2".as_ref(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        ChildServer::start(&args)
+    };
+    let uri = "/v1/functions/probe/invocations";
+    let post = |client: &mut Client, uri: &str, event: &[u8]| -> Value {
+        let r = client.request("POST", uri, Some(event)).expect("answered");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json().expect("JSON")
+    };
+    let idle = |client: &mut Client| -> u64 {
+        let r = client.request("GET", "/v1/health", None).unwrap();
+        r.json().unwrap()["functions"]["idle"]
+            .as_u64()
+            .expect("idle in health")
+    };
+
+    let server = start(&["--idle-timeout-s", "3"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    for n in 1..=4u64 {
+        let body = post(&mut client, uri, br#"{"op": "echo", "n": 7}"#);
+        assert_eq!(body["result"]["value"]["echo"]["n"], 7, "{body}");
+        assert_eq!(body["path"], "hot", "{body}");
+        assert_eq!(body["recycle"]["invocation"], n, "{body}");
+        assert_eq!(body["recycle"]["reused"], true, "{body}");
+        if n > 1 {
+            // Reused: nothing restored, only resumed.
+            let restore = body["timings_ms"]["restore"].as_f64().unwrap();
+            assert!(restore < 1000.0, "{body}");
+        }
+    }
+    assert_eq!(workers_of(pid).len(), 1, "one worker holds the clone");
+    assert_eq!(idle(&mut client), 1);
+
+    // A timed-out invocation ends its clone; the next gets a new one.
+    let body = post(
+        &mut client,
+        &format!("{uri}?timeout_ms=2000"),
+        br#"{"op": "loop"}"#,
+    );
+    assert_eq!(body["result"], json!({"kind": "timed_out"}), "{body}");
+    assert_eq!(body["recycle"]["reused"], false, "{body}");
+    let body = post(&mut client, uri, br#"{"op": "echo"}"#);
+    assert_eq!(body["recycle"]["invocation"], 1, "{body}");
+
+    // Idle past the timeout: destroyed, its worker gone.
+    assert!(
+        eventually(Duration::from_secs(15), || idle(&mut client) == 0),
+        "the idle clone expires"
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || workers_of(pid).is_empty()),
+        "its worker ends: {:?}",
+        workers_of(pid)
+    );
+    server.stop();
+
+    // --no-recycle: a fresh clone per invocation, no worker left after it.
+    let server = start(&["--no-recycle"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    for _ in 0..2 {
+        let body = post(&mut client, uri, br#"{"op": "echo"}"#);
+        assert_eq!(body["path"], "hot", "{body}");
+        assert!(body.get("recycle").is_none(), "{body}");
+    }
+    assert_eq!(idle(&mut client), 0);
+    assert!(
+        eventually(Duration::from_secs(15), || workers_of(pid).is_empty()),
+        "no worker outlives its invocation: {:?}",
+        workers_of(pid)
+    );
+    server.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // --- Hostile clients (issue 13, items 5 and 11) --------------------------
 
 /// Sends `request` (which should say `Connection: close`) on a fresh

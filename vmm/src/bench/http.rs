@@ -1,6 +1,7 @@
-//! `ember bench http`: drives `POST /v1/invocations` of a local server
-//! from a fixed number of keep-alive connections for a bounded time, and
-//! reports throughput and latency percentiles.
+//! `ember bench http`: drives `POST /v1/invocations` (or, with a function,
+//! `POST /v1/functions/{name}/invocations`) of a local server from a fixed
+//! number of keep-alive connections for a bounded time, and reports
+//! throughput and latency percentiles.
 //!
 //! Each connection runs on its own thread and sends its next request as
 //! soon as the previous one is answered (a closed loop): the concurrency
@@ -26,12 +27,23 @@ pub struct LoadConfig {
     pub concurrency: usize,
     /// How long to send requests for.
     pub duration: Duration,
-    /// The command each invocation runs.
+    /// The command each invocation runs (without `function`).
     pub argv: Vec<String>,
+    /// Invoke this function with this event instead of running `argv`.
+    pub function: Option<FunctionLoad>,
     /// Each invocation's `timeout_ms`.
     pub timeout_ms: u64,
     /// The server's bearer token, if it wants one.
     pub auth_token: Option<AuthToken>,
+}
+
+/// A function to invoke, and the event every invocation sends.
+#[derive(Debug, Clone)]
+pub struct FunctionLoad {
+    /// Its name on the server.
+    pub name: String,
+    /// The event (JSON).
+    pub event: Vec<u8>,
 }
 
 /// The result of a load test.
@@ -45,22 +57,27 @@ pub struct LoadReport {
     pub elapsed_s: f64,
     /// Requests answered or failed.
     pub requests: u64,
-    /// Requests answered 200 whose command exited 0.
+    /// Requests answered 200 whose command exited 0 (a function: whose
+    /// handler returned).
     pub ok: u64,
     /// Everything else, by kind: `http_<status>`, `exit_<code>`,
-    /// `timeout`, `io`, `malformed`.
+    /// `timeout`, `handler_error`, `io`, `malformed`.
     pub errors: BTreeMap<String, u64>,
     /// Successful invocations per second.
     pub throughput_per_s: f64,
     /// Client-side latency of the successful requests.
     pub latency_ms: Stats,
-    /// The server's `host.total_ms` of the successful requests.
+    /// The server's `host.total_ms` of the successful requests (a
+    /// function: `timings_ms.total`).
     pub server_total_ms: Stats,
-    /// The restore time of the sandboxes used (`host.restore_ms`).
+    /// The restore time of the sandboxes used (`host.restore_ms`; a
+    /// function: `timings_ms.restore`, resuming a recycled clone).
     pub restore_ms: Stats,
-    /// Time waiting for a sandbox (`host.queue_ms`).
+    /// Time waiting for a sandbox (`host.queue_ms`; a function:
+    /// `timings_ms.queue`).
     pub queue_ms: Stats,
-    /// Share of successful requests served by a warm sandbox.
+    /// Share of successful requests served by a warm sandbox (a function:
+    /// by a recycled clone that had served before).
     pub warm_ratio: f64,
 }
 
@@ -168,11 +185,23 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         Ok(_) => {}
         Err(e) => return Err(LoadError::NotReady(e.to_string())),
     }
-    let body = serde_json::to_vec(&serde_json::json!({
-        "argv": config.argv,
-        "timeout_ms": config.timeout_ms,
-    }))
-    .map_err(|e| LoadError::Config(e.to_string()))?;
+    let (uri, body) = match &config.function {
+        Some(function) => (
+            format!(
+                "/v1/functions/{}/invocations?timeout_ms={}",
+                function.name, config.timeout_ms
+            ),
+            function.event.clone(),
+        ),
+        None => (
+            "/v1/invocations".to_string(),
+            serde_json::to_vec(&serde_json::json!({
+                "argv": config.argv,
+                "timeout_ms": config.timeout_ms,
+            }))
+            .map_err(|e| LoadError::Config(e.to_string()))?,
+        ),
+    };
     let started = Instant::now();
     let deadline = started + config.duration;
     let tallies: Vec<Tally> = std::thread::scope(|scope| {
@@ -180,11 +209,12 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
             .map(|_| {
                 let mut client = Client::new(config.target.clone(), io_timeout)
                     .with_token(config.auth_token.clone());
-                let body = &body;
+                let (uri, body) = (&uri, &body);
+                let function = config.function.is_some();
                 scope.spawn(move || {
                     let mut tally = Tally::default();
                     while Instant::now() < deadline {
-                        one_request(&mut client, body, &mut tally);
+                        one_request(&mut client, uri, body, function, &mut tally);
                     }
                     tally
                 })
@@ -225,9 +255,9 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     })
 }
 
-fn one_request(client: &mut Client, body: &[u8], tally: &mut Tally) {
+fn one_request(client: &mut Client, uri: &str, body: &[u8], function: bool, tally: &mut Tally) {
     let sent = Instant::now();
-    let result = client.request("POST", "/v1/invocations", Some(body));
+    let result = client.request("POST", uri, Some(body));
     let latency = ms(sent.elapsed());
     tally.requests += 1;
     let response = match result {
@@ -241,6 +271,9 @@ fn one_request(client: &mut Client, body: &[u8], tally: &mut Tally) {
     let Ok(json) = response.json() else {
         return tally.error("malformed".into());
     };
+    if function {
+        return tally_function(&json, latency, tally);
+    }
     if json["timed_out"].as_bool() == Some(true) {
         return tally.error("timeout".into());
     }
@@ -256,6 +289,147 @@ fn one_request(client: &mut Client, body: &[u8], tally: &mut Tally) {
     tally.restore.push(f("restore_ms"));
     tally.queue.push(f("queue_ms"));
     if host["warm"].as_bool() == Some(true) {
+        tally.warm += 1;
+    }
+}
+
+/// The same load as a function load test, through the library in this
+/// process: one in-process recycled clone per connection, each invoked in
+/// a closed loop for the same time. What the HTTP run costs beyond it is
+/// the server's and the worker's share.
+#[derive(Debug, Clone, Serialize)]
+pub struct LibraryReport {
+    /// Clones, each with one invocation in flight.
+    pub concurrency: usize,
+    /// From the first invocation to the last result, in seconds.
+    pub elapsed_s: f64,
+    /// Invocations whose handler returned.
+    pub ok: u64,
+    /// Invocations that failed or whose handler did not return.
+    pub errors: u64,
+    /// Successful invocations per second.
+    pub throughput_per_s: f64,
+    /// Request to the clone reset after the result: the server answers
+    /// after the reset too, so the HTTP client's latency holds it.
+    pub latency_ms: Stats,
+}
+
+impl LibraryReport {
+    /// A human-readable summary.
+    pub fn to_table(&self) -> String {
+        format!(
+            "library (in-process recycled clones): {} clones, {:.1} s\nok {}, errors {}\nthroughput {:.2} invocations/s\n{}{}",
+            self.concurrency,
+            self.elapsed_s,
+            self.ok,
+            self.errors,
+            self.throughput_per_s,
+            Stats::header("ms"),
+            self.latency_ms.row("latency (request -> clone reset)"),
+        )
+    }
+}
+
+/// Runs `event` against the function in `dir` through the library, as
+/// [`LibraryReport`] says, with `concurrency` clones for `duration`.
+pub fn run_library(
+    dir: &std::path::Path,
+    event: &[u8],
+    concurrency: usize,
+    duration: Duration,
+    timeout: Duration,
+) -> Result<LibraryReport, LoadError> {
+    use crate::function::{Function, FunctionInvokeOptions, HandlerResult, RecycleOptions};
+    if concurrency == 0 || duration.is_zero() {
+        return Err(LoadError::Config(
+            "concurrency and duration must be positive".into(),
+        ));
+    }
+    let function = std::sync::Arc::new(
+        Function::open(dir).map_err(|e| LoadError::Config(format!("{}: {e}", dir.display())))?,
+    );
+    let options = FunctionInvokeOptions {
+        timeout,
+        ..FunctionInvokeOptions::in_process()
+    };
+    let mut clones = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        clones.push(
+            function
+                .recycled(&RecycleOptions::default())
+                .map_err(|e| LoadError::Config(format!("a recycled clone: {e}")))?,
+        );
+    }
+    let started = Instant::now();
+    let deadline = started + duration;
+    let results: Vec<(Vec<f64>, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clones
+            .into_iter()
+            .map(|mut clone| {
+                let (options, function) = (&options, &function);
+                scope.spawn(move || {
+                    let (mut latency, mut errors) = (Vec::new(), 0u64);
+                    while Instant::now() < deadline {
+                        match clone.invoke(event, options) {
+                            Ok(o)
+                                if matches!(
+                                    o.result,
+                                    HandlerResult::Json { .. } | HandlerResult::Bytes { .. }
+                                ) =>
+                            {
+                                latency.push(ms(o.timings.total));
+                            }
+                            _ => errors += 1,
+                        }
+                        if !clone.is_usable() {
+                            match function.recycled(&RecycleOptions::default()) {
+                                Ok(fresh) => clone = fresh,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    (latency, errors)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let errors = results.iter().map(|(_, e)| e).sum();
+    let latency: Vec<f64> = results.into_iter().flat_map(|(l, _)| l).collect();
+    let ok = latency.len() as u64;
+    Ok(LibraryReport {
+        concurrency,
+        elapsed_s: elapsed,
+        ok,
+        errors,
+        throughput_per_s: if elapsed > 0.0 {
+            ok as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency_ms: Stats::of(latency),
+    })
+}
+
+/// Counts one answered function invocation.
+fn tally_function(json: &serde_json::Value, latency: f64, tally: &mut Tally) {
+    match json["result"]["kind"].as_str() {
+        Some("json" | "bytes") => {}
+        Some("timed_out") => return tally.error("timeout".into()),
+        Some(_) => return tally.error("handler_error".into()),
+        None => return tally.error("malformed".into()),
+    }
+    let timings = &json["timings_ms"];
+    let f = |key: &str| timings[key].as_f64().unwrap_or(0.0);
+    tally.latency.push(latency);
+    tally.server_total.push(f("total"));
+    tally.restore.push(f("restore"));
+    tally.queue.push(f("queue"));
+    if json["recycle"]["invocation"]
+        .as_u64()
+        .is_some_and(|n| n > 1)
+    {
         tally.warm += 1;
     }
 }

@@ -92,6 +92,19 @@ pub(super) struct BenchHttpArgs {
     /// Send the bearer token in FILE (the server's --auth-token-file)
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<PathBuf>,
+    /// Invoke this function (POST /v1/functions/NAME/invocations) instead
+    /// of running `true` in a sandbox
+    #[arg(long, value_name = "NAME")]
+    function: Option<String>,
+    /// The event each function invocation sends
+    #[arg(long, value_name = "JSON", default_value = "{}", requires = "function")]
+    event: String,
+    /// The function's template directory: after the HTTP run, run the
+    /// same load through the library in this process (in-process recycled
+    /// clones, same concurrency and duration) and print what HTTP and the
+    /// jailed workers add
+    #[arg(long, value_name = "DIR", requires = "function")]
+    function_dir: Option<PathBuf>,
 }
 
 fn boot(args: BenchBootArgs) -> Result<ExitCode> {
@@ -130,6 +143,10 @@ fn http(args: BenchHttpArgs) -> Result<ExitCode> {
         concurrency: args.concurrency,
         duration: Duration::from_secs(args.duration_s),
         argv: vec!["true".into()],
+        function: args.function.map(|name| loadtest::FunctionLoad {
+            name,
+            event: args.event.into_bytes(),
+        }),
         timeout_ms: 60_000,
         auth_token: args
             .auth_token_file
@@ -139,10 +156,38 @@ fn http(args: BenchHttpArgs) -> Result<ExitCode> {
             .map_err(anyhow::Error::msg)?,
     };
     let report = loadtest::run(&config)?;
+    let library = match (&args.function_dir, &config.function) {
+        (Some(dir), Some(function)) => Some(loadtest::run_library(
+            dir,
+            &function.event,
+            config.concurrency,
+            config.duration,
+            Duration::from_millis(config.timeout_ms),
+        )?),
+        _ => None,
+    };
     if args.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.to_table());
+        let mut json = serde_json::to_value(&report)?;
+        if let Some(library) = &library {
+            json["library"] = serde_json::to_value(library)?;
+        }
+        println!("{json}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", report.to_table());
+    if let Some(library) = library {
+        print!("{}", library.to_table());
+        let (http, lib) = (report.latency_ms, library.latency_ms);
+        println!(
+            "HTTP + worker overhead, p50: {:.3} ms (HTTP client latency p50 {:.3} ms, n={}; \
+             library p50 {:.3} ms, n={}; same concurrency {} and duration, this run)",
+            http.p50 - lib.p50,
+            http.p50,
+            http.n,
+            lib.p50,
+            lib.n,
+            report.concurrency
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

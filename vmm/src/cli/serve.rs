@@ -43,6 +43,18 @@ pub(super) struct ServeArgs {
     /// Largest max_output_bytes a request may ask for
     #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
+    /// Serve each function invocation in a fresh clone destroyed after it,
+    /// instead of a recycled clone reset in place between invocations
+    #[arg(long)]
+    no_recycle: bool,
+    /// Most recycled function clones kept between invocations, over all
+    /// functions (the least recently used goes first)
+    #[arg(long, default_value_t = 8)]
+    max_idle: usize,
+    /// How long a recycled function clone may wait unused before it is
+    /// destroyed
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_s: u64,
     /// On SIGTERM/SIGINT, how long running invocations may go on
     #[arg(long, default_value_t = 30)]
     shutdown_grace_s: u64,
@@ -75,6 +87,9 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
                 max_queue: args.max_queue,
                 queue_timeout: ember::PoolConfig::default().queue_timeout,
                 shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+                recycle: !args.no_recycle,
+                max_idle: args.max_idle,
+                idle_timeout: Duration::from_secs(args.idle_timeout_s),
                 isolation: (!args.in_process).then(isolation).transpose()?,
             },
         )?)),

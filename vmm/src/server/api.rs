@@ -471,6 +471,20 @@ pub struct FunctionInvocationResponse {
     pub path: InvocationPath,
     /// Where the time went.
     pub timings_ms: FunctionTimingsBody,
+    /// The recycled clone that served it; absent for a fresh clone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recycle: Option<RecycleBody>,
+}
+
+/// The recycled clone an invocation ran in.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RecycleBody {
+    /// The clone's invocations so far, this one included (1: made for it).
+    pub invocation: u64,
+    /// Whether the clone was reset and kept for the next invocation.
+    pub reused: bool,
+    /// Its reset after this invocation.
+    pub reset_ms: f64,
 }
 
 /// A function invocation's timings, in milliseconds.
@@ -532,6 +546,11 @@ impl FunctionInvocationResponse {
             output_truncated: outcome.output_truncated,
             path: outcome.path,
             timings_ms: FunctionTimingsBody::new(&outcome.timings, queue),
+            recycle: outcome.recycle.map(|r| RecycleBody {
+                invocation: r.invocation,
+                reused: r.reused,
+                reset_ms: ms(r.reset.duration),
+            }),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The functions a server serves (`ember serve --functions DIR`): opened
-//! once at start, each invoked in fresh clones, at most `max_live` clones
-//! alive at once with a bounded queue in front.
+//! once at start, each invoked in recycled clones kept between
+//! invocations (see [`super::recycled`]) or, for functions without a hot
+//! path and with `recycle` off, in a fresh clone per invocation; at most
+//! `max_live` invocations run at once, with a bounded queue in front.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,8 +13,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::metrics::FunctionLoad;
+use super::recycled::{IdleClones, RecycledClone};
 use super::ServerError;
-use crate::function::{Function, MANIFEST_FILE};
+use crate::function::{
+    Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, MANIFEST_FILE,
+};
 
 /// Longest function name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -31,7 +36,7 @@ pub fn valid_name(name: &str) -> bool {
 /// How a [`FunctionSet`] shares the host.
 #[derive(Debug, Clone)]
 pub struct FunctionSetConfig {
-    /// Most clones alive at once, over all functions.
+    /// Most invocations running at once, over all functions.
     pub max_live: usize,
     /// Most requests waiting for a slot; more are refused (429).
     pub max_queue: usize,
@@ -39,6 +44,15 @@ pub struct FunctionSetConfig {
     pub queue_timeout: Duration,
     /// On shutdown, how long running invocations may go on.
     pub shutdown_grace: Duration,
+    /// Serve functions that have a hot path from recycled clones, reset
+    /// in place between invocations (the default); off: a fresh clone per
+    /// invocation, destroyed after it.
+    pub recycle: bool,
+    /// Most recycled clones kept between invocations, over all functions
+    /// (the least recently used goes first).
+    pub max_idle: usize,
+    /// How long a recycled clone may wait unused before it is destroyed.
+    pub idle_timeout: Duration,
     /// Run every clone in its own jailed worker process: the default.
     /// `None` runs them in the server's process, for trusted code only.
     pub isolation: Option<crate::isolation::Isolation>,
@@ -52,6 +66,9 @@ impl Default for FunctionSetConfig {
             isolation: Some(crate::isolation::Isolation::default()),
             queue_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            recycle: true,
+            max_idle: 8,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +91,7 @@ pub struct ServedFunction {
 pub struct FunctionSet {
     functions: BTreeMap<String, ServedFunction>,
     limiter: Limiter,
+    idle: IdleClones,
     config: FunctionSetConfig,
 }
 
@@ -169,6 +187,7 @@ impl FunctionSet {
         Ok(FunctionSet {
             functions: set,
             limiter: Limiter::new(&config),
+            idle: IdleClones::new(config.max_idle),
             config,
         })
     }
@@ -219,9 +238,63 @@ impl FunctionSet {
         self.limiter.acquire().await
     }
 
-    /// Refuses new invocations from now on (waiting ones too).
-    pub fn close(&self) {
+    /// Refuses new invocations from now on (waiting ones too), and
+    /// destroys the idle clones.
+    pub async fn close(&self) {
         self.limiter.permits.close();
+        destroy(self.idle.take_all()).await;
+    }
+
+    /// Whether `function` is served from recycled clones.
+    pub fn recycles(&self, function: &ServedFunction) -> bool {
+        self.config.recycle && function.function.manifest().hot_path.is_some()
+    }
+
+    /// Runs `event` in a recycled clone of `function`: an idle one, or
+    /// one made now (counted in the outcome's restore time); the clone is
+    /// kept for the next invocation if it can serve one. Blocking.
+    pub(crate) fn invoke_recycled(
+        &self,
+        function: &ServedFunction,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Result<FunctionOutcome, FunctionError> {
+        let requested = Instant::now();
+        let (mut clone, made) = match self.idle.take(function.index) {
+            Some(clone) => (clone, Duration::ZERO),
+            None => {
+                let clone = RecycledClone::make(
+                    &function.function,
+                    options.isolation.as_ref(),
+                    options.io_limits,
+                )?;
+                (clone, requested.elapsed())
+            }
+        };
+        let result = clone.invoke(event, options);
+        let reusable = matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused));
+        // Dropped here, on this blocking thread: ending a worker waits.
+        drop(if reusable {
+            self.idle.put(function.index, clone)
+        } else {
+            vec![clone]
+        });
+        result.map(|mut outcome| {
+            outcome.timings.restore += made;
+            outcome.timings.total += made;
+            outcome
+        })
+    }
+
+    /// Destroys the recycled clones idle for longer than the idle
+    /// timeout.
+    pub async fn expire_idle(&self) {
+        destroy(self.idle.expire(self.config.idle_timeout)).await;
+    }
+
+    /// Idle recycled clones per function, in index order.
+    pub fn idle_counts(&self) -> Vec<usize> {
+        self.idle.counts(self.functions.len())
     }
 
     /// Whether [`FunctionSet::close`] was called.
@@ -240,6 +313,13 @@ impl FunctionSet {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Ends `clones` on a blocking thread (ending a worker waits for it).
+async fn destroy(clones: Vec<RecycledClone>) {
+    if !clones.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || drop(clones)).await;
     }
 }
 
@@ -381,6 +461,7 @@ mod tests {
                 queue_timeout: Duration::from_millis(50),
                 shutdown_grace: Duration::ZERO,
                 isolation: None,
+                ..FunctionSetConfig::default()
             }));
             let first = limiter.acquire().await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);

@@ -48,6 +48,7 @@ mod conn_cap;
 pub mod functions;
 pub mod guard;
 pub mod metrics;
+pub mod recycled;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -344,6 +345,17 @@ pub async fn serve(
         .layer(axum::middleware::from_fn_with_state(guard, guard::check))
         .with_state(state);
 
+    // Recycled clones unused for the idle timeout are destroyed.
+    let expiry = {
+        let functions = functions.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                functions.expire_idle().await;
+            }
+        })
+    };
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
     let closer = (pool.clone(), functions.clone());
     let signal = async move {
@@ -352,7 +364,7 @@ pub async fn serve(
         if let Some(pool) = &closer.0 {
             pool.close();
         }
-        closer.1.close();
+        closer.1.close().await;
         let _ = signalled_tx.send(());
     };
     // After the signal, the pool's shutdown bounds the drain: it waits for
@@ -417,7 +429,8 @@ pub async fn serve(
             tracing::warn!(running = left, "in-process sandboxes still running at exit");
         }
     }
-    functions.close();
+    expiry.abort();
+    functions.close().await;
     let left = functions.load().live;
     if left > 0 {
         tracing::warn!(running = left, "function clones still running at exit");
@@ -876,8 +889,10 @@ async fn health(State(state): State<Shared>) -> Response {
             "count": state.functions.len(),
             "live": load.live,
             "queued": load.queued,
+            "idle": state.functions.idle_counts().iter().sum::<usize>(),
             "max_live": state.functions.config().max_live,
             "max_queue": state.functions.config().max_queue,
+            "max_idle": state.functions.config().max_idle,
         },
     });
     let status = if closed {
@@ -974,8 +989,14 @@ impl FunctionLog {
         slot: Slot,
     ) -> Response {
         let queued = slot.queued;
-        let result = function.function.invoke(event, options);
-        // The clone is gone: its slot is free.
+        let functions = &self.state.functions;
+        let result = if functions.recycles(function) {
+            functions.invoke_recycled(function, event, options)
+        } else {
+            function.function.invoke(event, options)
+        };
+        // The invocation is over (its clone destroyed or idle): its slot
+        // is free.
         drop(slot);
         let metrics = &self.state.metrics;
         match result {
