@@ -13,12 +13,13 @@
 //!   come, then one `exit` (or `error`) event. The status line is sent
 //!   once a sandbox is secured, so a full queue is still a 429.
 //!   (Only with a pool.)
-//! - `POST /v1/functions/{name}/invocations`: the body is the event; one
-//!   fresh clone of the function's template handles it
-//!   ([`Function::invoke`](crate::function::Function::invoke)). Query
-//!   `timeout_ms`, `max_output_bytes`. At most `max_live` clones are alive
-//!   at once, with a bounded queue (429, 503) as for the pool. A handler
-//!   that raised or timed out is still a 200 (`result.kind` says).
+//! - `POST /v1/functions/{name}/invocations`: the body is the event; a
+//!   recycled clone of the function handles it (see [`recycled`]; a fresh
+//!   clone per invocation for functions without a hot path, or with
+//!   `recycle` off). Query `timeout_ms`, `max_output_bytes`. At most
+//!   `max_live` invocations run at once, with a bounded queue (429, 503)
+//!   as for the pool. A handler that raised or timed out is still a 200
+//!   (`result.kind` says).
 //! - `GET /v1/functions`: the functions served.
 //! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
 //! - `GET /metrics`: Prometheus text format.
