@@ -229,7 +229,10 @@ impl FunctionSet {
 
     /// Clones alive and requests waiting.
     pub fn load(&self) -> FunctionLoad {
-        self.limiter.load()
+        FunctionLoad {
+            idle: self.idle.len(),
+            ..self.limiter.load()
+        }
     }
 
     /// Waits for a slot to run one invocation in: at once, or in the
@@ -290,11 +293,6 @@ impl FunctionSet {
     /// timeout.
     pub async fn expire_idle(&self) {
         destroy(self.idle.expire(self.config.idle_timeout)).await;
-    }
-
-    /// Idle recycled clones per function, in index order.
-    pub fn idle_counts(&self) -> Vec<usize> {
-        self.idle.counts(self.functions.len())
     }
 
     /// Whether [`FunctionSet::close`] was called.
@@ -394,6 +392,7 @@ impl Limiter {
                 .max_live
                 .saturating_sub(self.permits.available_permits()),
             queued: self.queued.load(Ordering::SeqCst),
+            idle: 0,
         }
     }
 
@@ -465,7 +464,14 @@ mod tests {
             }));
             let first = limiter.acquire().await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);
-            assert_eq!(limiter.load(), FunctionLoad { live: 1, queued: 0 });
+            assert_eq!(
+                limiter.load(),
+                FunctionLoad {
+                    live: 1,
+                    queued: 0,
+                    idle: 0
+                }
+            );
             // One waits (and times out); meanwhile a third is refused.
             let waiter = tokio::spawn({
                 let limiter = limiter.clone();

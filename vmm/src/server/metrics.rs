@@ -188,10 +188,13 @@ fn path_index(path: Option<InvocationPath>) -> usize {
 /// Function clones in use and requests waiting, for the gauges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FunctionLoad {
-    /// Clones alive (restoring, running or being destroyed).
+    /// Invocations running (their clones restoring, running or being
+    /// reset or destroyed).
     pub live: usize,
     /// Requests waiting for a slot.
     pub queued: usize,
+    /// Recycled clones waiting between invocations.
+    pub idle: usize,
 }
 
 /// Per-function counters, by outcome and path.
@@ -377,7 +380,16 @@ impl Metrics {
             h.render_series(out, name, &format!("path=\"{path}\","));
         }
         let gauges = [
-            ("ember_function_live", "Function clones alive.", load.live),
+            (
+                "ember_function_live",
+                "Function invocations running.",
+                load.live,
+            ),
+            (
+                "ember_function_idle_clones",
+                "Recycled function clones waiting between invocations.",
+                load.idle,
+            ),
             (
                 "ember_function_queue_length",
                 "Function requests waiting for a slot.",
@@ -422,7 +434,11 @@ mod tests {
         m.count_function(0, FunctionOutcomeKind::Invalid, None);
         m.count_function(7, FunctionOutcomeKind::Json, None);
         m.observe_function(InvocationPath::Vsock, Duration::from_millis(30));
-        let load = FunctionLoad { live: 2, queued: 1 };
+        let load = FunctionLoad {
+            live: 2,
+            queued: 1,
+            idle: 3,
+        };
         let text = m.render(&PoolStats::default(), &load);
         for line in [
             "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"hot\"} 1\n",
@@ -433,6 +449,7 @@ mod tests {
             "ember_function_duration_ms_count{path=\"vsock\"} 1\n",
             "ember_function_live 2\n",
             "ember_function_queue_length 1\n",
+            "ember_function_idle_clones 3\n",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }

@@ -890,7 +890,7 @@ async fn health(State(state): State<Shared>) -> Response {
             "count": state.functions.len(),
             "live": load.live,
             "queued": load.queued,
-            "idle": state.functions.idle_counts().iter().sum::<usize>(),
+            "idle": load.idle,
             "max_live": state.functions.config().max_live,
             "max_queue": state.functions.config().max_queue,
             "max_idle": state.functions.config().max_idle,
