@@ -23,14 +23,7 @@ fn examples() -> PathBuf {
 }
 
 fn options() -> TemplateOptions {
-    let (kernel, initrd) = common::guest_artifacts();
-    let image = ember::paths::default_python_image();
-    assert!(
-        image.exists(),
-        "{} is missing: run scripts/setup first",
-        image.display()
-    );
-    TemplateOptions::new(kernel, initrd, Some(image))
+    common::python_template_options()
 }
 
 fn spec(code: &Path, handler: &str) -> FunctionSpec {

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use ember::function::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionSpec, HandlerResult, InvocationPath,
-    TemplateOptions,
 };
 use serde_json::{json, Value};
 
@@ -27,20 +26,13 @@ fn example(file: &str) -> PathBuf {
 
 /// The cached template of `file`'s `handler`, warmed with `warmup`.
 fn template(file: &str, warmup: Value, env: &[(&str, &str)]) -> Function {
-    let (kernel, initrd) = common::guest_artifacts();
-    let image = ember::paths::default_python_image();
-    assert!(
-        image.exists(),
-        "{} is missing: run scripts/setup first",
-        image.display()
-    );
     let mut spec = FunctionSpec::python3(example(file), "handler");
     spec.warmup_event = Some(serde_json::to_vec(&warmup).unwrap());
     spec.env = env
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let options = TemplateOptions::new(kernel, initrd, Some(image));
+    let options = common::python_template_options();
     let dir = ember::ensure_cached_function(&spec, &options, |dir| {
         eprintln!("making {file} {env:?} in {}", dir.display())
     })

@@ -319,19 +319,12 @@ fn clones_prepared_ahead_answer_after_waiting() {
 /// A python function made from `source` saved as `file_name` (cached by its
 /// inputs, like the probe function): one cold boot each on first use.
 fn python_function(file_name: &str, source: &str) -> Function {
-    let (kernel, initrd) = common::guest_artifacts();
-    let image = ember::paths::default_python_image();
-    assert!(
-        image.exists(),
-        "{} is missing: run scripts/setup first",
-        image.display()
-    );
     let dir = common::temp_path(&format!("src-{file_name}"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join(file_name);
     std::fs::write(&file, source).unwrap();
     let spec = ember::function::FunctionSpec::python3(&file, "handler");
-    let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
+    let options = common::python_template_options();
     let template = ember::ensure_cached_function(&spec, &options, |dir| {
         eprintln!("making {file_name} in {}", dir.display())
     })

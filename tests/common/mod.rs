@@ -121,6 +121,19 @@ pub fn sh_ok(sandbox: &mut ember::Sandbox, script: &str, hang_guard: Duration) -
     out
 }
 
+/// Template options for the python3 image (jailed, the defaults), failing
+/// with what to run when the image or the guest artifacts are missing.
+pub fn python_template_options() -> ember::function::TemplateOptions {
+    let (kernel, initrd) = guest_artifacts();
+    let image = ember::paths::default_python_image();
+    assert!(
+        image.exists(),
+        "{} is missing: run scripts/setup first",
+        image.display()
+    );
+    ember::function::TemplateOptions::new(kernel, initrd, Some(image))
+}
+
 /// The probe function's template directory (tests/functions/probe.py,
 /// warmed with `{"op": "warm"}`), shared by the test binaries that need it
 /// and cached across runs by its inputs: made on first use with a cold
@@ -129,18 +142,11 @@ pub fn sh_ok(sandbox: &mut ember::Sandbox, script: &str, hang_guard: Duration) -
 pub fn probe_template() -> &'static std::path::Path {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let (kernel, initrd) = guest_artifacts();
-        let image = ember::paths::default_python_image();
-        assert!(
-            image.exists(),
-            "{} is missing: run scripts/setup first",
-            image.display()
-        );
         let probe =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/functions/probe.py");
         let mut spec = ember::function::FunctionSpec::python3(probe, "handler");
         spec.warmup_event = Some(br#"{"op": "warm"}"#.to_vec());
-        let options = ember::function::TemplateOptions::new(kernel, initrd, Some(image));
+        let options = python_template_options();
         ember::ensure_cached_function(&spec, &options, |dir| {
             eprintln!("making the probe function in {}", dir.display())
         })
