@@ -43,6 +43,14 @@ pub(super) struct ServeArgs {
     /// Largest max_output_bytes a request may ask for
     #[arg(long, default_value_t = ember_protocol::protocol::DEFAULT_MAX_OUTPUT_BYTES)]
     max_output_bytes: u64,
+    /// Most invocations of any one function running at once (default:
+    /// --max-live); below --max-live, a busy function leaves slots for the
+    /// others
+    #[arg(long, value_name = "N")]
+    function_max_live: Option<usize>,
+    /// Most requests for any one function waiting (default: --max-queue)
+    #[arg(long, value_name = "N")]
+    function_max_queue: Option<usize>,
     /// Serve each function invocation in a fresh clone destroyed after it,
     /// instead of a recycled clone reset in place between invocations
     #[arg(long)]
@@ -87,6 +95,8 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
                 max_queue: args.max_queue,
                 queue_timeout: ember::PoolConfig::default().queue_timeout,
                 shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+                max_live_per_function: args.function_max_live,
+                max_queue_per_function: args.function_max_queue,
                 recycle: !args.no_recycle,
                 max_idle: args.max_idle,
                 idle_timeout: Duration::from_secs(args.idle_timeout_s),

@@ -40,6 +40,13 @@ pub struct FunctionSetConfig {
     pub max_live: usize,
     /// Most requests waiting for a slot; more are refused (429).
     pub max_queue: usize,
+    /// Most invocations of any one function running at once (at most
+    /// `max_live`; `None`: `max_live`). Below `max_live`, one busy
+    /// function leaves slots for the others.
+    pub max_live_per_function: Option<usize>,
+    /// Most requests for any one function waiting (at most `max_queue`;
+    /// `None`: `max_queue`); more are refused (429).
+    pub max_queue_per_function: Option<usize>,
     /// Longest wait for a slot (then 503).
     pub queue_timeout: Duration,
     /// On shutdown, how long running invocations may go on.
@@ -63,6 +70,8 @@ impl Default for FunctionSetConfig {
         FunctionSetConfig {
             max_live: 8,
             max_queue: 64,
+            max_live_per_function: None,
+            max_queue_per_function: None,
             isolation: Some(crate::isolation::Isolation::default()),
             queue_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -84,6 +93,8 @@ pub struct ServedFunction {
     pub dir: PathBuf,
     /// The opened template.
     pub function: Arc<Function>,
+    /// Its share of the set's slots and queue.
+    limit: FunctionLimit,
 }
 
 /// The functions a server serves, by name.
@@ -161,6 +172,11 @@ impl FunctionSet {
         if config.max_live == 0 {
             return Err(ServerError::Config("max_live must be at least 1".into()));
         }
+        if config.max_live_per_function == Some(0) {
+            return Err(ServerError::Config(
+                "max_live_per_function must be at least 1".into(),
+            ));
+        }
         let mut set = BTreeMap::new();
         for (name, dir, function) in functions {
             if !valid_name(&name) {
@@ -178,6 +194,7 @@ impl FunctionSet {
                     index: 0,
                     dir,
                     function: Arc::new(function),
+                    limit: FunctionLimit::new(&config),
                 },
             );
         }
@@ -235,16 +252,19 @@ impl FunctionSet {
         }
     }
 
-    /// Waits for a slot to run one invocation in: at once, or in the
-    /// queue.
-    pub(crate) async fn acquire(&self) -> Result<Slot, Refusal> {
-        self.limiter.acquire().await
+    /// Waits for a slot to run one invocation of `function` in: at once,
+    /// or in the queue.
+    pub(crate) async fn acquire(&self, function: &ServedFunction) -> Result<Slot, Refusal> {
+        self.limiter.acquire(&function.limit).await
     }
 
     /// Refuses new invocations from now on (waiting ones too), and
     /// destroys the idle clones.
     pub async fn close(&self) {
         self.limiter.permits.close();
+        for function in self.functions.values() {
+            function.limit.permits.close();
+        }
         destroy(self.idle.take_all()).await;
     }
 
@@ -275,7 +295,10 @@ impl FunctionSet {
             }
         };
         let result = clone.invoke(event, options);
-        let reusable = matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused));
+        // A server shutting down keeps nothing (its idle clones are gone
+        // already).
+        let reusable =
+            matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused)) && !self.is_closed();
         // Dropped here, on this blocking thread: ending a worker waits.
         drop(if reusable {
             self.idle.put(function.index, clone)
@@ -326,6 +349,8 @@ async fn destroy(clones: Vec<RecycledClone>) {
 pub(crate) enum Refusal {
     /// Every slot is taken and the queue is full.
     Busy { max_live: usize, max_queue: usize },
+    /// Every slot of this function is taken and its queue is full.
+    FunctionBusy { max_live: usize, max_queue: usize },
     /// No slot became free in time.
     QueueTimeout(Duration),
     /// The server is shutting down.
@@ -342,6 +367,14 @@ impl std::fmt::Display for Refusal {
                 f,
                 "all {max_live} function slots are busy and {max_queue} callers wait already"
             ),
+            Refusal::FunctionBusy {
+                max_live,
+                max_queue,
+            } => write!(
+                f,
+                "all {max_live} slots of this function are busy and {max_queue} of its callers \
+                 wait already"
+            ),
             Refusal::QueueTimeout(d) => write!(f, "no function slot became free within {d:?}"),
             Refusal::ShuttingDown => write!(f, "the server is shutting down"),
         }
@@ -352,8 +385,45 @@ impl std::fmt::Display for Refusal {
 #[derive(Debug)]
 pub(crate) struct Slot {
     _permit: OwnedSemaphorePermit,
+    _function_permit: OwnedSemaphorePermit,
     /// How long the request waited for it.
     pub queued: Duration,
+}
+
+/// One function's share: at most `max_live` of its invocations running,
+/// at most `max_queue` waiting.
+#[derive(Debug)]
+struct FunctionLimit {
+    permits: Arc<Semaphore>,
+    max_live: usize,
+    max_queue: usize,
+    queued: AtomicUsize,
+}
+
+impl FunctionLimit {
+    fn new(config: &FunctionSetConfig) -> Self {
+        let max_live = config
+            .max_live_per_function
+            .map_or(config.max_live, |n| n.min(config.max_live));
+        FunctionLimit {
+            permits: Arc::new(Semaphore::new(max_live)),
+            max_live,
+            max_queue: config
+                .max_queue_per_function
+                .map_or(config.max_queue, |n| n.min(config.max_queue)),
+            queued: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Takes a place in `queued` if fewer than `max` are taken.
+fn enqueue(queued: &AtomicUsize, max: usize) -> Option<InQueue<'_>> {
+    queued
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+            (q < max).then_some(q + 1)
+        })
+        .ok()
+        .map(|_| InQueue(queued))
 }
 
 /// At most `max_live` slots; at most `max_queue` waiters (FIFO).
@@ -396,35 +466,53 @@ impl Limiter {
         }
     }
 
-    async fn acquire(&self) -> Result<Slot, Refusal> {
+    /// A slot for an invocation of the function `function` limits: its
+    /// own permit first (so its waiters queue behind each other, not in
+    /// front of other functions'), then one of the set's.
+    async fn acquire(&self, function: &FunctionLimit) -> Result<Slot, Refusal> {
         let started = Instant::now();
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                return Ok(Slot {
-                    _permit: permit,
-                    queued: Duration::ZERO,
-                })
-            }
+        let at_once = match function.permits.clone().try_acquire_owned() {
+            Ok(own) => match self.permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    return Ok(Slot {
+                        _permit: permit,
+                        _function_permit: own,
+                        queued: Duration::ZERO,
+                    })
+                }
+                Err(TryAcquireError::Closed) => return Err(Refusal::ShuttingDown),
+                Err(TryAcquireError::NoPermits) => Some(own),
+            },
             Err(TryAcquireError::Closed) => return Err(Refusal::ShuttingDown),
-            Err(TryAcquireError::NoPermits) => {}
+            Err(TryAcquireError::NoPermits) => None,
+        };
+        if self.permits.is_closed() {
+            return Err(Refusal::ShuttingDown);
         }
-        let max_queue = self.max_queue;
-        if self
-            .queued
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
-                (q < max_queue).then_some(q + 1)
-            })
-            .is_err()
-        {
+        let Some(_in_function_queue) = enqueue(&function.queued, function.max_queue) else {
+            return Err(Refusal::FunctionBusy {
+                max_live: function.max_live,
+                max_queue: function.max_queue,
+            });
+        };
+        let Some(_in_queue) = enqueue(&self.queued, self.max_queue) else {
             return Err(Refusal::Busy {
                 max_live: self.max_live,
-                max_queue,
+                max_queue: self.max_queue,
             });
-        }
-        let _in_queue = InQueue(&self.queued);
-        match tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Slot {
+        };
+        let wait = async {
+            let own = match at_once {
+                Some(own) => own,
+                None => function.permits.clone().acquire_owned().await?,
+            };
+            let permit = self.permits.clone().acquire_owned().await?;
+            Ok::<_, tokio::sync::AcquireError>((permit, own))
+        };
+        match tokio::time::timeout(self.queue_timeout, wait).await {
+            Ok(Ok((permit, own))) => Ok(Slot {
                 _permit: permit,
+                _function_permit: own,
                 queued: started.elapsed(),
             }),
             Ok(Err(_)) => Err(Refusal::ShuttingDown),
@@ -454,15 +542,17 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let limiter = Arc::new(Limiter::new(&FunctionSetConfig {
+            let config = FunctionSetConfig {
                 max_live: 1,
                 max_queue: 1,
                 queue_timeout: Duration::from_millis(50),
                 shutdown_grace: Duration::ZERO,
                 isolation: None,
                 ..FunctionSetConfig::default()
-            }));
-            let first = limiter.acquire().await.unwrap();
+            };
+            let limiter = Arc::new(Limiter::new(&config));
+            let function = Arc::new(FunctionLimit::new(&config));
+            let first = limiter.acquire(&function).await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);
             assert_eq!(
                 limiter.load(),
@@ -474,23 +564,83 @@ mod tests {
             );
             // One waits (and times out); meanwhile a third is refused.
             let waiter = tokio::spawn({
-                let limiter = limiter.clone();
-                async move { limiter.acquire().await.map(|_| ()) }
+                let (limiter, function) = (limiter.clone(), function.clone());
+                async move { limiter.acquire(&function).await.map(|_| ()) }
             });
             while limiter.load().queued == 0 {
                 tokio::task::yield_now().await;
             }
-            assert!(matches!(limiter.acquire().await, Err(Refusal::Busy { .. })));
+            assert!(matches!(
+                limiter.acquire(&function).await,
+                Err(Refusal::FunctionBusy { .. } | Refusal::Busy { .. })
+            ));
             assert_eq!(
                 waiter.await.unwrap(),
                 Err(Refusal::QueueTimeout(Duration::from_millis(50)))
             );
             assert_eq!(limiter.load().queued, 0);
+            assert_eq!(function.queued.load(Ordering::SeqCst), 0);
             drop(first);
-            let second = limiter.acquire().await.unwrap();
+            let second = limiter.acquire(&function).await.unwrap();
             drop(second);
             limiter.permits.close();
-            assert_eq!(limiter.acquire().await.unwrap_err(), Refusal::ShuttingDown);
+            assert_eq!(
+                limiter.acquire(&function).await.unwrap_err(),
+                Refusal::ShuttingDown
+            );
+        });
+    }
+
+    /// A function at its own cap queues behind itself: another function
+    /// still gets one of the free slots at once.
+    #[test]
+    fn a_busy_function_leaves_slots_for_the_others() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let config = FunctionSetConfig {
+                max_live: 3,
+                max_queue: 8,
+                max_live_per_function: Some(2),
+                max_queue_per_function: Some(1),
+                queue_timeout: Duration::from_secs(5),
+                isolation: None,
+                ..FunctionSetConfig::default()
+            };
+            let limiter = Arc::new(Limiter::new(&config));
+            let slow = Arc::new(FunctionLimit::new(&config));
+            let hot = FunctionLimit::new(&config);
+            let running = [
+                limiter.acquire(&slow).await.unwrap(),
+                limiter.acquire(&slow).await.unwrap(),
+            ];
+            // The slow function's third call waits for its own slot...
+            let waiter = tokio::spawn({
+                let (limiter, slow) = (limiter.clone(), slow.clone());
+                async move { limiter.acquire(&slow).await.map(|s| s.queued) }
+            });
+            while slow.queued.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            // ...its fourth finds its queue full...
+            assert_eq!(
+                limiter.acquire(&slow).await.unwrap_err(),
+                Refusal::FunctionBusy {
+                    max_live: 2,
+                    max_queue: 1
+                }
+            );
+            // ...and the hot function runs at once on the third slot.
+            let hot_slot = limiter.acquire(&hot).await.unwrap();
+            assert_eq!(hot_slot.queued, Duration::ZERO);
+            assert_eq!(limiter.load().live, 3);
+            // The waiter gets a slot once one of its own ends.
+            drop(hot_slot);
+            assert_eq!(slow.queued.load(Ordering::SeqCst), 1, "still its own cap");
+            drop(running);
+            assert!(waiter.await.unwrap().is_ok());
         });
     }
 }

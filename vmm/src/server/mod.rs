@@ -1129,11 +1129,16 @@ async fn function_invocations(
             ),
         );
     }
-    let slot = match state.functions.acquire().await {
+    let Some(served) = state.functions.get(&name) else {
+        return invalid(StatusCode::NOT_FOUND, format!("no function {name:?}"));
+    };
+    let slot = match state.functions.acquire(served).await {
         Ok(slot) => slot,
         Err(refusal) => {
             let (status, retry_after) = match refusal {
-                Refusal::Busy { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("1")),
+                Refusal::Busy { .. } | Refusal::FunctionBusy { .. } => {
+                    (StatusCode::TOO_MANY_REQUESTS, Some("1"))
+                }
                 Refusal::QueueTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
                 Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None),
             };
