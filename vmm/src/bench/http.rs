@@ -51,6 +51,8 @@ pub struct FunctionLoad {
 pub struct LoadReport {
     /// The server.
     pub target: String,
+    /// The function invoked, if any (else `true` in a sandbox).
+    pub function: Option<String>,
     /// Connections.
     pub concurrency: usize,
     /// From the first request to the last answer, in seconds.
@@ -110,7 +112,11 @@ impl LoadReport {
             Stats::header("ms"),
             self.latency_ms.row("latency (client)"),
             self.server_total_ms.row("server total"),
-            self.restore_ms.row("restore (sandbox used)"),
+            self.restore_ms.row(if self.function.is_some() {
+                "restore or resume (clone used)"
+            } else {
+                "restore (sandbox used)"
+            }),
             self.queue_ms.row("queue"),
         )
     }
@@ -162,6 +168,14 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
         return Err(LoadError::Config(
             "concurrency and duration must be positive".into(),
         ));
+    }
+    if let Some(function) = &config.function {
+        if !crate::server::functions::valid_name(&function.name) {
+            return Err(LoadError::Config(format!(
+                "{:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})",
+                function.name
+            )));
+        }
     }
     // Per read: the invocation's timeout, plus the server's queue and
     // restore time, plus slack.
@@ -233,6 +247,7 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
             Target::Tcp(a) => format!("http://{a}"),
             Target::Unix(p) => format!("unix:{}", p.display()),
         },
+        function: config.function.as_ref().map(|f| f.name.clone()),
         concurrency: config.concurrency,
         elapsed_s: elapsed,
         requests: all.requests,
@@ -439,10 +454,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bad_function_name_is_refused_before_any_request() {
+        let config = LoadConfig {
+            target: Target::Tcp("127.0.0.1:1".parse().unwrap()),
+            concurrency: 1,
+            duration: Duration::from_secs(1),
+            argv: Vec::new(),
+            function: Some(FunctionLoad {
+                name: "../metrics".into(),
+                event: b"{}".to_vec(),
+            }),
+            timeout_ms: 1000,
+            auth_token: None,
+        };
+        let err = run(&config).unwrap_err();
+        assert!(
+            matches!(&err, LoadError::Config(m) if m.contains("not a function name")),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn report_figures_are_stats_with_counts() {
         let latency = Stats::of((1..=100).map(f64::from));
         let report = LoadReport {
             target: "http://127.0.0.1:1".into(),
+            function: None,
             concurrency: 1,
             elapsed_s: 1.0,
             requests: 100,
