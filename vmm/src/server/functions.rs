@@ -1,7 +1,7 @@
 //! The functions a server serves (`ember serve --functions DIR`): opened
 //! once at start, each invoked in recycled clones kept between
 //! invocations (see [`super::recycled`]) or, for functions without a hot
-//! path and with `recycle` off, in a fresh clone per invocation; at most
+//! path or with `recycle` off, in a fresh clone per invocation; at most
 //! `max_live` invocations run at once, with a bounded queue in front.
 
 use std::collections::BTreeMap;
@@ -244,7 +244,7 @@ impl FunctionSet {
         &self.config
     }
 
-    /// Clones alive and requests waiting.
+    /// Invocations running, requests waiting and recycled clones idle.
     pub fn load(&self) -> FunctionLoad {
         FunctionLoad {
             idle: self.idle.len(),
