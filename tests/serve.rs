@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -380,6 +380,37 @@ fn twenty_concurrent_invocations_succeed_and_are_counted() {
     server.stop();
 }
 
+/// POSTs to `uri` of the server at `path` on a fresh connection, declaring
+/// a JSON body of `declared` bytes but sending none of it, and returns the
+/// raw answer. For refusals made before the body is read: a server that
+/// refuses a body closes the connection with it unread, and the kernel may
+/// then report a reset to a client still sending before it reads the
+/// answer; a body never sent cannot race.
+fn refused_before_the_body(path: &Path, uri: &str, declared: usize) -> (u16, Value, String) {
+    let mut raw = std::os::unix::net::UnixStream::connect(path).expect("connect");
+    raw.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    std::io::Write::write_all(
+        &mut raw,
+        format!(
+            "POST {uri} HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {declared}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut raw, &mut answer);
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    (status, body, head.to_ascii_lowercase())
+}
+
 #[test]
 fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
     let limits = Limits {
@@ -434,22 +465,25 @@ fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
         .recv_timeout(REQUEST_TIMEOUT)
         .expect("the long invocation starts");
 
-    let mut client = server.client();
-    let r = invoke(&mut client, json!({"argv": ["true"]}));
-    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
-    assert!(r
-        .header("retry-after")
-        .is_some_and(|v| v.parse::<u64>().is_ok()));
-    assert!(r.json().unwrap()["error"]
-        .as_str()
-        .is_some_and(|e| e.contains("busy")));
-
     // While the queue is full, a request is refused before its body is
-    // read, however malformed the body.
-    let r = client
-        .request("POST", "/v1/invocations", Some(b"{not json"))
-        .unwrap();
-    assert_eq!(r.status, 429);
+    // read (here: before it is even sent).
+    let Target::Unix(path) = server.target.clone() else {
+        unreachable!("a Unix socket server")
+    };
+    let (status, body, head) = refused_before_the_body(&path, "/v1/invocations", 64);
+    assert_eq!(status, 429, "{head}{body}");
+    assert!(
+        head.lines().any(|l| l
+            .strip_prefix("retry-after: ")
+            .is_some_and(|v| v.trim().parse::<u64>().is_ok())),
+        "{head}"
+    );
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("busy")),
+        "{body}"
+    );
+    let (status, _, _) = refused_before_the_body(&path, "/v1/invocations", 9);
+    assert_eq!(status, 429);
 
     let (status, headers, events) = long.join().expect("long invocation thread");
     assert_eq!(status, 200);
@@ -471,6 +505,7 @@ fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
 
     // Over the caps, or malformed: 400 with a message, no sandbox used
     // (once the queue has room: admission comes first).
+    let mut client = server.client();
     let bad = [
         (
             json!({"argv": ["true"], "timeout_ms": 60_001}),
@@ -507,34 +542,10 @@ fn full_queue_gets_429_and_requests_over_the_caps_get_400() {
         .request("POST", "/v1/invocations?stream=maybe", Some(b"{}"))
         .unwrap();
     assert_eq!(r.status, 400);
-    // Over the body limit: 413, answered on the declared length. The body
-    // is not sent: a server that refuses a body closes the connection with
-    // it unread, and the kernel may then report the reset to a client still
-    // sending before it reads the answer.
-    let Target::Unix(path) = server.target.clone() else {
-        unreachable!("a Unix socket server")
-    };
-    let mut raw = std::os::unix::net::UnixStream::connect(path).expect("connect");
-    raw.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    std::io::Write::write_all(
-        &mut raw,
-        format!(
-            "POST /v1/invocations HTTP/1.1\r\nHost: localhost\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\
-             Connection: close\r\n\r\n",
-            2 << 20
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    let mut answer = String::new();
-    let _ = std::io::Read::read_to_string(&mut raw, &mut answer);
-    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer:?}");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    assert!(
-        serde_json::from_str::<Value>(body).is_ok_and(|v| v["error"].is_string()),
-        "{answer:?}"
-    );
+    // Over the body limit: 413, answered on the declared length.
+    let (status, body, head) = refused_before_the_body(&path, "/v1/invocations", 2 << 20);
+    assert_eq!(status, 413, "{head}{body}");
+    assert!(body["error"].is_string(), "{body}");
     let mut client = server.client();
     let r = client.request("GET", "/nowhere", None).unwrap();
     assert_eq!(r.status, 404);
