@@ -344,6 +344,7 @@ pub async fn serve(
         })
         .layer(DefaultBodyLimit::max(config.limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(guard, guard::check))
+        .layer(axum::middleware::map_response(close_after_refusal))
         .with_state(state);
 
     // Recycled clones unused for the idle timeout are destroyed.
@@ -519,6 +520,19 @@ pub fn init_logging() {
 }
 
 /// An error answer, with `Retry-After` when the client may try again.
+/// Every answer but a success ends its connection: a request refused
+/// before its body was read leaves that body unread, so the connection
+/// cannot carry another request, and a client told nothing would send its
+/// next one into a closing socket.
+async fn close_after_refusal(mut response: Response) -> Response {
+    if !response.status().is_success() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 fn refusal(status: StatusCode, retry_after: Option<&'static str>, message: String) -> Response {
     let mut response = error(status, message);
     if let Some(after) = retry_after {
