@@ -535,13 +535,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn limiter_queues_refuses_and_closes() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    /// Runs `future` on a current-thread runtime with timers.
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .unwrap();
-        runtime.block_on(async {
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn limiter_queues_refuses_and_closes() {
+        block_on(async {
             let config = FunctionSetConfig {
                 max_live: 1,
                 max_queue: 1,
@@ -595,11 +600,7 @@ mod tests {
     /// still gets one of the free slots at once.
     #[test]
     fn a_busy_function_leaves_slots_for_the_others() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        block_on(async {
             let config = FunctionSetConfig {
                 max_live: 3,
                 max_queue: 8,
