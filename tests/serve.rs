@@ -82,6 +82,7 @@ impl TestServer {
         let services = Services {
             pool: Some(pool.clone()),
             functions: functions.clone(),
+            deploy: None,
         };
         let done = runtime.spawn(server::serve(listener, services, config, async move {
             let _ = stopped.await;

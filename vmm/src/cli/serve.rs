@@ -25,6 +25,21 @@ pub(super) struct ServeArgs {
     /// and --max-queue bound their clones too
     #[arg(long, value_name = "DIR")]
     functions: Option<PathBuf>,
+    /// Where functions deployed over the API (PUT /v1/functions/NAME)
+    /// are kept: their records and templates (created, mode 0700)
+    /// [default: /var/lib/ember as root, else ~/.local/share/ember]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Most function builds (deployments) running at once; more wait, up
+    /// to --max-waiting-builds, then get 429
+    #[arg(long, default_value_t = 1)]
+    max_builds: usize,
+    /// Most deployments waiting for a build
+    #[arg(long, default_value_t = 4)]
+    max_waiting_builds: usize,
+    /// Largest bundle a deployment may upload, in bytes
+    #[arg(long, default_value_t = ember::server::deploy::DEFAULT_MAX_BUNDLE_BYTES)]
+    max_bundle_bytes: usize,
     /// ADDR:PORT or unix:PATH
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: ember::server::ListenAddr,
@@ -105,9 +120,24 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
         )?)),
         None => None,
     };
+    let deploy = {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(server::deploy::default_data_dir);
+        let mut deploy = server::deploy::DeployConfig::new(
+            data_dir,
+            (!args.in_process).then(isolation).transpose()?,
+        );
+        deploy.max_builds = args.max_builds;
+        deploy.max_waiting_builds = args.max_waiting_builds;
+        deploy.max_bundle_bytes = args.max_bundle_bytes;
+        deploy
+    };
     let services = server::Services {
         pool: serve_pool(&args, &vm)?,
         functions,
+        deploy: Some(deploy),
     };
     let limits = Limits {
         max_timeout_ms: args.max_timeout_ms,
