@@ -102,24 +102,23 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
     use ember::server::{self, api::Limits, ServerConfig};
     server::init_logging();
     let vm = VmArgs::defaults();
-    let functions = match &args.functions {
-        Some(dir) => Some(std::sync::Arc::new(server::functions::FunctionSet::open(
-            dir,
-            server::functions::FunctionSetConfig {
-                max_live: args.max_live,
-                max_queue: args.max_queue,
-                queue_timeout: ember::PoolConfig::default().queue_timeout,
-                shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
-                max_live_per_function: args.function_max_live,
-                max_queue_per_function: args.function_max_queue,
-                recycle: !args.no_recycle,
-                max_idle: args.max_idle,
-                idle_timeout: Duration::from_secs(args.idle_timeout_s),
-                isolation: (!args.in_process).then(isolation).transpose()?,
-            },
-        )?)),
-        None => None,
+    let config = server::functions::FunctionSetConfig {
+        max_live: args.max_live,
+        max_queue: args.max_queue,
+        queue_timeout: ember::PoolConfig::default().queue_timeout,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        max_live_per_function: args.function_max_live,
+        max_queue_per_function: args.function_max_queue,
+        recycle: !args.no_recycle,
+        max_idle: args.max_idle,
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        isolation: (!args.in_process).then(isolation).transpose()?,
     };
+    // Without --functions the set starts empty: deployments fill it.
+    let functions = std::sync::Arc::new(match &args.functions {
+        Some(dir) => server::functions::FunctionSet::open(dir, config)?,
+        None => server::functions::FunctionSet::new(Vec::new(), config)?,
+    });
     let deploy = {
         let data_dir = args
             .data_dir
@@ -136,7 +135,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     let services = server::Services {
         pool: serve_pool(&args, &vm)?,
-        functions,
+        functions: Some(functions),
         deploy: Some(deploy),
     };
     let limits = Limits {

@@ -687,8 +687,18 @@ impl Deployer {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            // Dot files are a build's lock and staging directory.
-            if name.starts_with('.') || kept.contains(name) {
+            // Dot files are a build's lock and staging directory (swept
+            // by the next build); the lock of an unused key goes.
+            if let Some(hidden) = name.strip_prefix('.') {
+                if hidden
+                    .strip_suffix(".lock")
+                    .is_some_and(|key| !kept.contains(key))
+                {
+                    let _ = remove_any(&entry.path());
+                }
+                continue;
+            }
+            if kept.contains(name) {
                 continue;
             }
             match remove_any(&entry.path()) {

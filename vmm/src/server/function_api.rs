@@ -121,9 +121,9 @@ pub(super) async fn list_functions(State(state): State<Shared>) -> Response {
     .into_response()
 }
 
-fn name_of(name: Result<Path<String>, PathRejection>) -> Result<String, Response> {
-    name.map(|Path(n)| n)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+/// The path's name, or why it has none.
+fn name_of(name: Result<Path<String>, PathRejection>) -> Result<String, String> {
+    name.map(|Path(n)| n).map_err(|e| e.body_text())
 }
 
 pub(super) async fn get_function(
@@ -132,7 +132,7 @@ pub(super) async fn get_function(
 ) -> Response {
     let name = match name_of(name) {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     match status_body(&state, &name) {
         Some(body) => Json(body).into_response(),
@@ -192,7 +192,7 @@ pub(super) async fn put_function(
 ) -> Response {
     let name = match name_of(name) {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let Some(deployer) = state.deployer.clone() else {
         return error(
@@ -237,7 +237,7 @@ pub(super) async fn delete_function(
 ) -> Response {
     let name = match name_of(name) {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let result = match &state.deployer {
         Some(deployer) => deployer.delete(&name).await,
@@ -590,7 +590,7 @@ pub(super) async fn function_invocations(
 ) -> Response {
     let name = match name_of(name) {
         Ok(name) => name,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let log = FunctionLog::new(&state, &name);
     let Some(mut served) = log.served.clone() else {

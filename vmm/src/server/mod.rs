@@ -13,14 +13,25 @@
 //!   come, then one `exit` (or `error`) event. The status line is sent
 //!   once a sandbox is secured, so a full queue is still a 429.
 //!   (Only with a pool.)
+//! - `PUT /v1/functions/{name}`: deploy a function from a bundle (a zip,
+//!   settings in the query); checked at once (400), built in the
+//!   background in a jailed template worker (202), stored under the data
+//!   directory and served again after a restart (see [`deploy`]).
+//!   `GET /v1/functions/{name}`: its state (`building`, `ready`, `failed`
+//!   with the build log's tail). `DELETE`: drain and remove it (204).
 //! - `POST /v1/functions/{name}/invocations`: the body is the event; a
 //!   recycled clone of the function handles it (see [`recycled`]; a fresh
 //!   clone per invocation for functions without a hot path, or with
-//!   `recycle` off). Query `timeout_ms`, `max_output_bytes`. At most
-//!   `max_live` invocations run at once, with a bounded queue (429, 503)
-//!   as for the pool. A handler that raised or timed out is still a 200
-//!   (`result.kind` says).
-//! - `GET /v1/functions`: the functions served.
+//!   `recycle` off). The answer is the handler's result (200), or a JSON
+//!   error: raised 500, timed out 504, runtime gone 502; headers carry the
+//!   timings (`Ember-Timings`, `Ember-Path`, `Ember-Recycle`, ...).
+//!   Query `timeout_ms`, `max_output_bytes`, `envelope=1` (the JSON
+//!   envelope, 200 whatever the handler did), `stream=1` (NDJSON events,
+//!   sent when the invocation ends: the hot path returns output with the
+//!   result). At most `max_live` invocations run at once, with a bounded
+//!   queue (429, 503) as for the pool. A client that disconnects cancels
+//!   its invocation: the jailed worker running it is killed ([`cancel`]).
+//! - `GET /v1/functions`: the functions served and deployed, with status.
 //! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
 //! - `GET /metrics`: Prometheus text format.
 //!
@@ -44,7 +55,7 @@
 //! killed), and every sandbox is destroyed before [`serve`] returns.
 
 pub mod api;
-mod cancel;
+pub mod cancel;
 pub mod client;
 mod conn_cap;
 pub mod deploy;
