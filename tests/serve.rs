@@ -863,6 +863,10 @@ fn openapi_document_matches_the_server() {
     let paths = doc["paths"].as_object().expect("paths");
     for (path, item) in paths {
         for method in item.as_object().expect("path item").keys() {
+            // Shared by the path's operations, not one.
+            if method == "parameters" {
+                continue;
+            }
             documented += 1;
             let r = match (path.as_str(), method.as_str()) {
                 ("/v1/invocations", "post") => invoke(&mut client, request.clone()),
