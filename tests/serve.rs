@@ -2271,6 +2271,20 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
     assert_eq!(r.status, 504, "the new version's 1 s timeout");
     assert_eq!(r.json().unwrap()["kind"], "timed_out");
 
+    // A new version that fails to build: the old one keeps serving.
+    let r = put(
+        &mut client,
+        "/v1/functions/echo?handler=app:handler",
+        &broken,
+    );
+    assert_eq!(r.status, 202);
+    let body = settled(&mut client, "echo");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["serving"], true);
+    assert_eq!(body["active"]["template"], template.as_str(), "{body}");
+    let r = client.request("POST", echo, Some(br#"{"n": 3}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
     // DELETE.
     let r = client
         .request("DELETE", "/v1/functions/broken", None)
@@ -2329,9 +2343,12 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
     let server = start();
     let pid = server.child.id();
     let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    // The version that serves is the last ready one; the failed one is
+    // still reported.
     let body = settled(&mut client, "echo");
-    assert_eq!(body["status"], "ready");
-    assert_eq!(body["settings"]["timeout_ms"], 1000);
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["serving"], true);
+    assert_eq!(body["active"]["settings"]["timeout_ms"], 1000, "{body}");
     let r = client.request("POST", echo, Some(br#"{"n": 2}"#)).unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json().unwrap()["echo"], json!({"n": 2}));

@@ -806,6 +806,60 @@ mod tests {
         }
     }
 
+    /// A build that was running when the server stopped is `failed` after
+    /// a restart (not rebuilt), and templates no record uses are removed.
+    #[test]
+    fn a_restart_fails_interrupted_builds_and_removes_unused_templates() {
+        let data = std::env::temp_dir().join(format!("ember-deployer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let store = RecordStore::open(&data).unwrap();
+        let version = Version {
+            settings: parse_settings("handler=app:handler", 1000).unwrap(),
+            bundle_sha256: "00".into(),
+            template: "kept".into(),
+            created_unix_ms: 1,
+        };
+        store
+            .save(&Record {
+                name: "interrupted".into(),
+                active: None,
+                latest: latest(version, Status::Building, None),
+            })
+            .unwrap();
+        let templates = data.join(TEMPLATES_DIR);
+        for dir in ["kept", "unused"] {
+            std::fs::create_dir_all(templates.join(dir)).unwrap();
+        }
+        std::fs::write(templates.join(".unused.lock"), b"").unwrap();
+        std::fs::write(data.join(BUNDLES_DIR).join("interrupted.zip"), b"PK").unwrap();
+        let deployer = Deployer::open(
+            DeployConfig::new(data.clone(), None),
+            Arc::new(FunctionSet::empty()),
+            1000,
+        )
+        .unwrap();
+        let record = deployer.record("interrupted").unwrap();
+        assert_eq!(record.latest.status, Status::Failed);
+        assert!(record
+            .latest
+            .log_tail
+            .as_deref()
+            .is_some_and(|l| l.contains("stopped before this build finished")));
+        // Saved so: a second restart reads it failed.
+        assert_eq!(store.load_all().unwrap(), vec![record]);
+        let mut left: Vec<String> = std::fs::read_dir(&templates)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["kept"]);
+        assert!(std::fs::read_dir(data.join(BUNDLES_DIR))
+            .unwrap()
+            .next()
+            .is_none());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
     #[test]
     fn tails_keep_the_end_on_a_character_boundary() {
         assert_eq!(tail("short", 10), "short");
