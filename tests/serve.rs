@@ -82,6 +82,7 @@ impl TestServer {
         let services = Services {
             pool: Some(pool.clone()),
             functions: functions.clone(),
+            deploy: None,
         };
         let done = runtime.spawn(server::serve(listener, services, config, async move {
             let _ = stopped.await;
@@ -847,12 +848,25 @@ fn openapi_document_matches_the_server() {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    assert_eq!(parameters, ["name", "timeout_ms", "max_output_bytes"]);
+    assert_eq!(
+        parameters,
+        [
+            "name",
+            "timeout_ms",
+            "max_output_bytes",
+            "envelope",
+            "stream"
+        ]
+    );
 
     let mut documented = 0;
     let paths = doc["paths"].as_object().expect("paths");
     for (path, item) in paths {
         for method in item.as_object().expect("path item").keys() {
+            // Shared by the path's operations, not one.
+            if method == "parameters" {
+                continue;
+            }
             documented += 1;
             let r = match (path.as_str(), method.as_str()) {
                 ("/v1/invocations", "post") => invoke(&mut client, request.clone()),
@@ -863,6 +877,30 @@ fn openapi_document_matches_the_server() {
                         Some(br#"{"op": "print"}"#),
                     )
                     .unwrap(),
+                ("/v1/functions/{name}", "get") => {
+                    client.request("GET", "/v1/functions/probe", None).unwrap()
+                }
+                // This server has no data directory: no deployments, and
+                // probe is read-only.
+                ("/v1/functions/{name}", "put") => {
+                    let r = client
+                        .request_as(
+                            "PUT",
+                            "/v1/functions/probe?handler=app:handler",
+                            b"PK",
+                            "application/zip",
+                        )
+                        .unwrap();
+                    assert_eq!(r.status, 405);
+                    r
+                }
+                ("/v1/functions/{name}", "delete") => {
+                    let r = client
+                        .request("DELETE", "/v1/functions/probe", None)
+                        .unwrap();
+                    assert_eq!(r.status, 409);
+                    r
+                }
                 (p, "get") => client.request("GET", p, None).unwrap(),
                 other => panic!("no check for {other:?}: extend this test"),
             };
@@ -883,9 +921,12 @@ fn openapi_document_matches_the_server() {
                     assert!(body["files_out"][1]["error"].is_string());
                 }
                 if path == function_path {
-                    assert_eq!(body["result"], json!({"kind": "json", "value": "printed"}));
-                    assert_eq!(body["stdout"], "to stdout\n");
-                    assert_eq!(body["stderr"], "to stderr\n");
+                    // The handler's result, as is.
+                    assert_eq!(body, json!("printed"));
+                }
+                if path == "/v1/functions/{name}" && method == "get" {
+                    assert_eq!(body["status"], "ready");
+                    assert_eq!(body["deployed"], false);
                 }
                 if path == "/v1/functions" {
                     assert_eq!(body["functions"][0]["name"], "probe");
@@ -895,7 +936,7 @@ fn openapi_document_matches_the_server() {
             }
         }
     }
-    assert_eq!(documented, 5);
+    assert_eq!(documented, 8);
 
     // Every kind of handler result the probe makes validates.
     let result_schema = json!({"$ref": "#/components/schemas/FunctionInvocationResponse"});
@@ -905,7 +946,7 @@ fn openapi_document_matches_the_server() {
         (json!({"op": "echo"}), "json"),
     ] {
         let r = client
-            .post_json("/v1/functions/probe/invocations", &event)
+            .post_json("/v1/functions/probe/invocations?envelope=1", &event)
             .unwrap();
         assert_eq!(r.status, 200);
         let body = r.json().unwrap();
@@ -1066,6 +1107,8 @@ fn sigterm_drains_in_flight_work_and_leaves_no_worker_behind() {
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .args(["--warm", "2", "--max-live", "4"])
+        .arg("--data-dir")
+        .arg(common::temp_path("serve-child-data"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1176,9 +1219,18 @@ struct ChildServer {
 
 impl ChildServer {
     fn start(args: &[&std::ffi::OsStr]) -> Self {
-        let mut child = common::ember()
-            .arg("serve")
-            .args(args)
+        // Deployments go to a directory of the test's own, never the
+        // host's default.
+        let mut command = common::ember();
+        command.arg("serve").args(args);
+        if !args.iter().any(|a| *a == "--data-dir") {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            command
+                .arg("--data-dir")
+                .arg(common::temp_path(&format!("serve-data-{n}")));
+        }
+        let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -1285,43 +1337,112 @@ fn serve_functions_from_a_directory() {
         .as_u64()
         .is_some_and(|c| c > 0));
 
-    // An echo takes the hot path.
+    // An echo takes the hot path; the answer is the handler's result, as
+    // is, with the invocation's timings in headers.
     let event = json!({"op": "echo", "n": 42, "s": "héllo"});
     let uri = "/v1/functions/probe/invocations";
     let r = invoke_function(&mut client, uri, &serde_json::to_vec(&event).unwrap());
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json().unwrap(), json!({"echo": event}));
     assert!(r.header("x-ember-invocation-id").is_some());
-    let body = r.json().unwrap();
     assert_eq!(
-        body["result"],
-        json!({"kind": "json", "value": {"echo": event}})
+        r.header("ember-invocation-id"),
+        r.header("x-ember-invocation-id")
     );
+    assert_eq!(r.header("ember-path"), Some("hot"));
+    assert_eq!(r.header("ember-outcome"), Some("json"));
+    let timings = r.header("ember-timings").expect("timings header");
+    for t in [
+        "queue=",
+        "restore=",
+        "run=",
+        "handler=",
+        "teardown=",
+        "total=",
+    ] {
+        assert!(timings.contains(t), "{t} in {timings}");
+    }
+    assert!(
+        r.header("ember-recycle")
+            .is_some_and(|h| h.starts_with("invocation=1;reused=true;reset_ms=")),
+        "{:?}",
+        r.header("ember-recycle")
+    );
+    // The envelope, on request: result, output and timings, as a 200.
+    let r = invoke_function(
+        &mut client,
+        &format!("{uri}?envelope=1"),
+        br#"{"op": "print"}"#,
+    );
+    assert_eq!(r.status, 200);
+    let body = r.json().unwrap();
+    assert_eq!(body["result"], json!({"kind": "json", "value": "printed"}));
+    assert_eq!(body["stdout"], "to stdout\n");
     assert_eq!(body["path"], "hot");
     assert_eq!(body["function"], "probe");
-    let timings = &body["timings_ms"];
     for t in ["restore", "run", "teardown", "total", "handler", "queue"] {
-        assert!(timings[t].as_f64().is_some(), "{t} in {body}");
+        assert!(body["timings_ms"][t].as_f64().is_some(), "{t} in {body}");
     }
 
-    // A handler exception is a 200 with the error and its traceback.
+    // A handler exception is a 500 with the error and its traceback.
     let r = invoke_function(&mut client, uri, br#"{"op": "fail", "why": "testing"}"#);
-    assert_eq!(r.status, 200);
-    let result = r.json().unwrap()["result"].clone();
-    assert_eq!(result["kind"], "error", "{result}");
-    assert_eq!(result["type"], "ValueError");
-    assert_eq!(result["message"], "bad input: testing");
-    assert!(result["traceback"]
+    assert_eq!(r.status, 500);
+    let body = r.json().unwrap();
+    assert_eq!(body["kind"], "error", "{body}");
+    assert_eq!(body["type"], "ValueError");
+    assert_eq!(body["message"], "bad input: testing");
+    assert!(body["traceback"]
         .as_str()
         .is_some_and(|t| t.contains("Traceback") && t.contains("probe.py")));
+    assert_eq!(r.header("ember-outcome"), Some("error"));
 
-    // A timeout is a 200 too.
+    // A timeout is a 504.
     let r = invoke_function(
         &mut client,
         &format!("{uri}?timeout_ms=2000"),
         br#"{"op": "loop"}"#,
     );
+    assert_eq!(r.status, 504);
+    assert_eq!(r.json().unwrap()["kind"], "timed_out");
+    // Bytes come as bytes.
+    let r = client
+        .request("POST", uri, Some(br#"{"op": "bytes"}"#))
+        .expect("answered");
+    assert_eq!((r.status, r.body.as_slice()), (200, &[0u8, 1, 2, 3][..]));
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    // Streaming: the output, then the result, once the invocation ends.
+    let r = client
+        .request(
+            "POST",
+            &format!("{uri}?stream=1"),
+            Some(br#"{"op": "print"}"#),
+        )
+        .expect("answered");
     assert_eq!(r.status, 200);
-    assert_eq!(r.json().unwrap()["result"], json!({"kind": "timed_out"}));
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    let events: Vec<Value> = r
+        .body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("NDJSON"))
+        .collect();
+    let schema = response_schema(
+        &doc,
+        "/v1/functions/{name}/invocations",
+        "post",
+        200,
+        "application/x-ndjson",
+    );
+    for (i, event) in events.iter().enumerate() {
+        check(&doc, schema, event, &format!("event {i}")).unwrap();
+    }
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds, ["stdout", "stderr", "result"], "{events:?}");
+    assert_eq!(events[0]["data"], "to stdout\n");
+    assert_eq!(
+        events[2]["result"],
+        json!({"kind": "json", "value": "printed"})
+    );
 
     // Refusals.
     let r = invoke_function(&mut client, "/v1/functions/nope/invocations", b"{}");
@@ -1349,7 +1470,8 @@ fn serve_functions_from_a_directory() {
     assert_eq!(health["functions"]["count"], 1);
 
     let m = metrics(&mut client);
-    assert_eq!(function_metric(&m, "json", "hot"), 1.0);
+    assert_eq!(function_metric(&m, "json", "hot"), 3.0);
+    assert_eq!(function_metric(&m, "bytes", "hot"), 1.0);
     assert_eq!(function_metric(&m, "error", "hot"), 1.0);
     assert_eq!(
         function_metric(&m, "timed_out", "hot") + function_metric(&m, "timed_out", "vsock"),
@@ -1368,9 +1490,9 @@ fn serve_functions_from_a_directory() {
         .iter()
         .filter(|l| l["target"] == "ember::function")
         .collect();
-    assert_eq!(lines.len(), 3 + 1 + 4, "{log:?}");
-    let ran: Vec<&&Value> = lines.iter().filter(|l| l["status"] == 200).collect();
-    assert_eq!(ran.len(), 3);
+    assert_eq!(lines.len(), 6 + 1 + 4, "{log:?}");
+    let ran: Vec<&&Value> = lines.iter().filter(|l| !l["path"].is_null()).collect();
+    assert_eq!(ran.len(), 6);
     for line in ran {
         for field in [
             "id",
@@ -1437,7 +1559,7 @@ fn functions_are_served_from_recycled_clones() {
         args.extend(extra.iter().map(std::ffi::OsStr::new));
         ChildServer::start(&args)
     };
-    let uri = "/v1/functions/probe/invocations";
+    let uri = "/v1/functions/probe/invocations?envelope=1";
     let post = |client: &mut Client, uri: &str, event: &[u8]| -> Value {
         let r = client.request("POST", uri, Some(event)).expect("answered");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -1471,7 +1593,7 @@ fn functions_are_served_from_recycled_clones() {
     // A timed-out invocation ends its clone; the next gets a new one.
     let body = post(
         &mut client,
-        &format!("{uri}?timeout_ms=2000"),
+        &format!("{uri}&timeout_ms=2000"),
         br#"{"op": "loop"}"#,
     );
     assert_eq!(body["result"], json!({"kind": "timed_out"}), "{body}");
@@ -1816,4 +1938,444 @@ fn hostile_streaming_client_that_never_reads_frees_its_sandbox() {
     );
     drop(silent);
     server.stop();
+}
+
+// --- Deploying over HTTP (issue 15, items 2 and 3) -------------------------
+
+/// The deployed handler: echoes, spins (burns the CPU for `s` seconds,
+/// on the guest's vDSO clock) or reports its environment.
+const DEPLOYED_APP: &str = r#"
+import os, time
+
+def handler(event):
+    if isinstance(event, dict) and event.get("op") == "spin":
+        start = time.time()
+        while time.time() - start < event.get("s", 60):
+            pass
+    return {"echo": event, "greeting": os.environ.get("GREETING")}
+"#;
+
+/// A zip of `files` (name, text).
+fn zip_bytes(files: &[(&str, &str)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, text) in files {
+        zip.start_file(*name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(text.as_bytes()).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+/// Polls `GET /v1/functions/{name}` until it is no longer `building`.
+fn settled(client: &mut Client, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let r = client
+            .request("GET", &format!("/v1/functions/{name}"), None)
+            .expect("status answered");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let body = r.json().unwrap();
+        if body["status"] != "building" {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{name} still builds: {body}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The names of the entries of `dir` (none if it does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The cgroups of server `pid`'s workers still there (`worker-<pid>-<n>`
+/// under the controllers' `ember-workers`).
+fn worker_cgroups(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("worker-{pid}-");
+    let mut found = Vec::new();
+    let mut todo: Vec<(PathBuf, usize)> = ["memory", "pids", "cpu", "unified", ""]
+        .iter()
+        .map(|c| (Path::new("/sys/fs/cgroup").join(c), 0))
+        .collect();
+    while let Some((dir, depth)) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                found.push(path);
+            } else if depth < 6 {
+                todo.push((path, depth + 1));
+            }
+        }
+    }
+    found
+}
+
+/// Deploys over HTTP into a data directory: bad deployments refused at
+/// once with nothing written; a bundle built in the background (202, then
+/// `ready`), invoked; a failing import `failed` with the traceback; a
+/// busy slot 429 and a client that disconnects freeing it (its worker
+/// killed); a re-deployment switched without a rebuild (same template);
+/// DELETE; SIGTERM during an invocation (it finishes; no worker, cgroup or
+/// staging file left); a restart serving the function again without a
+/// build.
+#[test]
+fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
+    let data = common::temp_path("deploy-data");
+    let socket = common::temp_path("deploy.sock");
+    let listen = format!("unix:{}", socket.display());
+    let start = || {
+        ChildServer::start(&[
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+            // No snapshot sandboxes: only functions run.
+            "--warm".as_ref(),
+            "0".as_ref(),
+            "--max-live".as_ref(),
+            "1".as_ref(),
+            "--max-queue".as_ref(),
+            "0".as_ref(),
+            "--max-bundle-bytes".as_ref(),
+            "65536".as_ref(),
+        ])
+    };
+    let server = start();
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let put = |client: &mut Client, uri: &str, body: &[u8]| {
+        client
+            .request_as("PUT", uri, body, "application/zip")
+            .expect("answered")
+    };
+    let app = zip_bytes(&[("app.py", DEPLOYED_APP)]);
+    let written = || ["functions", "templates", "bundles"].map(|d| entries(&data.join(d)));
+
+    // Refused at once, nothing written.
+    let evil = zip_bytes(&[("app.py", DEPLOYED_APP), ("../evil.py", "x = 1\n")]);
+    for (uri, body, needle) in [
+        (
+            "/v1/functions/bad%20name?handler=app:handler",
+            &app,
+            "function name",
+        ),
+        ("/v1/functions/echo", &app, "handler"),
+        (
+            "/v1/functions/echo?handler=app:handler",
+            &b"not a zip".to_vec(),
+            "zip",
+        ),
+        ("/v1/functions/echo?handler=main:handler", &app, "no module"),
+        ("/v1/functions/echo?handler=app:handler", &evil, "refused"),
+        (
+            "/v1/functions/echo?handler=app:handler&env=PYTHONPATH=/x",
+            &app,
+            "PYTHONPATH",
+        ),
+        (
+            "/v1/functions/echo?handler=app:handler&env=NOVALUE",
+            &app,
+            "K=V",
+        ),
+        (
+            "/v1/functions/echo?handler=app:handler&memory_mib=1",
+            &app,
+            "memory_mib",
+        ),
+        (
+            "/v1/functions/echo?handler=app:handler&bogus=1",
+            &app,
+            "bogus",
+        ),
+    ] {
+        let r = put(&mut client, uri, body);
+        assert_eq!(r.status, 400, "{uri}: {}", String::from_utf8_lossy(&r.body));
+        let error = r.json().unwrap()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(error.contains(needle), "{uri}: {error}");
+    }
+    let r = client
+        .request("PUT", "/v1/functions/echo?handler=app:handler", Some(&app))
+        .unwrap();
+    assert_eq!(r.status, 415, "a bundle is labelled application/zip");
+    let r = put(
+        &mut client,
+        "/v1/functions/echo?handler=app:handler",
+        &vec![0u8; 70_000],
+    );
+    assert_eq!(r.status, 413);
+    let r = client.request("GET", "/v1/functions/echo", None).unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(
+        written(),
+        [Vec::<String>::new(), vec![], vec![]],
+        "nothing was written"
+    );
+
+    // Accepted: 202 and the status URL; it builds in the background.
+    let r = put(
+        &mut client,
+        "/v1/functions/echo?handler=app:handler&env=GREETING=hi&timeout_ms=30000",
+        &app,
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("location"), Some("/v1/functions/echo"));
+    let body = r.json().unwrap();
+    assert_eq!(body["status"], "building", "{body}");
+    assert_eq!(body["settings"]["env"], json!([["GREETING", "hi"]]));
+    assert_eq!(body["settings"]["timeout_ms"], 30000);
+    // While it builds: it cannot change, and is not invoked yet.
+    let r = put(&mut client, "/v1/functions/echo?handler=app:handler", &app);
+    assert_eq!(r.status, 409);
+    let r = client
+        .request("DELETE", "/v1/functions/echo", None)
+        .unwrap();
+    assert_eq!(r.status, 409);
+    let echo = "/v1/functions/echo/invocations";
+    let r = client.request("POST", echo, Some(b"{}")).unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.header("retry-after").is_some());
+    // A module that fails to import: queued behind the first build.
+    let broken = zip_bytes(&[(
+        "app.py",
+        "raise ImportError('this module does not import')\n",
+    )]);
+    let r = put(
+        &mut client,
+        "/v1/functions/broken?handler=app:handler",
+        &broken,
+    );
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+
+    let body = settled(&mut client, "echo");
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["serving"], true);
+    assert_eq!(body["hot_path"], true);
+    let template = body["template"].as_str().unwrap().to_owned();
+    let r = client.request("POST", echo, Some(br#"{"n": 1}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.json().unwrap(),
+        json!({"echo": {"n": 1}, "greeting": "hi"})
+    );
+    assert_eq!(r.header("ember-path"), Some("hot"));
+
+    let body = settled(&mut client, "broken");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["serving"], false);
+    let log = body["log_tail"].as_str().unwrap_or_default();
+    assert!(
+        log.contains("ImportError") && log.contains("this module does not import"),
+        "{log}"
+    );
+    let r = client
+        .request("POST", "/v1/functions/broken/invocations", Some(b"{}"))
+        .unwrap();
+    assert_eq!(r.status, 409);
+    let r = client.request("GET", "/v1/functions", None).unwrap();
+    let list = r.json().unwrap();
+    let states: Vec<(&str, &str, bool)> = list["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap(),
+                f["status"].as_str().unwrap(),
+                f["serving"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [("broken", "failed", false), ("echo", "ready", true)]
+    );
+
+    // The only slot busy (--max-live 1, no queue): 429. Its client goes
+    // away: the worker running it is killed and the slot is free.
+    let live = |client: &mut Client| -> u64 {
+        let r = client.request("GET", "/v1/health", None).unwrap();
+        r.json().unwrap()["functions"]["live"].as_u64().unwrap()
+    };
+    let spin = br#"{"op": "spin", "s": 120}"#;
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    use std::io::Write;
+    raw.write_all(
+        format!(
+            "POST {echo} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            spin.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    raw.write_all(spin).unwrap();
+    // Its slot is taken at once, its worker a moment later.
+    assert!(eventually(Duration::from_secs(60), || live(&mut client)
+        == 1
+        && workers_of(pid).len() == 1));
+    let running = workers_of(pid);
+    let r = client.request("POST", echo, Some(b"{}")).unwrap();
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some());
+    drop(raw);
+    let dropped = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || live(&mut client) == 0),
+        "the slot is freed when the client goes away"
+    );
+    let freed = dropped.elapsed();
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(running[0])),
+        "its worker is killed"
+    );
+    let r = client.request("POST", echo, Some(b"{}")).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    eprintln!("client gone to slot free: {} ms (n=1)", freed.as_millis());
+    let m = metrics(&mut client);
+    assert_eq!(
+        m["ember_function_invocations_total{function=\"echo\",outcome=\"cancelled\",path=\"none\"}"],
+        1.0
+    );
+
+    // A re-deployment with another timeout is the same template: ready
+    // without a build, switched in, and its timeout applies.
+    let r = put(
+        &mut client,
+        "/v1/functions/echo?handler=app:handler&env=GREETING=hi&timeout_ms=1000",
+        &app,
+    );
+    assert_eq!(r.status, 202);
+    let switched = Instant::now();
+    let body = settled(&mut client, "echo");
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["template"], template.as_str());
+    assert!(switched.elapsed() < Duration::from_secs(30), "no rebuild");
+    let r = client
+        .request("POST", echo, Some(br#"{"op": "spin", "s": 10}"#))
+        .unwrap();
+    assert_eq!(r.status, 504, "the new version's 1 s timeout");
+    assert_eq!(r.json().unwrap()["kind"], "timed_out");
+
+    // A new version that fails to build: the old one keeps serving.
+    let r = put(
+        &mut client,
+        "/v1/functions/echo?handler=app:handler",
+        &broken,
+    );
+    assert_eq!(r.status, 202);
+    let body = settled(&mut client, "echo");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["serving"], true);
+    assert_eq!(body["active"]["template"], template.as_str(), "{body}");
+    let r = client.request("POST", echo, Some(br#"{"n": 3}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    // DELETE.
+    let r = client
+        .request("DELETE", "/v1/functions/broken", None)
+        .unwrap();
+    assert_eq!(r.status, 204);
+    for method in ["GET", "DELETE"] {
+        let r = client
+            .request(method, "/v1/functions/broken", None)
+            .unwrap();
+        assert_eq!(r.status, 404, "{method}");
+    }
+
+    // SIGTERM while an invocation runs: it finishes, then nothing is left.
+    let in_flight = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            let mut client = Client::new(Target::Unix(socket), REQUEST_TIMEOUT);
+            client
+                .request(
+                    "POST",
+                    "/v1/functions/echo/invocations?timeout_ms=60000",
+                    Some(br#"{"op": "spin", "s": 3}"#),
+                )
+                .map(|r| r.status)
+        }
+    });
+    assert!(eventually(Duration::from_secs(60), || live(&mut client) == 1));
+    let log = server.stop();
+    assert_eq!(in_flight.join().unwrap().ok(), Some(200), "drained");
+    assert!(workers_of(pid).is_empty());
+    assert_eq!(
+        worker_cgroups(pid),
+        Vec::<PathBuf>::new(),
+        "no worker cgroup left"
+    );
+    let [records, templates, bundles] = written();
+    assert_eq!(records, ["echo.json"]);
+    assert_eq!(
+        templates
+            .iter()
+            .filter(|t| !t.starts_with('.'))
+            .collect::<Vec<_>>(),
+        [&template],
+        "only the template in use is kept"
+    );
+    assert!(
+        !templates.iter().any(|t| t.contains("building")),
+        "{templates:?}"
+    );
+    assert!(bundles.is_empty(), "{bundles:?}");
+    assert!(log
+        .iter()
+        .any(|l| l["message"] == "build failed" && l["function"] == "broken"));
+
+    // A restart serves it again from its template, without a build.
+    let server = start();
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    // The version that serves is the last ready one; the failed one is
+    // still reported.
+    let body = settled(&mut client, "echo");
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["serving"], true);
+    assert_eq!(body["active"]["settings"]["timeout_ms"], 1000, "{body}");
+    let r = client.request("POST", echo, Some(br#"{"n": 2}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json().unwrap()["echo"], json!({"n": 2}));
+    let r = client
+        .request("DELETE", "/v1/functions/echo", None)
+        .unwrap();
+    assert_eq!(r.status, 204);
+    let r = client.request("POST", echo, Some(b"{}")).unwrap();
+    assert_eq!(r.status, 404);
+    let log = server.stop();
+    assert!(
+        log.iter()
+            .any(|l| l["message"] == "deployed function" && l["function"] == "echo"),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l["message"] == "building"),
+        "nothing was rebuilt"
+    );
+    assert!(workers_of(pid).is_empty());
+    let [records, templates, _] = written();
+    assert!(records.is_empty(), "{records:?}");
+    assert!(
+        templates
+            .iter()
+            .all(|t| t.starts_with('.') && !t.ends_with(".lock")),
+        "templates removed: {templates:?}"
+    );
+    let _ = std::fs::remove_dir_all(&data);
 }

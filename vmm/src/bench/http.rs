@@ -202,7 +202,8 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     let (uri, body) = match &config.function {
         Some(function) => (
             format!(
-                "/v1/functions/{}/invocations?timeout_ms={}",
+                // The envelope carries the server's timings this tallies.
+                "/v1/functions/{}/invocations?timeout_ms={}&envelope=1",
                 function.name, config.timeout_ms
             ),
             function.event.clone(),

@@ -25,6 +25,21 @@ pub(super) struct ServeArgs {
     /// and --max-queue bound their clones too
     #[arg(long, value_name = "DIR")]
     functions: Option<PathBuf>,
+    /// Where functions deployed over the API (PUT /v1/functions/NAME)
+    /// are kept: their records and templates (created, mode 0700)
+    /// [default: /var/lib/ember as root, else ~/.local/share/ember]
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Most function builds (deployments) running at once; more wait, up
+    /// to --max-waiting-builds, then get 429
+    #[arg(long, default_value_t = 1)]
+    max_builds: usize,
+    /// Most deployments waiting for a build
+    #[arg(long, default_value_t = 4)]
+    max_waiting_builds: usize,
+    /// Largest bundle a deployment may upload, in bytes
+    #[arg(long, default_value_t = ember::server::deploy::DEFAULT_MAX_BUNDLE_BYTES)]
+    max_bundle_bytes: usize,
     /// ADDR:PORT or unix:PATH
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: ember::server::ListenAddr,
@@ -87,27 +102,41 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
     use ember::server::{self, api::Limits, ServerConfig};
     server::init_logging();
     let vm = VmArgs::defaults();
-    let functions = match &args.functions {
-        Some(dir) => Some(std::sync::Arc::new(server::functions::FunctionSet::open(
-            dir,
-            server::functions::FunctionSetConfig {
-                max_live: args.max_live,
-                max_queue: args.max_queue,
-                queue_timeout: ember::PoolConfig::default().queue_timeout,
-                shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
-                max_live_per_function: args.function_max_live,
-                max_queue_per_function: args.function_max_queue,
-                recycle: !args.no_recycle,
-                max_idle: args.max_idle,
-                idle_timeout: Duration::from_secs(args.idle_timeout_s),
-                isolation: (!args.in_process).then(isolation).transpose()?,
-            },
-        )?)),
-        None => None,
+    let config = server::functions::FunctionSetConfig {
+        max_live: args.max_live,
+        max_queue: args.max_queue,
+        queue_timeout: ember::PoolConfig::default().queue_timeout,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_s),
+        max_live_per_function: args.function_max_live,
+        max_queue_per_function: args.function_max_queue,
+        recycle: !args.no_recycle,
+        max_idle: args.max_idle,
+        idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        isolation: (!args.in_process).then(isolation).transpose()?,
+    };
+    // Without --functions the set starts empty: deployments fill it.
+    let functions = std::sync::Arc::new(match &args.functions {
+        Some(dir) => server::functions::FunctionSet::open(dir, config)?,
+        None => server::functions::FunctionSet::new(Vec::new(), config)?,
+    });
+    let deploy = {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(server::deploy::default_data_dir);
+        let mut deploy = server::deploy::DeployConfig::new(
+            data_dir,
+            (!args.in_process).then(isolation).transpose()?,
+        );
+        deploy.max_builds = args.max_builds;
+        deploy.max_waiting_builds = args.max_waiting_builds;
+        deploy.max_bundle_bytes = args.max_bundle_bytes;
+        deploy
     };
     let services = server::Services {
         pool: serve_pool(&args, &vm)?,
-        functions,
+        functions: Some(functions),
+        deploy: Some(deploy),
     };
     let limits = Limits {
         max_timeout_ms: args.max_timeout_ms,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use super::records::{Settings, Status, Version};
 use crate::agent::OutputStream;
 use crate::function::{
     FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult, InvocationPath,
@@ -410,6 +411,22 @@ pub struct FunctionQuery {
     /// Cap on stdout plus stderr (default: 1 MiB, or the server's limit).
     #[serde(default)]
     pub max_output_bytes: Option<u64>,
+    /// `1`: answer with the JSON envelope (result, output, timings) as a
+    /// 200 whatever the handler did, instead of the handler's result.
+    #[serde(default)]
+    pub envelope: Option<String>,
+    /// `1`: answer `application/x-ndjson` events (see the server docs).
+    #[serde(default)]
+    pub stream: Option<String>,
+}
+
+/// A query flag: `1`/`true` or `0`/`false` (absent: false).
+pub fn flag(name: &str, value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(other) => Err(format!("{name}={other:?} is not 1, 0, true or false")),
+    }
 }
 
 impl FunctionQuery {
@@ -568,6 +585,69 @@ pub struct FunctionInfo {
     pub hot_path: bool,
     /// The largest event that takes the hot path, in bytes (0: none).
     pub hot_path_capacity_bytes: u64,
+    /// Its latest version's state: `building`, `ready` or `failed`.
+    pub status: Status,
+    /// A version of it serves invocations now (an older one while the
+    /// latest builds or after it failed).
+    pub serving: bool,
+    /// Deployed over the API (else from the `--functions` directory).
+    pub deployed: bool,
+}
+
+/// `GET /v1/functions/{name}` (and `PUT`'s) answer: the function's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionStatusBody {
+    /// The function's listing.
+    #[serde(flatten)]
+    pub info: FunctionInfo,
+    /// This document: `/v1/functions/{name}`.
+    pub status_url: String,
+    /// Where it is invoked.
+    pub invocations_url: String,
+    /// The latest version's settings (deployed functions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
+    /// The latest version's template (its content key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The latest version's bundle, SHA-256 hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_sha256: Option<String>,
+    /// When the latest version was deployed, ms since the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_unix_ms: Option<u64>,
+    /// When its status last changed, ms since the epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_unix_ms: Option<u64>,
+    /// The end of the failed build's log: the error, with the runtime's
+    /// output and traceback when the import failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<String>,
+    /// The version serving, when it is not the latest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active: Option<Version>,
+}
+
+/// A function answer that is not the handler's result: the handler
+/// raised, timed out or its runtime died (`kind` says which), or the
+/// clone failed (`failed`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// `error`, `timed_out`, `runtime_exited` or `failed`.
+    pub kind: &'static str,
+    /// The exception's type (`error`).
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    /// The exception's message (`error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The end of the traceback (`error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+    /// The server's id of the invocation.
+    pub id: String,
 }
 
 /// `GET /v1/functions` answer.

@@ -202,6 +202,26 @@ impl Client {
         })
     }
 
+    /// Sends one request whose body is of `content_type` (e.g. a bundle,
+    /// `application/zip`) and reads the whole answer.
+    pub fn request_as(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<Response, ClientError> {
+        let mut data = Vec::new();
+        let (status, headers) = self.send(method, path, Some(body), content_type, |chunk| {
+            data.extend_from_slice(chunk);
+        })?;
+        Ok(Response {
+            status,
+            headers,
+            body: data,
+        })
+    }
+
     /// `POST path` with a JSON body.
     pub fn post_json(
         &mut self,
@@ -222,6 +242,17 @@ impl Client {
         body: Option<&[u8]>,
         on_data: impl FnMut(&[u8]),
     ) -> Result<(u16, Headers), ClientError> {
+        self.send(method, path, body, "application/json", on_data)
+    }
+
+    fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: &str,
+        on_data: impl FnMut(&[u8]),
+    ) -> Result<(u16, Headers), ClientError> {
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
             None => self.connect()?,
@@ -231,6 +262,7 @@ impl Client {
             path,
             host: &self.host(),
             token: self.token.as_ref().map(AuthToken::as_str),
+            content_type,
         };
         let result = exchange(&mut conn, &head, body, on_data);
         if matches!(result, Ok((_, _, true))) {
@@ -246,6 +278,7 @@ struct Head<'a> {
     path: &'a str,
     host: &'a str,
     token: Option<&'a str>,
+    content_type: &'a str,
 }
 
 /// One request and response on `conn`; the flag says whether the
@@ -261,6 +294,7 @@ fn exchange(
         path,
         host,
         token,
+        content_type,
     } = *head;
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
     if let Some(token) = token {
@@ -268,7 +302,7 @@ fn exchange(
     }
     if let Some(body) = body {
         request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
             body.len()
         ));
     }

@@ -1,18 +1,20 @@
-//! The functions a server serves (`ember serve --functions DIR`): opened
-//! once at start, each invoked in recycled clones kept between
+//! The functions a server serves: those of `ember serve --functions DIR`
+//! (opened once at start, read-only) and those deployed over the API
+//! (added, replaced and removed while serving, see [`super::deploy`]),
+//! each invoked in recycled clones kept between
 //! invocations (see [`super::recycled`]) or, for functions without a hot
 //! path or with `recycle` off, in a fresh clone per invocation; at most
 //! `max_live` invocations run at once, with a bounded queue in front.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::metrics::FunctionLoad;
+use super::metrics::{FunctionCounters, FunctionLoad};
 use super::recycled::{IdleClones, RecycledClone};
 use super::ServerError;
 use crate::function::{
@@ -82,25 +84,69 @@ impl Default for FunctionSetConfig {
     }
 }
 
-/// One served function.
+/// One served version of a function.
 #[derive(Debug)]
 pub struct ServedFunction {
     /// Its name (the URL's `{name}`).
     pub name: String,
-    /// Its index in the set (the metrics' slot).
+    /// This version's id, unique in the set and never reused (a deployed
+    /// function gets a new one per version): its recycled clones are
+    /// kept under it.
     pub index: usize,
     /// Where its template is.
     pub dir: PathBuf,
     /// The opened template.
     pub function: Arc<Function>,
+    /// Its invocation counters (kept over the versions of one name).
+    pub counters: Arc<FunctionCounters>,
+    /// Deployed over the API (`PUT /v1/functions/{name}`), not found in
+    /// the `--functions` directory (those are read-only).
+    pub deployed: bool,
+    /// Its invocations' timeout when the request names none.
+    pub timeout: Option<Duration>,
     /// Its share of the set's slots and queue.
     limit: FunctionLimit,
+    /// Replaced or removed: no new invocation, and no clone is kept.
+    retired: AtomicBool,
 }
 
-/// The functions a server serves, by name.
+impl ServedFunction {
+    /// Whether it was replaced or removed.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
+    /// Its invocations running now.
+    pub fn live(&self) -> usize {
+        self.limit
+            .max_live
+            .saturating_sub(self.limit.permits.available_permits())
+    }
+}
+
+/// A function to add to a set: `(name, template dir, function)` and how
+/// it is served.
+#[derive(Debug)]
+pub struct NewFunction {
+    /// Its name.
+    pub name: String,
+    /// Its template's directory.
+    pub dir: PathBuf,
+    /// The opened template.
+    pub function: Function,
+    /// Deployed over the API.
+    pub deployed: bool,
+    /// Its invocations' default timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// The functions a server serves, by name: those of the `--functions`
+/// directory, opened at start, and those deployed over the API, added,
+/// replaced and removed while serving.
 #[derive(Debug)]
 pub struct FunctionSet {
-    functions: BTreeMap<String, ServedFunction>,
+    functions: RwLock<BTreeMap<String, Arc<ServedFunction>>>,
+    next_index: AtomicUsize,
     limiter: Limiter,
     idle: IdleClones,
     config: FunctionSetConfig,
@@ -177,36 +223,27 @@ impl FunctionSet {
                 "max_live_per_function must be at least 1".into(),
             ));
         }
-        let mut set = BTreeMap::new();
-        for (name, dir, function) in functions {
-            if !valid_name(&name) {
-                return Err(ServerError::Config(format!(
-                    "{name:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})"
-                )));
-            }
-            if set.contains_key(&name) {
-                return Err(ServerError::Config(format!("function {name} given twice")));
-            }
-            set.insert(
-                name.clone(),
-                ServedFunction {
-                    name,
-                    index: 0,
-                    dir,
-                    function: Arc::new(function),
-                    limit: FunctionLimit::new(&config),
-                },
-            );
-        }
-        for (index, f) in set.values_mut().enumerate() {
-            f.index = index;
-        }
-        Ok(FunctionSet {
-            functions: set,
+        let set = FunctionSet {
+            functions: RwLock::new(BTreeMap::new()),
+            next_index: AtomicUsize::new(0),
             limiter: Limiter::new(&config),
             idle: IdleClones::new(config.max_idle),
             config,
-        })
+        };
+        for (name, dir, function) in functions {
+            if set.get(&name).is_some() {
+                return Err(ServerError::Config(format!("function {name} given twice")));
+            }
+            let replaced = set.insert(NewFunction {
+                name,
+                dir,
+                function,
+                deployed: false,
+                timeout: None,
+            })?;
+            debug_assert!(replaced.is_none());
+        }
+        Ok(set)
     }
 
     /// A set without functions.
@@ -214,29 +251,106 @@ impl FunctionSet {
         Self::new(Vec::new(), FunctionSetConfig::default()).expect("an empty set is valid")
     }
 
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Arc<ServedFunction>>> {
+        // Every change is one insert or remove: a panic elsewhere leaves
+        // the map consistent.
+        self.functions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Arc<ServedFunction>>> {
+        self.functions.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The function called `name`.
-    pub fn get(&self, name: &str) -> Option<&ServedFunction> {
-        self.functions.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<ServedFunction>> {
+        self.read().get(name).cloned()
     }
 
-    /// Every function, by name.
-    pub fn iter(&self) -> impl Iterator<Item = &ServedFunction> {
-        self.functions.values()
+    /// Every function, by name (as they are now).
+    pub fn list(&self) -> Vec<Arc<ServedFunction>> {
+        self.read().values().cloned().collect()
     }
 
-    /// Their names, in index order.
+    /// Their names, in order.
     pub fn names(&self) -> Vec<String> {
-        self.functions.keys().cloned().collect()
+        self.read().keys().cloned().collect()
     }
 
     /// How many there are.
     pub fn len(&self) -> usize {
-        self.functions.len()
+        self.read().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty()
+        self.read().is_empty()
+    }
+
+    /// Serves `new` under its name from now on, with a new index; returns
+    /// the version it replaced, retired (its running invocations finish;
+    /// destroy its idle clones with [`FunctionSet::retire`]).
+    pub fn insert(&self, new: NewFunction) -> Result<Option<Arc<ServedFunction>>, ServerError> {
+        if !valid_name(&new.name) {
+            return Err(ServerError::Config(format!(
+                "{:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})",
+                new.name
+            )));
+        }
+        let mut functions = self.write();
+        let counters = functions
+            .get(&new.name)
+            .map_or_else(Default::default, |old| old.counters.clone());
+        let served = Arc::new(ServedFunction {
+            name: new.name.clone(),
+            index: self.next_index.fetch_add(1, Ordering::SeqCst),
+            dir: new.dir,
+            function: Arc::new(new.function),
+            counters,
+            deployed: new.deployed,
+            timeout: new.timeout,
+            limit: FunctionLimit::new(&self.config),
+            retired: AtomicBool::new(false),
+        });
+        let old = functions.insert(new.name, served);
+        if let Some(old) = &old {
+            old.retired.store(true, Ordering::SeqCst);
+        }
+        Ok(old)
+    }
+
+    /// Stops serving `name`: returns the version that was served, retired.
+    pub fn remove(&self, name: &str) -> Option<Arc<ServedFunction>> {
+        let old = self.write().remove(name)?;
+        old.retired.store(true, Ordering::SeqCst);
+        Some(old)
+    }
+
+    /// Finishes retiring `function` (replaced or removed): its waiting
+    /// requests are refused (503), its idle clones destroyed, and this
+    /// waits until its running invocations ended, at most `grace`;
+    /// returns how many still run.
+    pub async fn retire(&self, function: &ServedFunction, grace: Duration) -> usize {
+        function.retired.store(true, Ordering::SeqCst);
+        function.limit.permits.close();
+        self.destroy_idle_of(function).await;
+        let deadline = Instant::now() + grace;
+        loop {
+            let live = function.live();
+            if live == 0 || Instant::now() >= deadline {
+                // A clone put back as the last invocation ended.
+                self.destroy_idle_of(function).await;
+                return live;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn destroy_idle_of(&self, function: &ServedFunction) {
+        let mut clones = Vec::new();
+        while let Some(clone) = self.idle.take(function.index) {
+            clones.push(clone);
+        }
+        destroy(clones).await;
     }
 
     /// How the set shares the host.
@@ -255,14 +369,25 @@ impl FunctionSet {
     /// Waits for a slot to run one invocation of `function` in: at once,
     /// or in the queue.
     pub(crate) async fn acquire(&self, function: &ServedFunction) -> Result<Slot, Refusal> {
-        self.limiter.acquire(&function.limit).await
+        if function.is_retired() {
+            return Err(Refusal::Retired);
+        }
+        self.limiter
+            .acquire(&function.limit)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::ShuttingDown if function.is_retired() && !self.is_closed() => {
+                    Refusal::Retired
+                }
+                other => other,
+            })
     }
 
     /// Refuses new invocations from now on (waiting ones too), and
     /// destroys the idle clones.
     pub async fn close(&self) {
         self.limiter.permits.close();
-        for function in self.functions.values() {
+        for function in self.list() {
             function.limit.permits.close();
         }
         destroy(self.idle.take_all()).await;
@@ -273,38 +398,56 @@ impl FunctionSet {
         self.config.recycle && function.function.manifest().hot_path.is_some()
     }
 
-    /// Runs `event` in a recycled clone of `function`: an idle one, or
-    /// one made now (counted in the outcome's restore time); the clone is
-    /// kept for the next invocation if it can serve one. Blocking.
-    pub(crate) fn invoke_recycled(
+    /// Takes an idle recycled clone of `function`, or makes one (the
+    /// time it took is returned). Blocking.
+    pub(crate) fn recycled_clone(
         &self,
         function: &ServedFunction,
-        event: &[u8],
         options: &FunctionInvokeOptions,
-    ) -> Result<FunctionOutcome, FunctionError> {
+    ) -> Result<(RecycledClone, Duration), FunctionError> {
         let requested = Instant::now();
-        let (mut clone, made) = match self.idle.take(function.index) {
-            Some(clone) => (clone, Duration::ZERO),
+        match self.idle.take(function.index) {
+            Some(clone) => Ok((clone, Duration::ZERO)),
             None => {
                 let clone = RecycledClone::make(
                     &function.function,
                     options.isolation.as_ref(),
                     options.io_limits,
                 )?;
-                (clone, requested.elapsed())
+                Ok((clone, requested.elapsed()))
             }
-        };
+        }
+    }
+
+    /// Runs `event` in `clone` of `function` (made in `made`, counted in
+    /// the outcome's restore time); the clone is kept for the next
+    /// invocation if it can serve one. Blocking.
+    pub(crate) fn invoke_in(
+        &self,
+        function: &ServedFunction,
+        (mut clone, made): (RecycledClone, Duration),
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+    ) -> Result<FunctionOutcome, FunctionError> {
         let result = clone.invoke(event, options);
         // A server shutting down keeps nothing (its idle clones are gone
-        // already).
-        let reusable =
-            matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused)) && !self.is_closed();
+        // already), nor does a retired version.
+        let reusable = matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused))
+            && !self.is_closed()
+            && !function.is_retired();
         // Dropped here, on this blocking thread: ending a worker waits.
-        drop(if reusable {
+        let mut dropped = if reusable {
             self.idle.put(function.index, clone)
         } else {
             vec![clone]
-        });
+        };
+        // Retired while it was put back: nobody takes it any more.
+        if reusable && function.is_retired() {
+            while let Some(clone) = self.idle.take(function.index) {
+                dropped.push(clone);
+            }
+        }
+        drop(dropped);
         result.map(|mut outcome| {
             outcome.timings.restore += made;
             outcome.timings.total += made;
@@ -355,6 +498,8 @@ pub(crate) enum Refusal {
     QueueTimeout(Duration),
     /// The server is shutting down.
     ShuttingDown,
+    /// This version of the function was replaced or removed meanwhile.
+    Retired,
 }
 
 impl std::fmt::Display for Refusal {
@@ -377,6 +522,7 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::QueueTimeout(d) => write!(f, "no function slot became free within {d:?}"),
             Refusal::ShuttingDown => write!(f, "the server is shutting down"),
+            Refusal::Retired => write!(f, "the function was removed or replaced meanwhile"),
         }
     }
 }

@@ -147,8 +147,11 @@ impl Guard {
         }
         let has_body =
             declared.is_some_and(|len| len > 0) || headers.contains_key(header::TRANSFER_ENCODING);
-        if *method == Method::POST && has_body {
-            let accepted: &[&str] = if path.starts_with("/v1/functions/") {
+        if (*method == Method::POST || *method == Method::PUT) && has_body {
+            let accepted: &[&str] = if *method == Method::PUT {
+                // A function's bundle.
+                &["application/zip"]
+            } else if path.starts_with("/v1/functions/") {
                 // An event is any bytes, normally JSON.
                 &["application/json", "application/octet-stream"]
             } else {
@@ -318,6 +321,19 @@ mod tests {
         assert_eq!(
             event(&[host, auth, body, ("content-type", "text/plain")]),
             415
+        );
+        // A bundle is a zip, labelled as one.
+        let deploy = |h: &[(&'static str, &str)]| status(&g, Method::PUT, "/v1/functions/f", h);
+        assert_eq!(
+            deploy(&[host, auth, body, ("content-type", "application/zip")]),
+            200
+        );
+        for wrong in ["application/json", "text/plain", "application/octet-stream"] {
+            assert_eq!(deploy(&[host, auth, body, ("content-type", wrong)]), 415);
+        }
+        assert_eq!(
+            deploy(&[host, body, ("content-type", "application/zip")]),
+            401
         );
         let open = Guard {
             token: None,

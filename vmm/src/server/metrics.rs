@@ -126,10 +126,12 @@ pub enum FunctionOutcomeKind {
     Rejected,
     /// Refused as malformed or over a limit (400, 413).
     Invalid,
+    /// The client went away while it ran: its clone was killed.
+    Cancelled,
 }
 
 impl FunctionOutcomeKind {
-    const ALL: [FunctionOutcomeKind; 8] = [
+    const ALL: [FunctionOutcomeKind; 9] = [
         FunctionOutcomeKind::Json,
         FunctionOutcomeKind::Bytes,
         FunctionOutcomeKind::Error,
@@ -138,6 +140,7 @@ impl FunctionOutcomeKind {
         FunctionOutcomeKind::Failed,
         FunctionOutcomeKind::Rejected,
         FunctionOutcomeKind::Invalid,
+        FunctionOutcomeKind::Cancelled,
     ];
 
     /// The kind of a handler's result.
@@ -163,6 +166,7 @@ impl FunctionOutcomeKind {
             FunctionOutcomeKind::Failed => "failed",
             FunctionOutcomeKind::Rejected => "rejected",
             FunctionOutcomeKind::Invalid => "invalid",
+            FunctionOutcomeKind::Cancelled => "cancelled",
         }
     }
 
@@ -197,11 +201,19 @@ pub struct FunctionLoad {
     pub idle: usize,
 }
 
-/// Per-function counters, by outcome and path.
-#[derive(Debug)]
-struct FunctionCounters {
-    name: String,
+/// One function's counters, by outcome and path (kept with the function,
+/// rendered by name).
+#[derive(Debug, Default)]
+pub struct FunctionCounters {
     counts: [[AtomicU64; PATHS.len()]; FunctionOutcomeKind::ALL.len()],
+}
+
+impl FunctionCounters {
+    /// Counts one request that ended with `kind`, on `path` (`None`: it
+    /// got no answer from a clone).
+    pub fn count(&self, kind: FunctionOutcomeKind, path: Option<InvocationPath>) {
+        self.counts[kind as usize][path_index(path)].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The server's metrics.
@@ -211,40 +223,11 @@ pub struct Metrics {
     restore: Histogram,
     queue: Histogram,
     total: Histogram,
-    functions: Vec<FunctionCounters>,
     /// Restore to result, per invocation path (the first three `PATHS`).
     function_latency: [Histogram; 3],
 }
 
 impl Metrics {
-    /// Metrics for a server that serves the functions `names` (index
-    /// `i` of `names` is function `i` for [`Metrics::count_function`]).
-    pub fn new(names: &[String]) -> Self {
-        Metrics {
-            functions: names
-                .iter()
-                .map(|name| FunctionCounters {
-                    name: name.clone(),
-                    counts: Default::default(),
-                })
-                .collect(),
-            ..Metrics::default()
-        }
-    }
-
-    /// Counts one request for function `index` that ended with `kind`,
-    /// on `path` (`None`: it got no answer from a clone).
-    pub fn count_function(
-        &self,
-        index: usize,
-        kind: FunctionOutcomeKind,
-        path: Option<InvocationPath>,
-    ) {
-        if let Some(f) = self.functions.get(index) {
-            f.counts[kind as usize][path_index(path)].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Records a function invocation's restore-to-result time.
     pub fn observe_function(&self, path: InvocationPath, latency: Duration) {
         if let Some(h) = self.function_latency.get(path_index(Some(path))) {
@@ -265,8 +248,13 @@ impl Metrics {
     }
 
     /// The exposition text, with the pool's and the functions' gauges and
-    /// counters.
-    pub fn render(&self, pool: &PoolStats, functions: &FunctionLoad) -> String {
+    /// counters (`per_function`: each function's, by name).
+    pub fn render<'a>(
+        &self,
+        pool: &PoolStats,
+        functions: &FunctionLoad,
+        per_function: impl IntoIterator<Item = (&'a str, &'a FunctionCounters)>,
+    ) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str(
             "# HELP ember_invocations_total Invocation requests by outcome.\n\
@@ -346,16 +334,21 @@ impl Metrics {
              ember_pool_acquired_total{{origin=\"on_demand\"}} {}",
             pool.warm_hits, pool.on_demand
         );
-        self.render_functions(&mut out, functions);
+        self.render_functions(&mut out, functions, per_function);
         out
     }
 
-    fn render_functions(&self, out: &mut String, load: &FunctionLoad) {
+    fn render_functions<'a>(
+        &self,
+        out: &mut String,
+        load: &FunctionLoad,
+        counters: impl IntoIterator<Item = (&'a str, &'a FunctionCounters)>,
+    ) {
         out.push_str(
             "# HELP ember_function_invocations_total Function invocation requests by function, outcome and path.\n\
              # TYPE ember_function_invocations_total counter\n",
         );
-        for f in &self.functions {
+        for (name, f) in counters {
             for kind in FunctionOutcomeKind::ALL {
                 let paths = if kind.ran() { 0..3 } else { 3..4 };
                 for p in paths {
@@ -363,7 +356,7 @@ impl Metrics {
                     let _ = writeln!(
                         out,
                         "ember_function_invocations_total{{function=\"{}\",outcome=\"{}\",path=\"{}\"}} {n}",
-                        f.name,
+                        name,
                         kind.as_str(),
                         PATHS[p]
                     );
@@ -418,7 +411,7 @@ mod tests {
             Duration::ZERO,
             Duration::from_secs(1000),
         );
-        let text = m.render(&PoolStats::default(), &FunctionLoad::default());
+        let text = m.render(&PoolStats::default(), &FunctionLoad::default(), []);
         assert!(text.contains("ember_invocations_total{outcome=\"ok\"} 1\n"));
         assert!(text.contains("ember_restore_duration_ms_bucket{le=\"2.5\"} 0\n"));
         assert!(text.contains("ember_restore_duration_ms_bucket{le=\"5\"} 1\n"));
@@ -429,17 +422,17 @@ mod tests {
 
     #[test]
     fn function_counters_and_labelled_histograms() {
-        let m = Metrics::new(&["probe".into()]);
-        m.count_function(0, FunctionOutcomeKind::Json, Some(InvocationPath::Hot));
-        m.count_function(0, FunctionOutcomeKind::Invalid, None);
-        m.count_function(7, FunctionOutcomeKind::Json, None);
+        let m = Metrics::default();
+        let probe = FunctionCounters::default();
+        probe.count(FunctionOutcomeKind::Json, Some(InvocationPath::Hot));
+        probe.count(FunctionOutcomeKind::Invalid, None);
         m.observe_function(InvocationPath::Vsock, Duration::from_millis(30));
         let load = FunctionLoad {
             live: 2,
             queued: 1,
             idle: 3,
         };
-        let text = m.render(&PoolStats::default(), &load);
+        let text = m.render(&PoolStats::default(), &load, [("probe", &probe)]);
         for line in [
             "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"hot\"} 1\n",
             "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"vsock\"} 0\n",

@@ -13,14 +13,25 @@
 //!   come, then one `exit` (or `error`) event. The status line is sent
 //!   once a sandbox is secured, so a full queue is still a 429.
 //!   (Only with a pool.)
+//! - `PUT /v1/functions/{name}`: deploy a function from a bundle (a zip,
+//!   settings in the query); checked at once (400), built in the
+//!   background in a jailed template worker (202), stored under the data
+//!   directory and served again after a restart (see [`deploy`]).
+//!   `GET /v1/functions/{name}`: its state (`building`, `ready`, `failed`
+//!   with the build log's tail). `DELETE`: drain and remove it (204).
 //! - `POST /v1/functions/{name}/invocations`: the body is the event; a
 //!   recycled clone of the function handles it (see [`recycled`]; a fresh
 //!   clone per invocation for functions without a hot path, or with
-//!   `recycle` off). Query `timeout_ms`, `max_output_bytes`. At most
-//!   `max_live` invocations run at once, with a bounded queue (429, 503)
-//!   as for the pool. A handler that raised or timed out is still a 200
-//!   (`result.kind` says).
-//! - `GET /v1/functions`: the functions served.
+//!   `recycle` off). The answer is the handler's result (200), or a JSON
+//!   error: raised 500, timed out 504, runtime gone 502; headers carry the
+//!   timings (`Ember-Timings`, `Ember-Path`, `Ember-Recycle`, ...).
+//!   Query `timeout_ms`, `max_output_bytes`, `envelope=1` (the JSON
+//!   envelope, 200 whatever the handler did), `stream=1` (NDJSON events,
+//!   sent when the invocation ends: the hot path returns output with the
+//!   result). At most `max_live` invocations run at once, with a bounded
+//!   queue (429, 503) as for the pool. A client that disconnects cancels
+//!   its invocation: the jailed worker running it is killed ([`cancel`]).
+//! - `GET /v1/functions`: the functions served and deployed, with status.
 //! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
 //! - `GET /metrics`: Prometheus text format.
 //!
@@ -44,11 +55,15 @@
 //! killed), and every sandbox is destroyed before [`serve`] returns.
 
 pub mod api;
+pub mod cancel;
 pub mod client;
 mod conn_cap;
+pub mod deploy;
+mod function_api;
 pub mod functions;
 pub mod guard;
 pub mod metrics;
+pub mod records;
 pub mod recycled;
 
 use std::convert::Infallible;
@@ -63,8 +78,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -74,12 +89,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use self::api::{
-    ErrorBody, FunctionInfo, FunctionInvocationResponse, FunctionList, FunctionQuery,
-    InvocationRequest, InvocationResponse, InvocationSummary, Limits, StreamEvent,
+    ErrorBody, InvocationRequest, InvocationResponse, InvocationSummary, Limits, StreamEvent,
 };
-use self::functions::{FunctionSet, Refusal, ServedFunction, Slot};
-use self::metrics::{FunctionOutcomeKind, Metrics, Outcome};
-use crate::function::{FunctionError, FunctionInvokeOptions};
+use self::deploy::{DeployConfig, Deployer};
+use self::functions::FunctionSet;
+use self::metrics::{Metrics, Outcome};
+use crate::function::FunctionError;
 use crate::pool::{Lease, Pool, PoolError, PoolOutcome};
 use crate::sandbox::Invocation;
 
@@ -207,6 +222,9 @@ pub struct Services {
     pub pool: Option<Arc<Pool>>,
     /// The functions behind `/v1/functions`.
     pub functions: Option<Arc<FunctionSet>>,
+    /// Deployments over the API (`PUT /v1/functions/{name}`), kept in a
+    /// data directory; without, that route is refused (405).
+    pub deploy: Option<DeployConfig>,
 }
 
 impl From<Arc<Pool>> for Services {
@@ -214,6 +232,7 @@ impl From<Arc<Pool>> for Services {
         Services {
             pool: Some(pool),
             functions: None,
+            deploy: None,
         }
     }
 }
@@ -242,12 +261,16 @@ pub enum ServerError {
     /// A function could not be opened.
     #[error("function {0}: {1}")]
     Function(String, FunctionError),
+    /// The data directory of deployed functions could not be opened.
+    #[error("deployed functions: {0}")]
+    Deploy(#[from] deploy::DeployError),
 }
 
 #[derive(Debug)]
 struct AppState {
     pool: Option<Arc<Pool>>,
     functions: Arc<FunctionSet>,
+    deployer: Option<Arc<Deployer>>,
     limits: Limits,
     metrics: Metrics,
     /// One permit per sandbox and queue place of the pool: a request
@@ -298,22 +321,43 @@ pub async fn serve(
         loopback_host: loopback,
         max_body_bytes: config.limits.max_body_bytes,
     });
-    let Services { pool, functions } = services.into();
+    let Services {
+        pool,
+        functions,
+        deploy,
+    } = services.into();
     let has_functions = functions.as_ref().is_some_and(|f| !f.is_empty());
-    if pool.is_none() && !has_functions {
+    if pool.is_none() && !has_functions && deploy.is_none() {
         return Err(ServerError::Config(
-            "nothing to serve: no snapshot pool and no functions".into(),
+            "nothing to serve: no snapshot pool, no functions and no data directory".into(),
         ));
     }
     let functions = functions.unwrap_or_else(|| Arc::new(FunctionSet::empty()));
+    // Opening the deployed functions reads their templates: blocking.
+    let deployer = match deploy {
+        Some(deploy) => {
+            let (functions, max_timeout_ms) = (functions.clone(), config.limits.max_timeout_ms);
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    Deployer::open(deploy, functions, max_timeout_ms)
+                })
+                .await
+                .map_err(|e| {
+                    ServerError::Config(format!("cannot open deployed functions: {e}"))
+                })??,
+            )
+        }
+        None => None,
+    };
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let state = Arc::new(AppState {
         pool: pool.clone(),
         functions: functions.clone(),
+        deployer,
         limits: config.limits,
-        metrics: Metrics::new(&functions.names()),
+        metrics: Metrics::default(),
         pool_admission: admission(pool.as_ref().map_or(0, |p| {
             p.config().max_live.saturating_add(p.config().max_queue)
         })),
@@ -331,10 +375,16 @@ pub async fn serve(
         app = app.route("/v1/invocations", post(invocations));
     }
     let app = app
-        .route("/v1/functions", get(list_functions))
+        .route("/v1/functions", get(function_api::list_functions))
+        .route(
+            "/v1/functions/{name}",
+            get(function_api::get_function)
+                .put(function_api::put_function)
+                .delete(function_api::delete_function),
+        )
         .route(
             "/v1/functions/{name}/invocations",
-            post(function_invocations),
+            post(function_api::function_invocations),
         )
         .route("/v1/health", get(health))
         .route("/metrics", get(metrics))
@@ -920,7 +970,12 @@ async fn health(State(state): State<Shared>) -> Response {
 
 async fn metrics(State(state): State<Shared>) -> Response {
     let pool = state.pool.as_ref().map(|p| p.stats()).unwrap_or_default();
-    let text = state.metrics.render(&pool, &state.functions.load());
+    let functions = state.functions.list();
+    let text = state.metrics.render(
+        &pool,
+        &state.functions.load(),
+        functions.iter().map(|f| (f.name.as_str(), &*f.counters)),
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -929,257 +984,6 @@ async fn metrics(State(state): State<Shared>) -> Response {
         text,
     )
         .into_response()
-}
-
-async fn list_functions(State(state): State<Shared>) -> Response {
-    let functions = state
-        .functions
-        .iter()
-        .map(|f| {
-            let manifest = f.function.manifest();
-            FunctionInfo {
-                name: f.name.clone(),
-                runtime: manifest.runtime.clone(),
-                handler: manifest.handler.clone(),
-                hot_path: manifest.hot_path.is_some(),
-                hot_path_capacity_bytes: f.function.hot_path_capacity(),
-            }
-        })
-        .collect();
-    Json(FunctionList { functions }).into_response()
-}
-
-/// One function request's bookkeeping: id, start, the log line and the
-/// metrics.
-struct FunctionLog {
-    state: Shared,
-    id: String,
-    function: String,
-    index: Option<usize>,
-    started: Instant,
-}
-
-impl FunctionLog {
-    fn new(state: &Shared, function: &str) -> Self {
-        let n = state.next_id.fetch_add(1, Ordering::Relaxed);
-        FunctionLog {
-            id: format!("{}-{n}", state.id_prefix),
-            state: state.clone(),
-            function: function.to_string(),
-            index: state.functions.get(function).map(|f| f.index),
-            started: Instant::now(),
-        }
-    }
-
-    /// Counts, logs and answers a request that did not run.
-    fn refuse(
-        &self,
-        status: StatusCode,
-        retry_after: Option<&'static str>,
-        kind: FunctionOutcomeKind,
-        message: String,
-    ) -> Response {
-        if let Some(index) = self.index {
-            self.state.metrics.count_function(index, kind, None);
-        }
-        tracing::info!(
-            target: "ember::function",
-            id = %self.id,
-            function = %self.function,
-            outcome = kind.as_str(),
-            status = status.as_u16(),
-            total_ms = api::ms(self.started.elapsed()),
-            error = %message,
-            "invocation"
-        );
-        refusal(status, retry_after, message)
-    }
-
-    /// Runs `event` in a clone of `function` (blocking) and answers.
-    fn run(
-        &self,
-        function: &ServedFunction,
-        event: &[u8],
-        options: &FunctionInvokeOptions,
-        slot: Slot,
-    ) -> Response {
-        let queued = slot.queued;
-        let functions = &self.state.functions;
-        let result = if functions.recycles(function) {
-            functions.invoke_recycled(function, event, options)
-        } else {
-            function.function.invoke(event, options)
-        };
-        // The invocation is over (its clone destroyed or idle): its slot
-        // is free.
-        drop(slot);
-        let metrics = &self.state.metrics;
-        match result {
-            Ok(outcome) => {
-                let kind = FunctionOutcomeKind::of(&outcome.result);
-                let t = &outcome.timings;
-                metrics.count_function(function.index, kind, Some(outcome.path));
-                metrics.observe_function(outcome.path, t.restore + t.run);
-                let body =
-                    FunctionInvocationResponse::new(&self.id, &function.name, &outcome, queued);
-                let path = serde_json::to_value(outcome.path).unwrap_or_default();
-                tracing::info!(
-                    target: "ember::function",
-                    id = %self.id,
-                    function = %function.name,
-                    outcome = kind.as_str(),
-                    status = 200,
-                    path = path.as_str().unwrap_or_default(),
-                    event_bytes = event.len(),
-                    output_truncated = outcome.output_truncated,
-                    queue_ms = body.timings_ms.queue,
-                    restore_ms = body.timings_ms.restore,
-                    run_ms = body.timings_ms.run,
-                    handler_ms = body.timings_ms.handler,
-                    teardown_ms = body.timings_ms.teardown,
-                    invoke_ms = body.timings_ms.total,
-                    total_ms = api::ms(self.started.elapsed()),
-                    "invocation"
-                );
-                Json(body).into_response()
-            }
-            Err(e) => {
-                let (status, kind) = match e {
-                    FunctionError::BadRequest(_) => {
-                        (StatusCode::BAD_REQUEST, FunctionOutcomeKind::Invalid)
-                    }
-                    _ => (
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        FunctionOutcomeKind::Failed,
-                    ),
-                };
-                metrics.count_function(function.index, kind, None);
-                tracing::warn!(
-                    target: "ember::function",
-                    id = %self.id,
-                    function = %function.name,
-                    outcome = kind.as_str(),
-                    status = status.as_u16(),
-                    event_bytes = event.len(),
-                    total_ms = api::ms(self.started.elapsed()),
-                    error = %e,
-                    "invocation"
-                );
-                error(status, e.to_string())
-            }
-        }
-    }
-}
-
-async fn function_invocations(
-    State(state): State<Shared>,
-    name: Result<Path<String>, PathRejection>,
-    query: Result<Query<FunctionQuery>, QueryRejection>,
-    request: Request,
-) -> Response {
-    let name = match name {
-        Ok(Path(name)) => name,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    let log = FunctionLog::new(&state, &name);
-    if log.index.is_none() {
-        return log.refuse(
-            StatusCode::NOT_FOUND,
-            None,
-            FunctionOutcomeKind::Invalid,
-            format!("no function {name:?}"),
-        );
-    }
-    let invalid = |status, message| log.refuse(status, None, FunctionOutcomeKind::Invalid, message);
-    let options = match query
-        .map_err(|e| e.body_text())
-        .and_then(|Query(q)| q.into_options(&state.limits))
-    {
-        Ok(options) => options,
-        Err(message) => return invalid(StatusCode::BAD_REQUEST, message),
-    };
-    // Larger events would not fit one agent frame on the vsock path: an
-    // event declared larger is refused before it is admitted or read.
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared.filter(|&len| len > state.limits.max_input_bytes as u64) {
-        return invalid(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the event is {len} bytes, over the limit of {}",
-                state.limits.max_input_bytes
-            ),
-        );
-    }
-    // Admitted (or 429) before the body is read: at most as many events
-    // are in memory as there are clone slots and queue places.
-    let Ok(admitted) = state.function_admission.clone().try_acquire_owned() else {
-        let config = state.functions.config();
-        return log.refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            Some("1"),
-            FunctionOutcomeKind::Rejected,
-            Refusal::Busy {
-                max_live: config.max_live,
-                max_queue: config.max_queue,
-            }
-            .to_string(),
-        );
-    };
-    let event = match read_body(request).await {
-        Ok(body) => body,
-        Err((status, message)) => return invalid(status, message),
-    };
-    if event.len() > state.limits.max_input_bytes {
-        return invalid(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the event is {} bytes, over the limit of {}",
-                event.len(),
-                state.limits.max_input_bytes
-            ),
-        );
-    }
-    let Some(served) = state.functions.get(&name) else {
-        return invalid(StatusCode::NOT_FOUND, format!("no function {name:?}"));
-    };
-    let slot = match state.functions.acquire(served).await {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            let (status, retry_after) = match refusal {
-                Refusal::Busy { .. } | Refusal::FunctionBusy { .. } => {
-                    (StatusCode::TOO_MANY_REQUESTS, Some("1"))
-                }
-                Refusal::QueueTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
-                Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None),
-            };
-            return log.refuse(
-                status,
-                retry_after,
-                FunctionOutcomeKind::Rejected,
-                refusal.to_string(),
-            );
-        }
-    };
-    let id = HeaderValue::from_str(&log.id).ok();
-    let functions = state.functions.clone();
-    // The invocation runs to its end even if the client goes away (the
-    // slot is held until the clone is destroyed); it is counted and logged
-    // either way.
-    let answer = tokio::task::spawn_blocking(move || {
-        let _admitted = admitted;
-        let function = functions.get(&name).expect("the function is in the set");
-        let options = FunctionInvokeOptions {
-            isolation: functions.config().isolation.clone(),
-            ..options
-        };
-        log.run(function, &event, &options, slot)
-    })
-    .await;
-    with_id(answer.unwrap_or_else(|_| task_failed()), id)
 }
 
 #[cfg(test)]

@@ -1,0 +1,128 @@
+//! Cancelling a function invocation whose client went away: the jailed
+//! worker running it is killed (so its clone is never reused) and the
+//! invocation's slot frees as soon as the blocking call sees the worker
+//! gone.
+//!
+//! The worker is named by a pidfd opened while the server still holds the
+//! worker's handle (so it cannot have been reaped and its PID reused): a
+//! signal through it reaches that process or nobody.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard};
+
+#[derive(Debug, Default)]
+struct State {
+    cancelled: bool,
+    worker: Option<OwnedFd>,
+}
+
+/// One invocation's cancellation: armed with its worker while it runs.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    state: Mutex<State>,
+}
+
+impl Cancel {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The invocation runs in worker `pid` from now on (the caller holds
+    /// the worker's handle, unreaped). Returns false (and kills it) if the
+    /// invocation was cancelled already.
+    pub fn arm(&self, pid: u32) -> bool {
+        let fd = pidfd_open(pid);
+        let mut state = self.lock();
+        if state.cancelled {
+            if let Some(fd) = &fd {
+                kill(fd);
+            }
+            return false;
+        }
+        state.worker = fd;
+        true
+    }
+
+    /// The invocation's call returned: its worker is no longer ours to
+    /// kill.
+    pub fn disarm(&self) {
+        self.lock().worker = None;
+    }
+
+    /// Cancels the invocation: its worker, if it runs in one now, is
+    /// killed. Returns whether one was.
+    pub fn cancel(&self) -> bool {
+        let mut state = self.lock();
+        state.cancelled = true;
+        match state.worker.take() {
+            Some(fd) => {
+                kill(&fd);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes integers; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: `fd` is a fresh pidfd that nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn kill(fd: &OwnedFd) {
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags; a
+    // process that exited already gives ESRCH, which is fine.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancelled_invocation_kills_its_worker_whenever_it_is_armed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let cancel = Cancel::default();
+        assert!(cancel.arm(child.id()));
+        assert!(cancel.cancel());
+        assert!(cancel.is_cancelled());
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+
+        // Cancelled before it was armed: killed when armed.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let cancel = Cancel::default();
+        assert!(!cancel.cancel());
+        assert!(!cancel.arm(child.id()));
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+
+        // Disarmed: nothing to kill.
+        let cancel = Cancel::default();
+        assert!(cancel.arm(std::process::id()));
+        cancel.disarm();
+        assert!(!cancel.cancel());
+    }
+}
