@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::memory::{Charge, MemoryBudget};
 use super::metrics::FunctionLoad;
-use super::recycled::{IdleClones, RecycledClone};
+use super::recycled::{ChargedClone, IdleClones, RecycledClone};
 use super::ServerError;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, MANIFEST_FILE,
@@ -60,6 +61,16 @@ pub struct FunctionSetConfig {
     pub max_idle: usize,
     /// How long a recycled clone may wait unused before it is destroyed.
     pub idle_timeout: Duration,
+    /// Idle recycled clones kept ready for each function that recycles:
+    /// made at start and after invocations take them, never expired
+    /// (within `max_idle` in all and the memory cap).
+    pub min_warm_per_function: usize,
+    /// Most host memory the clones (running and idle) may be charged, in
+    /// bytes; each is charged its worker's memory limit (guest memory +
+    /// VMM overhead). When a new clone would go over, idle clones are
+    /// destroyed first (least recently used), then the invocation is
+    /// refused (429). `None`: no cap.
+    pub max_memory_bytes: Option<u64>,
     /// Run every clone in its own jailed worker process: the default.
     /// `None` runs them in the server's process, for trusted code only.
     pub isolation: Option<crate::isolation::Isolation>,
@@ -78,6 +89,8 @@ impl Default for FunctionSetConfig {
             recycle: true,
             max_idle: 8,
             idle_timeout: Duration::from_secs(60),
+            min_warm_per_function: 0,
+            max_memory_bytes: None,
         }
     }
 }
@@ -95,6 +108,8 @@ pub struct ServedFunction {
     pub function: Arc<Function>,
     /// Its share of the set's slots and queue.
     limit: FunctionLimit,
+    /// What each of its clones is charged on the memory budget.
+    clone_bytes: u64,
 }
 
 /// The functions a server serves, by name.
@@ -103,7 +118,17 @@ pub struct FunctionSet {
     functions: BTreeMap<String, ServedFunction>,
     limiter: Limiter,
     idle: IdleClones,
+    memory: Arc<MemoryBudget>,
+    /// Woken when an invocation takes an idle clone (see [`Self::top_up`]).
+    warm_wanted: tokio::sync::Notify,
     config: FunctionSetConfig,
+}
+
+/// What an invocation runs in: an idle clone, or the charge for a new one.
+#[derive(Debug)]
+pub(crate) enum CloneLease {
+    Idle(ChargedClone),
+    New(Charge),
 }
 
 impl FunctionSet {
@@ -187,6 +212,7 @@ impl FunctionSet {
             if set.contains_key(&name) {
                 return Err(ServerError::Config(format!("function {name} given twice")));
             }
+            let clone_bytes = clone_memory_bytes(&function, config.isolation.as_ref());
             set.insert(
                 name.clone(),
                 ServedFunction {
@@ -195,6 +221,7 @@ impl FunctionSet {
                     dir,
                     function: Arc::new(function),
                     limit: FunctionLimit::new(&config),
+                    clone_bytes,
                 },
             );
         }
@@ -205,6 +232,8 @@ impl FunctionSet {
             functions: set,
             limiter: Limiter::new(&config),
             idle: IdleClones::new(config.max_idle),
+            memory: MemoryBudget::new(config.max_memory_bytes),
+            warm_wanted: tokio::sync::Notify::new(),
             config,
         })
     }
@@ -273,28 +302,67 @@ impl FunctionSet {
         self.config.recycle && function.function.manifest().hot_path.is_some()
     }
 
-    /// Runs `event` in a recycled clone of `function`: an idle one, or
-    /// one made now (counted in the outcome's restore time); the clone is
-    /// kept for the next invocation if it can serve one. Blocking.
+    /// Host memory charged now by the clones, and the cap.
+    pub fn memory(&self) -> (u64, Option<u64>) {
+        (self.memory.charged(), self.memory.cap())
+    }
+
+    /// What one invocation of `function` runs in: its most recently used
+    /// idle clone, or room on the memory budget for a new one (making
+    /// room by destroying idle clones, least recently used first).
+    /// Blocking: the clones destroyed end their workers.
+    pub(crate) fn lease(&self, function: &ServedFunction) -> Result<CloneLease, Refusal> {
+        if self.recycles(function) {
+            if let Some(clone) = self.idle.take(function.index) {
+                self.warm_wanted.notify_one();
+                return Ok(CloneLease::Idle(clone));
+            }
+        }
+        loop {
+            if let Some(charge) = self.memory.try_charge(function.clone_bytes) {
+                return Ok(CloneLease::New(charge));
+            }
+            match self.idle.take_oldest() {
+                Some(evicted) => drop(evicted),
+                None => {
+                    return Err(Refusal::MemoryFull {
+                        cap_bytes: self.memory.cap().unwrap_or(u64::MAX),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The least recently used idle clone of `function`, if any (for
+    /// going through every idle clone once).
+    pub(crate) fn lease_oldest(&self, function: &ServedFunction) -> Option<ChargedClone> {
+        self.idle.take_oldest_of(function.index)
+    }
+
+    /// Runs `event` in a recycled clone of `function`, the lease's idle
+    /// one or one made now (counted in the outcome's restore time); the
+    /// clone is kept for the next invocation if it can serve one.
+    /// Blocking.
     pub(crate) fn invoke_recycled(
         &self,
         function: &ServedFunction,
+        lease: CloneLease,
         event: &[u8],
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
         let requested = Instant::now();
-        let (mut clone, made) = match self.idle.take(function.index) {
-            Some(clone) => (clone, Duration::ZERO),
-            None => {
+        let (mut clone, made) = match lease {
+            CloneLease::Idle(clone) => (clone, Duration::ZERO),
+            CloneLease::New(charge) => {
                 let clone = RecycledClone::make(
                     &function.function,
                     options.isolation.as_ref(),
                     options.io_limits,
                 )?;
-                (clone, requested.elapsed())
+                (ChargedClone { clone, charge }, requested.elapsed())
             }
         };
-        let result = clone.invoke(event, options);
+        let result = clone.clone.invoke(event, options);
         // A server shutting down keeps nothing (its idle clones are gone
         // already).
         let reusable =
@@ -312,10 +380,63 @@ impl FunctionSet {
         })
     }
 
+    /// Makes idle clones until each function that recycles has
+    /// `min_warm_per_function` of them, one at a time, within `max_idle`
+    /// in all and the memory budget (warm clones never push out others).
+    /// Blocking; returns how many it made.
+    pub fn top_up(&self) -> usize {
+        let want = self.config.min_warm_per_function;
+        let mut made = 0;
+        for function in self.functions.values() {
+            if !self.recycles(function) {
+                continue;
+            }
+            while !self.is_closed()
+                && self.idle.count(function.index) < want
+                && self.idle.len() < self.config.max_idle
+            {
+                let Some(charge) = self.memory.try_charge(function.clone_bytes) else {
+                    return made;
+                };
+                let clone = match RecycledClone::make(
+                    &function.function,
+                    self.config.isolation.as_ref(),
+                    Default::default(),
+                ) {
+                    Ok(clone) => clone,
+                    Err(e) => {
+                        tracing::warn!(function = %function.name, error = %e, "a warm clone could not be made");
+                        break;
+                    }
+                };
+                drop(
+                    self.idle
+                        .put(function.index, ChargedClone { clone, charge }),
+                );
+                made += 1;
+                // Closed while it was being made: `close` has emptied the
+                // list already, so nothing else would end this clone.
+                if self.is_closed() {
+                    drop(self.idle.take_all());
+                }
+            }
+        }
+        made
+    }
+
+    /// Waits until an invocation takes an idle clone, or `at_most`.
+    pub async fn warm_wanted(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.warm_wanted.notified()).await;
+    }
+
     /// Destroys the recycled clones idle for longer than the idle
     /// timeout.
     pub async fn expire_idle(&self) {
-        destroy(self.idle.expire(self.config.idle_timeout)).await;
+        destroy(
+            self.idle
+                .expire(self.config.idle_timeout, self.config.min_warm_per_function),
+        )
+        .await;
     }
 
     /// Whether [`FunctionSet::close`] was called.
@@ -337,8 +458,16 @@ impl FunctionSet {
     }
 }
 
+/// What one clone of `function` is charged: its worker's memory limit.
+fn clone_memory_bytes(function: &Function, isolation: Option<&crate::isolation::Isolation>) -> u64 {
+    let default = crate::worker::memory_limit_bytes(function.snapshot());
+    isolation
+        .and_then(|i| i.memory_limit_bytes)
+        .unwrap_or(default)
+}
+
 /// Ends `clones` on a blocking thread (ending a worker waits for it).
-async fn destroy(clones: Vec<RecycledClone>) {
+async fn destroy(clones: Vec<ChargedClone>) {
     if !clones.is_empty() {
         let _ = tokio::task::spawn_blocking(move || drop(clones)).await;
     }
@@ -353,6 +482,9 @@ pub(crate) enum Refusal {
     FunctionBusy { max_live: usize, max_queue: usize },
     /// No slot became free in time.
     QueueTimeout(Duration),
+    /// A new clone would take the clones' memory over the cap, and no
+    /// idle clone is left to make room.
+    MemoryFull { cap_bytes: u64 },
     /// The server is shutting down.
     ShuttingDown,
 }
@@ -376,6 +508,11 @@ impl std::fmt::Display for Refusal {
                  wait already"
             ),
             Refusal::QueueTimeout(d) => write!(f, "no function slot became free within {d:?}"),
+            Refusal::MemoryFull { cap_bytes } => write!(
+                f,
+                "the clones' memory is at the server's cap of {} MiB",
+                cap_bytes >> 20
+            ),
             Refusal::ShuttingDown => write!(f, "the server is shutting down"),
         }
     }

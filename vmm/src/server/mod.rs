@@ -48,6 +48,7 @@ pub mod client;
 mod conn_cap;
 pub mod functions;
 pub mod guard;
+pub mod memory;
 pub mod metrics;
 pub mod recycled;
 
@@ -347,13 +348,16 @@ pub async fn serve(
         .layer(axum::middleware::map_response(close_after_refusal))
         .with_state(state);
 
-    // Recycled clones unused for the idle timeout are destroyed.
+    // Recycled clones unused for the idle timeout are destroyed; each
+    // function's minimum of warm ones is made at start and again after
+    // invocations take them.
     let expiry = {
         let functions = functions.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                let keeper = functions.clone();
+                let _ = tokio::task::spawn_blocking(move || keeper.top_up()).await;
+                functions.warm_wanted(Duration::from_secs(1)).await;
                 functions.expire_idle().await;
             }
         })
@@ -1005,10 +1009,24 @@ impl FunctionLog {
     ) -> Response {
         let queued = slot.queued;
         let functions = &self.state.functions;
-        let result = if functions.recycles(function) {
-            functions.invoke_recycled(function, event, options)
-        } else {
-            function.function.invoke(event, options)
+        let lease = match functions.lease(function) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                return self.refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some("1"),
+                    FunctionOutcomeKind::Rejected,
+                    refusal.to_string(),
+                )
+            }
+        };
+        let result = match lease {
+            lease if functions.recycles(function) => {
+                functions.invoke_recycled(function, lease, event, options)
+            }
+            // A fresh clone, destroyed by the invocation; its charge is
+            // held until then.
+            _charge => function.function.invoke(event, options),
         };
         // The invocation is over (its clone destroyed or idle): its slot
         // is free.
@@ -1154,6 +1172,7 @@ async fn function_invocations(
                     (StatusCode::TOO_MANY_REQUESTS, Some("1"))
                 }
                 Refusal::QueueTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some("1")),
+                Refusal::MemoryFull { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("1")),
                 Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, None),
             };
             return log.refuse(
