@@ -2379,3 +2379,100 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
     );
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// `--function-min-warm`: the server makes a function's warm clones at
+/// start, makes them again after invocations take them, and keeps them
+/// past the idle timeout. `--max-memory-mib`: with room for one clone, a
+/// second invocation while the first runs is refused (429, Retry-After)
+/// and no second worker starts; once the first clone is gone the next
+/// invocation runs.
+#[test]
+fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
+    let dir = functions_dir("serve-warm");
+    let socket = common::temp_path("serve-warm.sock");
+    let listen = format!("unix:{}", socket.display());
+    let start = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--functions".as_ref(),
+            dir.as_os_str(),
+            "--listen".as_ref(),
+            listen.as_ref(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        ChildServer::start(&args)
+    };
+    let uri = "/v1/functions/probe/invocations";
+    let health = |client: &mut Client| -> Value {
+        let r = client.request("GET", "/v1/health", None).unwrap();
+        r.json().unwrap()["functions"].clone()
+    };
+
+    let server = start(&["--function-min-warm", "2", "--idle-timeout-s", "1"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    assert!(
+        eventually(Duration::from_secs(30), || health(&mut client)["idle"] == 2),
+        "two warm clones before any request: {}",
+        health(&mut client)
+    );
+    assert_eq!(workers_of(pid).len(), 2);
+    for _ in 0..3 {
+        let r = client
+            .request("POST", uri, Some(br#"{"op": "echo"}"#))
+            .expect("answered");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    // Past the idle timeout, the minimum is still there.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(health(&mut client)["idle"], 2, "{}", health(&mut client));
+    assert_eq!(workers_of(pid).len(), 2);
+    server.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || workers_of(pid).is_empty()),
+        "no worker outlives the server"
+    );
+
+    // Room for exactly one clone.
+    let function = ember::function::Function::open(probe_template()).expect("probe opens");
+    let one_clone_mib = ember::worker::memory_limit_bytes(function.snapshot()).div_ceil(1 << 20);
+    let cap = one_clone_mib.to_string();
+    let server = start(&["--max-memory-mib", &cap, "--max-live", "4"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let looping = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            let mut client = Client::new(Target::Unix(socket), REQUEST_TIMEOUT);
+            client
+                .request(
+                    "POST",
+                    "/v1/functions/probe/invocations?timeout_ms=4000",
+                    Some(br#"{"op": "loop"}"#),
+                )
+                .expect("answered")
+                .status
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(30), || health(&mut client)["live"] == 1),
+        "the looping invocation runs"
+    );
+    let r = client
+        .request("POST", uri, Some(br#"{"op": "echo"}"#))
+        .expect("answered");
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let error = r.json().expect("JSON")["error"].clone();
+    assert!(
+        error.as_str().is_some_and(|e| e.contains("memory")),
+        "{error}"
+    );
+    assert_eq!(workers_of(pid).len(), 1, "no second clone was started");
+    // The loop times out and its clone is destroyed: room again.
+    looping.join().expect("the looping request");
+    let r = client
+        .request("POST", uri, Some(br#"{"op": "echo"}"#))
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    server.stop();
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub mod density;
 pub mod function;
 pub mod http;
 pub mod noisy;

@@ -31,6 +31,10 @@ pub(super) enum BenchCommand {
     /// An echo function's latency beside a neighbour clone that idles,
     /// hammers its disk, and hammers it under a rate limit.
     NoisyNeighbour(BenchNoisyArgs),
+    /// Host memory per idle warm clone when one server holds many of a
+    /// function (PSS and MemAvailable, before and after an invocation
+    /// each).
+    Density(BenchDensityArgs),
 }
 
 /// Runs a `bench` subcommand.
@@ -41,6 +45,7 @@ pub(super) fn run(command: BenchCommand) -> Result<ExitCode> {
         BenchCommand::Http(args) => http(args),
         BenchCommand::Function(args) => super::function::bench_function(args),
         BenchCommand::NoisyNeighbour(args) => super::limits::bench_noisy(args),
+        BenchCommand::Density(args) => density(args),
     }
 }
 
@@ -105,6 +110,66 @@ pub(super) struct BenchHttpArgs {
     /// jailed workers add
     #[arg(long, value_name = "DIR", requires = "function")]
     function_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(super) struct BenchDensityArgs {
+    /// The function's template directory [default: the cached python echo
+    /// function, made on first use]
+    #[arg(long, value_name = "DIR")]
+    function: Option<PathBuf>,
+    /// Warm clones to hold
+    #[arg(long, default_value_t = 200)]
+    count: usize,
+    /// The event each clone's one invocation sends
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    event: String,
+    /// Hold the clones in this process instead of one jailed worker each
+    #[arg(long)]
+    in_process: bool,
+    /// Print one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+fn density(args: BenchDensityArgs) -> Result<ExitCode> {
+    use ember::function::{Function, TemplateOptions};
+    use ember::paths;
+
+    if !(1..=1000).contains(&args.count) {
+        anyhow::bail!("--count must be in 1..=1000 (the workers' uid range)");
+    }
+    serde_json::from_str::<serde_json::Value>(&args.event).context("--event is not JSON")?;
+    let dir = match args.function {
+        Some(dir) => dir,
+        None => {
+            let options = TemplateOptions::new(
+                paths::default_kernel(),
+                paths::default_initrd(),
+                Some(paths::default_python_image()),
+            );
+            ember::ensure_cached_function(&ember::bench::function::echo_spec()?, &options, |dir| {
+                eprintln!("ember: creating the echo function in {}...", dir.display())
+            })?
+        }
+    };
+    let function = Function::open(&dir)
+        .with_context(|| format!("cannot open the function {}", dir.display()))?;
+    let isolation = (!args.in_process).then(isolation).transpose()?;
+    let report = ember::bench::density::run(
+        "density",
+        function,
+        args.count,
+        isolation,
+        args.event.as_bytes(),
+    )
+    .context("density benchmark failed")?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn boot(args: BenchBootArgs) -> Result<ExitCode> {

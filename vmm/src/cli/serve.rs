@@ -78,6 +78,17 @@ pub(super) struct ServeArgs {
     /// destroyed
     #[arg(long, default_value_t = 60)]
     idle_timeout_s: u64,
+    /// Idle recycled clones kept ready for each function: made at start
+    /// and after invocations take them, never expired (within --max-idle
+    /// in all and --max-memory-mib)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    function_min_warm: usize,
+    /// Most host memory the function clones (running and idle) may be
+    /// charged, each its worker's memory limit (guest memory + 64 MiB);
+    /// over it idle clones go first, then requests get 429 [default: no
+    /// cap]
+    #[arg(long, value_name = "MIB")]
+    max_memory_mib: Option<u64>,
     /// On SIGTERM/SIGINT, how long running invocations may go on
     #[arg(long, default_value_t = 30)]
     shutdown_grace_s: u64,
@@ -112,6 +123,8 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
         recycle: !args.no_recycle,
         max_idle: args.max_idle,
         idle_timeout: Duration::from_secs(args.idle_timeout_s),
+        min_warm_per_function: args.function_min_warm,
+        max_memory_bytes: args.max_memory_mib.map(|mib| mib.saturating_mul(1 << 20)),
         isolation: (!args.in_process).then(isolation).transpose()?,
     };
     // Without --functions the set starts empty: deployments fill it.

@@ -311,11 +311,22 @@ impl FunctionLog {
     ) -> Response {
         let queued = slot.queued;
         let functions = &self.state.functions;
+        let lease = match functions.lease(function) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                return self.refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some("1"),
+                    FunctionOutcomeKind::Rejected,
+                    refusal.to_string(),
+                )
+            }
+        };
         let result = if functions.recycles(function) {
             functions
-                .recycled_clone(function, options)
+                .recycled_clone(function, lease, options)
                 .and_then(|(clone, made)| {
-                    let armed = match &clone {
+                    let armed = match &clone.clone {
                         RecycledClone::Jailed(jailed) => {
                             jailed.worker_pid().is_none_or(|pid| cancel.arm(pid))
                         }
@@ -331,6 +342,9 @@ impl FunctionLog {
                     result
                 })
         } else {
+            // A fresh clone, destroyed by the invocation; its charge is
+            // held until then.
+            let _charge = lease;
             function.function.invoke(event, options)
         };
         // The invocation is over (its clone destroyed or idle): its slot
@@ -671,9 +685,9 @@ pub(super) async fn function_invocations(
             }
             Err(refusal) => {
                 let (status, retry_after) = match refusal {
-                    Refusal::Busy { .. } | Refusal::FunctionBusy { .. } => {
-                        (StatusCode::TOO_MANY_REQUESTS, Some("1"))
-                    }
+                    Refusal::Busy { .. }
+                    | Refusal::FunctionBusy { .. }
+                    | Refusal::MemoryFull { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("1")),
                     Refusal::QueueTimeout(_) | Refusal::Retired => {
                         (StatusCode::SERVICE_UNAVAILABLE, Some("1"))
                     }

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::memory::{Charge, MemoryBudget};
 use super::metrics::{FunctionCounters, FunctionLoad};
-use super::recycled::{IdleClones, RecycledClone};
+use super::recycled::{ChargedClone, IdleClones, RecycledClone};
 use super::ServerError;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, MANIFEST_FILE,
@@ -62,6 +63,16 @@ pub struct FunctionSetConfig {
     pub max_idle: usize,
     /// How long a recycled clone may wait unused before it is destroyed.
     pub idle_timeout: Duration,
+    /// Idle recycled clones kept ready for each function that recycles:
+    /// made at start (or deployment) and after invocations take them,
+    /// never expired (within `max_idle` in all and the memory cap).
+    pub min_warm_per_function: usize,
+    /// Most host memory the clones (running and idle) may be charged, in
+    /// bytes; each is charged its worker's memory limit (guest memory +
+    /// VMM overhead). When a new clone would go over, idle clones are
+    /// destroyed first (least recently used), then the invocation is
+    /// refused (429). `None`: no cap.
+    pub max_memory_bytes: Option<u64>,
     /// Run every clone in its own jailed worker process: the default.
     /// `None` runs them in the server's process, for trusted code only.
     pub isolation: Option<crate::isolation::Isolation>,
@@ -80,6 +91,8 @@ impl Default for FunctionSetConfig {
             recycle: true,
             max_idle: 8,
             idle_timeout: Duration::from_secs(60),
+            min_warm_per_function: 0,
+            max_memory_bytes: None,
         }
     }
 }
@@ -108,6 +121,8 @@ pub struct ServedFunction {
     limit: FunctionLimit,
     /// Replaced or removed: no new invocation, and no clone is kept.
     retired: AtomicBool,
+    /// What each of its clones is charged on the memory budget.
+    clone_bytes: u64,
 }
 
 impl ServedFunction {
@@ -140,6 +155,13 @@ pub struct NewFunction {
     pub timeout: Option<Duration>,
 }
 
+/// What an invocation runs in: an idle clone, or the charge for a new one.
+#[derive(Debug)]
+pub(crate) enum CloneLease {
+    Idle(ChargedClone),
+    New(Charge),
+}
+
 /// The functions a server serves, by name: those of the `--functions`
 /// directory, opened at start, and those deployed over the API, added,
 /// replaced and removed while serving.
@@ -149,6 +171,10 @@ pub struct FunctionSet {
     next_index: AtomicUsize,
     limiter: Limiter,
     idle: IdleClones,
+    memory: Arc<MemoryBudget>,
+    /// Woken when an invocation takes an idle clone, or a function is
+    /// added (see [`Self::top_up`]).
+    warm_wanted: tokio::sync::Notify,
     config: FunctionSetConfig,
 }
 
@@ -228,6 +254,8 @@ impl FunctionSet {
             next_index: AtomicUsize::new(0),
             limiter: Limiter::new(&config),
             idle: IdleClones::new(config.max_idle),
+            memory: MemoryBudget::new(config.max_memory_bytes),
+            warm_wanted: tokio::sync::Notify::new(),
             config,
         };
         for (name, dir, function) in functions {
@@ -296,6 +324,7 @@ impl FunctionSet {
                 new.name
             )));
         }
+        let clone_bytes = clone_memory_bytes(&new.function, self.config.isolation.as_ref());
         let mut functions = self.write();
         let counters = functions
             .get(&new.name)
@@ -310,11 +339,13 @@ impl FunctionSet {
             timeout: new.timeout,
             limit: FunctionLimit::new(&self.config),
             retired: AtomicBool::new(false),
+            clone_bytes,
         });
         let old = functions.insert(new.name, served);
         if let Some(old) = &old {
             old.retired.store(true, Ordering::SeqCst);
         }
+        self.warm_wanted.notify_one();
         Ok(old)
     }
 
@@ -358,6 +389,11 @@ impl FunctionSet {
         &self.config
     }
 
+    /// Recycled clones of `function` idle now.
+    pub fn idle_count(&self, function: &ServedFunction) -> usize {
+        self.idle.count(function.index)
+    }
+
     /// Invocations running, requests waiting and recycled clones idle.
     pub fn load(&self) -> FunctionLoad {
         FunctionLoad {
@@ -398,43 +434,92 @@ impl FunctionSet {
         self.config.recycle && function.function.manifest().hot_path.is_some()
     }
 
-    /// Takes an idle recycled clone of `function`, or makes one (the
-    /// time it took is returned). Blocking.
+    /// Host memory charged now by the clones, and the cap.
+    pub fn memory(&self) -> (u64, Option<u64>) {
+        (self.memory.charged(), self.memory.cap())
+    }
+
+    /// What one invocation of `function` runs in: its most recently used
+    /// idle clone, or room on the memory budget for a new one (making
+    /// room by destroying idle clones, least recently used first).
+    /// Blocking: the clones destroyed end their workers.
+    pub(crate) fn lease(&self, function: &ServedFunction) -> Result<CloneLease, Refusal> {
+        if self.recycles(function) {
+            if let Some(clone) = self.idle.take(function.index) {
+                self.warm_wanted.notify_one();
+                return Ok(CloneLease::Idle(clone));
+            }
+        }
+        loop {
+            if let Some(charge) = self.memory.try_charge(function.clone_bytes) {
+                return Ok(CloneLease::New(charge));
+            }
+            match self.idle.take_oldest() {
+                Some(evicted) => drop(evicted),
+                None => {
+                    return Err(Refusal::MemoryFull {
+                        cap_bytes: self.memory.cap().unwrap_or(u64::MAX),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The least recently used idle clone of `function`, if any (for
+    /// going through every idle clone once).
+    pub(crate) fn lease_oldest(&self, function: &ServedFunction) -> Option<ChargedClone> {
+        self.idle.take_oldest_of(function.index)
+    }
+
+    /// The recycled clone `lease` stands for: the idle one, or one made
+    /// now (the time it took is returned). Blocking.
     pub(crate) fn recycled_clone(
         &self,
         function: &ServedFunction,
+        lease: CloneLease,
         options: &FunctionInvokeOptions,
-    ) -> Result<(RecycledClone, Duration), FunctionError> {
-        let requested = Instant::now();
-        match self.idle.take(function.index) {
-            Some(clone) => Ok((clone, Duration::ZERO)),
-            None => {
+    ) -> Result<(ChargedClone, Duration), FunctionError> {
+        match lease {
+            CloneLease::Idle(clone) => Ok((clone, Duration::ZERO)),
+            CloneLease::New(charge) => {
+                let requested = Instant::now();
                 let clone = RecycledClone::make(
                     &function.function,
                     options.isolation.as_ref(),
                     options.io_limits,
                 )?;
-                Ok((clone, requested.elapsed()))
+                let made = requested.elapsed();
+                function.counters.observe_make(made);
+                Ok((ChargedClone { clone, charge }, made))
             }
         }
     }
 
     /// Runs `event` in `clone` of `function` (made in `made`, counted in
-    /// the outcome's restore time); the clone is kept for the next
-    /// invocation if it can serve one. Blocking.
+    /// the outcome's restore time; zero for an idle one); the clone is
+    /// kept for the next invocation if it can serve one. Blocking.
     pub(crate) fn invoke_in(
         &self,
         function: &ServedFunction,
-        (mut clone, made): (RecycledClone, Duration),
+        (mut clone, made): (ChargedClone, Duration),
         event: &[u8],
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
-        let result = clone.invoke(event, options);
+        let result = clone.clone.invoke(event, options);
+        let reset = match &result {
+            Ok(o) => o
+                .recycle
+                .as_ref()
+                .filter(|r| r.reused)
+                .map(|r| r.reset.duration),
+            Err(_) => None,
+        };
         // A server shutting down keeps nothing (its idle clones are gone
         // already), nor does a retired version.
-        let reusable = matches!(&result, Ok(o) if o.recycle.is_some_and(|r| r.reused))
-            && !self.is_closed()
-            && !function.is_retired();
+        let reusable = reset.is_some() && !self.is_closed() && !function.is_retired();
+        function
+            .counters
+            .observe_recycle(made.is_zero(), reset.filter(|_| reusable));
         // Dropped here, on this blocking thread: ending a worker waits.
         let mut dropped = if reusable {
             self.idle.put(function.index, clone)
@@ -455,10 +540,73 @@ impl FunctionSet {
         })
     }
 
+    /// Makes idle clones until each function that recycles has
+    /// `min_warm_per_function` of them, one at a time, within `max_idle`
+    /// in all and the memory budget (warm clones never push out others).
+    /// Blocking; returns how many it made.
+    pub fn top_up(&self) -> usize {
+        let want = self.config.min_warm_per_function;
+        let mut made = 0;
+        if want == 0 {
+            return made;
+        }
+        for function in self.list() {
+            if !self.recycles(&function) {
+                continue;
+            }
+            while !self.is_closed()
+                && !function.is_retired()
+                && self.idle.count(function.index) < want
+                && self.idle.len() < self.config.max_idle
+            {
+                let Some(charge) = self.memory.try_charge(function.clone_bytes) else {
+                    return made;
+                };
+                let clone = match RecycledClone::make(
+                    &function.function,
+                    self.config.isolation.as_ref(),
+                    Default::default(),
+                ) {
+                    Ok(clone) => clone,
+                    Err(e) => {
+                        tracing::warn!(function = %function.name, error = %e, "a warm clone could not be made");
+                        break;
+                    }
+                };
+                drop(
+                    self.idle
+                        .put(function.index, ChargedClone { clone, charge }),
+                );
+                made += 1;
+                // Closed or retired while it was being made: `close` and
+                // `retire` have emptied the list already, so nothing else
+                // would end this clone.
+                if self.is_closed() {
+                    drop(self.idle.take_all());
+                } else if function.is_retired() {
+                    while let Some(clone) = self.idle.take(function.index) {
+                        drop(clone);
+                    }
+                }
+            }
+        }
+        made
+    }
+
+    /// Waits until an invocation takes an idle clone or a function is
+    /// added, or `at_most`.
+    pub async fn warm_wanted(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.warm_wanted.notified()).await;
+    }
+
     /// Destroys the recycled clones idle for longer than the idle
     /// timeout.
     pub async fn expire_idle(&self) {
-        destroy(self.idle.expire(self.config.idle_timeout)).await;
+        destroy(
+            self.idle
+                .expire(self.config.idle_timeout, self.config.min_warm_per_function),
+        )
+        .await;
     }
 
     /// Whether [`FunctionSet::close`] was called.
@@ -480,8 +628,16 @@ impl FunctionSet {
     }
 }
 
+/// What one clone of `function` is charged: its worker's memory limit.
+fn clone_memory_bytes(function: &Function, isolation: Option<&crate::isolation::Isolation>) -> u64 {
+    let default = crate::worker::memory_limit_bytes(function.snapshot());
+    isolation
+        .and_then(|i| i.memory_limit_bytes)
+        .unwrap_or(default)
+}
+
 /// Ends `clones` on a blocking thread (ending a worker waits for it).
-async fn destroy(clones: Vec<RecycledClone>) {
+async fn destroy(clones: Vec<ChargedClone>) {
     if !clones.is_empty() {
         let _ = tokio::task::spawn_blocking(move || drop(clones)).await;
     }
@@ -496,6 +652,9 @@ pub(crate) enum Refusal {
     FunctionBusy { max_live: usize, max_queue: usize },
     /// No slot became free in time.
     QueueTimeout(Duration),
+    /// A new clone would take the clones' memory over the cap, and no
+    /// idle clone is left to make room.
+    MemoryFull { cap_bytes: u64 },
     /// The server is shutting down.
     ShuttingDown,
     /// This version of the function was replaced or removed meanwhile.
@@ -521,6 +680,11 @@ impl std::fmt::Display for Refusal {
                  wait already"
             ),
             Refusal::QueueTimeout(d) => write!(f, "no function slot became free within {d:?}"),
+            Refusal::MemoryFull { cap_bytes } => write!(
+                f,
+                "the clones' memory is at the server's cap of {} MiB",
+                cap_bytes >> 20
+            ),
             Refusal::ShuttingDown => write!(f, "the server is shutting down"),
             Refusal::Retired => write!(f, "the function was removed or replaced meanwhile"),
         }

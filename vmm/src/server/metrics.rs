@@ -50,9 +50,9 @@ impl Outcome {
 }
 
 /// Upper bounds (ms) of the latency histograms' buckets.
-const BUCKETS_MS: [f64; 16] = [
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0, 300000.0,
+const BUCKETS_MS: [f64; 19] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+    10000.0, 30000.0, 60000.0, 300000.0,
 ];
 
 /// A cumulative histogram of milliseconds.
@@ -201,11 +201,26 @@ pub struct FunctionLoad {
     pub idle: usize,
 }
 
-/// One function's counters, by outcome and path (kept with the function,
+/// One function's counters and histograms (kept with the function,
 /// rendered by name).
 #[derive(Debug, Default)]
 pub struct FunctionCounters {
     counts: [[AtomicU64; PATHS.len()]; FunctionOutcomeKind::ALL.len()],
+    /// Waiting for a slot.
+    queue: Histogram,
+    /// Making a clone for an invocation that found no idle one (restore,
+    /// and the worker's start when jailed).
+    make: Histogram,
+    /// The invocation in its clone: event in, result out.
+    run: Histogram,
+    /// Putting a recycled clone back to its template after an invocation.
+    reset: Histogram,
+    /// Invocations served by an idle clone.
+    reused: AtomicU64,
+    /// Clones destroyed after their invocation instead of kept (a
+    /// timeout, a failure, the vsock path, a failed reset): the next
+    /// invocation gets another.
+    replaced: AtomicU64,
 }
 
 impl FunctionCounters {
@@ -214,6 +229,48 @@ impl FunctionCounters {
     pub fn count(&self, kind: FunctionOutcomeKind, path: Option<InvocationPath>) {
         self.counts[kind as usize][path_index(path)].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Records how long a request waited for its slot.
+    pub fn observe_queue(&self, waited: Duration) {
+        self.queue.observe(waited);
+    }
+
+    /// Records an invocation's run in its clone.
+    pub fn observe_run(&self, run: Duration) {
+        self.run.observe(run);
+    }
+
+    /// Records that an invocation needed a new clone, made in `took`.
+    pub fn observe_make(&self, took: Duration) {
+        self.make.observe(took);
+    }
+
+    /// Records what became of a recycled clone after its invocation: reset
+    /// (in `reset`) and kept, or destroyed.
+    pub fn observe_recycle(&self, served_by_idle: bool, reset: Option<Duration>) {
+        if served_by_idle {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+        }
+        match reset {
+            Some(took) => self.reset.observe(took),
+            None => {
+                self.replaced.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One function as `/metrics` shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionSeries<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its counters.
+    pub counters: &'a FunctionCounters,
+    /// Its invocations running now.
+    pub live: usize,
+    /// Its recycled clones idle now.
+    pub idle: usize,
 }
 
 /// The server's metrics.
@@ -253,7 +310,7 @@ impl Metrics {
         &self,
         pool: &PoolStats,
         functions: &FunctionLoad,
-        per_function: impl IntoIterator<Item = (&'a str, &'a FunctionCounters)>,
+        per_function: impl IntoIterator<Item = FunctionSeries<'a>>,
     ) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str(
@@ -342,13 +399,17 @@ impl Metrics {
         &self,
         out: &mut String,
         load: &FunctionLoad,
-        counters: impl IntoIterator<Item = (&'a str, &'a FunctionCounters)>,
+        per_function: impl IntoIterator<Item = FunctionSeries<'a>>,
     ) {
+        let functions: Vec<FunctionSeries<'a>> = per_function.into_iter().collect();
         out.push_str(
             "# HELP ember_function_invocations_total Function invocation requests by function, outcome and path.\n\
              # TYPE ember_function_invocations_total counter\n",
         );
-        for (name, f) in counters {
+        for &FunctionSeries {
+            name, counters: f, ..
+        } in &functions
+        {
             for kind in FunctionOutcomeKind::ALL {
                 let paths = if kind.ran() { 0..3 } else { 3..4 };
                 for p in paths {
@@ -395,6 +456,68 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        type Pick = fn(&FunctionCounters) -> &Histogram;
+        let histograms: [(&str, &str, Pick); 4] = [
+            (
+                "ember_function_queue_ms",
+                "Time a function request waited for its slot, by function, in ms.",
+                |c| &c.queue,
+            ),
+            (
+                "ember_function_clone_make_ms",
+                "Time to make a clone for an invocation that found no idle one (restore, and the jailed worker's start), by function, in ms.",
+                |c| &c.make,
+            ),
+            (
+                "ember_function_run_ms",
+                "Time an invocation ran in its clone (event in, result out), by function, in ms.",
+                |c| &c.run,
+            ),
+            (
+                "ember_function_reset_ms",
+                "Time to put a recycled clone back to its template after an invocation, by function, in ms.",
+                |c| &c.reset,
+            ),
+        ];
+        for (metric, help, pick) in histograms {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} histogram");
+            for f in &functions {
+                pick(f.counters).render_series(out, metric, &format!("function=\"{}\",", f.name));
+            }
+        }
+        type Count = fn(&FunctionSeries) -> u64;
+        let per_function: [(&str, &str, &str, Count); 4] = [
+            (
+                "ember_function_clones_reused_total",
+                "counter",
+                "Invocations served by an idle recycled clone, by function.",
+                |f| f.counters.reused.load(Ordering::Relaxed),
+            ),
+            (
+                "ember_function_clones_replaced_total",
+                "counter",
+                "Clones destroyed after their invocation instead of kept (timeout, failure, vsock path, failed reset), by function.",
+                |f| f.counters.replaced.load(Ordering::Relaxed),
+            ),
+            (
+                "ember_function_live_by_function",
+                "gauge",
+                "Invocations running, by function.",
+                |f| f.live as u64,
+            ),
+            (
+                "ember_function_idle_clones_by_function",
+                "gauge",
+                "Recycled clones waiting between invocations, by function.",
+                |f| f.idle as u64,
+            ),
+        ];
+        for (metric, kind, help, value) in per_function {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+            for f in &functions {
+                let _ = writeln!(out, "{metric}{{function=\"{}\"}} {}", f.name, value(f));
+            }
+        }
     }
 }
 
@@ -432,7 +555,18 @@ mod tests {
             queued: 1,
             idle: 3,
         };
-        let text = m.render(&PoolStats::default(), &load, [("probe", &probe)]);
+        probe.observe_queue(Duration::from_micros(200));
+        probe.observe_run(Duration::from_micros(700));
+        probe.observe_make(Duration::from_millis(30));
+        probe.observe_recycle(true, Some(Duration::from_micros(300)));
+        probe.observe_recycle(false, None);
+        let series = FunctionSeries {
+            name: "probe",
+            counters: &probe,
+            live: 1,
+            idle: 2,
+        };
+        let text = m.render(&PoolStats::default(), &load, [series]);
         for line in [
             "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"hot\"} 1\n",
             "ember_function_invocations_total{function=\"probe\",outcome=\"json\",path=\"vsock\"} 0\n",
@@ -443,6 +577,16 @@ mod tests {
             "ember_function_live 2\n",
             "ember_function_queue_length 1\n",
             "ember_function_idle_clones 3\n",
+            "ember_function_queue_ms_bucket{function=\"probe\",le=\"0.1\"} 0\n",
+            "ember_function_queue_ms_bucket{function=\"probe\",le=\"0.25\"} 1\n",
+            "ember_function_run_ms_bucket{function=\"probe\",le=\"1\"} 1\n",
+            "ember_function_clone_make_ms_count{function=\"probe\"} 1\n",
+            "ember_function_reset_ms_bucket{function=\"probe\",le=\"0.5\"} 1\n",
+            "ember_function_reset_ms_count{function=\"probe\"} 1\n",
+            "ember_function_clones_reused_total{function=\"probe\"} 1\n",
+            "ember_function_clones_replaced_total{function=\"probe\"} 1\n",
+            "ember_function_live_by_function{function=\"probe\"} 1\n",
+            "ember_function_idle_clones_by_function{function=\"probe\"} 2\n",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }

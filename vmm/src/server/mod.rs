@@ -62,6 +62,7 @@ pub mod deploy;
 mod function_api;
 pub mod functions;
 pub mod guard;
+pub mod memory;
 pub mod metrics;
 pub mod records;
 pub mod recycled;
@@ -397,13 +398,16 @@ pub async fn serve(
         .layer(axum::middleware::map_response(close_after_refusal))
         .with_state(state);
 
-    // Recycled clones unused for the idle timeout are destroyed.
+    // Recycled clones unused for the idle timeout are destroyed; each
+    // function's minimum of warm ones is made at start and again after
+    // invocations take them.
     let expiry = {
         let functions = functions.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
+                let keeper = functions.clone();
+                let _ = tokio::task::spawn_blocking(move || keeper.top_up()).await;
+                functions.warm_wanted(Duration::from_secs(1)).await;
                 functions.expire_idle().await;
             }
         })
@@ -974,7 +978,12 @@ async fn metrics(State(state): State<Shared>) -> Response {
     let text = state.metrics.render(
         &pool,
         &state.functions.load(),
-        functions.iter().map(|f| (f.name.as_str(), &*f.counters)),
+        functions.iter().map(|f| metrics::FunctionSeries {
+            name: &f.name,
+            counters: &f.counters,
+            live: f.live(),
+            idle: state.functions.idle_count(f),
+        }),
     );
     (
         [(

@@ -14,7 +14,9 @@
 //! running at once (so one function's idle clones never keep another's
 //! invocations waiting), `max_idle` the clones kept between invocations
 //! over all functions (beyond it the least recently used goes), and a
-//! clone idle for `idle_timeout` is destroyed.
+//! clone idle for `idle_timeout` is destroyed, except a function's
+//! `min_warm` most recent ones. Every clone, idle or running, holds its
+//! [`Charge`] on the server's memory budget.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,6 +28,8 @@ use crate::function::{
 };
 use crate::isolation::Isolation;
 use crate::worker::recycled::JailedRecycledFunction;
+
+use super::memory::Charge;
 
 /// One recycled clone of one function: in a jailed worker, or in this
 /// process.
@@ -93,6 +97,22 @@ impl Reusable for RecycledClone {
     }
 }
 
+/// A clone with the memory charged for it: the charge goes back when the
+/// clone is destroyed.
+#[derive(Debug)]
+pub struct ChargedClone {
+    /// The clone.
+    pub clone: RecycledClone,
+    /// Its share of the server's memory budget.
+    pub charge: Charge,
+}
+
+impl Reusable for ChargedClone {
+    fn is_usable(&self) -> bool {
+        self.clone.is_usable()
+    }
+}
+
 /// One idle clone and whose it is.
 #[derive(Debug)]
 struct Idle<C> {
@@ -103,7 +123,7 @@ struct Idle<C> {
 
 /// The idle clones of every function of a set, oldest first.
 #[derive(Debug)]
-pub struct IdleClones<C = RecycledClone> {
+pub struct IdleClones<C = ChargedClone> {
     max_idle: usize,
     idle: Mutex<Vec<Idle<C>>>,
 }
@@ -149,16 +169,43 @@ impl<C: Reusable> IdleClones<C> {
         idle.drain(..over).map(|i| i.clone).collect()
     }
 
-    /// Removes the clones idle for longer than `idle_timeout`.
+    /// Removes the clones idle for longer than `idle_timeout`, but not a
+    /// function's `keep` most recently used ones.
     #[must_use = "the returned clones are destroyed by dropping them"]
-    pub fn expire(&self, idle_timeout: Duration) -> Vec<C> {
+    pub fn expire(&self, idle_timeout: Duration, keep: usize) -> Vec<C> {
         let mut idle = self.lock();
         let now = Instant::now();
-        let fresh = idle
-            .iter()
-            .position(|i| now.duration_since(i.since) < idle_timeout)
-            .unwrap_or(idle.len());
-        idle.drain(..fresh).map(|i| i.clone).collect()
+        // Newest first, so each function's first `keep` are the ones kept.
+        let mut kept: Vec<(usize, usize)> = Vec::new();
+        let mut expired = Vec::new();
+        for at in (0..idle.len()).rev() {
+            let function = idle[at].function;
+            let seen = match kept.iter_mut().find(|(f, _)| *f == function) {
+                Some((_, n)) => n,
+                None => {
+                    kept.push((function, 0));
+                    &mut kept.last_mut().expect("just pushed").1
+                }
+            };
+            *seen += 1;
+            if *seen > keep && now.duration_since(idle[at].since) >= idle_timeout {
+                expired.push(idle.remove(at).clone);
+            }
+        }
+        expired
+    }
+
+    /// The least recently used idle clone of function `function`, if any.
+    pub fn take_oldest_of(&self, function: usize) -> Option<C> {
+        let mut idle = self.lock();
+        let at = idle.iter().position(|i| i.function == function)?;
+        Some(idle.remove(at).clone)
+    }
+
+    /// Removes the least recently used idle clone, of any function.
+    pub fn take_oldest(&self) -> Option<C> {
+        let mut idle = self.lock();
+        (!idle.is_empty()).then(|| idle.remove(0).clone)
     }
 
     /// Removes every idle clone.
@@ -176,6 +223,14 @@ impl<C: Reusable> IdleClones<C> {
             }
         }
         counts
+    }
+
+    /// Idle clones of function `function`.
+    pub fn count(&self, function: usize) -> usize {
+        self.lock()
+            .iter()
+            .filter(|i| i.function == function)
+            .count()
     }
 
     /// Idle clones in all.
@@ -236,11 +291,32 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(idle.put(0, Fake("new", true)).is_empty());
         assert_eq!(
-            idle.expire(Duration::from_millis(30)),
+            idle.expire(Duration::from_millis(30), 0),
             vec![Fake("old", true)]
         );
-        assert_eq!(idle.expire(Duration::from_secs(60)), vec![]);
+        assert_eq!(idle.expire(Duration::from_secs(60), 0), vec![]);
         assert_eq!(idle.take_all(), vec![Fake("new", true)]);
         assert!(idle.is_empty());
+    }
+
+    #[test]
+    fn a_functions_minimum_outlives_the_idle_timeout() {
+        let idle = IdleClones::new(8);
+        for clone in [Fake("a0", true), Fake("a1", true), Fake("a2", true)] {
+            assert!(idle.put(0, clone).is_empty());
+        }
+        assert!(idle.put(1, Fake("b0", true)).is_empty());
+        std::thread::sleep(Duration::from_millis(40));
+        // Function 0 keeps its two most recent, function 1 its only one.
+        assert_eq!(
+            idle.expire(Duration::from_millis(30), 2),
+            vec![Fake("a0", true)]
+        );
+        assert_eq!(idle.count(0), 2);
+        assert_eq!(idle.count(1), 1);
+        assert_eq!(idle.take_oldest_of(1), Some(Fake("b0", true)));
+        assert_eq!(idle.take_oldest(), Some(Fake("a1", true)));
+        assert_eq!(idle.expire(Duration::ZERO, 0).len(), 1);
+        assert_eq!(idle.take_oldest(), None);
     }
 }

@@ -101,6 +101,17 @@ fn detect() -> Option<Layout> {
     })
 }
 
+/// Memory charged to all workers' cgroups together (their parent's
+/// usage: anonymous memory, page cache they brought in, and kernel memory
+/// the host accounts to cgroups), in bytes; `None` without cgroups.
+pub fn workers_memory_bytes() -> Option<u64> {
+    let file = match layout()? {
+        Layout::V2(dir) => dir.join("memory.current"),
+        Layout::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
+    };
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
     std::fs::write(dir.join(file), value)
 }

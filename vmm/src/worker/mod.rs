@@ -195,6 +195,12 @@ pub fn spawn(
 /// Starts a worker in `mode` (its third argument, if any) for a clone of
 /// `snapshot`, already inside its cgroups; returns it and the parent's end
 /// of its control socket.
+/// A worker's default memory limit for a clone of `snapshot`: its guest
+/// memory plus the VMM's own.
+pub fn memory_limit_bytes(snapshot: &Snapshot) -> u64 {
+    (u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES
+}
+
 fn start(
     snapshot: &Snapshot,
     options: &RestoreOptions,
@@ -214,7 +220,7 @@ fn start(
     let limits = Limits {
         memory_bytes: isolation
             .memory_limit_bytes
-            .unwrap_or((u64::from(snapshot.mem_mib()) << 20) + VMM_OVERHEAD_BYTES),
+            .unwrap_or_else(|| memory_limit_bytes(snapshot)),
         cpus: u32::from(snapshot.vcpus()),
     };
     let state =
