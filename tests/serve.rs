@@ -2422,6 +2422,27 @@ fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
             .expect("answered");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     }
+    // Each served by a warm clone: reused and reset, none made for it.
+    let m = metrics(&mut client);
+    for (series, want) in [
+        (
+            "ember_function_clones_reused_total{function=\"probe\"}",
+            3.0,
+        ),
+        (
+            "ember_function_clones_replaced_total{function=\"probe\"}",
+            0.0,
+        ),
+        ("ember_function_queue_ms_count{function=\"probe\"}", 3.0),
+        ("ember_function_run_ms_count{function=\"probe\"}", 3.0),
+        ("ember_function_reset_ms_count{function=\"probe\"}", 3.0),
+        (
+            "ember_function_clone_make_ms_count{function=\"probe\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(m.get(series), Some(&want), "{series}");
+    }
     // Past the idle timeout, the minimum is still there.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(health(&mut client)["idle"], 2, "{}", health(&mut client));
@@ -2453,8 +2474,10 @@ fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
                 .status
         }
     });
+    // Its slot is taken at once, its worker a moment later.
     assert!(
-        eventually(Duration::from_secs(30), || health(&mut client)["live"] == 1),
+        eventually(Duration::from_secs(30), || health(&mut client)["live"] == 1
+            && workers_of(pid).len() == 1),
         "the looping invocation runs"
     );
     let r = client

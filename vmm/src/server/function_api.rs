@@ -310,6 +310,7 @@ impl FunctionLog {
         cancel: &Cancel,
     ) -> Response {
         let queued = slot.queued;
+        function.counters.observe_queue(queued);
         let functions = &self.state.functions;
         let lease = match functions.lease(function) {
             Ok(lease) => lease,
@@ -422,6 +423,7 @@ impl FunctionLog {
         let kind = FunctionOutcomeKind::of(&outcome.result);
         let t = &outcome.timings;
         function.counters.count(kind, Some(outcome.path));
+        function.counters.observe_run(t.run);
         metrics.observe_function(outcome.path, t.restore + t.run);
         let body = FunctionInvocationResponse::new(&self.id, &function.name, outcome, queued);
         let (status, mut response) = if envelope {
