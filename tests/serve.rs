@@ -936,7 +936,7 @@ fn openapi_document_matches_the_server() {
             }
         }
     }
-    assert_eq!(documented, 8);
+    assert_eq!(documented, 9);
 
     // Every kind of handler result the probe makes validates.
     let result_schema = json!({"$ref": "#/components/schemas/FunctionInvocationResponse"});
@@ -2416,6 +2416,10 @@ fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
         health(&mut client)
     );
     assert_eq!(workers_of(pid).len(), 2);
+    // Ready once the minimum is made (and without the token: a probe).
+    let r = client.request("GET", "/v1/ready", None).expect("answered");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json().unwrap(), json!({"ready": true, "reason": null}));
     for _ in 0..3 {
         let r = client
             .request("POST", uri, Some(br#"{"op": "echo"}"#))

@@ -175,6 +175,9 @@ pub struct FunctionSet {
     /// Woken when an invocation takes an idle clone, or a function is
     /// added (see [`Self::top_up`]).
     warm_wanted: tokio::sync::Notify,
+    /// The first [`Self::top_up`] has run: the functions served at start
+    /// have their warm minimum (or as much of it as fits).
+    warmed: AtomicBool,
     config: FunctionSetConfig,
 }
 
@@ -256,6 +259,7 @@ impl FunctionSet {
             idle: IdleClones::new(config.max_idle),
             memory: MemoryBudget::new(config.max_memory_bytes),
             warm_wanted: tokio::sync::Notify::new(),
+            warmed: AtomicBool::new(false),
             config,
         };
         for (name, dir, function) in functions {
@@ -548,6 +552,7 @@ impl FunctionSet {
         let want = self.config.min_warm_per_function;
         let mut made = 0;
         if want == 0 {
+            self.warmed.store(true, Ordering::SeqCst);
             return made;
         }
         for function in self.list() {
@@ -560,7 +565,7 @@ impl FunctionSet {
                 && self.idle.len() < self.config.max_idle
             {
                 let Some(charge) = self.memory.try_charge(function.clone_bytes) else {
-                    return made;
+                    break;
                 };
                 let clone = match RecycledClone::make(
                     &function.function,
@@ -590,7 +595,14 @@ impl FunctionSet {
                 }
             }
         }
+        self.warmed.store(true, Ordering::SeqCst);
         made
+    }
+
+    /// Whether the functions served at start have had their warm minimum
+    /// made (see [`FunctionSetConfig::min_warm_per_function`]).
+    pub fn is_warmed(&self) -> bool {
+        self.warmed.load(Ordering::SeqCst)
     }
 
     /// Waits until an invocation takes an idle clone or a function is

@@ -21,6 +21,8 @@ use axum::response::Response;
 
 /// The path that answers without a token (for load balancers' probes).
 pub const HEALTH_PATH: &str = "/v1/health";
+/// The readiness route, also open to probes without a token.
+pub const READY_PATH: &str = "/v1/ready";
 
 /// The shared secret clients present as `Authorization: Bearer <token>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -87,7 +89,7 @@ impl AuthToken {
 /// What the guard enforces.
 #[derive(Debug, Clone)]
 pub struct Guard {
-    /// Required on every route but [`HEALTH_PATH`].
+    /// Required on every route but [`HEALTH_PATH`] and [`READY_PATH`].
     pub token: Option<AuthToken>,
     /// Only `localhost`, `127.0.0.1` and `[::1]` (with any port) are
     /// accepted in `Host` (set on a loopback TCP listener).
@@ -119,7 +121,10 @@ impl Guard {
             ));
         }
         if let Some(token) = &self.token {
-            if path != HEALTH_PATH && !bearer(headers).is_some_and(|t| token.matches(t)) {
+            if path != HEALTH_PATH
+                && path != READY_PATH
+                && !bearer(headers).is_some_and(|t| token.matches(t))
+            {
                 let mut response = super::error(
                     StatusCode::UNAUTHORIZED,
                     "missing or wrong bearer token (Authorization: Bearer <token>)".into(),

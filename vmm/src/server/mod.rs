@@ -33,6 +33,8 @@
 //!   its invocation: the jailed worker running it is killed ([`cancel`]).
 //! - `GET /v1/functions`: the functions served and deployed, with status.
 //! - `GET /v1/health`: 200 with the pool's state, 503 once shutting down.
+//! - `GET /v1/ready`: readiness: 503 while draining or, at start, until
+//!   each function's warm minimum is made.
 //! - `GET /metrics`: Prometheus text format.
 //!
 //! Errors are JSON `{"error": "..."}`: 400 for a malformed request or one
@@ -388,6 +390,7 @@ pub async fn serve(
             post(function_api::function_invocations),
         )
         .route("/v1/health", get(health))
+        .route("/v1/ready", get(ready))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route".into()) })
         .method_not_allowed_fallback(|| async {
@@ -950,6 +953,7 @@ async fn health(State(state): State<Shared>) -> Response {
         None => (serde_json::Value::Null, serde_json::Value::Null),
     };
     let load = state.functions.load();
+    let (memory_charged, memory_cap) = state.functions.memory();
     let body = serde_json::json!({
         "status": if closed { "shutting_down" } else { "ok" },
         "snapshot": snapshot,
@@ -962,12 +966,38 @@ async fn health(State(state): State<Shared>) -> Response {
             "max_live": state.functions.config().max_live,
             "max_queue": state.functions.config().max_queue,
             "max_idle": state.functions.config().max_idle,
+            "min_warm": state.functions.config().min_warm_per_function,
+            "memory_charged_mib": memory_charged >> 20,
+            "max_memory_mib": memory_cap.map(|b| b >> 20),
         },
     });
     let status = if closed {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Readiness, for a load balancer: 503 at start until each function's
+/// warm minimum is made, and once the server drains (its listener closes
+/// at SIGTERM too, so a probe then mostly finds no server); 200
+/// otherwise. `/v1/health` stays 200 while starting: the process is
+/// alive.
+async fn ready(State(state): State<Shared>) -> Response {
+    let draining =
+        state.functions.is_closed() || state.pool.as_ref().is_some_and(|p| p.stats().closed);
+    let reason = if draining {
+        Some("draining")
+    } else if !state.functions.is_warmed() {
+        Some("warming")
+    } else {
+        None
+    };
+    let body = serde_json::json!({ "ready": reason.is_none(), "reason": reason });
+    let status = match reason {
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+        None => StatusCode::OK,
     };
     (status, Json(body)).into_response()
 }
