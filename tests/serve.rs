@@ -2107,6 +2107,10 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
             .unwrap_or_default()
             .to_owned();
         assert!(error.contains(needle), "{uri}: {error}");
+        assert!(
+            !error.contains(&*data.to_string_lossy()),
+            "{uri}: the server's paths stay its own: {error}"
+        );
     }
     let r = client
         .request("PUT", "/v1/functions/echo?handler=app:handler", Some(&app))
@@ -2502,4 +2506,53 @@ fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
         .expect("answered");
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     server.stop();
+}
+
+/// SIGTERM while a deployment builds: the server exits without waiting
+/// for the build, and its template worker (started from a blocking
+/// thread, so not bound to die with the server by itself) is gone too.
+#[test]
+fn sigterm_during_a_build_leaves_no_worker_behind() {
+    let data = common::temp_path("deploy-sigterm-data");
+    let _ = std::fs::remove_dir_all(&data);
+    let socket = common::temp_path("deploy-sigterm.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = ChildServer::start(&[
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+        "--warm".as_ref(),
+        "0".as_ref(),
+    ]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let app = zip_bytes(&[("app.py", DEPLOYED_APP)]);
+    let r = client
+        .request_as(
+            "PUT",
+            "/v1/functions/slow?handler=app:handler",
+            &app,
+            "application/zip",
+        )
+        .expect("answered");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        eventually(Duration::from_secs(60), || !workers_of(pid).is_empty()),
+        "the build's template worker starts"
+    );
+    let building = descendants(pid);
+    let stopped = Instant::now();
+    server.stop();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(60),
+        "the server did not wait for the build"
+    );
+    for process in building {
+        assert!(
+            eventually(Duration::from_secs(10), || !alive(process)),
+            "process {process} outlived the server"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&data);
 }

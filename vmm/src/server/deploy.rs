@@ -501,8 +501,10 @@ impl Deployer {
             let bundle_path = bundles.join(format!("{name}.zip"));
             std::fs::rename(&upload, &bundle_path).map_err(io)?;
             let spec = self.spec(&bundle_path, &settings).0;
-            let template = function_key(&spec, &options)
-                .map_err(|e| DeployError::BadRequest(e.to_string()))?;
+            // The request was checked already: what fails here is the
+            // server's (a missing kernel or image).
+            let template =
+                function_key(&spec, &options).map_err(|e| DeployError::Internal(e.to_string()))?;
             Ok((spec, options, bundle_path, template))
         })();
         let (spec, mut options, bundle_path, template) = match checked {
@@ -738,7 +740,15 @@ fn check_bundle(code: &Path, scratch: &Path, spec: &FunctionSpec) -> Result<(), 
     let staged =
         bundle::stage(code, scratch).and_then(|_| bundle::check_module(code, scratch, module));
     let _ = remove_any(scratch);
-    staged.map_err(|e| DeployError::BadRequest(format!("bad bundle: {e}")))
+    // The client named no path: say "the bundle", not where the server
+    // keeps its upload.
+    staged.map_err(|e| {
+        let message = e
+            .to_string()
+            .replace(&scratch.display().to_string(), "the bundle")
+            .replace(&code.display().to_string(), "the bundle");
+        DeployError::BadRequest(format!("bad bundle: {message}"))
+    })
 }
 
 fn remove_any(path: &Path) -> std::io::Result<()> {

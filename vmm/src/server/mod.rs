@@ -555,6 +555,15 @@ pub fn run(
     // Every sandbox is gone by now; do not wait on stray blocking tasks
     // (a client's streaming write) for long.
     runtime.shutdown_timeout(Duration::from_secs(5));
+    // A template build still running (its blocking task abandoned above)
+    // has a worker that would outlive this process.
+    let killed = crate::worker::kill_own_workers();
+    if killed > 0 {
+        tracing::warn!(
+            workers = killed,
+            "killed workers still running at exit (template builds)"
+        );
+    }
     result
 }
 

@@ -195,6 +195,58 @@ pub fn spawn(
 /// Starts a worker in `mode` (its third argument, if any) for a clone of
 /// `snapshot`, already inside its cgroups; returns it and the parent's end
 /// of its control socket.
+/// Kills (SIGKILL) and reaps the workers this process started that still
+/// run, and returns how many there were: for a process about to end. A
+/// worker started from the main thread dies with it (parent-death
+/// signal), but one started from another thread (a server's blocking
+/// pool: a template build, a clone) would outlive the process.
+pub fn kill_own_workers() -> usize {
+    let me = std::process::id();
+    let mut killed = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The parent is the field after the command, which may hold
+        // spaces and parentheses itself.
+        let parent = stat
+            .rfind(')')
+            .and_then(|at| stat[at + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent != Some(me) {
+            continue;
+        }
+        let is_worker = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            cmdline.split(|b| *b == 0).nth(1) == Some(WORKER_SUBCOMMAND.as_bytes())
+        });
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
+        if !is_worker {
+            continue;
+        }
+        // SAFETY: `pid` is our own child, not reaped yet (it is in /proc
+        // with us as its parent), so the number cannot name another
+        // process; kill and waitpid take plain integers.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        killed += 1;
+    }
+    killed
+}
+
 /// A worker's default memory limit for a clone of `snapshot`: its guest
 /// memory plus the VMM's own.
 pub fn memory_limit_bytes(snapshot: &Snapshot) -> u64 {
