@@ -338,9 +338,7 @@ impl FunctionLog {
                         drop(clone);
                         return Err(FunctionError::Worker("cancelled".into()));
                     }
-                    let result = functions.invoke_in(function, (clone, made), event, options);
-                    cancel.disarm();
-                    result
+                    functions.invoke_in(function, (clone, made), event, options, Some(cancel))
                 })
         } else {
             // A fresh clone, destroyed by the invocation; its charge is

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::cancel::Cancel;
 use super::memory::{Charge, MemoryBudget};
 use super::metrics::{FunctionCounters, FunctionLoad};
 use super::recycled::{ChargedClone, IdleClones, RecycledClone};
@@ -501,15 +502,21 @@ impl FunctionSet {
 
     /// Runs `event` in `clone` of `function` (made in `made`, counted in
     /// the outcome's restore time; zero for an idle one); the clone is
-    /// kept for the next invocation if it can serve one. Blocking.
+    /// kept for the next invocation if it can serve one. `cancel`, armed
+    /// with the clone's worker, is disarmed as soon as the call returns,
+    /// before the clone is put back: a cancellation after that point must
+    /// not kill a worker another invocation has taken. Blocking.
     pub(crate) fn invoke_in(
         &self,
         function: &ServedFunction,
         (mut clone, made): (ChargedClone, Duration),
         event: &[u8],
         options: &FunctionInvokeOptions,
+        cancel: Option<&Cancel>,
     ) -> Result<FunctionOutcome, FunctionError> {
         let result = clone.clone.invoke(event, options);
+        // Cancelled before the disarm: its worker may be dead or dying.
+        let cancelled = cancel.is_some_and(Cancel::disarm);
         let reset = match &result {
             Ok(o) => o
                 .recycle
@@ -520,7 +527,7 @@ impl FunctionSet {
         };
         // A server shutting down keeps nothing (its idle clones are gone
         // already), nor does a retired version.
-        let reusable = reset.is_some() && !self.is_closed() && !function.is_retired();
+        let reusable = reset.is_some() && !cancelled && !self.is_closed() && !function.is_retired();
         function
             .counters
             .observe_recycle(made.is_zero(), reset.filter(|_| reusable));
