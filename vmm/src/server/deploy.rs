@@ -460,7 +460,23 @@ impl Deployer {
     /// Takes the bundle of an admitted deployment: checks it, writes it
     /// and the record (`building`), and starts the build in the
     /// background. Returns the record.
+    ///
+    /// Runs as a task of its own: a client that goes away while this
+    /// waits drops only the wait, never a deployment half done (a record
+    /// written `building` whose build was never started, with the name
+    /// released under it).
     pub async fn accept(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        bundle: axum::body::Bytes,
+    ) -> Result<Record, DeployError> {
+        let deployer = self.clone();
+        tokio::spawn(async move { deployer.accept_here(admitted, bundle).await })
+            .await
+            .map_err(|e| DeployError::Internal(format!("the deployment task failed: {e}")))?
+    }
+
+    async fn accept_here(
         self: &Arc<Self>,
         mut admitted: Admitted,
         bundle: axum::body::Bytes,
