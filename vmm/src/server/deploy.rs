@@ -660,7 +660,19 @@ impl Deployer {
     /// Stops serving `name` (new invocations get 404, running ones finish
     /// within the shutdown grace, its idle clones are destroyed) and
     /// removes its record and templates.
-    pub async fn delete(&self, name: &str) -> Result<(), DeployError> {
+    ///
+    /// Runs as a task of its own, like [`Deployer::accept`]: the retiring
+    /// can take the whole shutdown grace, and a client that gives up
+    /// meanwhile must not leave the name reserved for good, its record
+    /// behind, or its idle clones (and their memory charge) unretired.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), DeployError> {
+        let (deployer, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move { deployer.delete_here(&name).await })
+            .await
+            .map_err(|e| DeployError::Internal(format!("the deletion task failed: {e}")))?
+    }
+
+    async fn delete_here(&self, name: &str) -> Result<(), DeployError> {
         if self.functions.get(name).is_some_and(|f| !f.deployed) {
             return Err(DeployError::Conflict(format!(
                 "{name} is served from the --functions directory, which is read-only"
@@ -883,6 +895,52 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// A deletion removes the record (on disk too) and its templates, and
+    /// gives the name back: it can be deployed again, and a second
+    /// deletion is a 404.
+    #[test]
+    fn a_deletion_removes_the_record_and_frees_the_name() {
+        let data = std::env::temp_dir().join(format!("ember-deployer-del-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let store = RecordStore::open(&data).unwrap();
+        let version = Version {
+            settings: parse_settings("handler=app:handler", 1000).unwrap(),
+            bundle_sha256: "00".into(),
+            template: "gone".into(),
+            created_unix_ms: 1,
+        };
+        store
+            .save(&Record {
+                name: "f".into(),
+                active: None,
+                latest: latest(version, Status::Failed, Some("boom".into())),
+            })
+            .unwrap();
+        std::fs::create_dir_all(data.join(TEMPLATES_DIR).join("gone")).unwrap();
+        let deployer = Deployer::open(
+            DeployConfig::new(data.clone(), None),
+            Arc::new(FunctionSet::empty()),
+            1000,
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            deployer.delete("f").await.unwrap();
+            assert!(matches!(
+                deployer.delete("f").await,
+                Err(DeployError::NotFound(_))
+            ));
+        });
+        assert!(deployer.record("f").is_none());
+        assert!(store.load_all().unwrap().is_empty());
+        assert!(!data.join(TEMPLATES_DIR).join("gone").exists());
+        drop(deployer.admit("f", "handler=app:handler").unwrap());
         let _ = std::fs::remove_dir_all(&data);
     }
 
