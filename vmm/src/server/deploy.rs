@@ -29,12 +29,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::functions::{valid_name, FunctionSet, NewFunction};
+use super::functions::{valid_name, FunctionSet, NewFunction, ServedFunction};
 use super::records::{
     now_unix_ms, Latest, Record, RecordError, RecordStore, Settings, Status, Version, BUNDLES_DIR,
     TEMPLATES_DIR,
@@ -253,6 +253,8 @@ pub struct Deployer {
     records: Mutex<BTreeMap<String, Record>>,
     /// Names with an upload or a build in progress.
     busy: Mutex<BTreeSet<String>>,
+    /// Versions replaced or removed, while anything still holds them.
+    retired: Mutex<Vec<Weak<ServedFunction>>>,
     /// One permit per build running at once.
     builds: Arc<tokio::sync::Semaphore>,
     /// Builds accepted and not finished (running or waiting).
@@ -323,6 +325,7 @@ impl Deployer {
             functions,
             records: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            retired: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
             max_timeout_ms,
             next_upload: AtomicU64::new(0),
@@ -614,6 +617,10 @@ impl Deployer {
                     deployed: true,
                     timeout: Some(Duration::from_millis(version.settings.timeout_ms)),
                 });
+                // Before the record lets go of its template.
+                if let Ok(Some(old)) = &replaced {
+                    self.note_retired(old);
+                }
                 tracing::info!(
                     function = %name,
                     build_ms = super::api::ms(started.elapsed()),
@@ -688,6 +695,7 @@ impl Deployer {
                 return Err(DeployError::NotFound(name.to_owned()));
             }
             if let Some(old) = self.functions.remove(name) {
+                self.note_retired(&old);
                 let left = self.functions.retire(&old, self.grace).await;
                 if left > 0 {
                     tracing::warn!(function = %name, running = left, "deleted function still running");
@@ -704,12 +712,29 @@ impl Deployer {
         result
     }
 
-    /// Removes the templates no record refers to.
+    /// Keeps `old`'s template until nothing uses `old` any more.
+    fn note_retired(&self, old: &Arc<ServedFunction>) {
+        lock(&self.retired).push(Arc::downgrade(old));
+    }
+
+    /// Removes the templates no record refers to and no retired version
+    /// still in use has (a request that took a slot of it just before it
+    /// was replaced may yet make a clone of it; retiring gives up after
+    /// the grace, and another name's deployment collects meanwhile).
     fn collect_garbage(&self) {
-        let kept: BTreeSet<String> = lock(&self.records)
+        let mut kept: BTreeSet<String> = lock(&self.records)
             .values()
             .flat_map(|r| r.templates().map(str::to_owned).collect::<Vec<_>>())
             .collect();
+        lock(&self.retired).retain(|old| match old.upgrade() {
+            Some(old) => {
+                if let Some(key) = old.dir.file_name().and_then(|k| k.to_str()) {
+                    kept.insert(key.to_owned());
+                }
+                true
+            }
+            None => false,
+        });
         let templates = self.config.data_dir.join(TEMPLATES_DIR);
         let Ok(entries) = std::fs::read_dir(&templates) else {
             return;
