@@ -418,7 +418,8 @@ impl Deployer {
     pub fn admit(self: &Arc<Self>, name: &str, query: &str) -> Result<Admitted, DeployError> {
         if !valid_name(name) {
             return Err(DeployError::BadRequest(format!(
-                "{name:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})"
+                "{name:?} is not a function name ({})",
+                super::functions::NAME_RULE
             )));
         }
         let settings =
