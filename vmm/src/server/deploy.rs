@@ -49,6 +49,8 @@ pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 32 << 20;
 pub const LOG_TAIL_BYTES: usize = 8 << 10;
 /// Guest memory of a deployed function unless its settings say.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Most functions deployed at once, by default.
+pub const DEFAULT_MAX_FUNCTIONS: usize = 256;
 /// The range `memory_mib` may take.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 128..=8192;
 
@@ -66,6 +68,10 @@ pub struct DeployConfig {
     pub max_waiting_builds: usize,
     /// Largest bundle (413 beyond).
     pub max_bundle_bytes: usize,
+    /// Most names deployed (each keeps up to two templates on disk); a
+    /// deployment of a new name beyond is refused (409) until one is
+    /// deleted. Re-deploying a name always fits.
+    pub max_functions: usize,
 }
 
 impl DeployConfig {
@@ -85,6 +91,7 @@ impl DeployConfig {
             max_builds: 1,
             max_waiting_builds: 4,
             max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
+            max_functions: DEFAULT_MAX_FUNCTIONS,
         }
     }
 }
@@ -429,10 +436,25 @@ impl Deployer {
                 "{name} is served from the --functions directory, which is read-only"
             )));
         }
-        if !lock(&self.busy).insert(name.to_owned()) {
-            return Err(DeployError::Conflict(format!(
-                "a deployment of {name} is in progress; wait until its status is ready or failed"
-            )));
+        {
+            // Both at once (only here): a new name counts from its
+            // admission, so concurrent ones cannot pass the cap together.
+            let records = lock(&self.records);
+            let mut busy = lock(&self.busy);
+            if busy.contains(name) {
+                return Err(DeployError::Conflict(format!(
+                    "a deployment of {name} is in progress; wait until its status is ready or failed"
+                )));
+            }
+            let deployed =
+                records.len() + busy.iter().filter(|b| !records.contains_key(*b)).count();
+            if !records.contains_key(name) && deployed >= self.config.max_functions {
+                return Err(DeployError::Conflict(format!(
+                    "{deployed} functions are deployed (or being deployed), the most this server \
+                     keeps; delete one first"
+                )));
+            }
+            busy.insert(name.to_owned());
         }
         let most = self.config.max_builds + self.config.max_waiting_builds;
         let taken = self
@@ -967,6 +989,43 @@ mod tests {
         assert!(store.load_all().unwrap().is_empty());
         assert!(!data.join(TEMPLATES_DIR).join("gone").exists());
         drop(deployer.admit("f", "handler=app:handler").unwrap());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// Beyond `max_functions` names, a new one is refused (a name being
+    /// deployed counts); re-deploying one that is there always fits.
+    #[test]
+    fn deployments_of_new_names_stop_at_the_cap() {
+        let data = std::env::temp_dir().join(format!("ember-deployer-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let store = RecordStore::open(&data).unwrap();
+        let version = Version {
+            settings: parse_settings("handler=app:handler", 1000).unwrap(),
+            bundle_sha256: "00".into(),
+            template: "t".into(),
+            created_unix_ms: 1,
+        };
+        store
+            .save(&Record {
+                name: "old".into(),
+                active: None,
+                latest: latest(version, Status::Failed, None),
+            })
+            .unwrap();
+        let mut config = DeployConfig::new(data.clone(), None);
+        config.max_functions = 2;
+        let deployer = Deployer::open(config, Arc::new(FunctionSet::empty()), 1000).unwrap();
+        let query = "handler=app:handler";
+        let new = deployer.admit("new", query).unwrap();
+        let err = deployer.admit("third", query).unwrap_err();
+        assert!(
+            matches!(&err, DeployError::Conflict(m) if m.contains("delete one first")),
+            "{err}"
+        );
+        // A re-deployment of a name that is there fits.
+        drop(deployer.admit("old", query).unwrap());
+        drop(new);
+        drop(deployer.admit("third", query).unwrap());
         let _ = std::fs::remove_dir_all(&data);
     }
 
