@@ -208,7 +208,7 @@ pub fn run(
             wanted: count,
         })?;
         let outcome = set
-            .invoke_in(&served, (clone, Duration::ZERO), event, &options)
+            .invoke_in(&served, (clone, Duration::ZERO), event, &options, None)
             .map_err(|e| DensityError::Invoke(i, e))?;
         if !outcome.recycle.is_some_and(|r| r.reused) {
             return Err(DensityError::NotReused(i));

@@ -172,8 +172,9 @@ pub fn run(config: &LoadConfig) -> Result<LoadReport, LoadError> {
     if let Some(function) = &config.function {
         if !crate::server::functions::valid_name(&function.name) {
             return Err(LoadError::Config(format!(
-                "{:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})",
-                function.name
+                "{:?} is not a function name ({})",
+                function.name,
+                crate::server::functions::NAME_RULE
             )));
         }
     }

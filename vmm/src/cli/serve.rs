@@ -40,6 +40,10 @@ pub(super) struct ServeArgs {
     /// Largest bundle a deployment may upload, in bytes
     #[arg(long, default_value_t = ember::server::deploy::DEFAULT_MAX_BUNDLE_BYTES)]
     max_bundle_bytes: usize,
+    /// Most functions deployed over the API at once (each keeps its
+    /// templates on disk); deploying a new name beyond gets 409
+    #[arg(long, default_value_t = ember::server::deploy::DEFAULT_MAX_FUNCTIONS)]
+    max_deployed_functions: usize,
     /// ADDR:PORT or unix:PATH
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: ember::server::ListenAddr,
@@ -144,6 +148,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<ExitCode> {
         deploy.max_builds = args.max_builds;
         deploy.max_waiting_builds = args.max_waiting_builds;
         deploy.max_bundle_bytes = args.max_bundle_bytes;
+        deploy.max_functions = args.max_deployed_functions;
         deploy
     };
     let services = server::Services {

@@ -364,8 +364,7 @@ fn stage_zip(code: &Path, into: &Path) -> Result<Staged, BundleError> {
         }
         let target = into.join(&rel);
         if entry.is_dir() {
-            staged.add(code, 0)?;
-            make_dirs(into, &rel)?;
+            make_dirs(code, into, &rel, &mut staged)?;
         } else if entry.is_symlink() {
             staged.add(code, 0)?;
             let mut text = String::new();
@@ -377,7 +376,7 @@ fn stage_zip(code: &Path, into: &Path) -> Result<Staged, BundleError> {
             links.push((rel, to));
         } else {
             if let Some(parent) = rel.parent() {
-                make_dirs(into, parent)?;
+                make_dirs(code, into, parent, &mut staged)?;
             }
             let executable = entry.unix_mode().is_some_and(|m| m & 0o111 != 0);
             let left = MAX_BUNDLE_BYTES.saturating_sub(staged.bytes);
@@ -396,7 +395,7 @@ fn stage_zip(code: &Path, into: &Path) -> Result<Staged, BundleError> {
     }
     for (rel, to) in links {
         if let Some(parent) = rel.parent() {
-            make_dirs(into, parent)?;
+            make_dirs(code, into, parent, &mut staged)?;
         }
         let target = into.join(&rel);
         std::os::unix::fs::symlink(&to, &target).map_err(|e| BundleError::Io(target, e))?;
@@ -411,8 +410,15 @@ fn copy_limited(from: &mut impl Read, to: &mut impl Write, limit: u64) -> io::Re
 }
 
 /// Makes the directories of `rel` under `root`, refusing to go through
-/// anything that is not a directory of ours.
-fn make_dirs(root: &Path, rel: &Path) -> Result<(), BundleError> {
+/// anything that is not a directory of ours. Each one made counts as an
+/// entry of `bundle`: a zip need not list the directories its names
+/// imply, and one long name can imply thousands.
+fn make_dirs(
+    bundle: &Path,
+    root: &Path,
+    rel: &Path,
+    staged: &mut Staged,
+) -> Result<(), BundleError> {
     let mut at = root.to_path_buf();
     for part in rel.components() {
         at.push(part);
@@ -425,6 +431,7 @@ fn make_dirs(root: &Path, rel: &Path) -> Result<(), BundleError> {
                 ))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                staged.add(bundle, 0)?;
                 std::fs::create_dir(&at).map_err(|e| BundleError::Io(at.clone(), e))?;
                 set_mode(&at, 0o755)?;
             }
@@ -587,6 +594,31 @@ mod tests {
             stage(&corrupt, &s.0.join("tree-corrupt")),
             Err(BundleError::Zip(..))
         ));
+    }
+
+    /// The directories a zip's names imply count against the entry
+    /// limit as if listed: one long name cannot make thousands uncounted.
+    #[test]
+    fn implied_zip_directories_are_counted() {
+        let s = Scratch::new("implied-dirs");
+        let zip = s.0.join("deep.zip");
+        let deep = format!("{}f.py", "d/".repeat(50));
+        write_zip(&zip, &[(&deep, b"x"), ("d/g.py", b"y")], &[]);
+        let staged = stage(&zip, &s.0.join("tree")).unwrap();
+        assert_eq!(staged.entries, 50 + 2, "50 directories made, 2 files");
+        assert_eq!(staged.bytes, 2);
+
+        // Listed and implied, a directory is counted once.
+        let listed = s.0.join("listed.zip");
+        let file = std::fs::File::create(&listed).unwrap();
+        let mut writer = zip::ZipWriter::new(file);
+        let options = zip::write::SimpleFileOptions::default();
+        writer.add_directory("a/", options).unwrap();
+        writer.start_file("a/b/c.py", options).unwrap();
+        writer.add_directory("a/b/", options).unwrap();
+        writer.finish().unwrap();
+        let staged = stage(&listed, &s.0.join("tree-listed")).unwrap();
+        assert_eq!(staged.entries, 3);
     }
 
     #[test]

@@ -44,9 +44,13 @@ impl Cancel {
     }
 
     /// The invocation's call returned: its worker is no longer ours to
-    /// kill.
-    pub fn disarm(&self) {
-        self.lock().worker = None;
+    /// kill. Returns whether the invocation was cancelled meanwhile (its
+    /// worker may have been killed after the call returned, so its clone
+    /// must not be kept for another invocation).
+    pub fn disarm(&self) -> bool {
+        let mut state = self.lock();
+        state.worker = None;
+        state.cancelled
     }
 
     /// Cancels the invocation: its worker, if it runs in one now, is
@@ -122,7 +126,17 @@ mod tests {
         // Disarmed: nothing to kill.
         let cancel = Cancel::default();
         assert!(cancel.arm(std::process::id()));
-        cancel.disarm();
+        assert!(!cancel.disarm());
         assert!(!cancel.cancel());
+        // Cancelled while armed: disarming says so (the clone is not kept).
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let cancel = Cancel::default();
+        assert!(cancel.arm(child.id()));
+        assert!(cancel.cancel());
+        assert!(cancel.disarm());
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
 }

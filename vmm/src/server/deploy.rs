@@ -29,12 +29,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::functions::{valid_name, FunctionSet, NewFunction};
+use super::functions::{valid_name, FunctionSet, NewFunction, ServedFunction};
 use super::records::{
     now_unix_ms, Latest, Record, RecordError, RecordStore, Settings, Status, Version, BUNDLES_DIR,
     TEMPLATES_DIR,
@@ -49,6 +49,8 @@ pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 32 << 20;
 pub const LOG_TAIL_BYTES: usize = 8 << 10;
 /// Guest memory of a deployed function unless its settings say.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// Most functions deployed at once, by default.
+pub const DEFAULT_MAX_FUNCTIONS: usize = 256;
 /// The range `memory_mib` may take.
 pub const MEMORY_MIB_RANGE: std::ops::RangeInclusive<u32> = 128..=8192;
 
@@ -66,6 +68,10 @@ pub struct DeployConfig {
     pub max_waiting_builds: usize,
     /// Largest bundle (413 beyond).
     pub max_bundle_bytes: usize,
+    /// Most names deployed (each keeps up to two templates on disk); a
+    /// deployment of a new name beyond is refused (409) until one is
+    /// deleted. Re-deploying a name always fits.
+    pub max_functions: usize,
 }
 
 impl DeployConfig {
@@ -85,6 +91,7 @@ impl DeployConfig {
             max_builds: 1,
             max_waiting_builds: 4,
             max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
+            max_functions: DEFAULT_MAX_FUNCTIONS,
         }
     }
 }
@@ -253,6 +260,8 @@ pub struct Deployer {
     records: Mutex<BTreeMap<String, Record>>,
     /// Names with an upload or a build in progress.
     busy: Mutex<BTreeSet<String>>,
+    /// Versions replaced or removed, while anything still holds them.
+    retired: Mutex<Vec<Weak<ServedFunction>>>,
     /// One permit per build running at once.
     builds: Arc<tokio::sync::Semaphore>,
     /// Builds accepted and not finished (running or waiting).
@@ -323,6 +332,7 @@ impl Deployer {
             functions,
             records: Mutex::new(BTreeMap::new()),
             busy: Mutex::new(BTreeSet::new()),
+            retired: Mutex::new(Vec::new()),
             accepted: AtomicUsize::new(0),
             max_timeout_ms,
             next_upload: AtomicU64::new(0),
@@ -415,7 +425,8 @@ impl Deployer {
     pub fn admit(self: &Arc<Self>, name: &str, query: &str) -> Result<Admitted, DeployError> {
         if !valid_name(name) {
             return Err(DeployError::BadRequest(format!(
-                "{name:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})"
+                "{name:?} is not a function name ({})",
+                super::functions::NAME_RULE
             )));
         }
         let settings =
@@ -425,10 +436,25 @@ impl Deployer {
                 "{name} is served from the --functions directory, which is read-only"
             )));
         }
-        if !lock(&self.busy).insert(name.to_owned()) {
-            return Err(DeployError::Conflict(format!(
-                "a deployment of {name} is in progress; wait until its status is ready or failed"
-            )));
+        {
+            // Both at once (only here): a new name counts from its
+            // admission, so concurrent ones cannot pass the cap together.
+            let records = lock(&self.records);
+            let mut busy = lock(&self.busy);
+            if busy.contains(name) {
+                return Err(DeployError::Conflict(format!(
+                    "a deployment of {name} is in progress; wait until its status is ready or failed"
+                )));
+            }
+            let deployed =
+                records.len() + busy.iter().filter(|b| !records.contains_key(*b)).count();
+            if !records.contains_key(name) && deployed >= self.config.max_functions {
+                return Err(DeployError::Conflict(format!(
+                    "{deployed} functions are deployed (or being deployed), the most this server \
+                     keeps; delete one first"
+                )));
+            }
+            busy.insert(name.to_owned());
         }
         let most = self.config.max_builds + self.config.max_waiting_builds;
         let taken = self
@@ -460,7 +486,23 @@ impl Deployer {
     /// Takes the bundle of an admitted deployment: checks it, writes it
     /// and the record (`building`), and starts the build in the
     /// background. Returns the record.
+    ///
+    /// Runs as a task of its own: a client that goes away while this
+    /// waits drops only the wait, never a deployment half done (a record
+    /// written `building` whose build was never started, with the name
+    /// released under it).
     pub async fn accept(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        bundle: axum::body::Bytes,
+    ) -> Result<Record, DeployError> {
+        let deployer = self.clone();
+        tokio::spawn(async move { deployer.accept_here(admitted, bundle).await })
+            .await
+            .map_err(|e| DeployError::Internal(format!("the deployment task failed: {e}")))?
+    }
+
+    async fn accept_here(
         self: &Arc<Self>,
         mut admitted: Admitted,
         bundle: axum::body::Bytes,
@@ -598,6 +640,10 @@ impl Deployer {
                     deployed: true,
                     timeout: Some(Duration::from_millis(version.settings.timeout_ms)),
                 });
+                // Before the record lets go of its template.
+                if let Ok(Some(old)) = &replaced {
+                    self.note_retired(old);
+                }
                 tracing::info!(
                     function = %name,
                     build_ms = super::api::ms(started.elapsed()),
@@ -644,7 +690,19 @@ impl Deployer {
     /// Stops serving `name` (new invocations get 404, running ones finish
     /// within the shutdown grace, its idle clones are destroyed) and
     /// removes its record and templates.
-    pub async fn delete(&self, name: &str) -> Result<(), DeployError> {
+    ///
+    /// Runs as a task of its own, like [`Deployer::accept`]: the retiring
+    /// can take the whole shutdown grace, and a client that gives up
+    /// meanwhile must not leave the name reserved for good, its record
+    /// behind, or its idle clones (and their memory charge) unretired.
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), DeployError> {
+        let (deployer, name) = (self.clone(), name.to_owned());
+        tokio::spawn(async move { deployer.delete_here(&name).await })
+            .await
+            .map_err(|e| DeployError::Internal(format!("the deletion task failed: {e}")))?
+    }
+
+    async fn delete_here(&self, name: &str) -> Result<(), DeployError> {
         if self.functions.get(name).is_some_and(|f| !f.deployed) {
             return Err(DeployError::Conflict(format!(
                 "{name} is served from the --functions directory, which is read-only"
@@ -660,6 +718,7 @@ impl Deployer {
                 return Err(DeployError::NotFound(name.to_owned()));
             }
             if let Some(old) = self.functions.remove(name) {
+                self.note_retired(&old);
                 let left = self.functions.retire(&old, self.grace).await;
                 if left > 0 {
                     tracing::warn!(function = %name, running = left, "deleted function still running");
@@ -676,12 +735,29 @@ impl Deployer {
         result
     }
 
-    /// Removes the templates no record refers to.
+    /// Keeps `old`'s template until nothing uses `old` any more.
+    fn note_retired(&self, old: &Arc<ServedFunction>) {
+        lock(&self.retired).push(Arc::downgrade(old));
+    }
+
+    /// Removes the templates no record refers to and no retired version
+    /// still in use has (a request that took a slot of it just before it
+    /// was replaced may yet make a clone of it; retiring gives up after
+    /// the grace, and another name's deployment collects meanwhile).
     fn collect_garbage(&self) {
-        let kept: BTreeSet<String> = lock(&self.records)
+        let mut kept: BTreeSet<String> = lock(&self.records)
             .values()
             .flat_map(|r| r.templates().map(str::to_owned).collect::<Vec<_>>())
             .collect();
+        lock(&self.retired).retain(|old| match old.upgrade() {
+            Some(old) => {
+                if let Some(key) = old.dir.file_name().and_then(|k| k.to_str()) {
+                    kept.insert(key.to_owned());
+                }
+                true
+            }
+            None => false,
+        });
         let templates = self.config.data_dir.join(TEMPLATES_DIR);
         let Ok(entries) = std::fs::read_dir(&templates) else {
             return;
@@ -867,6 +943,89 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// A deletion removes the record (on disk too) and its templates, and
+    /// gives the name back: it can be deployed again, and a second
+    /// deletion is a 404.
+    #[test]
+    fn a_deletion_removes_the_record_and_frees_the_name() {
+        let data = std::env::temp_dir().join(format!("ember-deployer-del-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let store = RecordStore::open(&data).unwrap();
+        let version = Version {
+            settings: parse_settings("handler=app:handler", 1000).unwrap(),
+            bundle_sha256: "00".into(),
+            template: "gone".into(),
+            created_unix_ms: 1,
+        };
+        store
+            .save(&Record {
+                name: "f".into(),
+                active: None,
+                latest: latest(version, Status::Failed, Some("boom".into())),
+            })
+            .unwrap();
+        std::fs::create_dir_all(data.join(TEMPLATES_DIR).join("gone")).unwrap();
+        let deployer = Deployer::open(
+            DeployConfig::new(data.clone(), None),
+            Arc::new(FunctionSet::empty()),
+            1000,
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            deployer.delete("f").await.unwrap();
+            assert!(matches!(
+                deployer.delete("f").await,
+                Err(DeployError::NotFound(_))
+            ));
+        });
+        assert!(deployer.record("f").is_none());
+        assert!(store.load_all().unwrap().is_empty());
+        assert!(!data.join(TEMPLATES_DIR).join("gone").exists());
+        drop(deployer.admit("f", "handler=app:handler").unwrap());
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    /// Beyond `max_functions` names, a new one is refused (a name being
+    /// deployed counts); re-deploying one that is there always fits.
+    #[test]
+    fn deployments_of_new_names_stop_at_the_cap() {
+        let data = std::env::temp_dir().join(format!("ember-deployer-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let store = RecordStore::open(&data).unwrap();
+        let version = Version {
+            settings: parse_settings("handler=app:handler", 1000).unwrap(),
+            bundle_sha256: "00".into(),
+            template: "t".into(),
+            created_unix_ms: 1,
+        };
+        store
+            .save(&Record {
+                name: "old".into(),
+                active: None,
+                latest: latest(version, Status::Failed, None),
+            })
+            .unwrap();
+        let mut config = DeployConfig::new(data.clone(), None);
+        config.max_functions = 2;
+        let deployer = Deployer::open(config, Arc::new(FunctionSet::empty()), 1000).unwrap();
+        let query = "handler=app:handler";
+        let new = deployer.admit("new", query).unwrap();
+        let err = deployer.admit("third", query).unwrap_err();
+        assert!(
+            matches!(&err, DeployError::Conflict(m) if m.contains("delete one first")),
+            "{err}"
+        );
+        // A re-deployment of a name that is there fits.
+        drop(deployer.admit("old", query).unwrap());
+        drop(new);
+        drop(deployer.admit("third", query).unwrap());
         let _ = std::fs::remove_dir_all(&data);
     }
 

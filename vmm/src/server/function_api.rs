@@ -25,7 +25,7 @@ use super::functions::{Refusal, ServedFunction, Slot};
 use super::metrics::FunctionOutcomeKind;
 use super::records::{Record, Status};
 use super::recycled::RecycledClone;
-use super::{error, read_body, refusal, task_failed, with_id, Shared, BODY_READ_TIMEOUT};
+use super::{error, refusal, task_failed, with_id, Shared, BODY_READ_TIMEOUT};
 use crate::function::{
     FunctionError, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath,
 };
@@ -153,20 +153,25 @@ fn deploy_error(e: &DeployError) -> Response {
     refusal(status, retry_after, e.to_string())
 }
 
-/// Reads a bundle: at most `max` bytes (413 beyond, the rest unread),
-/// within [`BODY_READ_TIMEOUT`] (408).
-async fn read_bundle(request: Request, max: usize) -> Result<Bytes, Response> {
+/// Why a body could not be read.
+enum ReadError {
+    /// Over the limit: this many bytes or more (the rest is unread).
+    TooLarge(u64),
+    /// Broken off, or too slow.
+    Failed(StatusCode, String),
+}
+
+/// Reads a body: at most `max` bytes, within [`BODY_READ_TIMEOUT`] (408).
+async fn read_limited(request: Request, max: usize) -> Result<Bytes, ReadError> {
     use tokio_stream::StreamExt;
     let mut stream = request.into_body().into_data_stream();
     let read = async {
         let mut bytes = Vec::new();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
+            let chunk =
+                chunk.map_err(|e| ReadError::Failed(StatusCode::BAD_REQUEST, e.to_string()))?;
             if bytes.len() + chunk.len() > max {
-                return Err(deploy_error(&DeployError::TooLarge(
-                    (bytes.len() + chunk.len()) as u64,
-                    max,
-                )));
+                return Err(ReadError::TooLarge((bytes.len() + chunk.len()) as u64));
             }
             bytes.extend_from_slice(&chunk);
         }
@@ -174,7 +179,7 @@ async fn read_bundle(request: Request, max: usize) -> Result<Bytes, Response> {
     };
     match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
         Ok(result) => result,
-        Err(_) => Err(error(
+        Err(_) => Err(ReadError::Failed(
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "the body did not arrive within {} s",
@@ -214,9 +219,10 @@ pub(super) async fn put_function(
     if let Some(len) = declared.filter(|&len| len > max as u64) {
         return deploy_error(&DeployError::TooLarge(len, max));
     }
-    let bundle = match read_bundle(request, max).await {
+    let bundle = match read_limited(request, max).await {
         Ok(bundle) => bundle,
-        Err(response) => return response,
+        Err(ReadError::TooLarge(len)) => return deploy_error(&DeployError::TooLarge(len, max)),
+        Err(ReadError::Failed(status, message)) => return error(status, message),
     };
     match deployer.accept(admitted, bundle).await {
         Ok(_) => {
@@ -338,9 +344,7 @@ impl FunctionLog {
                         drop(clone);
                         return Err(FunctionError::Worker("cancelled".into()));
                     }
-                    let result = functions.invoke_in(function, (clone, made), event, options);
-                    cancel.disarm();
-                    result
+                    functions.invoke_in(function, (clone, made), event, options, Some(cancel))
                 })
         } else {
             // A fresh clone, destroyed by the invocation; its charge is
@@ -659,20 +663,19 @@ pub(super) async fn function_invocations(
             .to_string(),
         );
     };
-    let event = match read_body(request).await {
+    // Without a declared length (chunked), the limit holds as it is
+    // read: never more than the event limit buffered per admission.
+    let max = state.limits.max_input_bytes;
+    let event = match read_limited(request, max).await {
         Ok(body) => body,
-        Err((status, message)) => return invalid(status, message),
+        Err(ReadError::TooLarge(len)) => {
+            return invalid(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the event is {len} bytes or more, over the limit of {max}"),
+            )
+        }
+        Err(ReadError::Failed(status, message)) => return invalid(status, message),
     };
-    if event.len() > state.limits.max_input_bytes {
-        return invalid(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the event is {} bytes, over the limit of {}",
-                event.len(),
-                state.limits.max_input_bytes
-            ),
-        );
-    }
     // A version replaced while this waited: the new one serves it.
     let mut tries = 0;
     let slot = loop {
@@ -797,4 +800,34 @@ async fn stream_lines(response: Response) -> Vec<serde_json::Value> {
         "output_truncated": value["output_truncated"],
     }));
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(chunks: usize, size: usize) -> Request {
+        let stream = tokio_stream::iter(
+            (0..chunks).map(move |_| Ok::<_, Infallible>(Bytes::from(vec![7u8; size]))),
+        );
+        Request::new(Body::from_stream(stream))
+    }
+
+    /// A body without a declared length is cut off at the limit as it
+    /// is read, not buffered whole first.
+    #[test]
+    fn bodies_are_read_up_to_the_limit_only() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let read = read_limited(chunked(4, 10), 40).await;
+            assert!(read.is_ok_and(|b| b.len() == 40));
+            match read_limited(chunked(1000, 10), 45).await {
+                Err(ReadError::TooLarge(seen)) => assert_eq!(seen, 50),
+                _ => panic!("over the limit"),
+            }
+        });
+    }
 }

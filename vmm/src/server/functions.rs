@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::cancel::Cancel;
 use super::memory::{Charge, MemoryBudget};
 use super::metrics::{FunctionCounters, FunctionLoad};
 use super::recycled::{ChargedClone, IdleClones, RecycledClone};
@@ -25,15 +26,20 @@ use crate::function::{
 /// Longest function name.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// Whether `name` can name a function: `[A-Za-z0-9_.-]{1,64}`, and not
-/// `.` or `..`.
+/// The rule [`valid_name`] checks, for messages.
+pub const NAME_RULE: &str = "[A-Za-z0-9_.-]{1,64}, not starting with a dot";
+
+/// Whether `name` can name a function: `[A-Za-z0-9_.-]{1,64}`, not
+/// starting with `.` (so never `.` or `..`, and never one of the dot
+/// files a deployment keeps next to its record and bundle: `.upload-N`,
+/// `.check-N`, `.NAME.json.tmp`; a record so named would also be skipped
+/// at a restart).
 pub fn valid_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        && name != "."
-        && name != ".."
+        && !name.starts_with('.')
 }
 
 /// How a [`FunctionSet`] shares the host.
@@ -184,7 +190,7 @@ pub struct FunctionSet {
 impl FunctionSet {
     /// Opens every function in `dir`: each subdirectory holding a
     /// `function.json` is one, named after the subdirectory. Names that
-    /// are not `[A-Za-z0-9_.-]{1,64}` are skipped with a warning; a
+    /// are not [`NAME_RULE`] are skipped with a warning; a
     /// function that does not open is an error.
     pub fn open(dir: &Path, config: FunctionSetConfig) -> Result<FunctionSet, ServerError> {
         let bad = |e: std::io::Error| {
@@ -210,7 +216,7 @@ impl FunctionSet {
             if !valid_name(&name) {
                 tracing::warn!(
                     dir = %path.display(),
-                    "function name is not [A-Za-z0-9_.-]{{1,64}}; skipped"
+                    "function name is not {NAME_RULE}; skipped"
                 );
                 continue;
             }
@@ -324,7 +330,7 @@ impl FunctionSet {
     pub fn insert(&self, new: NewFunction) -> Result<Option<Arc<ServedFunction>>, ServerError> {
         if !valid_name(&new.name) {
             return Err(ServerError::Config(format!(
-                "{:?} is not a function name ([A-Za-z0-9_.-]{{1,64}})",
+                "{:?} is not a function name ({NAME_RULE})",
                 new.name
             )));
         }
@@ -501,15 +507,21 @@ impl FunctionSet {
 
     /// Runs `event` in `clone` of `function` (made in `made`, counted in
     /// the outcome's restore time; zero for an idle one); the clone is
-    /// kept for the next invocation if it can serve one. Blocking.
+    /// kept for the next invocation if it can serve one. `cancel`, armed
+    /// with the clone's worker, is disarmed as soon as the call returns,
+    /// before the clone is put back: a cancellation after that point must
+    /// not kill a worker another invocation has taken. Blocking.
     pub(crate) fn invoke_in(
         &self,
         function: &ServedFunction,
         (mut clone, made): (ChargedClone, Duration),
         event: &[u8],
         options: &FunctionInvokeOptions,
+        cancel: Option<&Cancel>,
     ) -> Result<FunctionOutcome, FunctionError> {
         let result = clone.clone.invoke(event, options);
+        // Cancelled before the disarm: its worker may be dead or dying.
+        let cancelled = cancel.is_some_and(Cancel::disarm);
         let reset = match &result {
             Ok(o) => o
                 .recycle
@@ -520,7 +532,7 @@ impl FunctionSet {
         };
         // A server shutting down keeps nothing (its idle clones are gone
         // already), nor does a retired version.
-        let reusable = reset.is_some() && !self.is_closed() && !function.is_retired();
+        let reusable = reset.is_some() && !cancelled && !self.is_closed() && !function.is_retired();
         function
             .counters
             .observe_recycle(made.is_zero(), reset.filter(|_| reusable));
@@ -852,7 +864,17 @@ mod tests {
         for ok in ["probe", "a", "A.b-c_9", &"x".repeat(64)] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", "a/b", "a b", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            ".upload-1",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
     }

@@ -20,6 +20,10 @@ pub const TEMPLATES_DIR: &str = "templates";
 /// Where uploaded bundles wait for their build, under the data directory.
 pub const BUNDLES_DIR: &str = "bundles";
 
+/// Largest record file read: a record is a few KiB (its log tail at most
+/// [`super::deploy::LOG_TAIL_BYTES`]); a larger file is not one of ours.
+pub const MAX_RECORD_BYTES: u64 = 1 << 20;
+
 /// A record could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -97,6 +101,13 @@ pub struct Record {
 }
 
 impl Record {
+    /// A template key of it that could not be one (keys are hex digests):
+    /// a record edited by hand or corrupted must not lead outside the
+    /// templates directory.
+    pub fn bad_template(&self) -> Option<&str> {
+        self.templates().find(|key| !valid_template_key(key))
+    }
+
     /// The template keys it needs kept.
     pub fn templates(&self) -> impl Iterator<Item = &str> {
         self.active
@@ -104,6 +115,12 @@ impl Record {
             .map(|v| v.template.as_str())
             .chain(std::iter::once(self.latest.version.template.as_str()))
     }
+}
+
+/// Whether `key` can be a template key: a plain file name of ASCII
+/// letters and digits (keys are hex digests), at most 128 bytes.
+pub fn valid_template_key(key: &str) -> bool {
+    (1..=128).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Milliseconds since the epoch, now.
@@ -196,7 +213,14 @@ impl RecordStore {
                 continue;
             }
             match Self::read(&path) {
-                Ok(record) if record.name == name => records.push(record),
+                Ok(record) if record.name == name => match record.bad_template() {
+                    None => records.push(record),
+                    Some(key) => tracing::warn!(
+                        file = %path.display(),
+                        template = %key,
+                        "function record names a template key that is not one; skipped"
+                    ),
+                },
                 Ok(record) => tracing::warn!(
                     file = %path.display(),
                     name = %record.name,
@@ -209,8 +233,40 @@ impl RecordStore {
         Ok(records)
     }
 
+    /// Reads the record at `path`: a regular file (a FIFO would block
+    /// the server's start, a link leads anywhere) of at most
+    /// [`MAX_RECORD_BYTES`].
     fn read(path: &Path) -> Result<Record, RecordError> {
-        let text = std::fs::read(path).map_err(|e| RecordError::Io(path.to_path_buf(), e))?;
+        use std::io::Read;
+        let io = |e| RecordError::Io(path.to_path_buf(), e);
+        let meta = std::fs::symlink_metadata(path).map_err(io)?;
+        if !meta.file_type().is_file() {
+            return Err(RecordError::Corrupt(
+                path.to_path_buf(),
+                "not a regular file".into(),
+            ));
+        }
+        if meta.len() > MAX_RECORD_BYTES {
+            return Err(RecordError::Corrupt(
+                path.to_path_buf(),
+                format!("{} bytes, over {MAX_RECORD_BYTES}", meta.len()),
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
+        let mut text = Vec::new();
+        file.take(MAX_RECORD_BYTES + 1)
+            .read_to_end(&mut text)
+            .map_err(io)?;
+        if text.len() as u64 > MAX_RECORD_BYTES {
+            return Err(RecordError::Corrupt(
+                path.to_path_buf(),
+                format!("over {MAX_RECORD_BYTES} bytes"),
+            ));
+        }
         serde_json::from_slice(&text)
             .map_err(|e| RecordError::Corrupt(path.to_path_buf(), e.to_string()))
     }
@@ -275,5 +331,71 @@ mod tests {
         store.remove("echo").unwrap();
         assert!(store.load_all().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What is in the records directory is read with care: a FIFO does
+    /// not block the start, a link is not followed, a huge file is not
+    /// read, a truncated one and a template key with a path in it are
+    /// skipped; the good record still loads.
+    #[test]
+    fn hostile_record_files_are_skipped_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("ember-records-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = RecordStore::open(&dir).unwrap();
+        let records = dir.join(RECORDS_DIR);
+        let good = Record {
+            name: "good".into(),
+            active: Some(version("abc123")),
+            latest: Latest {
+                version: version("abc123"),
+                status: Status::Ready,
+                log_tail: None,
+                updated_unix_ms: 1,
+            },
+        };
+        store.save(&good).unwrap();
+        use std::os::unix::ffi::OsStringExt;
+        let fifo =
+            std::ffi::CString::new(records.join("fifo.json").into_os_string().into_vec()).unwrap();
+        // SAFETY: a valid NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let outside = dir.join("outside.json");
+        let mut linked = good.clone();
+        linked.name = "linked".into();
+        std::fs::write(&outside, serde_json::to_vec(&linked).unwrap()).unwrap();
+        std::os::unix::fs::symlink(&outside, records.join("linked.json")).unwrap();
+        let mut huge = serde_json::to_vec(&Record {
+            name: "huge".into(),
+            ..good.clone()
+        })
+        .unwrap();
+        huge.extend(vec![b' '; MAX_RECORD_BYTES as usize]);
+        std::fs::write(records.join("huge.json"), huge).unwrap();
+        let text = serde_json::to_vec(&Record {
+            name: "cut".into(),
+            ..good.clone()
+        })
+        .unwrap();
+        std::fs::write(records.join("cut.json"), &text[..text.len() / 2]).unwrap();
+        for (name, key) in [("escape", "../../etc"), ("slash", "a/b"), ("empty", "")] {
+            let mut bad = good.clone();
+            bad.name = name.into();
+            bad.latest.version.template = key.into();
+            store.save(&bad).unwrap();
+        }
+        let mut bad_active = good.clone();
+        bad_active.name = "badactive".into();
+        bad_active.active = Some(version(".."));
+        store.save(&bad_active).unwrap();
+        assert_eq!(store.load_all().unwrap(), vec![good]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn template_keys() {
+        assert!(valid_template_key("0123abcdef"));
+        for bad in ["", ".", "..", "a/b", "../x", "a.lock", &"a".repeat(129)] {
+            assert!(!valid_template_key(bad), "{bad}");
+        }
     }
 }
