@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::functions::{valid_name, FunctionSet, NewFunction, ServedFunction};
+use super::functions::{valid_name, FunctionSet, NewFunction, PoolLimits, ServedFunction};
 use super::records::{
     now_unix_ms, Latest, Record, RecordError, RecordStore, Settings, Status, Version, BUNDLES_DIR,
     TEMPLATES_DIR,
@@ -155,6 +155,7 @@ pub fn parse_settings(query: &str, max_timeout_ms: u64) -> Result<Settings, Stri
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query).map_err(|e| format!("malformed query: {e}"))?;
     let (mut runtime, mut handler, mut memory_mib, mut timeout_ms) = (None, None, None, None);
+    let (mut min_warm, mut max_live, mut max_queue) = (None, None, None);
     let mut env: Vec<(String, String)> = Vec::new();
     for (key, value) in pairs {
         let once = |slot: &mut Option<String>| match slot.replace(value.clone()) {
@@ -166,6 +167,9 @@ pub fn parse_settings(query: &str, max_timeout_ms: u64) -> Result<Settings, Stri
             "handler" => once(&mut handler)?,
             "memory_mib" => once(&mut memory_mib)?,
             "timeout_ms" => once(&mut timeout_ms)?,
+            "min_warm" => once(&mut min_warm)?,
+            "max_live" => once(&mut max_live)?,
+            "max_queue" => once(&mut max_queue)?,
             "env" => {
                 let Some((k, v)) = value.split_once('=') else {
                     return Err(format!("env takes K=V, got {value:?}"));
@@ -183,7 +187,8 @@ pub fn parse_settings(query: &str, max_timeout_ms: u64) -> Result<Settings, Stri
             }
             other => {
                 return Err(format!(
-                    "unknown setting {other:?} (runtime, handler, memory_mib, timeout_ms, env)"
+                    "unknown setting {other:?} (runtime, handler, memory_mib, timeout_ms, env, \
+                     min_warm, max_live, max_queue)"
                 ))
             }
         }
@@ -229,14 +234,41 @@ pub fn parse_settings(query: &str, max_timeout_ms: u64) -> Result<Settings, Stri
             "timeout_ms {timeout_ms} is not in 1..={max_timeout_ms}"
         ));
     }
+    // Bounded here; the server's own caps (--max-live, --max-queue,
+    // --max-idle, --max-memory-mib) bound them again when served.
+    let bounded = |what: &str, text: Option<String>, range: std::ops::RangeInclusive<u64>| {
+        number(what, text)?
+            .map(|n| {
+                if range.contains(&n) {
+                    usize::try_from(n).map_err(|_| format!("{what} {n} is too large"))
+                } else {
+                    Err(format!(
+                        "{what} {n} is not in {}..={}",
+                        range.start(),
+                        range.end()
+                    ))
+                }
+            })
+            .transpose()
+    };
+    let pool = PoolLimits {
+        min_warm: bounded("min_warm", min_warm, 0..=MAX_POOL_SETTING)?,
+        max_live: bounded("max_live", max_live, 1..=MAX_POOL_SETTING)?,
+        max_queue: bounded("max_queue", max_queue, 0..=MAX_POOL_SETTING)?,
+    };
     Ok(Settings {
         runtime,
         handler,
         memory_mib,
         timeout_ms,
         env,
+        pool,
     })
 }
+
+/// Largest `min_warm`, `max_live` or `max_queue` a deployment may ask for
+/// (the workers' uid range is 1,000 wide).
+const MAX_POOL_SETTING: u64 = 1000;
 
 /// The end of `text`, at most `max` bytes (cut at a character boundary).
 pub fn tail(text: &str, max: usize) -> String {
@@ -398,6 +430,7 @@ impl Deployer {
                 function,
                 deployed: true,
                 timeout: Some(Duration::from_millis(version.settings.timeout_ms)),
+                limits: version.settings.pool,
             })
             .map_err(|e| DeployError::Internal(e.to_string()))?;
         Ok(())
@@ -639,6 +672,7 @@ impl Deployer {
                     function,
                     deployed: true,
                     timeout: Some(Duration::from_millis(version.settings.timeout_ms)),
+                    limits: version.settings.pool,
                 });
                 // Before the record lets go of its template.
                 if let Ok(Some(old)) = &replaced {
@@ -851,6 +885,7 @@ mod tests {
                 memory_mib: DEFAULT_MEMORY_MIB,
                 timeout_ms: 60_000,
                 env: vec![],
+                pool: PoolLimits::default(),
             }
         );
         let s = parse_settings(
@@ -867,6 +902,24 @@ mod tests {
             parse_settings("handler=m:f", 1000).unwrap().timeout_ms,
             1000
         );
+        let s = parse_settings("handler=m:f&min_warm=3&max_live=2&max_queue=0", 1000).unwrap();
+        assert_eq!(
+            s.pool,
+            PoolLimits {
+                min_warm: Some(3),
+                max_live: Some(2),
+                max_queue: Some(0),
+            }
+        );
+        for (query, needle) in [
+            ("handler=m:f&max_live=0", "max_live 0 is not in 1..=1000"),
+            ("handler=m:f&min_warm=1001", "min_warm 1001"),
+            ("handler=m:f&max_queue=-1", "not a number"),
+            ("handler=m:f&min_warm=1&min_warm=2", "twice"),
+        ] {
+            let error = parse_settings(query, 1000).unwrap_err();
+            assert!(error.contains(needle), "{query}: {error}");
+        }
     }
 
     #[test]

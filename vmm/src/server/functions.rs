@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::cancel::Cancel;
@@ -159,6 +160,32 @@ pub struct NewFunction {
     pub deployed: bool,
     /// Its invocations' default timeout.
     pub timeout: Option<Duration>,
+    /// Its own pool limits (deployed functions may have them).
+    pub limits: PoolLimits,
+}
+
+/// A deployed function's own pool limits; each `None` takes the server's
+/// per-function default (`--function-min-warm`, `--function-max-live`,
+/// `--function-max-queue`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolLimits {
+    /// Idle clones kept ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_warm: Option<usize>,
+    /// Most invocations running at once (at most the server's
+    /// `--max-live`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_live: Option<usize>,
+    /// Most requests waiting (at most the server's `--max-queue`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+}
+
+impl PoolLimits {
+    /// Whether every limit is the server's.
+    pub fn is_default(&self) -> bool {
+        *self == PoolLimits::default()
+    }
 }
 
 /// What an invocation runs in: an idle clone, or the charge for a new one.
@@ -278,6 +305,7 @@ impl FunctionSet {
                 function,
                 deployed: false,
                 timeout: None,
+                limits: PoolLimits::default(),
             })?;
             debug_assert!(replaced.is_none());
         }
@@ -347,7 +375,7 @@ impl FunctionSet {
             counters,
             deployed: new.deployed,
             timeout: new.timeout,
-            limit: FunctionLimit::new(&self.config),
+            limit: FunctionLimit::new(&self.config, &new.limits),
             retired: AtomicBool::new(false),
             clone_bytes,
         });
@@ -561,14 +589,10 @@ impl FunctionSet {
     /// in all and the memory budget (warm clones never push out others).
     /// Blocking; returns how many it made.
     pub fn top_up(&self) -> usize {
-        let want = self.config.min_warm_per_function;
         let mut made = 0;
-        if want == 0 {
-            self.warmed.store(true, Ordering::SeqCst);
-            return made;
-        }
         for function in self.list() {
-            if !self.recycles(&function) {
+            let want = function.limit.min_warm;
+            if want == 0 || !self.recycles(&function) {
                 continue;
             }
             while !self.is_closed()
@@ -626,11 +650,13 @@ impl FunctionSet {
     /// Destroys the recycled clones idle for longer than the idle
     /// timeout.
     pub async fn expire_idle(&self) {
-        destroy(
-            self.idle
-                .expire(self.config.idle_timeout, self.config.min_warm_per_function),
-        )
-        .await;
+        let minimum: BTreeMap<usize, usize> = self
+            .list()
+            .iter()
+            .map(|f| (f.index, f.limit.min_warm))
+            .collect();
+        let keep = |index: usize| minimum.get(&index).copied().unwrap_or(0);
+        destroy(self.idle.expire(self.config.idle_timeout, keep)).await;
     }
 
     /// Whether [`FunctionSet::close`] was called.
@@ -725,26 +751,32 @@ pub(crate) struct Slot {
 }
 
 /// One function's share: at most `max_live` of its invocations running,
-/// at most `max_queue` waiting.
+/// at most `max_queue` waiting, and `min_warm` idle clones kept ready.
 #[derive(Debug)]
 struct FunctionLimit {
     permits: Arc<Semaphore>,
     max_live: usize,
     max_queue: usize,
+    min_warm: usize,
     queued: AtomicUsize,
 }
 
 impl FunctionLimit {
-    fn new(config: &FunctionSetConfig) -> Self {
-        let max_live = config
-            .max_live_per_function
-            .map_or(config.max_live, |n| n.min(config.max_live));
+    /// The function's share: its own limits where it has them, else the
+    /// set's per-function ones, never over the set's.
+    fn new(config: &FunctionSetConfig, own: &PoolLimits) -> Self {
+        let max_live = own
+            .max_live
+            .or(config.max_live_per_function)
+            .map_or(config.max_live, |n| n.clamp(1, config.max_live));
         FunctionLimit {
             permits: Arc::new(Semaphore::new(max_live)),
             max_live,
-            max_queue: config
-                .max_queue_per_function
+            max_queue: own
+                .max_queue
+                .or(config.max_queue_per_function)
                 .map_or(config.max_queue, |n| n.min(config.max_queue)),
+            min_warm: own.min_warm.unwrap_or(config.min_warm_per_function),
             queued: AtomicUsize::new(0),
         }
     }
@@ -900,7 +932,7 @@ mod tests {
                 ..FunctionSetConfig::default()
             };
             let limiter = Arc::new(Limiter::new(&config));
-            let function = Arc::new(FunctionLimit::new(&config));
+            let function = Arc::new(FunctionLimit::new(&config, &PoolLimits::default()));
             let first = limiter.acquire(&function).await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);
             assert_eq!(
@@ -940,6 +972,49 @@ mod tests {
         });
     }
 
+    #[test]
+    fn a_functions_own_limits_win_within_the_sets() {
+        let config = FunctionSetConfig {
+            max_live: 4,
+            max_queue: 8,
+            max_live_per_function: Some(3),
+            min_warm_per_function: 1,
+            isolation: None,
+            ..FunctionSetConfig::default()
+        };
+        let server_defaults = FunctionLimit::new(&config, &PoolLimits::default());
+        assert_eq!(
+            (
+                server_defaults.max_live,
+                server_defaults.max_queue,
+                server_defaults.min_warm
+            ),
+            (3, 8, 1)
+        );
+        let own = FunctionLimit::new(
+            &config,
+            &PoolLimits {
+                min_warm: Some(0),
+                max_live: Some(2),
+                max_queue: Some(1),
+            },
+        );
+        assert_eq!((own.max_live, own.max_queue, own.min_warm), (2, 1, 0));
+        let greedy = FunctionLimit::new(
+            &config,
+            &PoolLimits {
+                max_live: Some(100),
+                max_queue: Some(100),
+                ..PoolLimits::default()
+            },
+        );
+        assert_eq!(
+            (greedy.max_live, greedy.max_queue),
+            (4, 8),
+            "never over the set's"
+        );
+    }
+
     /// A function at its own cap queues behind itself: another function
     /// still gets one of the free slots at once.
     #[test]
@@ -955,8 +1030,8 @@ mod tests {
                 ..FunctionSetConfig::default()
             };
             let limiter = Arc::new(Limiter::new(&config));
-            let slow = Arc::new(FunctionLimit::new(&config));
-            let hot = FunctionLimit::new(&config);
+            let slow = Arc::new(FunctionLimit::new(&config, &PoolLimits::default()));
+            let hot = FunctionLimit::new(&config, &PoolLimits::default());
             let running = [
                 limiter.acquire(&slow).await.unwrap(),
                 limiter.acquire(&slow).await.unwrap(),

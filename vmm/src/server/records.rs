@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::functions::PoolLimits;
+
 use super::functions::valid_name;
 
 /// Where the records are, under the data directory.
@@ -48,6 +50,9 @@ pub struct Settings {
     pub timeout_ms: u64,
     /// The runtime's environment, in order.
     pub env: Vec<(String, String)>,
+    /// Its own share of the server (none: the server's defaults).
+    #[serde(default, skip_serializing_if = "PoolLimits::is_default")]
+    pub pool: PoolLimits,
 }
 
 /// One version of a deployed function: its settings, bundle and template.
@@ -284,6 +289,10 @@ mod tests {
                 memory_mib: 256,
                 timeout_ms: 1000,
                 env: vec![("A".into(), "1".into())],
+                pool: PoolLimits {
+                    min_warm: Some(1),
+                    ..PoolLimits::default()
+                },
             },
             bundle_sha256: "ab".into(),
             template: template.into(),

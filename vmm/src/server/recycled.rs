@@ -170,9 +170,9 @@ impl<C: Reusable> IdleClones<C> {
     }
 
     /// Removes the clones idle for longer than `idle_timeout`, but not a
-    /// function's `keep` most recently used ones.
+    /// function's `keep(function)` most recently used ones.
     #[must_use = "the returned clones are destroyed by dropping them"]
-    pub fn expire(&self, idle_timeout: Duration, keep: usize) -> Vec<C> {
+    pub fn expire(&self, idle_timeout: Duration, keep: impl Fn(usize) -> usize) -> Vec<C> {
         let mut idle = self.lock();
         let now = Instant::now();
         // Newest first, so each function's first `keep` are the ones kept.
@@ -188,7 +188,7 @@ impl<C: Reusable> IdleClones<C> {
                 }
             };
             *seen += 1;
-            if *seen > keep && now.duration_since(idle[at].since) >= idle_timeout {
+            if *seen > keep(function) && now.duration_since(idle[at].since) >= idle_timeout {
                 expired.push(idle.remove(at).clone);
             }
         }
@@ -291,10 +291,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert!(idle.put(0, Fake("new", true)).is_empty());
         assert_eq!(
-            idle.expire(Duration::from_millis(30), 0),
+            idle.expire(Duration::from_millis(30), |_| 0),
             vec![Fake("old", true)]
         );
-        assert_eq!(idle.expire(Duration::from_secs(60), 0), vec![]);
+        assert_eq!(idle.expire(Duration::from_secs(60), |_| 0), vec![]);
         assert_eq!(idle.take_all(), vec![Fake("new", true)]);
         assert!(idle.is_empty());
     }
@@ -309,14 +309,14 @@ mod tests {
         std::thread::sleep(Duration::from_millis(40));
         // Function 0 keeps its two most recent, function 1 its only one.
         assert_eq!(
-            idle.expire(Duration::from_millis(30), 2),
+            idle.expire(Duration::from_millis(30), |f| if f == 0 { 2 } else { 1 }),
             vec![Fake("a0", true)]
         );
         assert_eq!(idle.count(0), 2);
         assert_eq!(idle.count(1), 1);
         assert_eq!(idle.take_oldest_of(1), Some(Fake("b0", true)));
         assert_eq!(idle.take_oldest(), Some(Fake("a1", true)));
-        assert_eq!(idle.expire(Duration::ZERO, 0).len(), 1);
+        assert_eq!(idle.expire(Duration::ZERO, |_| 0).len(), 1);
         assert_eq!(idle.take_oldest(), None);
     }
 }
