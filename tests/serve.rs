@@ -2133,7 +2133,7 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
     // Accepted: 202 and the status URL; it builds in the background.
     let r = put(
         &mut client,
-        "/v1/functions/echo?handler=app:handler&env=GREETING=hi&timeout_ms=30000",
+        "/v1/functions/echo?handler=app:handler&env=GREETING=hi&timeout_ms=30000&max_queue=0",
         &app,
     );
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
@@ -2142,6 +2142,7 @@ fn deploy_over_http_build_invoke_cancel_redeploy_delete_and_restart() {
     assert_eq!(body["status"], "building", "{body}");
     assert_eq!(body["settings"]["env"], json!([["GREETING", "hi"]]));
     assert_eq!(body["settings"]["timeout_ms"], 30000);
+    assert_eq!(body["settings"]["pool"], json!({"max_queue": 0}));
     // While it builds: it cannot change, and is not invoked yet.
     let r = put(&mut client, "/v1/functions/echo?handler=app:handler", &app);
     assert_eq!(r.status, 409);
