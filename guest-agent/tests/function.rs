@@ -78,6 +78,7 @@ fn runtime(script: &str) -> FunctionStart {
         hot_path: false,
         ready_timeout_ms: 10_000,
         code_drive: None,
+        wait_for_code: false,
     }
 }
 
@@ -714,6 +715,7 @@ def handler(event, context):
         hot_path: false,
         ready_timeout_ms: 30_000,
         code_drive: None,
+        wait_for_code: false,
     };
     let ready = ready(&mut c, start);
     assert_eq!(ready.hot_path, None);
