@@ -265,7 +265,7 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
         "in a jailed worker"
     };
     if !options.no_base && function::base::applies(&spec, &options) {
-        let base = function::base::cached_base_dir(&options)?;
+        let base = function::base::cached_base_dir(&spec, &options)?;
         if !base.join(function::base::BASE_FILE).exists() {
             eprintln!(
                 "ember: making the python3 base snapshot {} first (a boot and the runtime's start, \

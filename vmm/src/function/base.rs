@@ -49,6 +49,13 @@ const BASE_FORMAT: u32 = 1;
 const PYTHON_RUNTIME: &[u8] =
     include_bytes!("../../../guest-agent/runtimes/python3/ember_runtime.py");
 
+/// The apparent size of the code drive a base for bundles boots with: a
+/// sparse file of zeros, replaced in each clone by the function's drive,
+/// which may be up to this large (the guest keeps the capacity it read at
+/// boot; ext4 reads only within its own size). The guest mounts the drive
+/// only after the clone's LOAD, so it never saw the placeholder's content.
+pub const CODE_PLACEHOLDER_BYTES: u64 = 4 << 30;
+
 /// The file a complete base directory holds, written last.
 pub const BASE_FILE: &str = "base.json";
 
@@ -82,7 +89,7 @@ impl TemplateOptions {
         if let Some(base) = &self.base {
             return Ok(Some(base.clone()));
         }
-        ensure_base(self, |dir| {
+        ensure_base(self, has_code_drive(spec), |dir| {
             log::info!(
                 "making the python3 base snapshot {} (a boot and the runtime's start, once)",
                 dir.display()
@@ -97,29 +104,52 @@ impl TemplateOptions {
 /// own start (see `READ_AT_START_ENV`). Anything else boots, as with
 /// [`TemplateOptions::no_base`].
 pub fn applies(spec: &FunctionSpec, options: &TemplateOptions) -> bool {
-    matches!(spec.runtime, Runtime::Python3 { .. })
-        && spec.hot_path
+    matches!(
+        spec.runtime,
+        Runtime::Python3 { .. } | Runtime::Python3Bundle { .. }
+    ) && spec.hot_path
         && options.root_drive.is_some()
         && !spec.env.iter().any(|(name, _)| {
             name != ARENA_MIB_ENV && READ_AT_START_ENV.iter().any(|p| name.starts_with(p))
         })
 }
 
-/// Where the base for `options`'s VM lives: `base-python3-<key>` in the
-/// cache (see [`base_key`]).
-pub fn cached_base_dir(options: &TemplateOptions) -> Result<PathBuf, FunctionError> {
-    Ok(paths::cache_dir().join(format!("base-python3-{}", base_key(options)?)))
+/// Whether `spec`'s base has a code drive (a placeholder its clones
+/// replace with the function's): a bundle's. Single-file functions get a
+/// base without one, so their templates have the devices a booted one has.
+pub fn has_code_drive(spec: &FunctionSpec) -> bool {
+    matches!(spec.runtime, Runtime::Python3Bundle { .. })
+}
+
+/// Where the base for `spec` in `options`'s VM lives: `base-python3-<key>`
+/// (or `base-python3-code-<key>` for bundles) in the cache (see
+/// [`base_key`]).
+pub fn cached_base_dir(
+    spec: &FunctionSpec,
+    options: &TemplateOptions,
+) -> Result<PathBuf, FunctionError> {
+    base_dir(options, has_code_drive(spec))
+}
+
+fn base_dir(options: &TemplateOptions, code_drive: bool) -> Result<PathBuf, FunctionError> {
+    let kind = if code_drive {
+        "python3-code"
+    } else {
+        "python3"
+    };
+    Ok(paths::cache_dir().join(format!("base-{kind}-{}", base_key(options, code_drive)?)))
 }
 
 /// The cache key of the python3 base in `options`'s VM: a SHA-256 over the
 /// contents of the kernel, the initramfs (which holds the agent) and the
 /// root image, the VM's shape, the parameters ember adds to the kernel
 /// command line on this host, the snapshot and base formats, and the
-/// runtime's start request, the runtime file included. (Unlike the default
+/// runtime's start request, the runtime file included, and whether it has
+/// a code drive. (Unlike the default
 /// snapshot's key, not the root image's file identity: a clone of the base
 /// is given the caller's root image, which must only have the same
 /// content.)
-pub fn base_key(options: &TemplateOptions) -> Result<String, FunctionError> {
+pub fn base_key(options: &TemplateOptions, code_drive: bool) -> Result<String, FunctionError> {
     let config = vm_config(options);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -143,14 +173,21 @@ pub fn base_key(options: &TemplateOptions) -> Result<String, FunctionError> {
         .field("mem_mib", config.mem_mib.to_le_bytes())
         .field("cmdline_extra", &config.cmdline_extra)
         .field("vsock_cid", config.vsock_cid.to_le_bytes());
-    Ok(key_of(&vm.finish(), &base_start(options), PYTHON_RUNTIME))
+    Ok(key_of(
+        &vm.finish(),
+        &base_start(options),
+        PYTHON_RUNTIME,
+        code_drive,
+    ))
 }
 
-fn key_of(vm: &str, start: &FunctionStart, runtime: &[u8]) -> String {
+fn key_of(vm: &str, start: &FunctionStart, runtime: &[u8], code_drive: bool) -> String {
     let mut key = KeyBuilder::new("python3 base");
     key.field("format", BASE_FORMAT.to_le_bytes())
         .field("vm", vm)
-        .field("runtime", runtime);
+        .field("runtime", runtime)
+        .field("code drive", CODE_PLACEHOLDER_BYTES.to_le_bytes())
+        .field("has code drive", [u8::from(code_drive)]);
     for arg in &start.argv {
         key.field("arg", arg);
     }
@@ -190,14 +227,15 @@ fn base_start(options: &TemplateOptions) -> FunctionStart {
     }
 }
 
-/// The cached base for `options`'s VM, made first if there is none
-/// (`on_create` is told: that takes a cold boot and the runtime's start).
-/// Concurrent callers wait for the first one's.
+/// The cached base for `options`'s VM, with a code drive or not, made
+/// first if there is none (`on_create` is told: that takes a cold boot and
+/// the runtime's start). Concurrent callers wait for the first one's.
 pub fn ensure_base(
     options: &TemplateOptions,
+    code_drive: bool,
     on_create: impl FnOnce(&Path),
 ) -> Result<PathBuf, FunctionError> {
-    let dir = cached_base_dir(options)?;
+    let dir = base_dir(options, code_drive)?;
     if dir.join(BASE_FILE).exists() {
         return Ok(dir);
     }
@@ -205,7 +243,7 @@ pub fn ensure_base(
     paths::build_cache_entry(
         &dir,
         BASE_FILE,
-        |building| create(options, building),
+        |building| create(options, code_drive, building),
         FunctionError::Io,
     )?;
     Ok(dir)
@@ -213,7 +251,7 @@ pub fn ensure_base(
 
 /// Boots `options`'s VM, starts the waiting runtime and saves the base
 /// into `out`, readable by everyone (jailed template workers read it).
-fn create(options: &TemplateOptions, out: &Path) -> Result<(), FunctionError> {
+fn create(options: &TemplateOptions, code_drive: bool, out: &Path) -> Result<(), FunctionError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |e| FunctionError::Io(path, e)
@@ -221,6 +259,14 @@ fn create(options: &TemplateOptions, out: &Path) -> Result<(), FunctionError> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut config = vm_config(options);
     config.console = options.console.clone();
+    if code_drive {
+        // Where the snapshot keeps its code drive already: saved in place.
+        let placeholder = out.join(crate::snapshot::CODE_DRIVE_FILE);
+        std::fs::File::create(&placeholder)
+            .and_then(|f| f.set_len(CODE_PLACEHOLDER_BYTES))
+            .map_err(io(&placeholder))?;
+        config.code_drive = Some(placeholder);
+    }
     let booting = Instant::now();
     let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
     if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
@@ -326,13 +372,45 @@ mod tests {
 
     #[test]
     fn the_key_follows_the_runtime_file_and_the_vm() {
-        let key = key_of("vm", &start(), b"runtime v1");
-        assert_eq!(key, key_of("vm", &start(), b"runtime v1"));
-        assert_ne!(key, key_of("vm", &start(), b"runtime v2"));
-        assert_ne!(key, key_of("other vm", &start(), b"runtime v1"));
+        let key = key_of("vm", &start(), b"runtime v1", false);
+        assert_eq!(key, key_of("vm", &start(), b"runtime v1", false));
+        assert_ne!(key, key_of("vm", &start(), b"runtime v2", false));
+        assert_ne!(key, key_of("other vm", &start(), b"runtime v1", false));
+        assert_ne!(key, key_of("vm", &start(), b"runtime v1", true));
         let mut other = start();
         other.argv.push("x".into());
-        assert_ne!(key, key_of("vm", &other, b"runtime v1"));
+        assert_ne!(key, key_of("vm", &other, b"runtime v1", false));
+    }
+
+    /// The base's key from real files: an edited runtime file (or any
+    /// input file) gives another base.
+    #[test]
+    fn the_key_follows_its_input_files() {
+        let dir = std::env::temp_dir().join(format!("ember-base-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, content: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        };
+        let options = TemplateOptions::new(
+            file("vmlinux", "kernel"),
+            file("initrd", "agent v1"),
+            Some(file("root.ext4", "image")),
+        );
+        let key = base_key(&options, false).unwrap();
+        assert_eq!(key, base_key(&options, false).unwrap());
+        assert_ne!(key, base_key(&options, true).unwrap());
+        let mut bigger = options.clone();
+        bigger.mem_mib *= 2;
+        assert_ne!(key, base_key(&bigger, false).unwrap());
+        let edited = TemplateOptions::new(
+            options.kernel.clone(),
+            file("initrd2", "agent v2"),
+            options.root_drive.clone(),
+        );
+        assert_ne!(key, base_key(&edited, false).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -389,6 +467,10 @@ mod tests {
         assert!(!applies(&exec, &options));
         let no_image = TemplateOptions::new("k".into(), "i".into(), None);
         assert!(!applies(&spec, &no_image));
+        assert!(!has_code_drive(&spec));
+        let bundle = FunctionSpec::python3_bundle(&dir, "app.main", "handler");
+        assert!(applies(&bundle, &options));
+        assert!(has_code_drive(&bundle));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -75,7 +75,7 @@ pub fn create_in_process(
     let base = options.base_for(spec)?;
     let booting = Instant::now();
     let (mut machine, mut agent, ready) = match &base {
-        Some(base) => from_base(base, spec, options)?,
+        Some(base) => from_base(base, spec, options, code_drive.as_deref())?,
         None => {
             let mut config = vm_config(options);
             config.console = options.console.clone();
@@ -192,12 +192,14 @@ pub fn create_in_process(
 }
 
 /// Restores a clone of the base snapshot `base` and gives its waiting
-/// runtime `spec`'s function: the clone, its agent connection and the
+/// runtime `spec`'s function (a bundle's on `code_drive`, in the base's
+/// placeholder's place): the clone, its agent connection and the
 /// runtime's second `READY`.
 fn from_base(
     base: &Path,
     spec: &FunctionSpec,
     options: &TemplateOptions,
+    code_drive: Option<&Path>,
 ) -> Result<(Machine, AgentClient, FunctionReady), FunctionError> {
     let info = super::base::read_info(base)?;
     let load = super::base::load_request(spec, options)?;
@@ -207,6 +209,7 @@ fn from_base(
         // The caller's image (the same content: the base's key has it),
         // so the template links the file it was given, as a booted one.
         root_drive: options.root_drive.clone(),
+        code_drive: code_drive.map(Path::to_path_buf),
         ..Default::default()
     };
     let machine = snapshot.restore(&restore)?;
