@@ -130,6 +130,7 @@ pub fn create(
     // default snapshot, and handed to the worker read-only, like the
     // kernel.
     options.base = options.base_for(&spec)?;
+    let base = options.base.clone();
     if let Some(image) = options.root_drive.take() {
         stage.link_drive(&image, crate::snapshot::DRIVE_FILE)?;
         options.root_drive = Some(Path::new(OUT_DIR).join(crate::snapshot::DRIVE_FILE));
@@ -188,6 +189,7 @@ pub fn create(
         Ok(Ok(mut info)) => {
             stage.publish(out)?;
             info.dir = out.to_path_buf();
+            info.base = base;
             Ok(info)
         }
         Ok(Err(e)) => Err(e.into()),
