@@ -471,6 +471,14 @@ mod tests {
         let bundle = FunctionSpec::python3_bundle(&dir, "app.main", "handler");
         assert!(applies(&bundle, &options));
         assert!(has_code_drive(&bundle));
+
+        // A base given is used as is; --no-base boots, given one or not.
+        let mut given = options.clone();
+        given.base = Some(dir.join("some-base"));
+        assert_eq!(given.base_for(&spec).unwrap(), given.base);
+        given.no_base = true;
+        assert_eq!(given.base_for(&spec).unwrap(), None);
+        assert_eq!(given.base_for(&exec).unwrap(), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
