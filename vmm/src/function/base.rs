@@ -4,7 +4,7 @@
 //! cached by the content of everything it was made from.
 //!
 //! A function template is then made from a clone of the base (see
-//! [`super::template`]): the clone's agent gets a
+//! `function::template`): the clone's agent gets a
 //! [`FunctionLoad`] (the handler's files, its code drive, its arguments),
 //! the runtime imports the handler, and the rest is as for a booted
 //! template (warm-up through the hot path, calibration, snapshot). That
@@ -69,7 +69,7 @@ const READ_AT_START_ENV: [&str; 5] = ["EMBER_", "MALLOC_", "LANG", "LC_", "TZ"];
 /// What a base records besides its snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaseInfo {
-    /// [`BASE_FORMAT`] of the ember that made it.
+    /// The base format (`BASE_FORMAT`) of the ember that made it.
     pub format: u32,
     /// The waiting runtime's hot-path buffers.
     pub hot_path: HotPathPages,

@@ -74,8 +74,12 @@ pub fn create_in_process(
 
     let base = options.base_for(spec)?;
     let booting = Instant::now();
-    let (mut machine, mut agent, ready) = match &base {
-        Some(base) => from_base(base, spec, options, code_drive.as_deref())?,
+    let (mut machine, mut agent, ready, boot) = match &base {
+        Some(base) => {
+            let (machine, agent, ready, connected) =
+                from_base(base, spec, options, code_drive.as_deref())?;
+            (machine, agent, ready, connected.duration_since(booting))
+        }
         None => {
             let mut config = vm_config(options);
             config.console = options.console.clone();
@@ -85,15 +89,13 @@ pub fn create_in_process(
                 return Err(SnapshotError::NotReady(machine.stop()).into());
             }
             let mut agent = AgentClient::connect(&machine, booting + BOOT_TIMEOUT)?;
+            let boot = booting.elapsed();
             let ready = agent
                 .start_function(&start, Instant::now() + options.startup_timeout)
                 .map_err(startup_error)?;
-            (machine, agent, ready)
+            (machine, agent, ready, boot)
         }
     };
-    let boot = booting
-        .elapsed()
-        .saturating_sub(Duration::from_millis(ready.startup_ms));
     let startup = Duration::from_millis(ready.startup_ms);
     if let Some(why) = &ready.hot_path_error {
         log::warn!("no hot path for this function: {why}");
@@ -193,14 +195,14 @@ pub fn create_in_process(
 
 /// Restores a clone of the base snapshot `base` and gives its waiting
 /// runtime `spec`'s function (a bundle's on `code_drive`, in the base's
-/// placeholder's place): the clone, its agent connection and the
-/// runtime's second `READY`.
+/// placeholder's place): the clone, its agent connection, the runtime's
+/// second `READY`, and when the clone's agent answered.
 fn from_base(
     base: &Path,
     spec: &FunctionSpec,
     options: &TemplateOptions,
     code_drive: Option<&Path>,
-) -> Result<(Machine, AgentClient, FunctionReady), FunctionError> {
+) -> Result<(Machine, AgentClient, FunctionReady, Instant), FunctionError> {
     let info = super::base::read_info(base)?;
     let load = super::base::load_request(spec, options)?;
     let snapshot = crate::snapshot::Snapshot::open(base)?;
@@ -219,6 +221,7 @@ fn from_base(
         crate::refresh::fresh_refresh(),
         connect_deadline,
     )?;
+    let connected = Instant::now();
     log::debug!("the base clone's agent answered; loading the handler");
     let ready = agent
         .load_function(&load, Instant::now() + options.startup_timeout)
@@ -236,7 +239,7 @@ fn from_base(
                 .unwrap_or("no error reported")
         )));
     }
-    Ok((machine, agent, ready))
+    Ok((machine, agent, ready, connected))
 }
 
 /// The code drive of the bundle `code` (cached by its content).
