@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use ember_agent::hotpath::ResponseStatus;
 use ember_agent::{
-    AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, HostMessage, FUNCTION_DIR, PYTHON_RUNTIME_PATH,
+    AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionLoad,
+    FunctionReady, FunctionResult, FunctionStart, HostMessage, FUNCTION_DIR, PYTHON_RUNTIME_PATH,
 };
 
 /// Echoes every event back as JSON, with a section of captured stdout
@@ -78,6 +78,7 @@ fn runtime(script: &str) -> FunctionStart {
         hot_path: false,
         ready_timeout_ms: 10_000,
         code_drive: None,
+        wait_for_code: false,
     }
 }
 
@@ -714,6 +715,7 @@ def handler(event, context):
         hot_path: false,
         ready_timeout_ms: 30_000,
         code_drive: None,
+        wait_for_code: false,
     };
     let ready = ready(&mut c, start);
     assert_eq!(ready.hot_path, None);
@@ -735,6 +737,67 @@ def handler(event, context):
             .replace(' ', "")
             .starts_with(r#"{"echo":[],"#),
         "{got:?}"
+    );
+}
+
+/// A base snapshot's runtime: the python runtime started without its
+/// function (`--wait-for-code`), given it later by `FunctionLoad` (files,
+/// environment, handler), which is answered with the second `READY`; a
+/// second load is refused, and so is a load into a runtime started with
+/// its function.
+#[test]
+fn python_runtime_waits_for_its_code() {
+    assert!(
+        Path::new("/usr/bin/python3").exists(),
+        "this test needs /usr/bin/python3 (apt-get install python3)"
+    );
+    let agent = start_agent(true);
+    let mut c = Client::connect(&agent);
+    let start = FunctionStart {
+        argv: [
+            "python3",
+            "-I",
+            "-u",
+            "-B",
+            PYTHON_RUNTIME_PATH,
+            "--wait-for-code",
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: vec![("EMBER_ARENA_MIB".into(), "1".into())],
+        files_in: Vec::new(),
+        hot_path: false,
+        ready_timeout_ms: 30_000,
+        code_drive: None,
+        wait_for_code: true,
+    };
+    let base = ready(&mut c, start);
+    assert_eq!(base.hot_path, None);
+    let load = FunctionLoad {
+        args: vec!["main.py".into(), "handler".into()],
+        env: vec![("GREETING".into(), "hi".into())],
+        files_in: vec![FileIn {
+            path: "main.py".into(),
+            data: b"import os\ndef handler(event):\n    return [event, os.environ['GREETING']]\n"
+                .to_vec(),
+            mode: 0o644,
+        }],
+        code_drive: None,
+        ready_timeout_ms: 30_000,
+    };
+    c.send(&HostMessage::FunctionLoad(load.clone()));
+    match c.recv() {
+        Some(AgentMessage::FunctionReady(_)) => {}
+        other => panic!("expected FunctionReady, got {other:?}"),
+    }
+    let got = result(&mut c, event(br#"{"n": 1}"#, 10_000));
+    assert_eq!(got.status, Some(ResponseStatus::Json), "{got:?}");
+    assert_eq!(text(&got.result).replace(' ', ""), r#"[{"n":1},"hi"]"#);
+    let again = error(&mut c, HostMessage::FunctionLoad(load));
+    assert_eq!(again.kind, ErrorKind::BadRequest, "{again:?}");
+    assert!(
+        again.message.contains("already has its function"),
+        "{again:?}"
     );
 }
 

@@ -33,8 +33,8 @@ pub use cmdline::{
 pub use protocol::{
     decode_frame, encode_frame, encode_frame_into, write_frame, AgentMessage, ErrorKind,
     ErrorReply, Exit, ExitStatus, FileIn, FileOut, FrameKind, FrameReader, FunctionInvoke,
-    FunctionReady, FunctionResult, FunctionStart, GuestBuffer, Hello, HostMessage, HotPathPages,
-    Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, FUNCTION_DIR, MAX_CHUNK,
+    FunctionLoad, FunctionReady, FunctionResult, FunctionStart, GuestBuffer, Hello, HostMessage,
+    HotPathPages, Invoke, ProtocolError, Refresh, Usage, AGENT_VSOCK_PORT, FUNCTION_DIR, MAX_CHUNK,
     MAX_FRAME_LEN, PROTOCOL_VERSION, PYTHON_RUNTIME_PATH,
 };
 

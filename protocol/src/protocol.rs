@@ -203,6 +203,10 @@ pub enum HostMessage {
     /// ([`crate::hotpath::ResponseStatus::ViaPipe`]); answered with
     /// [`AgentMessage::FunctionResult`]. The `u64` is the wait limit in ms.
     FunctionCollect(u64),
+    /// Give a runtime started with [`FunctionStart::wait_for_code`] (and
+    /// `READY` already) its function: files, code drive, handler; answered
+    /// with [`AgentMessage::FunctionReady`] once it loaded the handler.
+    FunctionLoad(FunctionLoad),
 }
 
 /// Where a function runtime's files go in the guest (a tmpfs, so they are
@@ -251,6 +255,11 @@ pub struct FunctionStart {
     /// (once: a later start with the same device finds it mounted).
     #[serde(default)]
     pub code_drive: Option<String>,
+    /// The runtime starts without a function (a base snapshot's): it
+    /// writes `READY` once set up, then waits for a `LOAD` message on its
+    /// request pipe, sent by [`HostMessage::FunctionLoad`].
+    #[serde(default)]
+    pub wait_for_code: bool,
 }
 
 impl FunctionStart {
@@ -269,6 +278,50 @@ impl FunctionStart {
             }
         }
         as_invoke.validate()
+    }
+}
+
+/// A waiting runtime's function (see [`FunctionStart::wait_for_code`]).
+///
+/// The agent writes `files_in` into [`FUNCTION_DIR`], mounts `code_drive`
+/// at [`CODE_DIR`] as for [`FunctionStart`], and sends the runtime
+/// `LOAD <len>` and a JSON object `{"args": [...], "env": [[k, v]...]}`
+/// on its request pipe; the runtime adds `env` to its environment, loads
+/// the handler `args` name (the arguments a runtime started with its
+/// function would have had after its own path) and writes `READY` again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionLoad {
+    /// The handler, as the runtime's arguments.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub args: Vec<String>,
+    /// Variables added to the runtime's environment before the import.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub env: Vec<(String, String)>,
+    /// Files written into [`FUNCTION_DIR`] first.
+    #[serde(deserialize_with = "bounded_list::deserialize")]
+    pub files_in: Vec<FileIn>,
+    /// The code drive's guest device, as [`FunctionStart::code_drive`].
+    pub code_drive: Option<String>,
+    /// How long the runtime may take to load the handler and write
+    /// `READY`, 1 to [`MAX_TIMEOUT_MS`].
+    pub ready_timeout_ms: u64,
+}
+
+impl FunctionLoad {
+    /// Checks what the agent would refuse; the message says why.
+    pub fn validate(&self) -> Result<(), String> {
+        let start = FunctionStart {
+            argv: std::iter::once("runtime".to_owned())
+                .chain(self.args.iter().cloned())
+                .collect(),
+            env: self.env.clone(),
+            files_in: self.files_in.clone(),
+            hot_path: false,
+            ready_timeout_ms: self.ready_timeout_ms,
+            code_drive: self.code_drive.clone(),
+            wait_for_code: false,
+        };
+        start.validate()
     }
 }
 

@@ -11,8 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use ember_protocol::protocol::{
-    self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError, Refresh,
+    self, AgentMessage, ErrorReply, Exit, FrameKind, FrameReader, FunctionInvoke, FunctionLoad,
+    FunctionReady, FunctionResult, FunctionStart, Hello, HostMessage, Invoke, ProtocolError,
+    Refresh,
 };
 
 use crate::deadline::{self, DeadlineStream};
@@ -233,6 +234,21 @@ impl AgentClient {
     ) -> Result<FunctionReady, AgentError> {
         start.validate().map_err(AgentError::BadRequest)?;
         self.send(&HostMessage::FunctionStart(start.clone()))?;
+        match self.recv(deadline)? {
+            AgentMessage::FunctionReady(ready) => Ok(ready),
+            other => Err(AgentError::Unexpected(describe(&other))),
+        }
+    }
+
+    /// Gives a runtime started with `wait_for_code` its function and waits
+    /// until it loaded the handler.
+    pub fn load_function(
+        &mut self,
+        load: &FunctionLoad,
+        deadline: Instant,
+    ) -> Result<FunctionReady, AgentError> {
+        load.validate().map_err(AgentError::BadRequest)?;
+        self.send(&HostMessage::FunctionLoad(load.clone()))?;
         match self.recv(deadline)? {
             AgentMessage::FunctionReady(ready) => Ok(ready),
             other => Err(AgentError::Unexpected(describe(&other))),

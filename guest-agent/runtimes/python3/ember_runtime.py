@@ -13,6 +13,13 @@ runtime waits; every invocation restores a fresh clone that serves exactly
 one event. See ../README.md for the handler API and the pipe protocol, and
 protocol/src/hotpath.rs for the shared-memory layout.
 
+Started as `ember_runtime.py --wait-for-code` (a per-runtime base
+snapshot's runtime), it does all of that but the import: doorbell, hot
+path, READY; then it waits for `LOAD <len>\n{"args": [...], "env": [...]}`
+on fd 3 (args: the handler's arguments as above), adds `env` to its
+environment, imports the handler and says READY again. Every function
+template is then made from a clone of the base.
+
 Why the hot path looks the way it does: in ember's test guests every
 guest-kernel entry is emulated and costs 0.5-50 ms (a first touch of a page
 about 3 ms), while user-mode code runs at native speed. So between ringing
@@ -138,6 +145,8 @@ MAX_ERROR_MESSAGE = 8 << 10
 MAX_TRACEBACK = 32 << 10
 # Longest pipe header line, newline included.
 MAX_HEADER_LINE = 128
+# Largest LOAD body (the handler's arguments and environment).
+MAX_LOAD_BYTES = 1 << 20
 
 
 class StartupError(Exception):
@@ -588,6 +597,31 @@ class Pipes:
             raise ProtocolError(f"request pipe closed after {len(event)} of {length} event bytes")
         return event, timeout_ms
 
+    def read_load(self):
+        """(args, env) from the LOAD message, or None at end of file."""
+        line = self._requests.readline(MAX_HEADER_LINE + 1)
+        if not line:
+            return None
+        if not line.endswith(b"\n"):
+            raise ProtocolError(f"request header too long or cut: {line[:64]!r}")
+        fields = line[:-1].split(b" ")
+        if len(fields) != 2 or fields[0] != b"LOAD" or not _decimal(fields[1]):
+            raise ProtocolError(f"expected LOAD, got: {line[:64]!r}")
+        length = int(fields[1])
+        if length > MAX_LOAD_BYTES:
+            raise ProtocolError(f"LOAD of {length} bytes is over {MAX_LOAD_BYTES}")
+        body = self._requests.read(length)
+        if len(body) != length:
+            raise ProtocolError(f"request pipe closed after {len(body)} of {length} LOAD bytes")
+        try:
+            load = json.loads(body.decode("utf-8"))
+            args, env = load["args"], load["env"]
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+            raise ProtocolError(f"LOAD is not {{\"args\", \"env\"}} JSON: {exc}") from None
+        if not _strings(args) or not isinstance(env, list) or not all(_strings(p) and len(p) == 2 for p in env):
+            raise ProtocolError("LOAD's args must be strings and its env [name, value] pairs of strings")
+        return args, dict(env)
+
     def write_ready(self, info):
         body = json.dumps(info, separators=(",", ":")).encode("ascii")
         self._write(b"READY %d\n" % len(body), body)
@@ -606,6 +640,10 @@ class Pipes:
         data = memoryview(b"".join(parts))
         while data:
             data = data[os.write(self._response_fd, data) :]
+
+
+def _strings(items):
+    return isinstance(items, list) and all(isinstance(i, str) for i in items)
 
 
 def _decimal(field):
@@ -1158,20 +1196,93 @@ def _print_startup_error(exc, path, bundle=False):
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
-def main(argv):
-    bundle = len(argv) == 5 and argv[1] == "--bundle"
-    if not bundle and len(argv) != 3:
+USAGE = (
+    "usage: ember_runtime.py <handler_file.py> <handler_name>\n"
+    "       ember_runtime.py --bundle <code_dir> <module> <handler_name>\n"
+    "       ember_runtime.py --wait-for-code"
+)
+
+
+def parse_handler_args(args):
+    """(bundle, code_dir, path or module, handler name) from the arguments
+    that name the handler, or None if they do not."""
+    if len(args) == 4 and args[0] == "--bundle":
+        return True, os.path.abspath(args[1]), args[2], args[3]
+    if len(args) == 2 and not args[0].startswith("--"):
+        return False, None, os.path.abspath(args[0]), args[1]
+    return None
+
+
+def load_handler(parsed):
+    """The handler's Function, or None after printing why on stderr."""
+    bundle, code_dir, path, handler_name = parsed
+    try:
+        if bundle:
+            importing = time.monotonic()
+            function = load_module(code_dir, path, handler_name)
+            # Reported with the start (the host logs it): importing from
+            # the code drive is what a bundle adds to a template's making.
+            print(
+                f"ember-runtime: imported {path} in {(time.monotonic() - importing) * 1000:.0f} ms",
+                file=sys.stderr,
+            )
+        else:
+            sys.path.insert(0, os.path.dirname(path))
+            function = load_function(path, handler_name)
+    except StartupError as exc:
+        print(f"ember-runtime: {exc}", file=sys.stderr)
+        return None
+    except BaseException as exc:  # whatever importing the user's code raised
+        _print_startup_error(exc, path, bundle)
+        return None
+    return function
+
+
+def _start_hot_path(runtime, pipes, bell, bell_error):
+    """(HotPath or None, READY body)."""
+    try:
+        if bell_error is not None:
+            raise bell_error
+        return setup_hot_path(runtime, pipes, bell)
+    except Exception as exc:
+        print(f"ember-runtime: no hot path, serving on the pipes only: {exc}", file=sys.stderr)
+        return None, {}
+
+
+def _pretouch(arena, hot):
+    """Touches the heap every invocation allocates from (and the hot
+    path's room for large events and results)."""
+    touching = time.monotonic()
+    heap = arena + (4 * len(hot.request) if hot is not None else 0)
+    Memory.pretouch(heap)
+    if arena:
         print(
-            "usage: ember_runtime.py <handler_file.py> <handler_name>\n"
-            "       ember_runtime.py --bundle <code_dir> <module> <handler_name>",
+            f"ember-runtime: {heap >> 20} MiB of heap touched in {(time.monotonic() - touching) * 1000:.0f} ms",
             file=sys.stderr,
         )
+
+
+def _settle():
+    """What clones inherit: no buffered output (each clone would flush its
+    own copy) and a heap the collector no longer walks (its walks would
+    write to every old object's page in every clone)."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    gc.collect()
+    gc.freeze()
+
+
+def main(argv):
+    # --wait-for-code: a base snapshot's runtime. Everything but the
+    # handler is set up (the doorbell taken and /dev/mem closed, the hot
+    # path built and warmed), READY is written, and the handler arrives
+    # later in a LOAD message on the request pipe (in each clone of the
+    # base that becomes a function template).
+    waiting = argv[1:] == ["--wait-for-code"]
+    parsed = None if waiting else parse_handler_args(argv[1:])
+    if not waiting and parsed is None:
+        print(USAGE, file=sys.stderr)
         return 2
-    if bundle:
-        code_dir, module_name, handler_name = os.path.abspath(argv[2]), argv[3], argv[4]
-        path = module_name
-    else:
-        path, handler_name = os.path.abspath(argv[1]), argv[2]
     want_hot_path = os.environ.get("EMBER_HOT_PATH") == "1"
     test_doorbell = os.environ.get("EMBER_HOT_PATH_TEST") == "1"
     # Before the user's module is imported: see take_doorbell.
@@ -1194,56 +1305,52 @@ def main(argv):
     # helper.py is `import helper`), as does the `ember` module.
     restore = Restore()
     install_ember_module(restore)
-    try:
-        if bundle:
-            importing = time.monotonic()
-            function = load_module(code_dir, module_name, handler_name)
-            # Reported with the start (the host logs it): importing from
-            # the code drive is what a bundle adds to a template's making.
-            print(
-                f"ember-runtime: imported {module_name} in {(time.monotonic() - importing) * 1000:.0f} ms",
-                file=sys.stderr,
-            )
-        else:
-            sys.path.insert(0, os.path.dirname(path))
-            function = load_function(path, handler_name)
-    except StartupError as exc:
-        print(f"ember-runtime: {exc}", file=sys.stderr)
-        return 1
-    except BaseException as exc:  # whatever importing the user's code raised
-        _print_startup_error(exc, path, bundle)
-        return 1
-
-    runtime = Runtime(function, restore)
     pipes = Pipes(3, 4)
     hot, ready = None, {}
-    if want_hot_path:
+    if waiting:
+        runtime = Runtime(None, restore)
+        if want_hot_path:
+            hot, ready = _start_hot_path(runtime, pipes, bell, bell_error)
+        # Touched in the base already, so that clones find these pages
+        # mapped; touched again after the import, with the function's size.
+        _pretouch(arena, hot)
+        _settle()
         try:
-            if bell_error is not None:
-                raise bell_error
-            hot, ready = setup_hot_path(runtime, pipes, bell)
-        except Exception as exc:
-            hot, ready = None, {}
-            print(f"ember-runtime: no hot path, serving on the pipes only: {exc}", file=sys.stderr)
-
-    # The heap every invocation allocates from, touched now (and the
-    # hot path's room for large events and results).
-    touching = time.monotonic()
-    heap = arena + (4 * len(hot.request) if hot is not None else 0)
-    Memory.pretouch(heap)
-    if arena:
-        print(
-            f"ember-runtime: {heap >> 20} MiB of heap touched in {(time.monotonic() - touching) * 1000:.0f} ms",
-            file=sys.stderr,
-        )
-
-    # What clones inherit: no buffered output (each clone would flush its
-    # own copy) and a heap the collector no longer walks (its walks would
-    # write to every old object's page in every clone).
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    gc.collect()
-    gc.freeze()
+            pipes.write_ready(ready)
+            load = pipes.read_load()
+        except BrokenPipeError:
+            print("ember-runtime: the response pipe is closed", file=sys.stderr)
+            return 1
+        except ProtocolError as exc:
+            print(f"ember-runtime: {exc}", file=sys.stderr)
+            return 1
+        if load is None:
+            return 0  # the agent closed the request pipe
+        args, env = load
+        parsed = parse_handler_args(args)
+        if parsed is None:
+            print(f"ember-runtime: LOAD names no handler: {args!r}\n{USAGE}", file=sys.stderr)
+            return 2
+        os.environ.update(env)
+        try:
+            arena = arena_size()  # the function's own setting
+        except ValueError as exc:
+            print(f"ember-runtime: {exc}", file=sys.stderr)
+            return 1
+        if parsed[0]:
+            os.chdir(parsed[1])  # a bundle's runtime works in its code directory
+        runtime.function = load_handler(parsed)
+        if runtime.function is None:
+            return 1
+    else:
+        function = load_handler(parsed)
+        if function is None:
+            return 1
+        runtime = Runtime(function, restore)
+        if want_hot_path:
+            hot, ready = _start_hot_path(runtime, pipes, bell, bell_error)
+    _pretouch(arena, hot)
+    _settle()
 
     try:
         pipes.write_ready(ready)

@@ -912,6 +912,89 @@ class StartupTests(unittest.TestCase):
         self.assertIn("usage", stderr)
 
 
+class WaitForCodeTests(unittest.TestCase):
+    """`--wait-for-code`: READY without a handler, then LOAD on fd 3."""
+
+    def setUp(self):
+        self.fn = FunctionDir(self)
+
+    def start(self, env=None):
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
+        full_env.update(env or {})
+        p = Process(PYTHON + [self.fn.runtime, "--wait-for-code"], env=full_env, cwd=self.fn.path)
+        self.addCleanup(p.kill)
+        self.assertEqual(p.ready(), {})
+        return p
+
+    def load(self, p, args, env=()):
+        body = json.dumps({"args": args, "env": [list(pair) for pair in env]}).encode()
+        os.write(p.request_w, b"LOAD %d\n" % len(body) + body)
+
+    def test_load_then_serve(self):
+        p = self.start()
+        # Written after READY: the base's runtime has not seen it.
+        self.fn.add("main.py", "import os\ndef handler(e, c):\n    return [e, os.environ.get('GREETING')]\n")
+        self.load(p, ["main.py", "handler"], [("GREETING", "hi")])
+        self.assertEqual(p.ready(), {})
+        self.assertEqual(p.call(b'{"a": 1}')[:2], ("json", b'[{"a":1},"hi"]'))
+
+    def test_the_arena_is_the_loaded_functions(self):
+        p = self.start({"EMBER_ARENA_MIB": "2"})
+        self.fn.add("main.py", "def handler(e):\n    return e\n")
+        self.load(p, ["main.py", "handler"], [("EMBER_ARENA_MIB", "3")])
+        self.assertEqual(p.ready(), {})
+        code, stderr = p.close()
+        self.assertEqual(code, 0, stderr)
+        self.assertIn("2 MiB of heap touched", stderr)  # the base's
+        self.assertIn("3 MiB of heap touched", stderr)  # the function's
+
+    def test_load_a_bundle(self):
+        p = self.start()
+        code = os.path.join(self.fn.path, "code")
+        os.makedirs(os.path.join(code, "app"))
+        with open(os.path.join(code, "app", "__init__.py"), "w") as f:
+            f.write("")
+        with open(os.path.join(code, "app", "main.py"), "w") as f:
+            f.write("import os\ndef handler(e):\n    return os.getcwd()\n")
+        self.load(p, ["--bundle", code, "app.main", "handler"])
+        self.assertEqual(p.ready(), {})
+        self.assertEqual(p.call(b"{}")[:2], ("json", json.dumps(code).encode()))
+
+    def test_import_failure_shows_the_traceback(self):
+        p = self.start()
+        self.fn.add("broken.py", "def f():\n    raise RuntimeError('at import')\n\nf()\n")
+        self.load(p, ["broken.py", "handler"])
+        self.assertTrue(p.responses.at_eof(), "no second READY expected")
+        code, stderr = p.close()
+        self.assertEqual(code, 1)
+        self.assertIn("cannot load the handler", stderr)
+        self.assertIn("RuntimeError: at import", stderr)
+        self.assertIn('broken.py", line 2, in f', stderr)
+
+    def test_bad_load_messages(self):
+        for message, expected in (
+            (b"EVENT 2 100\n{}", "expected LOAD"),
+            (b"LOAD 4\nnope", "LOAD is not"),
+            (b'LOAD 24\n{"args":[1],"env":[]}   ', "must be strings"),
+        ):
+            p = self.start()
+            os.write(p.request_w, message)
+            code, stderr = p.close()
+            self.assertEqual(code, 1, stderr)
+            self.assertIn(expected, stderr)
+        p = self.start()
+        self.load(p, ["only-one"])
+        code, stderr = p.close()
+        self.assertEqual(code, 2)
+        self.assertIn("LOAD names no handler", stderr)
+
+    def test_end_of_requests_before_load_exits_cleanly(self):
+        p = self.start()
+        code, stderr = p.close()
+        self.assertEqual(code, 0)
+        self.assertNotIn("Traceback", stderr)
+
+
 # --- The hot path, in-process -------------------------------------------------------------
 
 REQUEST_HEADER = struct.Struct("<IIQIII4xQ24s")

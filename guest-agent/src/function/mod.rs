@@ -54,9 +54,9 @@ use std::time::{Duration, Instant};
 
 use crate::hotpath::{DOORBELL_FD, MAX_BUFFER_BYTES};
 use crate::protocol::{
-    AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionReady,
-    FunctionResult, FunctionStart, HotPathPages, CODE_DIR, FUNCTION_DIR, MAX_TIMEOUT_MS,
-    PYTHON_RUNTIME_PATH,
+    AgentMessage, ErrorKind, ErrorReply, ExitStatus, FileIn, FunctionInvoke, FunctionLoad,
+    FunctionReady, FunctionResult, FunctionStart, HotPathPages, CODE_DIR, FUNCTION_DIR,
+    MAX_TIMEOUT_MS, PYTHON_RUNTIME_PATH,
 };
 use crate::serve::cgroup::InvocationCgroup;
 use crate::serve::invoke::{self, Runner};
@@ -312,6 +312,9 @@ pub(crate) struct Function {
     hot_path: bool,
     /// ...and this grant failed.
     hot_path_denied: Option<String>,
+    /// Started without its function, which a `FunctionLoad` gives it
+    /// (once).
+    awaiting_code: bool,
     started: Instant,
     phase: Phase,
     /// `READY` (and whether the host still waits for it), or the call
@@ -348,6 +351,7 @@ impl Function {
             hot_path,
             ready_timeout_ms,
             code_drive,
+            wait_for_code,
         } = start;
         let spawn_failed = |what: &str, err: &dyn std::fmt::Display| {
             (ErrorKind::SpawnFailed, format!("{what}: {err}"))
@@ -472,6 +476,7 @@ impl Function {
             exit: None,
             stash: None,
             hot_path,
+            awaiting_code: wait_for_code,
             hot_path_denied: denied.map(|denied| denied.to_string()).or(devmem_error),
             started,
             phase: Phase::Starting {
@@ -587,6 +592,50 @@ impl Function {
         self.writer = Some(EventWriter {
             header: runtime_pipe::event_header(event.len(), timeout_ms),
             event,
+            written: 0,
+        });
+        self.write_event();
+        Ok(())
+    }
+
+    /// Gives a runtime started with `wait_for_code` its function: writes
+    /// the files, mounts the code drive, sends `LOAD`; the answer
+    /// (`READY`, or the start failure with the runtime's traceback) comes
+    /// from [`tick`](Self::tick) as for a start.
+    pub(crate) fn load(&mut self, load: FunctionLoad, now: Instant) -> Result<(), ErrorReply> {
+        self.check_idle()?;
+        if !self.awaiting_code {
+            return Err(error(
+                ErrorKind::BadRequest,
+                "the function runtime already has its function",
+            ));
+        }
+        let FunctionLoad {
+            args,
+            env,
+            files_in,
+            code_drive,
+            ready_timeout_ms,
+        } = load;
+        write_files(files_in)
+            .map_err(|err| error(ErrorKind::SpawnFailed, &format!("{FUNCTION_DIR}: {err}")))?;
+        if let Some(device) = &code_drive {
+            mount_code_drive(device)
+                .map_err(|err| error(ErrorKind::SpawnFailed, &format!("{device}: {err}")))?;
+        }
+        self.awaiting_code = false;
+        self.stash = None;
+        let timeout_ms = ready_timeout_ms.min(MAX_TIMEOUT_MS);
+        self.started = now;
+        self.phase = Phase::Starting {
+            deadline: now + Duration::from_millis(timeout_ms),
+            timeout_ms,
+            waiter: true,
+        };
+        let (header, body) = runtime_pipe::load_message(&args, &env);
+        self.writer = Some(EventWriter {
+            header,
+            event: body,
             written: 0,
         });
         self.write_event();
@@ -1107,7 +1156,7 @@ fn above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
 /// Makes [`FUNCTION_DIR`] afresh (root-owned, 0755) and writes the files
 /// into it as root: readable by the sandbox user, never writable by it
 /// unless the host asked, no set-id bits.
-fn prepare_dir(mut files: Vec<FileIn>) -> io::Result<()> {
+fn prepare_dir(files: Vec<FileIn>) -> io::Result<()> {
     let parent = FUNCTION_DIR
         .rsplit_once('/')
         .map_or("/", |(parent, _)| parent);
@@ -1123,6 +1172,13 @@ fn prepare_dir(mut files: Vec<FileIn>) -> io::Result<()> {
         // SAFETY: as above.
         sys::cvt(unsafe { libc::mkdir(dir.as_ptr(), 0o755) })?;
     }
+    write_files(files)
+}
+
+/// Writes `files` into [`FUNCTION_DIR`] (which exists: it is the waiting
+/// runtime's working directory, so it is not made again), readable by the
+/// runtime.
+fn write_files(mut files: Vec<FileIn>) -> io::Result<()> {
     for file in &mut files {
         file.mode = match file.mode & 0o777 {
             0 => 0o644,

@@ -175,6 +175,50 @@ pub(crate) fn event_header(len: usize, timeout_ms: u64) -> Vec<u8> {
     format!("EVENT {len} {timeout_ms}\n").into_bytes()
 }
 
+/// The `LOAD` message for a waiting runtime: its header and its JSON body
+/// `{"args": [...], "env": [[name, value], ...]}` (see
+/// [`FunctionLoad`](crate::protocol::FunctionLoad)).
+pub(crate) fn load_message(args: &[String], env: &[(String, String)]) -> (Vec<u8>, Vec<u8>) {
+    let mut body = String::from("{\"args\":[");
+    for (i, arg) in args.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        json_string(&mut body, arg);
+    }
+    body.push_str("],\"env\":[");
+    for (i, (name, value)) in env.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push('[');
+        json_string(&mut body, name);
+        body.push(',');
+        json_string(&mut body, value);
+        body.push(']');
+    }
+    body.push_str("]}");
+    (
+        format!("LOAD {}\n", body.len()).into_bytes(),
+        body.into_bytes(),
+    )
+}
+
+/// Appends `text` as a JSON string (UTF-8 passes through; quotes,
+/// backslashes and control characters are escaped).
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 /// One buffer a runtime announced in `READY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct BufferInfo {
@@ -819,6 +863,19 @@ pub(crate) fn check_buffer(name: &str, buffer: BufferInfo) -> Result<(), String>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn load_message_is_json_with_its_length() {
+        let args = ["a \"b\"\\c\n".to_owned(), "h\u{e9}".to_owned()];
+        let env = [("K".to_owned(), "v\u{1}".to_owned())];
+        let (header, body) = super::load_message(&args, &env);
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(
+            body,
+            r#"{"args":["a \"b\"\\c\u000a","hé"],"env":[["K","v\u0001"]]}"#
+        );
+        assert_eq!(header, format!("LOAD {}\n", body.len()).into_bytes());
+    }
+
     use super::*;
     use std::os::fd::AsRawFd;
 

@@ -31,7 +31,8 @@ use crate::boot::reaper::{self, Signals};
 use crate::function::{self, Function};
 use crate::protocol::{
     decode_frame, encode_frame_into, peek_header, AgentMessage, ErrorKind, ErrorReply, FrameKind,
-    FunctionInvoke, FunctionStart, Hello, HostMessage, Invoke, Refresh, AGENT_VSOCK_PORT,
+    FunctionInvoke, FunctionLoad, FunctionStart, Hello, HostMessage, Invoke, Refresh,
+    AGENT_VSOCK_PORT,
 };
 use crate::serve::cgroup::Cgroups;
 use crate::serve::invoke::{Invocation, Runner, Stream};
@@ -580,6 +581,7 @@ impl Server {
             HostMessage::FunctionStart(start) => self.function_start(start),
             HostMessage::FunctionInvoke(invoke) => self.function_invoke(invoke),
             HostMessage::FunctionCollect(wait_ms) => self.function_collect(wait_ms),
+            HostMessage::FunctionLoad(load) => self.function_load(load),
         }
     }
 
@@ -707,6 +709,23 @@ impl Server {
         let now = Instant::now();
         let result = match &mut self.function {
             Some(function) => function.invoke(invoke, now),
+            None => Err(no_runtime()),
+        };
+        if let Err(err) = result {
+            self.reply(&AgentMessage::Error(err));
+        }
+    }
+
+    fn function_load(&mut self, load: FunctionLoad) {
+        if let Err(message) = load.validate() {
+            return self.fatal(ErrorKind::BadRequest, message);
+        }
+        if self.refuse_if_busy() {
+            return;
+        }
+        let now = Instant::now();
+        let result = match &mut self.function {
+            Some(function) => function.load(load, now),
             None => Err(no_runtime()),
         };
         if let Err(err) = result {

@@ -85,6 +85,11 @@ pub struct FunctionCreateArgs {
     /// trusted code
     #[arg(long)]
     in_process: bool,
+    /// Boot the image for this function instead of loading the handler
+    /// into a clone of the cached python3 base snapshot (the image booted
+    /// and the runtime started once, waiting for its code)
+    #[arg(long)]
+    no_base: bool,
     /// The function directory to write
     #[arg(long)]
     out: PathBuf,
@@ -253,23 +258,41 @@ pub fn function_create(args: FunctionCreateArgs) -> Result<ExitCode> {
         env,
         hot_path: !args.no_hot_path,
     };
-    eprintln!(
-        "ember: booting {} and starting the runtime {} (about a minute on emulated-KVM hosts)...",
-        args.vm
-            .image
-            .as_deref()
-            .map_or_else(|| "the guest".to_string(), |p| p.display().to_string()),
-        if args.in_process {
-            "in this process"
-        } else {
-            "in a jailed worker"
+    options.no_base = args.no_base;
+    let where_ = if args.in_process {
+        "in this process"
+    } else {
+        "in a jailed worker"
+    };
+    if !options.no_base && function::base::applies(&spec, &options) {
+        let base = function::base::cached_base_dir(&spec, &options)?;
+        if !base.join(function::base::BASE_FILE).exists() {
+            eprintln!(
+                "ember: making the python3 base snapshot {} first (a boot and the runtime's start, \
+                 about a minute on emulated-KVM hosts; once per kernel, initramfs, image and memory size)...",
+                base.display()
+            );
         }
-    );
+        eprintln!("ember: loading the handler into a clone of the python3 base {where_}...");
+    } else {
+        eprintln!(
+            "ember: booting {} and starting the runtime {where_} (about a minute on emulated-KVM hosts)...",
+            args.vm
+                .image
+                .as_deref()
+                .map_or_else(|| "the guest".to_string(), |p| p.display().to_string()),
+        );
+    }
     let info = ember::create_function(&spec, &options, &args.out)
         .with_context(|| format!("cannot create the function in {}", args.out.display()))?;
     eprintln!(
-        "ember: function ready in {}: boot {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms, calibration {:.0} ms ({} pages of working set); {}{}",
+        "ember: function ready in {}: {} {:.1} s, runtime start {:.1} s, warm-up {:.1} s, save {:.0} ms, calibration {:.0} ms ({} pages of working set); {}{}",
         info.dir.display(),
+        if info.base.is_some() {
+            "base restore"
+        } else {
+            "boot"
+        },
         info.boot.as_secs_f64(),
         info.startup.as_secs_f64(),
         info.warmup.as_secs_f64(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use ember_protocol::protocol::FunctionStart;
 
 use super::manifest::MANIFEST_VERSION;
-use super::template::{start_request, vm_config, FunctionSpec, TemplateOptions};
+use super::spec::{start_request, vm_config, FunctionSpec, TemplateOptions};
 use super::{FunctionError, Runtime, MANIFEST_FILE};
 use crate::cache_key::KeyBuilder;
 use crate::paths;

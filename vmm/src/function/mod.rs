@@ -45,6 +45,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod base;
 mod buffers;
 pub mod bundle;
 mod cache;
@@ -55,7 +56,9 @@ mod invoke;
 mod manifest;
 pub mod pip;
 mod recycled;
+mod spec;
 mod template;
+mod vm_steps;
 
 use std::path::PathBuf;
 
@@ -71,12 +74,10 @@ pub use recycled::{
     FunctionPool, PoolOptions, PoolStats, RecycleInfo, RecycleOptions, RecycledFunction,
     VERIFY_RESET_ENV,
 };
-pub(crate) use template::check as check_spec;
+pub(crate) use spec::check as check_spec;
+pub use spec::{FunctionSpec, Runtime, TemplateOptions, ARENA_MIB_ENV, PYTHON_MEMORY_ENV};
 pub(crate) use template::make_code_drive;
-pub use template::{
-    create_in_process, FunctionSpec, Runtime, TemplateInfo, TemplateOptions, ARENA_MIB_ENV,
-    PYTHON_MEMORY_ENV,
-};
+pub use template::{create_in_process, TemplateInfo};
 
 use crate::agent::AgentError;
 use crate::exit::VmExit;

@@ -57,6 +57,12 @@ pub struct RestoreOptions {
     /// it must have the recorded size, and the same content (not
     /// checked). In-process clones only.
     pub root_drive: Option<PathBuf>,
+    /// The clone's code drive instead of the file the snapshot recorded:
+    /// no larger than it (the guest keeps the capacity it read at boot, a
+    /// file system on the new file reads only within its own size), for
+    /// a drive the guest has not mounted yet (a base snapshot's
+    /// placeholder). In-process clones only.
+    pub code_drive: Option<PathBuf>,
     /// The clone's I/O rate limits (default: unlimited). A snapshot holds
     /// no limiter state: every clone starts with the limits asked for
     /// here, its buckets full, whatever its template had.
@@ -83,6 +89,7 @@ impl Default for RestoreOptions {
             prefault: Vec::new(),
             timer_delay: None,
             root_drive: None,
+            code_drive: None,
             io_limits: Default::default(),
         }
     }
@@ -364,10 +371,30 @@ impl Snapshot {
             root_drive: drive_for_clone(self.root_drive.as_ref(), options.root_drive.as_deref())
                 .map_err(DeviceError::from)?,
             io_limits: options.io_limits,
-            code_drive: drive_for_clone(self.code_drive.as_ref(), None)
-                .map_err(DeviceError::from)?,
+            code_drive: match (&self.code_drive, &options.code_drive) {
+                (Some(drive), Some(path)) => Some(drive.replaced_by(path)),
+                (None, Some(_)) => Some(Err(DiskError::NoDriveInSnapshot)),
+                (drive, None) => drive_for_clone(drive.as_ref(), None).transpose(),
+            }
+            .transpose()
+            .map_err(DeviceError::from)?,
         };
-        let devices = DeviceSet::create(&vm, &memory, &options, Some(&state.devices))?;
+        // A replaced code drive is recorded as what it is (the guest keeps
+        // the capacity it read at boot): a snapshot of this clone then
+        // names the new file.
+        let replaced;
+        let saved = match (&options.code_drive, &state.devices.code) {
+            (Some(disk), Some(code)) if code.drive.size != disk.size() => {
+                let mut devices = state.devices.clone();
+                if let Some(code) = devices.code.as_mut() {
+                    code.drive = disk.spec();
+                }
+                replaced = devices;
+                &replaced
+            }
+            _ => &state.devices,
+        };
+        let devices = DeviceSet::create(&vm, &memory, &options, Some(saved))?;
         // Connections the guest remembers do not exist on this host; it
         // hears so when the host first connects (a clone that never does
         // takes no interrupt for it).

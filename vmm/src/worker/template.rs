@@ -126,6 +126,11 @@ pub fn create(
     let mut spec = spec.clone();
     let mut options = options.clone();
     options.isolation = None;
+    // The base holds no tenant code: made here (once, cached) like the
+    // default snapshot, and handed to the worker read-only, like the
+    // kernel.
+    options.base = options.base_for(&spec)?;
+    let base = options.base.clone();
     if let Some(image) = options.root_drive.take() {
         stage.link_drive(&image, crate::snapshot::DRIVE_FILE)?;
         options.root_drive = Some(Path::new(OUT_DIR).join(crate::snapshot::DRIVE_FILE));
@@ -184,6 +189,7 @@ pub fn create(
         Ok(Ok(mut info)) => {
             stage.publish(out)?;
             info.dir = out.to_path_buf();
+            info.base = base;
             Ok(info)
         }
         Ok(Err(e)) => Err(e.into()),

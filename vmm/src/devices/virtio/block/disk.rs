@@ -48,6 +48,20 @@ pub enum DiskError {
         /// Its size.
         size: u64,
     },
+    /// A drive given in place of a snapshot's is larger than the one the
+    /// guest found when it booted.
+    #[error(
+        "drive {} is {size} bytes, over the {capacity}-byte drive the guest found at boot",
+        path.display()
+    )]
+    OverCapacity {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The size of the drive in the snapshot.
+        capacity: u64,
+    },
     /// The drive differs in size from the one the snapshot was taken with.
     #[error(
         "root drive {} is {size} bytes, the snapshot was taken with a {expected}-byte drive",
@@ -349,6 +363,22 @@ impl SnapshotDrive {
             }
             None => self.recorded.clone().map_err(DiskError::Unavailable),
         }
+    }
+
+    /// The file at `path` in place of the recorded drive, which it may be
+    /// smaller than, not larger: the guest keeps the capacity it read when
+    /// it found the recorded one, and the device refuses what lies beyond
+    /// the new file (a file system in it reads only within its own size).
+    pub fn replaced_by(&self, path: &Path) -> Result<Arc<DiskImage>, DiskError> {
+        let disk = DiskImage::open(path)?;
+        if disk.size > self.spec.size {
+            return Err(DiskError::OverCapacity {
+                path: disk.path.clone(),
+                size: disk.size,
+                capacity: self.spec.size,
+            });
+        }
+        Ok(Arc::new(disk))
     }
 }
 
