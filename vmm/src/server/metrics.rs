@@ -479,6 +479,10 @@ impl Metrics {
                 |c| &c.reset,
             ),
         ];
+        // A family with no series would be a histogram without buckets.
+        if functions.is_empty() {
+            return;
+        }
         for (metric, help, pick) in histograms {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} histogram");
             for f in &functions {
