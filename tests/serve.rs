@@ -1522,6 +1522,18 @@ fn workers_of(server: u32) -> Vec<u32> {
         .collect()
 }
 
+/// `ember serve --functions DIR --listen LISTEN EXTRA...`, started.
+fn functions_server(dir: &Path, listen: &str, extra: &[&str]) -> ChildServer {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--functions".as_ref(),
+        dir.as_os_str(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    ChildServer::start(&args)
+}
+
 /// Polls `check` every 100 ms until it holds, at most `within`.
 fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
@@ -1547,18 +1559,8 @@ fn functions_are_served_from_recycled_clones() {
     let dir = functions_dir("serve-recycled");
     let socket = common::temp_path("serve-recycled.sock");
     let listen = format!("unix:{}", socket.display());
-    let start = |extra: &[&str]| {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "--functions".as_ref(),
-            dir.as_os_str(),
-            "--listen".as_ref(),
-            listen.as_ref(),
-            "--max-live".as_ref(),
-            "2".as_ref(),
-        ];
-        args.extend(extra.iter().map(std::ffi::OsStr::new));
-        ChildServer::start(&args)
-    };
+    let start =
+        |extra: &[&str]| functions_server(&dir, &listen, &[&["--max-live", "2"], extra].concat());
     let uri = "/v1/functions/probe/invocations?envelope=1";
     let post = |client: &mut Client, uri: &str, event: &[u8]| -> Value {
         let r = client.request("POST", uri, Some(event)).expect("answered");
@@ -2396,16 +2398,7 @@ fn warm_minimum_is_kept_and_the_memory_cap_refuses_what_does_not_fit() {
     let dir = functions_dir("serve-warm");
     let socket = common::temp_path("serve-warm.sock");
     let listen = format!("unix:{}", socket.display());
-    let start = |extra: &[&str]| {
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "--functions".as_ref(),
-            dir.as_os_str(),
-            "--listen".as_ref(),
-            listen.as_ref(),
-        ];
-        args.extend(extra.iter().map(std::ffi::OsStr::new));
-        ChildServer::start(&args)
-    };
+    let start = |extra: &[&str]| functions_server(&dir, &listen, extra);
     let uri = "/v1/functions/probe/invocations";
     let health = |client: &mut Client| -> Value {
         let r = client.request("GET", "/v1/health", None).unwrap();
