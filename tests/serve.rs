@@ -2550,3 +2550,61 @@ fn sigterm_during_a_build_leaves_no_worker_behind() {
     }
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// `--no-recycle`: a client that goes away while its fresh clone runs
+/// cancels it too: the clone's worker is killed and the only slot frees.
+#[test]
+fn a_fresh_clones_client_going_away_kills_its_worker() {
+    let dir = functions_dir("serve-fresh-cancel");
+    let socket = common::temp_path("serve-fresh-cancel.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = functions_server(&dir, &listen, &["--no-recycle", "--max-live", "1"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let live = |client: &mut Client| -> u64 {
+        let r = client.request("GET", "/v1/health", None).unwrap();
+        r.json().unwrap()["functions"]["live"].as_u64().unwrap()
+    };
+    let looping = br#"{"op": "loop"}"#;
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    use std::io::Write;
+    raw.write_all(
+        format!(
+            "POST /v1/functions/probe/invocations?timeout_ms=120000 HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            looping.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    raw.write_all(looping).unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || live(&mut client) == 1
+            && workers_of(pid).len() == 1),
+        "the looping invocation runs in its worker"
+    );
+    let running = workers_of(pid);
+    drop(raw);
+    assert!(
+        eventually(Duration::from_secs(10), || live(&mut client) == 0),
+        "the slot is freed when the client goes away"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(running[0])),
+        "its worker is killed"
+    );
+    let r = client
+        .request(
+            "POST",
+            "/v1/functions/probe/invocations",
+            Some(br#"{"op": "echo"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let m = metrics(&mut client);
+    assert_eq!(
+        m["ember_function_invocations_total{function=\"probe\",outcome=\"cancelled\",path=\"none\"}"],
+        1.0
+    );
+    server.stop();
+}

@@ -24,12 +24,28 @@ impl Function {
         event: &[u8],
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
+        self.invoke_watched(event, options, |_| true)
+    }
+
+    /// Like [`Function::invoke`], and a jailed clone's worker PID goes to
+    /// `started` as soon as the worker runs (see
+    /// [`crate::worker::function::invoke_watched`]), so the caller can
+    /// stop the invocation; `started` returning false ends it at once. An
+    /// in-process clone (no `isolation`) has no worker: `started` is not
+    /// called.
+    pub fn invoke_watched(
+        &self,
+        event: &[u8],
+        options: &FunctionInvokeOptions,
+        started: impl FnOnce(u32) -> bool,
+    ) -> Result<FunctionOutcome, FunctionError> {
         let Some(isolation) = &options.isolation else {
             return self.invoke_in_process(event, options);
         };
         let requested = Instant::now();
         check_timeout(options)?;
-        let mut outcome = crate::worker::function::invoke(self, event, options, isolation)?;
+        let mut outcome =
+            crate::worker::function::invoke_watched(self, event, options, isolation, started)?;
         let t = &mut outcome.timings;
         t.total = requested.elapsed();
         t.isolation = Some(t.total.saturating_sub(t.restore + t.run + t.teardown));

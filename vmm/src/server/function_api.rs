@@ -348,9 +348,14 @@ impl FunctionLog {
                 })
         } else {
             // A fresh clone, destroyed by the invocation; its charge is
-            // held until then.
+            // held until then. Its jailed worker is killed if the client
+            // goes away.
             let _charge = lease;
-            function.function.invoke(event, options)
+            let result = function
+                .function
+                .invoke_watched(event, options, |pid| cancel.arm(pid));
+            cancel.disarm();
+            result
         };
         // The invocation is over (its clone destroyed or idle): its slot
         // is free.

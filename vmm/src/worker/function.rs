@@ -70,6 +70,21 @@ pub fn invoke(
     options: &FunctionInvokeOptions,
     isolation: &Isolation,
 ) -> Result<FunctionOutcome, FunctionError> {
+    invoke_watched(function, event, options, isolation, |_| true)
+}
+
+/// Like [`invoke`], and `started` learns the worker's PID as soon as it
+/// runs (the worker is not reaped before this returns, so the PID names
+/// it until then): a caller that may need to stop the invocation keeps
+/// it. When `started` returns false the worker is ended at once and the
+/// invocation fails.
+pub fn invoke_watched(
+    function: &Function,
+    event: &[u8],
+    options: &FunctionInvokeOptions,
+    isolation: &Isolation,
+    started: impl FnOnce(u32) -> bool,
+) -> Result<FunctionOutcome, FunctionError> {
     let snapshot = function.snapshot();
     let (mut worker, mut control) = start(
         snapshot,
@@ -78,6 +93,10 @@ pub fn invoke(
         Some(FUNCTION_MODE),
     )
     .map_err(worker_error)?;
+    if !started(worker.pid()) {
+        let _ = worker.finish(Duration::ZERO);
+        return Err(FunctionError::Worker("stopped before it ran".into()));
+    }
     let request = Request {
         manifest: function.manifest().to_json()?,
         event: event.to_vec(),
