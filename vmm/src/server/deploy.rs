@@ -296,6 +296,10 @@ pub struct Deployer {
     retired: Mutex<Vec<Weak<ServedFunction>>>,
     /// One permit per build running at once.
     builds: Arc<tokio::sync::Semaphore>,
+    /// One bundle checked (unpacked into scratch space) at a time: a zip
+    /// bomb costs at most one bundle limit of disk, however many PUTs
+    /// come at once.
+    checks: tokio::sync::Semaphore,
     /// Builds accepted and not finished (running or waiting).
     accepted: AtomicUsize,
     /// How long a replaced or removed version's invocations may go on.
@@ -358,6 +362,7 @@ impl Deployer {
         }
         let deployer = Deployer {
             builds: Arc::new(tokio::sync::Semaphore::new(config.max_builds)),
+            checks: tokio::sync::Semaphore::new(1),
             grace: functions.config().shutdown_grace,
             config,
             store,
@@ -543,10 +548,16 @@ impl Deployer {
         let deployer = self.clone();
         let name = admitted.name.clone();
         let settings = admitted.settings.clone();
+        let checking = self
+            .checks
+            .acquire()
+            .await
+            .map_err(|e| DeployError::Internal(format!("the bundle check was closed: {e}")))?;
         let prepared =
             tokio::task::spawn_blocking(move || deployer.prepare(&name, settings, &bundle))
                 .await
                 .map_err(|e| DeployError::Internal(format!("the deployment task failed: {e}")))??;
+        drop(checking);
         // From here the build owns the name and the place.
         admitted.armed = false;
         let record = prepared.record.clone();
