@@ -29,15 +29,12 @@ use super::spec::{
     duration_ms, start_request, vm_config, FunctionSpec, Runtime, TemplateOptions, ARENA_MIB_ENV,
     PYTHON_MEMORY_ENV,
 };
-use super::vm_steps::{quiesce, startup_error};
+use super::vm_steps::{boot_and_connect, quiesce, startup_error};
 use super::FunctionError;
-use crate::agent::AgentClient;
 use crate::cache_key::KeyBuilder;
 use crate::host::HostKind;
-use crate::machine::Machine;
 use crate::paths;
-use crate::ready::BOOT_TIMEOUT;
-use crate::snapshot::{SnapshotError, FORMAT_VERSION};
+use crate::snapshot::FORMAT_VERSION;
 
 /// Bumped when what a base holds or how it is made changes, so cached
 /// bases are made again.
@@ -267,13 +264,7 @@ fn create(options: &TemplateOptions, code_drive: bool, out: &Path) -> Result<(),
             .map_err(io(&placeholder))?;
         config.code_drive = Some(placeholder);
     }
-    let booting = Instant::now();
-    let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
-    if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
-        return Err(SnapshotError::NotReady(machine.stop()).into());
-    }
-    let mut agent = AgentClient::connect(&machine, booting + BOOT_TIMEOUT)?;
-    let boot = booting.elapsed();
+    let (mut machine, mut agent, boot) = boot_and_connect(&config, Instant::now())?;
     let ready = agent
         .start_function(
             &base_start(options),

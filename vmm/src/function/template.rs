@@ -17,13 +17,11 @@ use super::manifest::Manifest;
 use super::spec::{
     arena_mib, duration_ms, start_request, vm_config, FunctionSpec, Runtime, TemplateOptions,
 };
-use super::vm_steps::{quiesce, startup_error, QUIESCE_TIMEOUT};
+use super::vm_steps::{boot_and_connect, quiesce, startup_error, QUIESCE_TIMEOUT};
 use super::{buffers, FunctionError};
 use crate::agent::AgentClient;
 use crate::devices::doorbell::DOORBELL_WAITING;
 use crate::machine::Machine;
-use crate::ready::BOOT_TIMEOUT;
-use crate::snapshot::SnapshotError;
 
 /// What [`create_in_process`] (or a jailed build) made and how long it took.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -84,12 +82,7 @@ pub fn create_in_process(
             let mut config = vm_config(options);
             config.console = options.console.clone();
             config.code_drive = code_drive;
-            let mut machine = Machine::boot(&config).map_err(SnapshotError::Build)?;
-            if machine.agent_ready().wait(BOOT_TIMEOUT).is_none() {
-                return Err(SnapshotError::NotReady(machine.stop()).into());
-            }
-            let mut agent = AgentClient::connect(&machine, booting + BOOT_TIMEOUT)?;
-            let boot = booting.elapsed();
+            let (machine, mut agent, boot) = boot_and_connect(&config, booting)?;
             let ready = agent
                 .start_function(&start, Instant::now() + options.startup_timeout)
                 .map_err(startup_error)?;

@@ -99,12 +99,17 @@ fn kill(fd: &OwnedFd) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cancelled_invocation_kills_its_worker_whenever_it_is_armed() {
-        let mut child = std::process::Command::new("sleep")
+    /// A child that would run for a minute.
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
             .arg("60")
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn a_cancelled_invocation_kills_its_worker_whenever_it_is_armed() {
+        let mut child = sleeper();
         let cancel = Cancel::default();
         assert!(cancel.arm(child.id()));
         assert!(cancel.cancel());
@@ -114,10 +119,7 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
 
         // Cancelled before it was armed: killed when armed.
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
+        let mut child = sleeper();
         let cancel = Cancel::default();
         assert!(!cancel.cancel());
         assert!(!cancel.arm(child.id()));
@@ -129,10 +131,7 @@ mod tests {
         assert!(!cancel.disarm());
         assert!(!cancel.cancel());
         // Cancelled while armed: disarming says so (the clone is not kept).
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
+        let mut child = sleeper();
         let cancel = Cancel::default();
         assert!(cancel.arm(child.id()));
         assert!(cancel.cancel());
