@@ -544,12 +544,41 @@ fn workers_of(cli: u32, args: &[&str]) -> Vec<SeenWorker> {
             else {
                 continue;
             };
-            let cgroup =
-                std::fs::read_to_string(format!("/proc/{jailed}/cgroup")).unwrap_or_default();
+            let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{jailed}/cgroup")) else {
+                continue;
+            };
+            // An exiting task shows "/" in every cgroup-v1 hierarchy
+            // (kernel/cgroup/cgroup.c, proc_cgroup_show), so a sighting
+            // counts only if the task was not yet exiting after its
+            // cgroups were read: PF_EXITING is set once and never cleared.
+            if !alive_and_not_exiting(jailed) {
+                continue;
+            }
             seen.push(SeenWorker { pid, uid, cgroup });
         }
     }
     seen
+}
+
+/// Whether task `pid` exists and has not begun to exit (`PF_EXITING`,
+/// flags field of `/proc/PID/stat`).
+fn alive_and_not_exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name, which may itself hold spaces or ')':
+    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = fields.split_whitespace();
+    let state = fields.next().unwrap_or("X");
+    let flags: u64 = fields
+        .nth(5)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(PF_EXITING);
+    !matches!(state, "Z" | "X" | "x") && flags & PF_EXITING == 0
 }
 
 /// Runs `ember args` to its end (killed after `timeout`), watching for
