@@ -8,11 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use ember::function::{
-    Function, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath,
+    Function, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath, OutputSink,
+    OutputStream,
 };
 use serde_json::{json, Value};
 
@@ -501,4 +502,158 @@ fn clones_are_reseeded_and_run_on_restore_hooks() {
             }
         }
     }
+}
+
+/// What a streaming sink saw: each chunk with when it came.
+type Seen = Arc<Mutex<Vec<(Instant, OutputStream, Vec<u8>)>>>;
+
+fn recording_sink() -> (OutputSink, Seen) {
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let sink = OutputSink::new(move |stream, bytes| {
+        log.lock()
+            .unwrap()
+            .push((Instant::now(), stream, bytes.to_vec()));
+    });
+    (sink, seen)
+}
+
+fn streamed(seen: &Seen, which: OutputStream) -> Vec<u8> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, s, _)| *s == which)
+        .flat_map(|(_, _, b)| b.clone())
+        .collect()
+}
+
+/// Three lines 700 ms of guest user-mode work apart: on the hot path,
+/// the first line reaches the sink while the handler still runs (well
+/// before the invocation returns), whatever runs the clone; everything
+/// streamed is in the outcome too.
+fn check_streaming(
+    what: &str,
+    invoke: impl FnOnce(&[u8], &FunctionInvokeOptions) -> FunctionOutcome,
+) {
+    let (sink, seen) = recording_sink();
+    let options = FunctionInvokeOptions {
+        output: Some(sink),
+        ..FunctionInvokeOptions::default()
+    };
+    let event = json!({"op": "drip", "lines": 3, "gap_ms": 700}).to_string();
+    let outcome = invoke(event.as_bytes(), &options);
+    let returned = Instant::now();
+    assert_eq!(
+        outcome.result,
+        HandlerResult::Json {
+            value: json!("dripped")
+        },
+        "{what}"
+    );
+    assert_eq!(outcome.path, InvocationPath::Hot, "{what}");
+    assert_eq!(
+        streamed(&seen, OutputStream::Stdout),
+        b"line 0\nline 1\nline 2\n",
+        "{what}"
+    );
+    assert_eq!(streamed(&seen, OutputStream::Stderr), b"err\n", "{what}");
+    assert_eq!(outcome.stdout, b"line 0\nline 1\nline 2\n", "{what}");
+    assert_eq!(outcome.stderr, b"err\n", "{what}");
+    let seen = seen.lock().unwrap();
+    let (first, stream, bytes) = &seen[0];
+    assert_eq!(
+        (*stream, bytes.as_slice()),
+        (OutputStream::Stdout, &b"line 0\n"[..]),
+        "{what}"
+    );
+    // 1.4 s of the handler's own work follow the first line.
+    let ahead = returned.saturating_duration_since(*first);
+    assert!(
+        ahead >= Duration::from_millis(700),
+        "{what}: the first line came only {ahead:?} before the invocation returned"
+    );
+}
+
+/// Issue 15, item 3: `FunctionInvokeOptions::output` streams a fresh
+/// clone's output while the handler runs, jailed (the default) or in
+/// this process.
+#[test]
+fn output_streams_while_the_handler_runs() {
+    check_streaming("jailed fresh clone", |event, options| {
+        function().invoke(event, options).expect("invoke")
+    });
+    check_streaming("in-process fresh clone", |event, options| {
+        let options = FunctionInvokeOptions {
+            isolation: None,
+            ..options.clone()
+        };
+        function().invoke(event, &options).expect("invoke")
+    });
+}
+
+/// The same through recycled clones, in a jailed worker and in this
+/// process; the clone is reused after a streamed invocation, and the next
+/// one (not streamed) sees no trace of it.
+#[test]
+fn output_streams_from_recycled_clones() {
+    use ember::function::RecycleOptions;
+    use ember::worker::recycled::JailedRecycledFunction;
+    let function = Arc::new(Function::open(common::probe_template()).expect("open"));
+    let recycle = RecycleOptions::default();
+    let mut jailed = JailedRecycledFunction::new(
+        function.clone(),
+        &recycle,
+        &ember::isolation::Isolation::default(),
+    )
+    .expect("jailed recycled clone");
+    check_streaming("jailed recycled clone", |event, options| {
+        let outcome = jailed.invoke(event, options).expect("invoke");
+        assert!(outcome.recycle.is_some_and(|r| r.reused), "{outcome:?}");
+        outcome
+    });
+    let outcome = jailed
+        .invoke(br#"{"op": "print"}"#, &FunctionInvokeOptions::default())
+        .expect("invoke after streaming");
+    assert_eq!(outcome.stdout, b"to stdout\n");
+
+    let mut clone = function.recycled(&recycle).expect("recycled clone");
+    check_streaming("in-process recycled clone", |event, options| {
+        let outcome = clone.invoke(event, options).expect("invoke");
+        let recycle = outcome.recycle.expect("recycle info");
+        assert!(recycle.reused, "{recycle:?}");
+        outcome
+    });
+    let outcome = clone
+        .invoke(br#"{"op": "print"}"#, &FunctionInvokeOptions::in_process())
+        .expect("invoke after streaming");
+    assert_eq!(outcome.stdout, b"to stdout\n");
+}
+
+/// Where output cannot stream live (the vsock path), the sink still gets
+/// all of it, at the end; a timed-out invocation keeps what streamed.
+#[test]
+fn output_reaches_the_sink_on_every_path() {
+    let (sink, seen) = recording_sink();
+    let options = FunctionInvokeOptions {
+        output: Some(sink),
+        force_vsock: true,
+        ..FunctionInvokeOptions::default()
+    };
+    let outcome = invoke_with(&json!({"op": "print"}), &options);
+    assert_eq!(outcome.path, InvocationPath::Vsock);
+    assert_eq!(streamed(&seen, OutputStream::Stdout), b"to stdout\n");
+    assert_eq!(streamed(&seen, OutputStream::Stderr), b"to stderr\n");
+
+    let (sink, seen) = recording_sink();
+    let options = FunctionInvokeOptions {
+        output: Some(sink),
+        timeout: Duration::from_millis(2500),
+        ..FunctionInvokeOptions::default()
+    };
+    let outcome = invoke_with(
+        &json!({"op": "drip", "lines": 2, "gap_ms": 60000}),
+        &options,
+    );
+    assert_eq!(outcome.result, HandlerResult::TimedOut);
+    assert_eq!(streamed(&seen, OutputStream::Stdout), b"line 0\n");
 }

@@ -51,6 +51,11 @@ pub const DOORBELL_FD: i32 = 5;
 pub const DOORBELL_WAITING: u32 = 1;
 /// Doorbell value: the response for the current request is written.
 pub const DOORBELL_DONE: u32 = 2;
+/// Doorbell value: the response buffer holds a chunk of the handler's
+/// output ([`ResponseStatus::Output`]) for the current request. The
+/// ringing vCPU does not run again until the host has read it, so the
+/// runtime may reuse the buffer as soon as the ring returns.
+pub const DOORBELL_OUTPUT: u32 = 3;
 
 /// First word of a request header: `EMRQ`.
 pub const REQUEST_MAGIC: u32 = u32::from_le_bytes(*b"EMRQ");
@@ -79,6 +84,10 @@ pub const REQUEST_FLAG_VIA_PIPE: u32 = 1;
 /// [`ResponseStatus::Json`] and the result `null` (the template's warm-up
 /// round when no warm-up event is given).
 pub const REQUEST_FLAG_PING: u32 = 2;
+/// Request flag: stream the handler's output while it runs: at each line
+/// (or every few KiB), a [`ResponseStatus::Output`] chunk and a
+/// [`DOORBELL_OUTPUT`] ring; the final response holds only the rest.
+pub const REQUEST_FLAG_STREAM: u32 = 4;
 
 /// Response flag: the handler's stdout was cut to fit.
 pub const RESPONSE_FLAG_STDOUT_TRUNCATED: u32 = 1;
@@ -205,6 +214,9 @@ pub enum ResponseStatus {
     /// The response did not fit: the runtime sent it on its response pipe;
     /// the host fetches it from the agent.
     ViaPipe,
+    /// Not a response: a chunk of output (stdout and stderr sections, no
+    /// result) pushed while the handler runs ([`REQUEST_FLAG_STREAM`]).
+    Output,
 }
 
 impl ResponseStatus {
@@ -215,6 +227,7 @@ impl ResponseStatus {
             ResponseStatus::Bytes => 1,
             ResponseStatus::Error => 2,
             ResponseStatus::ViaPipe => 3,
+            ResponseStatus::Output => 4,
         }
     }
 
@@ -225,6 +238,7 @@ impl ResponseStatus {
             1 => ResponseStatus::Bytes,
             2 => ResponseStatus::Error,
             3 => ResponseStatus::ViaPipe,
+            4 => ResponseStatus::Output,
             other => return Err(LayoutError::Status(other)),
         })
     }
@@ -236,10 +250,12 @@ impl ResponseStatus {
             ResponseStatus::Bytes => "bytes",
             ResponseStatus::Error => "error",
             ResponseStatus::ViaPipe => "pipe",
+            ResponseStatus::Output => "output",
         }
     }
 
-    /// The status named by a pipe word (`pipe` is not valid on a pipe).
+    /// The status named by a pipe word (`pipe` and `output` are not valid
+    /// on a pipe).
     pub fn from_word(word: &str) -> Option<Self> {
         match word {
             "json" => Some(ResponseStatus::Json),
@@ -518,6 +534,7 @@ mod tests {
             ResponseStatus::Bytes,
             ResponseStatus::Error,
             ResponseStatus::ViaPipe,
+            ResponseStatus::Output,
         ] {
             assert_eq!(ResponseStatus::from_code(status.code()), Ok(status));
         }

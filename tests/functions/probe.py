@@ -39,6 +39,18 @@ def handler(event, context):
         print("to stdout")
         print("to stderr", file=sys.stderr)
         return "printed"
+    if op == "drip":
+        # Lines with busy gaps between them (guest user mode only: the
+        # clock is read through the vDSO), for the streaming tests.
+        for i in range(int(event.get("lines", 3))):
+            if i:
+                until = time.perf_counter() + float(event.get("gap_ms", 500)) / 1e3
+                while time.perf_counter() < until:
+                    pass
+            print(f"line {i}")
+            if i == 0:
+                print("err", file=sys.stderr)
+        return "dripped"
     if op == "big":
         return "x" * int(event["n"])
     if op == "bytes":

@@ -94,12 +94,15 @@ impl Machine {
             StepClock::start(requested),
             cmdline,
             config.seccomp,
+            Arc::new(Doorbell::new()),
         )
     }
 
     /// Starts a built VM: the device event loop, then one thread per vCPU;
     /// with `seccomp`, each thread is filtered before it serves the guest
-    /// ([`crate::seccomp`]).
+    /// ([`crate::seccomp`]). The guest's doorbell rings `doorbell` (made
+    /// by the caller, so that an output hook can be set before any vCPU
+    /// runs).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         vm: Vm,
@@ -110,6 +113,7 @@ impl Machine {
         mut clock: StepClock,
         cmdline: String,
         seccomp: bool,
+        doorbell: Arc<Doorbell>,
     ) -> Result<Machine, BuildError> {
         let requested = clock.started();
         let started = clock.resumed();
@@ -119,7 +123,6 @@ impl Machine {
         let event_loop = EventLoop::start(std::mem::take(&mut devices.subscribers), filter)?;
         clock.step("start event loop");
         let first_run = Arc::new(OnceLock::new());
-        let doorbell = Arc::new(Doorbell::new());
         devices.exit.wake_on_exit(doorbell.clone());
         // Opened while this thread still holds the vCPU fds; diagnostics
         // only, so a KVM without binary statistics just has none.

@@ -49,6 +49,7 @@ if __name__ == "__main__" and not sys.flags.isolated:
     except OSError:
         pass
 
+import _thread
 import ctypes
 import gc
 import importlib.machinery
@@ -77,6 +78,7 @@ DOORBELL_ADDR = 0xC000_0000
 DOORBELL_FD = 5
 DOORBELL_WAITING = 1
 DOORBELL_DONE = 2
+DOORBELL_OUTPUT = 3
 
 REQUEST_MAGIC = int.from_bytes(b"EMRQ", "little")
 RESPONSE_MAGIC = int.from_bytes(b"EMRS", "little")
@@ -90,6 +92,7 @@ MAX_BUFFER_BYTES = 16 << 20
 
 REQUEST_FLAG_VIA_PIPE = 1
 REQUEST_FLAG_PING = 2
+REQUEST_FLAG_STREAM = 4
 RESPONSE_FLAG_STDOUT_TRUNCATED = 1
 RESPONSE_FLAG_STDERR_TRUNCATED = 2
 
@@ -119,6 +122,7 @@ STATUS_JSON = 0
 STATUS_BYTES = 1
 STATUS_ERROR = 2
 STATUS_VIA_PIPE = 3
+STATUS_OUTPUT = 4
 STATUS_WORDS = {STATUS_JSON: b"json", STATUS_BYTES: b"bytes", STATUS_ERROR: b"error"}
 
 # magic, version, seq, flags, event_len, timeout_ms, (pad), unix_time_ns, entropy
@@ -140,6 +144,11 @@ PAGE_SIZE = mmap.PAGESIZE
 # limit on the pipe.
 HOT_OUTPUT_CAP = 64 << 10
 PIPE_OUTPUT_CAP = 1 << 20
+# Streaming (REQUEST_FLAG_STREAM): what is written goes to the host at each
+# newline, or once this many characters wait without one. Nothing is kept,
+# so the cap is the pipe's: it bounds what one call may send in all.
+STREAM_PUSH_CHARS = 4096
+STREAM_OUTPUT_CAP = PIPE_OUTPUT_CAP
 # Parts of an error object; the traceback keeps its end (the raise).
 MAX_ERROR_MESSAGE = 8 << 10
 MAX_TRACEBACK = 32 << 10
@@ -166,6 +175,11 @@ class Capture(io.TextIOBase):
     It keeps at most `cap` bytes in memory: no write reaches a file
     descriptor, so print() on the hot path costs no system call. Two
     instances are made at start-up and reset for every call.
+
+    With a `push` callable (streaming), a write that ends a line, or
+    leaves STREAM_PUSH_CHARS characters waiting, calls it; it take()s
+    what waits and sends it to the host. The cap then bounds everything
+    taken during the call, not what is kept.
     """
 
     encoding = "utf-8"
@@ -177,14 +191,23 @@ class Capture(io.TextIOBase):
         self.buffer = _BinaryWriter(self)  # for sys.stdout.buffer.write(b"...")
         self.truncated = False
         self._parts = []
-        self._chars = 0
+        self._chars = 0  # characters accepted during this call
+        self._waiting = 0  # characters in _parts
+        self._taken = 0  # bytes take() returned during this call
         self._cap = 0
+        self._push = None
+        # A handler's threads may print at once; never held while pushing.
+        self._lock = _thread.allocate_lock()
 
-    def reset(self, cap):
-        self._parts.clear()
-        self._chars = 0
-        self._cap = cap
-        self.truncated = False
+    def reset(self, cap, push=None):
+        with self._lock:
+            self._parts = []
+            self._chars = 0
+            self._waiting = 0
+            self._taken = 0
+            self._cap = cap
+            self._push = push
+            self.truncated = False
 
     def writable(self):
         return True
@@ -199,31 +222,40 @@ class Capture(io.TextIOBase):
     def write(self, text):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        # Characters are counted here (cheap); take() cuts to bytes.
-        room = self._cap - self._chars
-        if len(text) > room:
-            self.truncated = True
-            kept = text[: max(room, 0)]
-        else:
-            kept = text
-        if kept:
-            self._parts.append(kept)
-            self._chars += len(kept)
+        push = None
+        with self._lock:
+            # Characters are counted here (cheap); take() cuts to bytes.
+            room = self._cap - self._chars
+            if len(text) > room:
+                self.truncated = True
+                kept = text[: max(room, 0)]
+            else:
+                kept = text
+            if kept:
+                self._parts.append(kept)
+                self._chars += len(kept)
+                self._waiting += len(kept)
+                if self._push is not None and ("\n" in kept or self._waiting >= STREAM_PUSH_CHARS):
+                    push = self._push
+        if push is not None:
+            push()
         return len(text)
 
     def take(self):
-        """What was written, as at most `cap` bytes of UTF-8."""
-        data = "".join(self._parts).encode("utf-8", "backslashreplace")
-        self._parts.clear()
-        self._chars = 0
-        if len(data) > self._cap:
-            # Cut at a character boundary (not inside a multi-byte UTF-8 sequence).
-            cut = self._cap
-            while cut > 0 and (data[cut] & 0xC0) == 0x80:
-                cut -= 1
-            data = data[:cut]
-            self.truncated = True
-        return data
+        """What waits, as UTF-8, cut so that this call's takes stay within `cap` bytes."""
+        with self._lock:
+            parts, self._parts, self._waiting = self._parts, [], 0
+            room = self._cap - self._taken
+            data = "".join(parts).encode("utf-8", "backslashreplace")
+            if len(data) > room:
+                # Cut at a character boundary (not inside a multi-byte UTF-8 sequence).
+                cut = max(room, 0)
+                while cut > 0 and (data[cut] & 0xC0) == 0x80:
+                    cut -= 1
+                data = data[:cut]
+                self.truncated = True
+            self._taken += len(data)
+            return data
 
 
 class _BinaryWriter:
@@ -468,19 +500,21 @@ class Runtime:
         self.stdout = Capture("<stdout>")
         self.stderr = Capture("<stderr>")
 
-    def run(self, event_bytes, context, output_cap, function=None, seed=None):
+    def run(self, event_bytes, context, output_cap, function=None, seed=None, push=None):
         """Runs the handler (or `function`) on the event; never raises.
 
         With a `seed` (an int of fresh entropy) this is a fresh clone's
         invocation: Restore.run goes first (the handler's on_restore hooks
-        only before the handler itself, not before `function`).
+        only before the handler itself, not before `function`). With
+        `push`, output is streamed as it is written (see Capture); the
+        Response holds only what was not pushed yet.
         """
         hooks = function is None
         function = function or self.function
         event = decode_event(event_bytes)
         out, err = self.stdout, self.stderr
-        out.reset(output_cap)
-        err.reset(output_cap)
+        out.reset(output_cap, push)
+        err.reset(output_cap, push)
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         # The monotonic clock is read through the vDSO: no system call.
@@ -503,6 +537,9 @@ class Runtime:
             flags |= RESPONSE_FLAG_STDOUT_TRUNCATED
         if err.truncated:
             flags |= RESPONSE_FLAG_STDERR_TRUNCATED
+        # A thread the handler left running pushes no more.
+        out.reset(0)
+        err.reset(0)
         return Response(status, body, stdout, stderr, flags, max(handler_ns, 1))
 
 
@@ -686,6 +723,8 @@ class HotPath:
         self.output_cap = output_cap
         # The last request served; the host never sends seq 0.
         self.last_seq = 0
+        # One chunk in the response buffer at a time, whichever thread pushes.
+        self._push_lock = _thread.allocate_lock()
 
     def serve_forever(self):
         while True:
@@ -740,13 +779,16 @@ class HotPath:
         # Fresh in every request: the host's entropy (os.urandom would be a
         # system call). As an int: bytes would be hashed with SHA-512 first.
         seed = int.from_bytes(entropy, "little")
+        push, cap = None, self.output_cap
+        if flags & REQUEST_FLAG_STREAM:
+            push, cap = self.push_output, STREAM_OUTPUT_CAP
         if flags & REQUEST_FLAG_VIA_PIPE:
             request = self.pipes.read_event()
             if request is None:
                 raise EOFError("request pipe closed")
             event, pipe_timeout_ms = request
             context = Context(seq, pipe_timeout_ms, unix_time_ns, True)
-            response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function, seed)
+            response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function, seed, push)
             self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
             return response
         if event_len > len(self.request) - REQUEST_HEADER_LEN:
@@ -755,8 +797,31 @@ class HotPath:
         else:
             event = self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + event_len]
             context = Context(seq, timeout_ms, unix_time_ns, True)
-            response = self.runtime.run(event, context, self.output_cap, function, seed)
+            response = self.runtime.run(event, context, cap, function, seed, push)
         return self._write_response(seq, response)
+
+    def push_output(self):
+        """Sends what the handler wrote so far to the host, now.
+
+        Each chunk is written into the response buffer as a response with
+        status STATUS_OUTPUT (stdout and stderr sections, no result) for the
+        current request, and DOORBELL_OUTPUT rings: the ringing vCPU stops
+        until the host has read the chunk, so the buffer is free again when
+        the ring returns. The final response overwrites the last chunk.
+        """
+        with self._push_lock:
+            out = self.runtime.stdout.take()
+            err = self.runtime.stderr.take()
+            room = len(self.response) - RESPONSE_HEADER_LEN
+            buf = self.response
+            while out or err:
+                part_out, out = out[:room], out[room:]
+                part_err, err = err[: room - len(part_out)], err[room - len(part_out) :]
+                end_out = RESPONSE_HEADER_LEN + len(part_out)
+                buf[RESPONSE_HEADER_LEN:end_out] = part_out
+                buf[end_out : end_out + len(part_err)] = part_err
+                self._write_header(self.last_seq, STATUS_OUTPUT, 0, len(part_out), len(part_err), 0, 0)
+                self.doorbell(DOORBELL_OUTPUT)
 
     def _write_response(self, seq, response):
         result, stdout, stderr = response.result, response.stdout, response.stderr
@@ -802,13 +867,19 @@ class HotPath:
         event = b'{"zero":0,"text":"warm-up \\u00e9"}'
         self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + len(event)] = event
         entropy = bytes(range(REQUEST_ENTROPY_LEN))
-        for flags, function in (
-            (0, Function(_warm_up_handler)),
-            (0, Function(_warm_up_failure)),
-            (REQUEST_FLAG_PING, None),
-        ):
-            header = (REQUEST_MAGIC, LAYOUT_VERSION, 1, flags, len(event), 1000, time.time_ns(), entropy)
-            self.answer(header, function)
+        # Streaming pushes ring: not now (the host is not serving a request).
+        bell, self.doorbell = self.doorbell, _silent_doorbell
+        try:
+            for flags, function in (
+                (0, Function(_warm_up_handler)),
+                (REQUEST_FLAG_STREAM, Function(_warm_up_handler)),
+                (0, Function(_warm_up_failure)),
+                (REQUEST_FLAG_PING, None),
+            ):
+                header = (REQUEST_MAGIC, LAYOUT_VERSION, 1, flags, len(event), 1000, time.time_ns(), entropy)
+                self.answer(header, function)
+        finally:
+            self.doorbell = bell
         # Leave the buffers as a fresh start expects them: no request, no response.
         zeros = bytes(REQUEST_HEADER_LEN + len(event))
         self.request[: len(zeros)] = zeros
@@ -831,6 +902,10 @@ def _warm_up_handler(event, context):
     print("warm-up", event["text"], context.invocation_id)
     print("warm-up", file=sys.stderr)
     return {"event": event, "values": [1, 2.5, "x", None, True, random.random()]}
+
+
+def _silent_doorbell(value):
+    pass
 
 
 def _warm_up_failure(event, context):

@@ -1041,17 +1041,24 @@ class FakeHost:
     """The doorbell: on WAITING it writes the next queued request, as the
     host writes a clone's memory before it runs (event, header, seq last)."""
 
-    def __init__(self, request):
+    def __init__(self, request, response=None):
         self.request = request
+        self.response = response
         self.queue = []
         self.rings = []
         self.on_done = None
+        # Output chunks, read from the response buffer at each OUTPUT ring
+        # (the runtime may reuse the buffer once the ring returns).
+        self.chunks = []
 
     def push(self, seq, event, **fields):
         self.queue.append((seq, event, fields))
 
     def __call__(self, value):
         self.rings.append(value)
+        if value == rt.DOORBELL_OUTPUT:
+            self.chunks.append(decode_response(self.response))
+            return
         if value == rt.DOORBELL_DONE:
             if self.on_done:
                 self.on_done()
@@ -1103,7 +1110,7 @@ class HotPathBufferTests(unittest.TestCase):
         function = rt.load_function(path, "handler")
         request = bytearray(size)
         response = bytearray(response_size or size)
-        self.host = FakeHost(request)
+        self.host = FakeHost(request, response)
         pipe_ends = None
         if pipes:
             request_r, self.request_w = os.pipe()
@@ -1161,11 +1168,11 @@ class HotPathBufferTests(unittest.TestCase):
             self.assertGreaterEqual(checked, 8, struct)
         codes = dict(re.findall(r"ResponseStatus::(\w+) => (\d+),", source))
         words = dict(re.findall(r'ResponseStatus::(\w+) => "(\w+)",', source))
-        self.assertEqual(set(codes), {"Json", "Bytes", "Error", "ViaPipe"})
+        self.assertEqual(set(codes), {"Json", "Bytes", "Error", "ViaPipe", "Output"})
         for variant, code in codes.items():
             constant = "STATUS_" + re.sub(r"(?<!^)(?=[A-Z])", "_", variant).upper()
             self.assertEqual(getattr(rt, constant), int(code), variant)
-            if variant != "ViaPipe":  # "pipe" is never a word on a pipe
+            if variant not in ("ViaPipe", "Output"):  # never words on a pipe
                 self.assertEqual(rt.STATUS_WORDS[int(code)], words[variant].encode(), variant)
 
     def test_request_header_parsing(self):
@@ -1226,6 +1233,57 @@ class HotPathBufferTests(unittest.TestCase):
         r = decode_response(response)
         self.assertEqual((r["seq"], r["status"], r["stdout"]), (10, 0, b"out 2\n"))
         self.assertEqual(self.host.rings, [1, 2, 1, 2])
+
+    def test_streaming_pushes_each_line_while_the_handler_runs(self):
+        hot, _, response = self.hot_path(
+            """
+            import sys
+
+            def handler(event, context):
+                print("one")
+                print("two", file=sys.stderr)
+                sys.stdout.write("x" * 5000)  # no newline, but past the push threshold
+                sys.stdout.write("tail")
+                return "done"
+            """
+        )
+        self.host.push(3, b"{}", flags=rt.REQUEST_FLAG_STREAM)
+        hot.serve_one()
+        out, err = rt.DOORBELL_OUTPUT, rt.DOORBELL_DONE
+        self.assertEqual(self.host.rings, [rt.DOORBELL_WAITING, out, out, out, err])
+        chunks = [(c["seq"], c["status"], c["result_len"], c["stdout"], c["stderr"]) for c in self.host.chunks]
+        self.assertEqual(
+            chunks,
+            [(3, rt.STATUS_OUTPUT, 0, b"one\n", b""), (3, 4, 0, b"", b"two\n"), (3, 4, 0, b"x" * 5000, b"")],
+        )
+        r = decode_response(response)
+        self.assertEqual((r["seq"], r["status"], r["result"]), (3, rt.STATUS_JSON, b'"done"'))
+        self.assertEqual((r["stdout"], r["stderr"], r["flags"]), (b"tail", b"", 0))
+        # The next request without the flag: nothing is pushed.
+        self.host.push(4, b"{}")
+        hot.serve_one()
+        self.assertEqual(self.host.rings[5:], [rt.DOORBELL_WAITING, rt.DOORBELL_DONE])
+        self.assertEqual(decode_response(response)["stdout"], b"one\n" + b"x" * 5000 + b"tail")
+
+    def test_streaming_splits_chunks_to_the_buffer_and_caps_the_total(self):
+        hot, _, response = self.hot_path(
+            "def handler(e, c):\n    print('é' * 150)\n    print('b' * 10)\n    return 1\n",
+            response_size=64 + 100,
+        )
+        saved = rt.STREAM_OUTPUT_CAP
+        rt.STREAM_OUTPUT_CAP = 305
+        self.addCleanup(setattr, rt, "STREAM_OUTPUT_CAP", saved)
+        self.host.push(1, b"{}", flags=rt.REQUEST_FLAG_STREAM)
+        hot.serve_one()
+        sizes = [len(c["stdout"]) for c in self.host.chunks]
+        self.assertTrue(all(size <= 100 for size in sizes), sizes)
+        streamed = b"".join(c["stdout"] for c in self.host.chunks)
+        # 301 bytes of the first line, then 4 of the second: the cap counts
+        # every byte the call pushed.
+        self.assertEqual(streamed, ("é" * 150 + "\n").encode() + b"bbbb")
+        r = decode_response(response)
+        self.assertEqual((r["result"], r["stdout"]), (b"1", b""))
+        self.assertEqual(r["flags"], rt.RESPONSE_FLAG_STDOUT_TRUNCATED)
 
     def test_ping_does_not_call_the_handler(self):
         hot, _, response = self.hot_path(

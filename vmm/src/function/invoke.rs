@@ -4,8 +4,9 @@ use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_protocol::hotpath::{
-    RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_FLAG_VIA_PIPE,
-    REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED, RESPONSE_FLAG_STDOUT_TRUNCATED,
+    RequestHeader, ResponseStatus, REQUEST_ENTROPY_LEN, REQUEST_FLAG_PING, REQUEST_FLAG_STREAM,
+    REQUEST_FLAG_VIA_PIPE, REQUEST_HEADER_LEN, RESPONSE_FLAG_STDERR_TRUNCATED,
+    RESPONSE_FLAG_STDOUT_TRUNCATED,
 };
 use ember_protocol::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
@@ -13,6 +14,7 @@ use serde::Serialize;
 use super::guest_clock::ClockReading;
 use super::guest_rng::KEY_LEN;
 use super::manifest::Manifest;
+use super::output::{output_hook, LiveOutput, OutputSink};
 use super::{buffers, FunctionError};
 use crate::agent::{invoke_grace, AgentClient};
 use crate::config::ConsoleOutput;
@@ -58,6 +60,10 @@ pub struct FunctionInvokeOptions {
     /// The clone's I/O rate limits (default: unlimited; not taken from
     /// the template).
     pub io_limits: crate::devices::rate_limiter::IoLimits,
+    /// Stream the handler's output to this sink while it runs (line by
+    /// line on the hot path; at the end on the vsock path). The outcome
+    /// still holds the whole output, within `max_output_bytes`.
+    pub output: Option<OutputSink>,
 }
 
 impl Default for FunctionInvokeOptions {
@@ -71,6 +77,7 @@ impl Default for FunctionInvokeOptions {
             isolation: Some(crate::isolation::Isolation::default()),
             filter_caller: false,
             io_limits: Default::default(),
+            output: None,
         }
     }
 }
@@ -338,7 +345,15 @@ impl Function {
         let hot = self.hot_pages_for(event, options);
         let seq = self.manifest.next_seq;
         let deadline = requested + options.timeout;
-        let mut machine = self.start(clone, hot.map(|_| event), timeout_ms, 0)?;
+        let mut live = self.live_output(options);
+        let mut flags = 0;
+        if let (Some(live), Some(pages)) = (&live, self.streams_on(options)) {
+            let memory = clone.clone.memory().clone();
+            let hook = output_hook(memory, pages.response.clone(), seq, live.queue().clone());
+            clone.clone.doorbell().set_output_hook(Some(hook));
+            flags |= REQUEST_FLAG_STREAM;
+        }
+        let mut machine = self.start(clone, hot.map(|_| event), timeout_ms, flags)?;
         if options.filter_caller {
             if let Err(e) = crate::seccomp::Filter::Control.install() {
                 machine.stop();
@@ -347,9 +362,10 @@ impl Function {
         }
         let running = Instant::now();
         let outcome = match hot {
-            Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options),
+            Some(pages) => self.run_hot(&mut machine, pages, seq, deadline, options, live.as_mut()),
             None => run_vsock(&machine, event, timeout_ms, deadline, options),
         };
+        let outcome = finish_output(outcome, live);
         // The host holds the parsed result (or knows there is none).
         let answered = Instant::now();
         let work = machine.guest_kernel_work();
@@ -475,6 +491,7 @@ impl Function {
             self.manifest.next_seq,
             deadline,
             &options,
+            None,
         )?;
         if outcome.path != InvocationPath::Hot || outcome.result == HandlerResult::TimedOut {
             return Err(FunctionError::Template(format!(
@@ -485,8 +502,24 @@ impl Function {
         touched_pages(machine.memory()).map_err(|e| FunctionError::GuestMemory(e.to_string()))
     }
 
+    /// The state of a streaming invocation, if `options` asks for one.
+    pub(super) fn live_output(&self, options: &FunctionInvokeOptions) -> Option<LiveOutput> {
+        let sink = options.output.clone()?;
+        Some(LiveOutput::new(sink, options.max_output_bytes))
+    }
+
+    /// The hot-path pages through which output streams live under
+    /// `options` (any event size: a large event still leaves the runtime
+    /// its response buffer and doorbell); `None` on the vsock path.
+    pub(super) fn streams_on(&self, options: &FunctionInvokeOptions) -> Option<&HotPathPages> {
+        self.manifest
+            .hot_path
+            .as_ref()
+            .filter(|_| !options.force_vsock && options.output.is_some())
+    }
+
     /// Waits for the clone's "done" ring and reads the response from its
-    /// memory.
+    /// memory; output the clone streams meanwhile goes to `live`'s sink.
     pub(super) fn run_hot(
         &self,
         machine: &mut Machine,
@@ -494,13 +527,22 @@ impl Function {
         seq: u64,
         deadline: Instant,
         options: &FunctionInvokeOptions,
+        mut live: Option<&mut LiveOutput>,
     ) -> Result<FunctionOutcome, FunctionError> {
         let bell = machine.doorbell().clone();
+        let mut outputs_seen = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             // A stopping VM wakes the doorbell's waiters too.
             let exit = &machine.devices.exit;
-            let (rings, rang) = bell.wait_until(left, |r| r.done > 0 || exit.reason().is_some());
+            let streaming = live.is_some();
+            let (rings, rang) = bell.wait_until(left, |r| {
+                r.done > 0 || exit.reason().is_some() || (streaming && r.output != outputs_seen)
+            });
+            if let Some(live) = live.as_deref_mut() {
+                outputs_seen = rings.output;
+                live.drain();
+            }
             let rang = rang && rings.done > 0;
             if rang {
                 let response = buffers::read_response(machine.memory(), &pages.response, seq)?;
@@ -536,6 +578,31 @@ impl Function {
                 machine.stop();
                 return Ok(timed_out(InvocationPath::Hot));
             }
+        }
+    }
+}
+
+/// Ends a streaming invocation's output: what the outcome holds was not
+/// streamed yet and goes to the sink after everything that was; the
+/// outcome then holds the whole output. An error keeps what streamed.
+pub(super) fn finish_output(
+    outcome: Result<FunctionOutcome, FunctionError>,
+    live: Option<LiveOutput>,
+) -> Result<FunctionOutcome, FunctionError> {
+    let Some(live) = live else {
+        return outcome;
+    };
+    match outcome {
+        Ok(mut outcome) => {
+            let (stdout, stderr, cut) = live.finish(&outcome.stdout, &outcome.stderr);
+            outcome.stdout = stdout;
+            outcome.stderr = stderr;
+            outcome.output_truncated |= cut;
+            Ok(outcome)
+        }
+        Err(e) => {
+            live.finish(&[], &[]);
+            Err(e)
         }
     }
 }
@@ -663,9 +730,12 @@ fn handler_result(status: Option<ResponseStatus>, result: Vec<u8>) -> HandlerRes
                 traceback: field("traceback"),
             }
         }
-        Some(ResponseStatus::ViaPipe) | None => HandlerResult::RuntimeExited {
-            status: "no answer".into(),
-        },
+        // A chunk of output where the response belongs: no answer either.
+        Some(ResponseStatus::ViaPipe | ResponseStatus::Output) | None => {
+            HandlerResult::RuntimeExited {
+                status: "no answer".into(),
+            }
+        }
     }
 }
 

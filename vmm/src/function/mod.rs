@@ -54,6 +54,7 @@ pub mod guest_clock;
 pub mod guest_rng;
 mod invoke;
 mod manifest;
+mod output;
 pub mod pip;
 mod recycled;
 mod spec;
@@ -70,6 +71,7 @@ pub use invoke::{
     InvocationPath, PreparedFunction,
 };
 pub use manifest::{Manifest, MANIFEST_FILE};
+pub use output::{OutputQueue, OutputSink, OutputStream};
 pub use recycled::{
     FunctionPool, PoolOptions, PoolStats, RecycleInfo, RecycleOptions, RecycledFunction,
     VERIFY_RESET_ENV,

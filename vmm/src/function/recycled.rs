@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::invoke::{run_vsock, timeout_ms, CLONE_TIMER_DELAY};
+use super::invoke::{finish_output, run_vsock, timeout_ms, CLONE_TIMER_DELAY};
+use super::output::output_hook;
 use super::{Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, HandlerResult};
 use crate::config::ConsoleOutput;
 use crate::snapshot::{ResetError, ResetReport, ResettableClone, RestoreOptions};
@@ -148,30 +149,46 @@ impl RecycledFunction {
         let snapshot = function.snapshot();
         let deadline = requested + options.timeout;
         let hot = function.hot_pages_for(event, options);
+        let seq = function.manifest().next_seq;
+        let mut live = function.live_output(options);
+        let mut flags = 0;
+        if let (Some(live), Some(pages)) = (&live, function.streams_on(options)) {
+            let memory = clone.machine().memory().clone();
+            let hook = output_hook(memory, pages.response.clone(), seq, live.queue().clone());
+            clone.machine().doorbell().set_output_hook(Some(hook));
+            flags |= ember_protocol::hotpath::REQUEST_FLAG_STREAM;
+        }
         let writes = function.request_writes(
             clone.machine().memory(),
             clone.guest_tsc(),
             hot.map(|_| event),
             timeout_ms,
-            0,
+            flags,
         )?;
         for write in &writes {
             clone.write(write.addr, &write.bytes).map_err(reset_error)?;
         }
-        // The doorbell rings twice per run (DONE, then WAITING if the vCPU
-        // gets that far before it is parked): emulated stores on PVM hosts.
-        clone.expect_doorbell_rings(2);
         clone.resume(snapshot).map_err(reset_error)?;
         let running = Instant::now();
         let outcome = match hot {
-            Some(pages) => {
-                let seq = function.manifest().next_seq;
-                function.run_hot(clone.machine_mut(), pages, seq, deadline, options)
-            }
+            Some(pages) => function.run_hot(
+                clone.machine_mut(),
+                pages,
+                seq,
+                deadline,
+                options,
+                live.as_mut(),
+            ),
             None => run_vsock(clone.machine(), event, timeout_ms, deadline, options),
         };
         let answered = Instant::now();
         clone.park();
+        clone.machine().doorbell().set_output_hook(None);
+        let outcome = finish_output(outcome, live);
+        // The doorbell rings DONE, then WAITING if the vCPU gets that far
+        // before it is parked, and once per output chunk: emulated stores
+        // on PVM hosts, not guest-kernel work.
+        clone.expect_doorbell_rings(2 + clone.machine().doorbell().rings().output);
         let work = clone.kernel_work();
         // Only a clean hot-path answer leaves a clone a reset can restore.
         let clean = outcome.as_ref().is_ok_and(|o| {

@@ -8,7 +8,7 @@
 //! signal through it reaches that process or nobody.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug, Default)]
 struct State {
@@ -70,6 +70,19 @@ impl Cancel {
     /// Whether [`Cancel::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.lock().cancelled
+    }
+}
+
+/// Cancels the invocation when the request's future (or the task that
+/// streams its answer) is dropped before it finished: the client went
+/// away. Set to `None` once the invocation ended.
+pub(super) struct CancelOnDrop(pub(super) Option<Arc<Cancel>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.0.take() {
+            cancel.cancel();
+        }
     }
 }
 

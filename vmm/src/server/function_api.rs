@@ -3,12 +3,11 @@
 //! docs](super) for what each answers).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -19,12 +18,13 @@ use super::api::{
     self, flag, FunctionErrorBody, FunctionInfo, FunctionInvocationResponse, FunctionList,
     FunctionQuery, FunctionStatusBody,
 };
-use super::cancel::Cancel;
+use super::cancel::{Cancel, CancelOnDrop};
 use super::deploy::{tail, DeployError, LOG_TAIL_BYTES};
 use super::functions::{Refusal, ServedFunction, Slot};
 use super::metrics::FunctionOutcomeKind;
 use super::records::{Record, Status};
 use super::recycled::RecycledClone;
+use super::streaming;
 use super::{error, refusal, task_failed, with_id, Shared, BODY_READ_TIMEOUT};
 use crate::function::{
     FunctionError, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath,
@@ -575,18 +575,6 @@ fn result_response(
     }
 }
 
-/// Cancels the invocation when the request's future is dropped before
-/// it finished (the client went away).
-struct CancelOnDrop(Option<Arc<Cancel>>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(cancel) = self.0.take() {
-            cancel.cancel();
-        }
-    }
-}
-
 /// The answer for a name no version serves: building (503), failed
 /// (409) or unknown (404).
 fn not_served(state: &Shared, log: &FunctionLog, name: &str) -> Response {
@@ -637,6 +625,7 @@ pub(super) async fn function_invocations(
         Ok(parsed) => parsed,
         Err(message) => return invalid(StatusCode::BAD_REQUEST, message),
     };
+    let framing = streaming::Framing::for_request(request.headers());
     // Larger events would not fit one agent frame on the vsock path: an
     // event declared larger is refused before it is admitted or read.
     let declared = request
@@ -713,6 +702,8 @@ pub(super) async fn function_invocations(
         }
     };
     let id = HeaderValue::from_str(&log.id).ok();
+    let live = stream.then(|| streaming::LiveOutput::new(options.max_output_bytes));
+    let sink = live.as_ref().map(streaming::LiveOutput::sink);
     let functions = state.functions.clone();
     let cancel = Arc::new(Cancel::default());
     // Dropped with this future when the client goes away: the worker
@@ -722,94 +713,24 @@ pub(super) async fn function_invocations(
         let _admitted = admitted;
         let options = FunctionInvokeOptions {
             isolation: functions.config().isolation.clone(),
+            output: sink,
             ..options
         };
         log.run(&served, &event, &options, slot, envelope || stream, &cancel)
     });
-    if stream {
-        return with_id(stream_answer(run, on_drop).await, id);
+    if let Some(live) = live {
+        return with_id(streaming::answer(run, on_drop, live, framing), id);
     }
     let answer = run.await;
     on_drop.0 = None;
     with_id(answer.unwrap_or_else(|_| task_failed()), id)
 }
 
-/// `?stream=1`: the hot path hands the handler's output back only with
-/// its result, so the events come when the invocation ends: its `stdout`
-/// and `stderr` (one event each, if any), then one `result` event (the
-/// envelope). The status line (200) is sent at once; a client that goes
-/// away cancels the invocation as without streaming.
-async fn stream_answer(run: tokio::task::JoinHandle<Response>, on_drop: CancelOnDrop) -> Response {
-    let (events, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
-        let mut on_drop = on_drop;
-        let answer = tokio::select! {
-            answer = run => answer,
-            // The client went away: the body (and this channel) is gone.
-            () = events.closed() => return,
-        };
-        on_drop.0 = None;
-        let lines = match answer {
-            Ok(response) => stream_lines(response).await,
-            Err(_) => {
-                vec![serde_json::json!({"type": "error", "error": "the invocation task failed"})]
-            }
-        };
-        for line in lines {
-            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-            bytes.push(b'\n');
-            if events.send(Ok(Bytes::from(bytes))).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut response = Response::new(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(receiver),
-    ));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    response
-}
-
-/// The NDJSON events of a finished invocation's answer (the envelope, or
-/// an error).
-async fn stream_lines(response: Response) -> Vec<serde_json::Value> {
-    let status = response.status();
-    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .unwrap_or_default();
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    if !status.is_success() {
-        return vec![serde_json::json!({
-            "type": "error",
-            "status": status.as_u16(),
-            "error": value["error"],
-        })];
-    }
-    let mut lines = Vec::new();
-    for stream in ["stdout", "stderr"] {
-        if value[stream].as_str().is_some_and(|s| !s.is_empty()) {
-            lines.push(serde_json::json!({"type": stream, "data": value[stream]}));
-        }
-    }
-    let result = &value["result"];
-    lines.push(serde_json::json!({
-        "type": "result",
-        "result": result,
-        "id": value["id"],
-        "path": value["path"],
-        "timings_ms": value["timings_ms"],
-        "recycle": value["recycle"],
-        "output_truncated": value["output_truncated"],
-    }));
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use std::convert::Infallible;
 
     fn chunked(chunks: usize, size: usize) -> Request {
         let stream = tokio_stream::iter(

@@ -68,6 +68,7 @@ pub mod memory;
 pub mod metrics;
 pub mod records;
 pub mod recycled;
+mod streaming;
 
 use std::convert::Infallible;
 use std::fmt;

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -22,6 +23,7 @@ use crate::builder::host_memory_bytes;
 use crate::config::ConsoleOutput;
 use crate::device_manager::{DeviceError, DeviceOptions, DeviceSet};
 use crate::devices::bus::lock;
+use crate::devices::doorbell::Doorbell;
 use crate::devices::virtio::block::disk::{
     drive_for_clone, DiskError, DiskImage, DriveSpec, SnapshotDrive,
 };
@@ -431,6 +433,7 @@ impl Snapshot {
             clock,
             cmdline: state.kernel_cmdline.clone(),
             seccomp,
+            doorbell: Arc::new(Doorbell::new()),
         })
     }
 }
@@ -454,6 +457,7 @@ pub struct PreparedClone {
     /// The snapshot's kvm-clock value, set again at the start: a clone
     /// prepared ahead starts with the clock a fresh restore has.
     clock_ns: u64,
+    doorbell: Arc<Doorbell>,
 }
 
 impl PreparedClone {
@@ -465,6 +469,12 @@ impl PreparedClone {
     /// The first vCPU's TSC as the guest would read it now.
     pub fn guest_tsc(&self) -> Option<u64> {
         crate::arch::x86_64::state::read_tsc(self.vcpus.first()?).ok()
+    }
+
+    /// The doorbell the started clone will ring (to set an output hook
+    /// before any vCPU runs).
+    pub fn doorbell(&self) -> &Arc<Doorbell> {
+        &self.doorbell
     }
 
     /// Starts the clone's threads. Returns once its vCPUs run.
@@ -491,6 +501,7 @@ impl PreparedClone {
             self.clock,
             self.cmdline,
             self.seccomp,
+            self.doorbell,
         )?)
     }
 }

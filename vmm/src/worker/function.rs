@@ -5,10 +5,13 @@
 //!
 //! The worker is untrusted by the parent like the guest: its answer is one
 //! length-prefixed postcard message, bounded before anything is allocated
-//! for it, and the outputs in it are capped again.
+//! for it, and the outputs in it are capped again. A streaming request's
+//! output comes first, as [`Reply::Output`] messages under the same bounds
+//! and the same deadline.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +21,7 @@ use crate::agent::invoke_grace;
 use crate::deadline::DeadlineStream;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionTimings,
-    HandlerResult, InvocationPath, Manifest,
+    HandlerResult, InvocationPath, Manifest, OutputSink, OutputStream,
 };
 use crate::host::HostKind;
 use crate::ready::RESTORE_CONNECT_TIMEOUT;
@@ -39,6 +42,19 @@ pub(super) struct Request {
     pub(super) max_output_bytes: u64,
     pub(super) force_vsock: bool,
     pub(super) io_limits: crate::devices::rate_limiter::IoLimits,
+    /// Send the handler's output as it is written ([`Reply::Output`]).
+    pub(super) stream: bool,
+}
+
+/// What a worker sends for one request: output chunks while the handler
+/// runs (streaming requests only), then the answer.
+#[derive(Serialize, Deserialize)]
+pub(super) enum Reply<T> {
+    /// A chunk of the handler's output. (Encoded the same for every `T`:
+    /// the worker's sink sends it as a `Reply<()>`.)
+    Output(OutputStream, Vec<u8>),
+    /// The answer; nothing follows it.
+    Done(Result<T, String>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,18 +120,15 @@ pub fn invoke_watched(
         max_output_bytes: options.max_output_bytes,
         force_vsock: options.force_vsock,
         io_limits: options.io_limits,
+        stream: options.output.is_some(),
     };
     write_message(&mut control, &request).map_err(worker_error)?;
     // The worker enforces the timeout itself; this bound is for a worker
     // that does not. It is one deadline for the whole answer: a worker
     // trickling it gets no more time than a silent one, and is killed.
     let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
-    let mut control = DeadlineStream::new(control);
-    control
-        .set_deadline(Some(Instant::now() + limit))
-        .map_err(|e| worker_error(WorkerError::Io(e)))?;
     let answer: Result<Result<WireOutcome, String>, WorkerError> =
-        read_message(&mut control, MAX_ANSWER);
+        read_reply(&control, Instant::now() + limit, options);
     let status = worker.finish(Duration::from_secs(1));
     match answer {
         Ok(Ok(wire)) => Ok(from_wire(wire, options.max_output_bytes)),
@@ -148,11 +161,56 @@ fn worker_error(e: WorkerError) -> FunctionError {
 /// `snapshot` opened from the descriptors the parent handed over.
 pub(super) fn serve(control: &mut UnixStream, snapshot: Snapshot) -> Result<(), WorkerError> {
     let request: Request = read_message(control, MAX_REQUEST)?;
-    let answer = run(snapshot, request).map_err(|e| e.to_string());
-    write_message(control, &answer)
+    // Before the clone runs: the filtered thread can make no descriptor.
+    let output = request.stream.then(|| output_to(control)).transpose()?;
+    let answer = run(snapshot, request, output).map_err(|e| e.to_string());
+    write_message(control, &Reply::Done(answer))
 }
 
-fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionError> {
+/// Worker side: a sink that sends each chunk to the parent on `control`
+/// (from the invoking thread, so it never interleaves with the answer).
+pub(super) fn output_to(control: &UnixStream) -> Result<OutputSink, WorkerError> {
+    let control = Mutex::new(control.try_clone().map_err(WorkerError::Io)?);
+    Ok(OutputSink::new(move |stream, bytes| {
+        let mut control = control.lock().unwrap_or_else(|e| e.into_inner());
+        // A parent that went away also misses the answer; nothing to do.
+        let _ = write_message(&mut control, &Reply::<()>::Output(stream, bytes.to_vec()));
+    }))
+}
+
+/// Parent side: reads a worker's replies to one request until its answer,
+/// all by `deadline`. Output chunks go to `options.output`, at most
+/// `options.max_output_bytes` of them in all whatever the worker sends.
+pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
+    control: &UnixStream,
+    deadline: Instant,
+    options: &FunctionInvokeOptions,
+) -> Result<Result<T, String>, WorkerError> {
+    // A second descriptor of the same socket: the caller keeps its own.
+    let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
+    stream
+        .set_deadline(Some(deadline))
+        .map_err(WorkerError::Io)?;
+    let mut room = options.max_output_bytes;
+    loop {
+        match read_message(&mut stream, MAX_ANSWER)? {
+            Reply::Done(answer) => return Ok(answer),
+            Reply::Output(which, bytes) => {
+                let keep = usize::try_from(room).unwrap_or(usize::MAX).min(bytes.len());
+                room -= keep as u64;
+                if let Some(sink) = &options.output {
+                    sink.send(which, &bytes[..keep]);
+                }
+            }
+        }
+    }
+}
+
+fn run(
+    snapshot: Snapshot,
+    request: Request,
+    output: Option<OutputSink>,
+) -> Result<WireOutcome, FunctionError> {
     let mem_bytes = u64::from(snapshot.mem_mib()) << 20;
     let manifest = Manifest::from_json(&request.manifest, mem_bytes)?;
     let function = Function::from_parts(snapshot, manifest);
@@ -164,6 +222,7 @@ fn run(snapshot: Snapshot, request: Request) -> Result<WireOutcome, FunctionErro
         // The worker's main thread decodes hot-path responses and agent
         // frames: filtered from the moment the clone runs.
         filter_caller: true,
+        output,
         // This process is the jail.
         ..FunctionInvokeOptions::in_process()
     };

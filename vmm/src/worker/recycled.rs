@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::function::{
-    from_wire, read_message, read_message_by, to_wire, write_message, Request, WireOutcome,
-    MAX_ANSWER, MAX_REQUEST,
+    from_wire, output_to, read_message, read_message_by, read_reply, to_wire, write_message, Reply,
+    Request, WireOutcome, MAX_ANSWER, MAX_REQUEST,
 };
 use super::{describe_exit, start, Isolation, WorkerError, WorkerProcess};
 use crate::agent::invoke_grace;
@@ -184,13 +184,14 @@ impl JailedRecycledFunction {
             force_vsock: options.force_vsock,
             // The clone's limits were set when it was made (`Setup`).
             io_limits: options.io_limits,
+            stream: options.output.is_some(),
         };
         write_message(&mut control, &request).map_err(worker_error)?;
         // The worker enforces the timeout itself; this bounds one that
         // does not, trickling or silent.
         let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
         let answer: Result<Result<Answer, String>, WorkerError> =
-            read_message_by(&control, MAX_ANSWER, Instant::now() + limit);
+            read_reply(&control, Instant::now() + limit, options);
         let answer = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(message)) => {
@@ -247,6 +248,8 @@ pub(super) fn serve(control: &mut UnixStream, snapshot: Snapshot) -> Result<(), 
         }
         Err(e) => return write_message(control, &Err::<(), String>(e.to_string())),
     };
+    // Made once, while this thread may still make descriptors.
+    let output = output_to(control)?;
     loop {
         let request: Request = match read_message(control, MAX_REQUEST) {
             Ok(request) => request,
@@ -256,19 +259,25 @@ pub(super) fn serve(control: &mut UnixStream, snapshot: Snapshot) -> Result<(), 
             }
             Err(e) => return Err(e),
         };
-        let answer = run(&mut clone, &request).map_err(|e| e.to_string());
-        write_message(control, &answer)?;
+        let output = request.stream.then(|| output.clone());
+        let answer = run(&mut clone, &request, output).map_err(|e| e.to_string());
+        write_message(control, &Reply::Done(answer))?;
         if !clone.is_usable() {
             return Ok(());
         }
     }
 }
 
-fn run(clone: &mut RecycledFunction, request: &Request) -> Result<Answer, FunctionError> {
+fn run(
+    clone: &mut RecycledFunction,
+    request: &Request,
+    output: Option<crate::function::OutputSink>,
+) -> Result<Answer, FunctionError> {
     let options = FunctionInvokeOptions {
         timeout: Duration::from_millis(request.timeout_ms),
         max_output_bytes: request.max_output_bytes,
         force_vsock: request.force_vsock,
+        output,
         // This process is the jail.
         ..FunctionInvokeOptions::in_process()
     };
