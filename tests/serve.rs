@@ -2608,3 +2608,195 @@ fn a_fresh_clones_client_going_away_kills_its_worker() {
     );
     server.stop();
 }
+
+/// Sends `body` to `uri` on the server at `socket` with `?stream=1`
+/// semantics and reads the answer as it comes: returns when the first
+/// output line arrived and when the answer ended (both from the request),
+/// the content type and the decoded (de-chunked) body.
+fn timed_stream(
+    socket: &Path,
+    uri: &str,
+    body: &[u8],
+    accept: &str,
+) -> (Duration, Duration, String, String) {
+    use std::io::{Read, Write};
+    let mut raw = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let sent = Instant::now();
+    raw.write_all(
+        format!(
+            "POST {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: {accept}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    raw.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    let mut first_line = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = raw.read(&mut buf).expect("the answer");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if first_line.is_none() && String::from_utf8_lossy(&answer).contains("line 0") {
+            first_line = Some(sent.elapsed());
+        }
+    }
+    let ended = sent.elapsed();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, chunked) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_string)
+        })
+        .expect("a content type");
+    // Chunked transfer coding: hex size, CRLF, data, CRLF; 0 ends it.
+    let mut body = String::new();
+    let mut rest = chunked;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    (first_line.expect("a first line"), ended, content_type, body)
+}
+
+/// Issue 15, item 3: `?stream=1` streams a function's output while the
+/// handler runs, as NDJSON or (when the client accepts them) as
+/// server-sent events: the first line arrives while the handler still has
+/// 1.4 s of work to do, then the rest, then the result.
+#[test]
+fn function_output_streams_live_over_http() {
+    let dir = functions_dir("serve-stream-live");
+    let socket = common::temp_path("serve-stream-live.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = functions_server(&dir, &listen, &[]);
+    let uri = "/v1/functions/probe/invocations?stream=1";
+    let drip = br#"{"op": "drip", "lines": 3, "gap_ms": 700}"#;
+    for accept in ["*/*", "text/event-stream"] {
+        let (first, ended, content_type, body) = timed_stream(&socket, uri, drip, accept);
+        assert!(
+            ended.saturating_sub(first) >= Duration::from_millis(700),
+            "{accept}: the first line came at {first:?}, the end at {ended:?}"
+        );
+        let events: Vec<Value> = if accept == "text/event-stream" {
+            assert_eq!(content_type, "text/event-stream");
+            body.split("\n\n")
+                .filter(|frame| !frame.is_empty())
+                .map(|frame| {
+                    let (event, data) = frame.split_once('\n').expect("event and data");
+                    let event = event.strip_prefix("event: ").expect("an event line");
+                    let data: Value =
+                        serde_json::from_str(data.strip_prefix("data: ").expect("a data line"))
+                            .expect("JSON data");
+                    assert_eq!(data["type"], event, "{frame}");
+                    data
+                })
+                .collect()
+        } else {
+            assert_eq!(content_type, "application/x-ndjson");
+            body.lines()
+                .map(|l| serde_json::from_str(l).expect("NDJSON"))
+                .collect()
+        };
+        let text = |kind: &str| -> String {
+            events
+                .iter()
+                .filter(|e| e["type"] == kind)
+                .filter_map(|e| e["data"].as_str())
+                .collect()
+        };
+        assert_eq!(
+            events[0],
+            json!({"type": "stdout", "data": "line 0\n"}),
+            "{events:?}"
+        );
+        assert_eq!(text("stdout"), "line 0\nline 1\nline 2\n", "{events:?}");
+        assert_eq!(text("stderr"), "err\n", "{events:?}");
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "result", "{events:?}");
+        assert_eq!(last["result"], json!({"kind": "json", "value": "dripped"}));
+        assert_eq!(last["path"], "hot");
+        assert!(last.get("stdout").is_none(), "output is not sent twice");
+    }
+    server.stop();
+}
+
+/// Issue 15, "done when": the README's deploy example (a bundle deployed
+/// with `curl`, invoked, streamed, deleted) works as written. Run with
+/// bash, with only its port, its /tmp paths and the binary's path swapped
+/// for this test's.
+#[test]
+fn readme_deploy_example_works_as_written() {
+    use std::os::unix::process::CommandExt;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("mkdir -p /tmp/hello\n")
+        .expect("the example's start");
+    let end = start
+        + readme[start..]
+            .find("kill %1\n")
+            .expect("the example's end")
+        + 8;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let work = common::temp_path("readme-deploy");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let script = readme[start..end]
+        .replace("8080", &port.to_string())
+        .replace("/tmp/hello", &work.join("hello").display().to_string())
+        .replace("/tmp/ember-data", &work.join("data").display().to_string())
+        .replace("target/release/ember", env!("CARGO_BIN_EXE_ember"));
+    let mut child = std::process::Command::new("bash")
+        .args(["-e", "-c", &script])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // Its own process group: whatever it leaves running is killed below.
+        .process_group(0)
+        .spawn()
+        .expect("bash");
+    let pgid = child.id() as i32;
+    let (sender, receiver) = mpsc::channel();
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = sender.send(out);
+    });
+    let out = receiver.recv_timeout(Duration::from_secs(600));
+    // SAFETY: kill takes integers; the group is this test's bash and its children.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    let out = out.expect("the example ended within 10 minutes");
+    assert!(status.success(), "{status:?}: {out}");
+    for expected in [
+        r#""status":"building""#,
+        r#""status":"ready""#,
+        "HTTP/1.1 200 OK",
+        "ember-path: hot",
+        r#"{"greeting":"hi","hello":"you"}"#,
+        r#"{"data":"hello, you\n","type":"stdout"}"#,
+        r#""type":"result""#,
+    ] {
+        assert!(out.contains(expected), "{expected} in:\n{out}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
