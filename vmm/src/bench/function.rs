@@ -6,6 +6,9 @@
 //!   request written and the clone started ([`Function::invoke_prepared`]);
 //! - `recycled`: a [`FunctionPool`] of clones reset in place after each
 //!   invocation;
+//! - `recycled_stream`: the same with the output streamed
+//!   ([`FunctionInvokeOptions::output`], to a sink that only counts), so
+//!   what streaming costs is the difference of two paths of one run;
 //! - `vsock`: the agent path, a new clone per event.
 //!
 //! Every path's headline, `e2e_ms`, runs from the request to the moment the
@@ -27,7 +30,8 @@ use super::stats::{ms, Stats};
 use crate::function::Manifest;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionPool, FunctionSpec,
-    FunctionTimings, HandlerResult, InvocationPath, PoolOptions, RecycleInfo, RecycleOptions,
+    FunctionTimings, HandlerResult, InvocationPath, OutputSink, PoolOptions, RecycleInfo,
+    RecycleOptions,
 };
 use crate::sandbox::{ExitStatus, Invocation, Sandbox};
 use crate::snapshot::RestoreOptions;
@@ -62,16 +66,19 @@ pub enum BenchPath {
     Prepared,
     /// Clones reset in place.
     Recycled,
+    /// Clones reset in place, the output streamed.
+    RecycledStream,
     /// The agent path.
     Vsock,
 }
 
 impl BenchPath {
     /// Every path, in report order.
-    pub const ALL: [BenchPath; 4] = [
+    pub const ALL: [BenchPath; 5] = [
         BenchPath::Fresh,
         BenchPath::Prepared,
         BenchPath::Recycled,
+        BenchPath::RecycledStream,
         BenchPath::Vsock,
     ];
 
@@ -81,6 +88,7 @@ impl BenchPath {
             BenchPath::Fresh => "fresh",
             BenchPath::Prepared => "prepared",
             BenchPath::Recycled => "recycled",
+            BenchPath::RecycledStream => "recycled_stream",
             BenchPath::Vsock => "vsock",
         }
     }
@@ -161,6 +169,8 @@ pub struct PathFigures {
     pub total_ms: Stats,
     /// The recycled path's resets.
     pub reset: Option<ResetFigures>,
+    /// Output bytes the sink got in all (streaming paths).
+    pub streamed_bytes: Option<usize>,
     /// Guest-kernel work per invocation (KVM's counters; in-process
     /// clones where KVM keeps them).
     pub guest_kernel: Option<GuestKernelFigures>,
@@ -195,6 +205,8 @@ pub struct FunctionBenchReport {
     pub prepared: Option<PathFigures>,
     /// Clones reset in place.
     pub recycled: Option<PathFigures>,
+    /// Clones reset in place, the output streamed.
+    pub recycled_stream: Option<PathFigures>,
     /// The agent path.
     pub vsock: Option<PathFigures>,
     /// Cold `python3 -c pass` in a fresh clone, request to exit.
@@ -228,6 +240,7 @@ pub fn run(
     let fresh = measure(BenchPath::Fresh, config.iterations)?;
     let prepared = measure(BenchPath::Prepared, config.iterations)?;
     let recycled = measure(BenchPath::Recycled, config.iterations)?;
+    let recycled_stream = measure(BenchPath::RecycledStream, config.iterations)?;
     let vsock = measure(BenchPath::Vsock, config.vsock_iterations)?;
     let cold_python_ms = config
         .cold
@@ -254,6 +267,7 @@ pub fn run(
         fresh,
         prepared,
         recycled,
+        recycled_stream,
         vsock,
         cold_python_ms,
         cold_handler_ms,
@@ -270,11 +284,19 @@ fn measure(
     let concurrency = concurrency.clamp(1, iterations.max(1));
     // The VMM's own paths, in this process (a jailed invocation adds a
     // worker's spawn and jail: `ember invoke --verbose` shows it).
+    let streamed = Arc::new(AtomicUsize::new(0));
+    let counted = streamed.clone();
     let options = FunctionInvokeOptions {
         force_vsock: mode == BenchPath::Vsock,
+        output: (mode == BenchPath::RecycledStream).then(|| {
+            OutputSink::new(move |_, bytes| {
+                counted.fetch_add(bytes.len(), Ordering::Relaxed);
+            })
+        }),
         ..FunctionInvokeOptions::in_process()
     };
-    let pool = (mode == BenchPath::Recycled)
+    let recycles = matches!(mode, BenchPath::Recycled | BenchPath::RecycledStream);
+    let pool = recycles
         .then(|| {
             FunctionPool::new(
                 Arc::clone(function),
@@ -290,7 +312,9 @@ fn measure(
         (BenchPath::Prepared, _) => function
             .prepare(options)
             .and_then(|clone| function.invoke_prepared(clone, event, options)),
-        (BenchPath::Recycled, Some(pool)) => pool.invoke(event, options),
+        (BenchPath::Recycled | BenchPath::RecycledStream, Some(pool)) => {
+            pool.invoke(event, options)
+        }
         _ => function.invoke(event, options),
     };
     // Each outcome is kept as a small sample in a table filled in up front,
@@ -382,6 +406,7 @@ fn measure(
         teardown_ms: stats(&|o| ms(o.timings.teardown)),
         total_ms: stats(&|o| ms(o.timings.total)),
         reset,
+        streamed_bytes: options.output.is_some().then(|| streamed.load(Ordering::Relaxed)),
     })
 }
 
@@ -503,11 +528,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FunctionBenchReport {
     /// The paths measured, with their names.
-    fn sections(&self) -> [(&'static str, &Option<PathFigures>); 4] {
+    fn sections(&self) -> [(&'static str, &Option<PathFigures>); 5] {
         [
             ("fresh", &self.fresh),
             ("prepared", &self.prepared),
             ("recycled", &self.recycled),
+            ("recycled_stream", &self.recycled_stream),
             ("vsock", &self.vsock),
         ]
     }
@@ -526,7 +552,9 @@ impl fmt::Display for FunctionBenchReport {
             let Some(p) = figures else { continue };
             writeln!(f, "{name} ({:.1} invocations/s):", p.per_s)?;
             let (restore, teardown) = match name {
-                "recycled" => ("write request + resume", "reset (after the result)"),
+                "recycled" | "recycled_stream" => {
+                    ("write request + resume", "reset (after the result)")
+                }
                 "prepared" => ("write request + start", "teardown (after the result)"),
                 _ => (
                     "restore (request -> vCPUs run)",
@@ -566,6 +594,9 @@ impl fmt::Display for FunctionBenchReport {
                     row(&k.exits, "    exits to KVM (count)"),
                     row(&k.injected_interrupts, "    injected interrupts (count)")
                 )?;
+            }
+            if let Some(bytes) = p.streamed_bytes {
+                writeln!(f, "  output streamed to the sink: {bytes} bytes in all")?;
             }
             if let Some(r) = &p.reset {
                 write!(f, "{}", r.pages.row("  pages restored per reset (count)"))?;
@@ -624,6 +655,13 @@ impl fmt::Display for FunctionBenchReport {
             e2e(&self.fresh),
             "prepared",
             e2e(&self.prepared),
+        )?;
+        ratio(
+            f,
+            "recycled_stream",
+            e2e(&self.recycled_stream),
+            "recycled",
+            e2e(&self.recycled),
         )?;
         ratio(f, "vsock", e2e(&self.vsock), "fresh", e2e(&self.fresh))?;
         ratio(

@@ -169,7 +169,7 @@ pub struct BenchFunctionArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     cold_handler: usize,
     /// The paths to measure, comma-separated: fresh, prepared, recycled,
-    /// vsock [default: all]
+    /// recycled_stream (recycled, the output streamed), vsock [default: all]
     #[arg(long, value_name = "LIST")]
     paths: Option<String>,
     /// The event every invocation gets, JSON text [default: a small object]
