@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ember::function::{
-    Function, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationPath, OutputSink,
-    OutputStream,
+    Function, FunctionInvokeOptions, FunctionOutcome, HandlerResult, InvocationCancel,
+    InvocationPath, OutputSink, OutputStream,
 };
 use serde_json::{json, Value};
 
@@ -656,4 +656,87 @@ fn output_reaches_the_sink_on_every_path() {
     );
     assert_eq!(outcome.result, HandlerResult::TimedOut);
     assert_eq!(streamed(&seen, OutputStream::Stdout), b"line 0\n");
+}
+
+/// Runs a handler that never returns with `options` plus a cancel handle,
+/// cancels it after `after`, and checks that the invocation ends with
+/// `Cancelled` promptly (long before its 120 s timeout).
+fn check_cancel(
+    what: &str,
+    options: &FunctionInvokeOptions,
+    invoke: impl FnOnce(
+            &[u8],
+            &FunctionInvokeOptions,
+        ) -> Result<FunctionOutcome, ember::function::FunctionError>
+        + Send,
+) {
+    let cancel = InvocationCancel::new();
+    let options = FunctionInvokeOptions {
+        timeout: Duration::from_secs(120),
+        cancel: Some(cancel.clone()),
+        ..options.clone()
+    };
+    let started = Instant::now();
+    let result = std::thread::scope(|scope| {
+        let running = scope.spawn(|| invoke(br#"{"op": "loop"}"#, &options));
+        std::thread::sleep(Duration::from_secs(2));
+        cancel.cancel();
+        running.join().unwrap()
+    });
+    assert!(
+        matches!(result, Err(ember::function::FunctionError::Cancelled)),
+        "{what}: {result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{what}: cancelled only after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 15, item 3 (a client that goes away cancels its invocation):
+/// `FunctionInvokeOptions::cancel` ends a running invocation from another
+/// thread, in-process or jailed, fresh or recycled, hot path or vsock
+/// path; a recycled clone is not reused after it.
+#[test]
+fn invocations_are_cancelled_from_another_thread() {
+    use ember::function::RecycleOptions;
+    use ember::worker::recycled::JailedRecycledFunction;
+    let in_process = FunctionInvokeOptions::in_process();
+    let jailed = FunctionInvokeOptions::default();
+    check_cancel("in-process fresh clone", &in_process, |e, o| {
+        function().invoke(e, o)
+    });
+    let vsock = FunctionInvokeOptions {
+        force_vsock: true,
+        ..in_process.clone()
+    };
+    check_cancel("in-process fresh clone, vsock path", &vsock, |e, o| {
+        function().invoke(e, o)
+    });
+    check_cancel("jailed fresh clone", &jailed, |e, o| {
+        function().invoke(e, o)
+    });
+
+    let shared = Arc::new(Function::open(common::probe_template()).expect("open"));
+    let mut clone = shared
+        .recycled(&RecycleOptions::default())
+        .expect("recycled clone");
+    check_cancel("in-process recycled clone", &in_process, |e, o| {
+        clone.invoke(e, o)
+    });
+    assert!(!clone.is_usable(), "a cancelled clone is not reused");
+    let mut worker = JailedRecycledFunction::new(
+        shared.clone(),
+        &RecycleOptions::default(),
+        &ember::isolation::Isolation::default(),
+    )
+    .expect("jailed recycled clone");
+    let pid = worker.worker_pid().expect("a worker");
+    check_cancel("jailed recycled clone", &jailed, |e, o| worker.invoke(e, o));
+    assert!(!worker.is_usable(), "a cancelled worker is not reused");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the cancelled worker is gone"
+    );
 }

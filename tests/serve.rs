@@ -2800,3 +2800,69 @@ fn readme_deploy_example_works_as_written() {
     }
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// Issue 15, item 3: with `--in-process` (recycled clones, or fresh ones
+/// with `--no-recycle`), a client that goes away also cancels its
+/// invocation: the clone is stopped, its slot freed, the cancellation
+/// counted, and the next invocation is served.
+#[test]
+fn in_process_invocations_are_cancelled_when_the_client_goes_away() {
+    for extra in [&["--in-process"][..], &["--in-process", "--no-recycle"][..]] {
+        let name = format!("serve-cancel-in-process-{}", extra.len());
+        let dir = functions_dir(&name);
+        let socket = common::temp_path(&format!("{name}.sock"));
+        let listen = format!("unix:{}", socket.display());
+        let mut args = vec!["--max-live", "1"];
+        args.extend_from_slice(extra);
+        let server = functions_server(&dir, &listen, &args);
+        let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+        let live = |client: &mut Client| -> u64 {
+            let r = client.request("GET", "/v1/health", None).unwrap();
+            r.json().unwrap()["functions"]["live"].as_u64().unwrap()
+        };
+        let looping = br#"{"op": "loop"}"#;
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        use std::io::Write;
+        raw.write_all(
+            format!(
+                "POST /v1/functions/probe/invocations?timeout_ms=120000 HTTP/1.1\r\nHost: localhost\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                looping.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        raw.write_all(looping).unwrap();
+        assert!(
+            eventually(Duration::from_secs(60), || live(&mut client) == 1),
+            "{extra:?}: the looping invocation runs"
+        );
+        // Give the clone time to be running the handler.
+        std::thread::sleep(Duration::from_secs(1));
+        drop(raw);
+        assert!(
+            eventually(Duration::from_secs(10), || live(&mut client) == 0),
+            "{extra:?}: the slot is freed when the client goes away"
+        );
+        let r = client
+            .request(
+                "POST",
+                "/v1/functions/probe/invocations",
+                Some(br#"{"op": "echo"}"#),
+            )
+            .unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let m = metrics(&mut client);
+        assert_eq!(
+            m["ember_function_invocations_total{function=\"probe\",outcome=\"cancelled\",path=\"none\"}"],
+            1.0,
+            "{extra:?}"
+        );
+        server.stop();
+    }
+}

@@ -38,6 +38,12 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
+    /// Another handle on the connection: shutting it down ends any wait
+    /// for the agent at once (cancelling an invocation).
+    pub fn interrupter(&self) -> std::io::Result<UnixStream> {
+        self.writer.try_clone()
+    }
+
     /// Connects to the agent in `machine` and waits for its greeting.
     pub fn connect(machine: &Machine, deadline: Instant) -> Result<Self, AgentError> {
         let stream = machine

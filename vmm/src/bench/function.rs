@@ -406,7 +406,10 @@ fn measure(
         teardown_ms: stats(&|o| ms(o.timings.teardown)),
         total_ms: stats(&|o| ms(o.timings.total)),
         reset,
-        streamed_bytes: options.output.is_some().then(|| streamed.load(Ordering::Relaxed)),
+        streamed_bytes: options
+            .output
+            .is_some()
+            .then(|| streamed.load(Ordering::Relaxed)),
     })
 }
 

@@ -11,11 +11,12 @@ use ember_protocol::hotpath::{
 use ember_protocol::protocol::{FunctionInvoke, FunctionResult, HotPathPages, MAX_TIMEOUT_MS};
 use serde::Serialize;
 
+use super::cancel::InvocationCancel;
 use super::guest_clock::ClockReading;
 use super::guest_rng::KEY_LEN;
 use super::manifest::Manifest;
 use super::output::{output_hook, LiveOutput, OutputSink};
-use super::{buffers, FunctionError};
+use super::{buffers, interrupt_on, FunctionError};
 use crate::agent::{invoke_grace, AgentClient};
 use crate::config::ConsoleOutput;
 use crate::machine::Machine;
@@ -64,6 +65,10 @@ pub struct FunctionInvokeOptions {
     /// line on the hot path; at the end on the vsock path). The outcome
     /// still holds the whole output, within `max_output_bytes`.
     pub output: Option<OutputSink>,
+    /// Cancels the invocation from another thread: it ends with
+    /// [`FunctionError::Cancelled`], its clone stopped (or its worker
+    /// killed), never reused.
+    pub cancel: Option<InvocationCancel>,
 }
 
 impl Default for FunctionInvokeOptions {
@@ -78,6 +83,7 @@ impl Default for FunctionInvokeOptions {
             filter_caller: false,
             io_limits: Default::default(),
             output: None,
+            cancel: None,
         }
     }
 }
@@ -530,6 +536,12 @@ impl Function {
         mut live: Option<&mut LiveOutput>,
     ) -> Result<FunctionOutcome, FunctionError> {
         let bell = machine.doorbell().clone();
+        let cancel = options.cancel.as_ref();
+        let _interrupt = interrupt_on(cancel, {
+            let bell = bell.clone();
+            move || bell.wake()
+        });
+        let cancelled = || cancel.is_some_and(InvocationCancel::is_cancelled);
         let mut outputs_seen = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -537,11 +549,18 @@ impl Function {
             let exit = &machine.devices.exit;
             let streaming = live.is_some();
             let (rings, rang) = bell.wait_until(left, |r| {
-                r.done > 0 || exit.reason().is_some() || (streaming && r.output != outputs_seen)
+                r.done > 0
+                    || exit.reason().is_some()
+                    || (streaming && r.output != outputs_seen)
+                    || cancelled()
             });
             if let Some(live) = live.as_deref_mut() {
                 outputs_seen = rings.output;
                 live.drain();
+            }
+            if cancelled() {
+                machine.stop();
+                return Err(FunctionError::Cancelled);
             }
             let rang = rang && rings.done > 0;
             if rang {
@@ -617,6 +636,7 @@ pub(super) fn run_vsock(
 ) -> Result<FunctionOutcome, FunctionError> {
     let connect_deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
     let mut agent = AgentClient::connect_refreshed(machine, fresh_refresh(), connect_deadline)?;
+    let _interrupt = interrupt_agent(&agent, options)?;
     let invoke = FunctionInvoke {
         event: event.to_vec(),
         timeout_ms: deadline
@@ -625,8 +645,35 @@ pub(super) fn run_vsock(
             .clamp(1, u128::from(timeout_ms)) as u64,
         max_output_bytes: options.max_output_bytes,
     };
-    let result = agent.invoke_function(&invoke, deadline + invoke_grace(machine.host()))?;
+    let result = agent
+        .invoke_function(&invoke, deadline + invoke_grace(machine.host()))
+        .map_err(|e| cancelled_or(e.into(), options))?;
     Ok(outcome_of(result, InvocationPath::Vsock, options))
+}
+
+/// While the returned guard lives, cancelling the invocation shuts the
+/// agent's connection down, which ends any wait for it.
+fn interrupt_agent(
+    agent: &AgentClient,
+    options: &FunctionInvokeOptions,
+) -> Result<Option<super::cancel::Registered>, FunctionError> {
+    let Some(cancel) = &options.cancel else {
+        return Ok(None);
+    };
+    let connection = agent
+        .interrupter()
+        .map_err(|e| FunctionError::Io("agent connection".into(), e))?;
+    Ok(interrupt_on(Some(cancel), move || {
+        let _ = connection.shutdown(std::net::Shutdown::Both);
+    }))
+}
+
+/// `error`, or [`FunctionError::Cancelled`] if that is what caused it.
+pub(crate) fn cancelled_or(error: FunctionError, options: &FunctionInvokeOptions) -> FunctionError {
+    match &options.cancel {
+        Some(cancel) if cancel.is_cancelled() => FunctionError::Cancelled,
+        _ => error,
+    }
 }
 
 /// A hot-path response that did not fit its buffer: the runtime sent it to
@@ -638,7 +685,10 @@ fn collect_via_agent(
 ) -> Result<FunctionOutcome, FunctionError> {
     let connect_deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
     let mut agent = AgentClient::connect_refreshed(machine, fresh_refresh(), connect_deadline)?;
-    let result = agent.collect_function(deadline + invoke_grace(machine.host()))?;
+    let _interrupt = interrupt_agent(&agent, options)?;
+    let result = agent
+        .collect_function(deadline + invoke_grace(machine.host()))
+        .map_err(|e| cancelled_or(e.into(), options))?;
     Ok(outcome_of(
         result,
         InvocationPath::HotWithVsockResult,

@@ -49,6 +49,7 @@ pub mod base;
 mod buffers;
 pub mod bundle;
 mod cache;
+mod cancel;
 pub mod code_image;
 pub mod guest_clock;
 pub mod guest_rng;
@@ -65,6 +66,8 @@ use std::path::PathBuf;
 
 pub(crate) use cache::ensure_cached_with;
 pub use cache::{cached_function_dir, function_key};
+pub(crate) use cancel::interrupt_on;
+pub use cancel::InvocationCancel;
 pub(crate) use invoke::{cap_output, timeout_ms as check_timeout};
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,
@@ -133,4 +136,8 @@ pub enum FunctionError {
     /// not start, broke its pipe, died, or reported an error of its own.
     #[error("the function's worker process failed: {0}")]
     Worker(String),
+    /// The invocation was cancelled ([`InvocationCancel`]); its clone was
+    /// stopped (or its worker killed) and is not reused.
+    #[error("the invocation was cancelled")]
+    Cancelled,
 }

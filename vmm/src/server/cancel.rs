@@ -1,7 +1,9 @@
 //! Cancelling a function invocation whose client went away: the jailed
 //! worker running it is killed (so its clone is never reused) and the
 //! invocation's slot frees as soon as the blocking call sees the worker
-//! gone.
+//! gone. The library's own handle ([`Cancel::token`], given to the
+//! invocation) is cancelled too: it stops an in-process clone, and ends a
+//! jailed invocation's wait for its worker at once.
 //!
 //! The worker is named by a pidfd opened while the server still holds the
 //! worker's handle (so it cannot have been reaped and its PID reused): a
@@ -9,6 +11,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::function::InvocationCancel;
 
 #[derive(Debug, Default)]
 struct State {
@@ -20,6 +24,7 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Cancel {
     state: Mutex<State>,
+    token: InvocationCancel,
 }
 
 impl Cancel {
@@ -53,18 +58,29 @@ impl Cancel {
         state.cancelled
     }
 
+    /// The library's handle on the invocation, for
+    /// [`crate::function::FunctionInvokeOptions::cancel`].
+    pub fn token(&self) -> InvocationCancel {
+        self.token.clone()
+    }
+
     /// Cancels the invocation: its worker, if it runs in one now, is
-    /// killed. Returns whether one was.
+    /// killed (and an in-process clone stopped). Returns whether a worker
+    /// was killed.
     pub fn cancel(&self) -> bool {
-        let mut state = self.lock();
-        state.cancelled = true;
-        match state.worker.take() {
-            Some(fd) => {
-                kill(&fd);
-                true
+        let killed = {
+            let mut state = self.lock();
+            state.cancelled = true;
+            match state.worker.take() {
+                Some(fd) => {
+                    kill(&fd);
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        };
+        self.token.cancel();
+        killed
     }
 
     /// Whether [`Cancel::cancel`] was called.

@@ -714,6 +714,7 @@ pub(super) async fn function_invocations(
         let options = FunctionInvokeOptions {
             isolation: functions.config().isolation.clone(),
             output: sink,
+            cancel: Some(cancel.token()),
             ..options
         };
         log.run(&served, &event, &options, slot, envelope || stream, &cancel)

@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::{describe_exit, start, Isolation, WorkerError};
 use crate::agent::invoke_grace;
 use crate::deadline::DeadlineStream;
+use crate::function::interrupt_on;
 use crate::function::{
     Function, FunctionError, FunctionInvokeOptions, FunctionOutcome, FunctionTimings,
-    HandlerResult, InvocationPath, Manifest, OutputSink, OutputStream,
+    HandlerResult, InvocationCancel, InvocationPath, Manifest, OutputSink, OutputStream,
 };
 use crate::host::HostKind;
 use crate::ready::RESTORE_CONNECT_TIMEOUT;
@@ -129,7 +130,20 @@ pub fn invoke_watched(
     let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
     let answer: Result<Result<WireOutcome, String>, WorkerError> =
         read_reply(&control, Instant::now() + limit, options);
-    let status = worker.finish(Duration::from_secs(1));
+    let cancelled = options
+        .cancel
+        .as_ref()
+        .is_some_and(InvocationCancel::is_cancelled);
+    // A cancelled invocation's worker is killed at once.
+    let grace = if cancelled {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1)
+    };
+    let status = worker.finish(grace);
+    if cancelled {
+        return Err(FunctionError::Cancelled);
+    }
     match answer {
         Ok(Ok(wire)) => Ok(from_wire(wire, options.max_output_bytes)),
         Ok(Err(message)) => Err(FunctionError::Worker(message)),
@@ -181,11 +195,22 @@ pub(super) fn output_to(control: &UnixStream) -> Result<OutputSink, WorkerError>
 /// Parent side: reads a worker's replies to one request until its answer,
 /// all by `deadline`. Output chunks go to `options.output`, at most
 /// `options.max_output_bytes` of them in all whatever the worker sends.
+/// Cancelling the invocation (`options.cancel`) shuts the socket down,
+/// which ends the wait with an error (the caller then ends the worker).
 pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
     control: &UnixStream,
     deadline: Instant,
     options: &FunctionInvokeOptions,
 ) -> Result<Result<T, String>, WorkerError> {
+    let _interrupt = match &options.cancel {
+        Some(cancel) => {
+            let socket = control.try_clone().map_err(WorkerError::Io)?;
+            interrupt_on(Some(cancel), move || {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            })
+        }
+        None => None,
+    };
     // A second descriptor of the same socket: the caller keeps its own.
     let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
     stream

@@ -192,6 +192,15 @@ impl JailedRecycledFunction {
         let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
         let answer: Result<Result<Answer, String>, WorkerError> =
             read_reply(&control, Instant::now() + limit, options);
+        if options
+            .cancel
+            .as_ref()
+            .is_some_and(crate::function::InvocationCancel::is_cancelled)
+        {
+            // Whatever it answered, its clone is not kept.
+            worker.finish(Duration::ZERO);
+            return Err(FunctionError::Cancelled);
+        }
         let answer = match answer {
             Ok(Ok(answer)) => answer,
             Ok(Err(message)) => {
