@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::cancel::Cancel;
+use super::fair_slots::{Closed, FairSlot, FairSlots};
 use super::memory::{Charge, MemoryBudget};
 use super::metrics::{FunctionCounters, FunctionLoad};
 use super::recycled::{ChargedClone, IdleClones, RecycledClone};
@@ -447,7 +448,7 @@ impl FunctionSet {
             return Err(Refusal::Retired);
         }
         self.limiter
-            .acquire(&function.limit)
+            .acquire(&function.limit, function.index)
             .await
             .map_err(|refusal| match refusal {
                 Refusal::ShuttingDown if function.is_retired() && !self.is_closed() => {
@@ -460,7 +461,7 @@ impl FunctionSet {
     /// Refuses new invocations from now on (waiting ones too), and
     /// destroys the idle clones.
     pub async fn close(&self) {
-        self.limiter.permits.close();
+        self.limiter.close();
         for function in self.list() {
             function.limit.permits.close();
         }
@@ -661,7 +662,7 @@ impl FunctionSet {
 
     /// Whether [`FunctionSet::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.limiter.permits.is_closed()
+        self.limiter.is_closed()
     }
 
     /// Waits until no clone is alive, at most the shutdown grace; returns
@@ -744,7 +745,7 @@ impl std::fmt::Display for Refusal {
 /// A slot to run one clone in; freed when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
+    _slot: FairSlot,
     _function_permit: OwnedSemaphorePermit,
     /// How long the request waited for it.
     pub queued: Duration,
@@ -792,10 +793,12 @@ fn enqueue(queued: &AtomicUsize, max: usize) -> Option<InQueue<'_>> {
         .map(|_| InQueue(queued))
 }
 
-/// At most `max_live` slots; at most `max_queue` waiters (FIFO).
+/// At most `max_live` slots, shared fairly between functions
+/// ([`FairSlots`]: a slot that frees goes to the waiting function that runs
+/// the fewest); at most `max_queue` waiters.
 #[derive(Debug)]
 struct Limiter {
-    permits: Arc<Semaphore>,
+    slots: Arc<FairSlots>,
     max_live: usize,
     max_queue: usize,
     queue_timeout: Duration,
@@ -814,7 +817,7 @@ impl Drop for InQueue<'_> {
 impl Limiter {
     fn new(config: &FunctionSetConfig) -> Self {
         Limiter {
-            permits: Arc::new(Semaphore::new(config.max_live)),
+            slots: FairSlots::new(config.max_live),
             max_live: config.max_live,
             max_queue: config.max_queue,
             queue_timeout: config.queue_timeout,
@@ -822,37 +825,43 @@ impl Limiter {
         }
     }
 
+    fn close(&self) {
+        self.slots.close();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.slots.is_closed()
+    }
+
     fn load(&self) -> FunctionLoad {
         FunctionLoad {
-            live: self
-                .max_live
-                .saturating_sub(self.permits.available_permits()),
+            live: self.slots.live(),
             queued: self.queued.load(Ordering::SeqCst),
             idle: 0,
         }
     }
 
-    /// A slot for an invocation of the function `function` limits: its
-    /// own permit first (so its waiters queue behind each other, not in
-    /// front of other functions'), then one of the set's.
-    async fn acquire(&self, function: &FunctionLimit) -> Result<Slot, Refusal> {
+    /// A slot for an invocation of function number `index`, whose own
+    /// limits are `function`: its own permit first (so its waiters queue
+    /// behind each other), then one of the set's slots, fairly shared.
+    async fn acquire(&self, function: &FunctionLimit, index: usize) -> Result<Slot, Refusal> {
         let started = Instant::now();
         let at_once = match function.permits.clone().try_acquire_owned() {
-            Ok(own) => match self.permits.clone().try_acquire_owned() {
-                Ok(permit) => {
+            Ok(own) => match self.slots.try_acquire(index) {
+                Ok(Some(slot)) => {
                     return Ok(Slot {
-                        _permit: permit,
+                        _slot: slot,
                         _function_permit: own,
                         queued: Duration::ZERO,
                     })
                 }
-                Err(TryAcquireError::Closed) => return Err(Refusal::ShuttingDown),
-                Err(TryAcquireError::NoPermits) => Some(own),
+                Ok(None) => Some(own),
+                Err(Closed) => return Err(Refusal::ShuttingDown),
             },
             Err(TryAcquireError::Closed) => return Err(Refusal::ShuttingDown),
             Err(TryAcquireError::NoPermits) => None,
         };
-        if self.permits.is_closed() {
+        if self.slots.is_closed() {
             return Err(Refusal::ShuttingDown);
         }
         let Some(_in_function_queue) = enqueue(&function.queued, function.max_queue) else {
@@ -870,18 +879,23 @@ impl Limiter {
         let wait = async {
             let own = match at_once {
                 Some(own) => own,
-                None => function.permits.clone().acquire_owned().await?,
+                None => function
+                    .permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed)?,
             };
-            let permit = self.permits.clone().acquire_owned().await?;
-            Ok::<_, tokio::sync::AcquireError>((permit, own))
+            let slot = self.slots.acquire(index).await?;
+            Ok::<_, Closed>((slot, own))
         };
         match tokio::time::timeout(self.queue_timeout, wait).await {
-            Ok(Ok((permit, own))) => Ok(Slot {
-                _permit: permit,
+            Ok(Ok((slot, own))) => Ok(Slot {
+                _slot: slot,
                 _function_permit: own,
                 queued: started.elapsed(),
             }),
-            Ok(Err(_)) => Err(Refusal::ShuttingDown),
+            Ok(Err(Closed)) => Err(Refusal::ShuttingDown),
             Err(_) => Err(Refusal::QueueTimeout(self.queue_timeout)),
         }
     }
@@ -933,7 +947,7 @@ mod tests {
             };
             let limiter = Arc::new(Limiter::new(&config));
             let function = Arc::new(FunctionLimit::new(&config, &PoolLimits::default()));
-            let first = limiter.acquire(&function).await.unwrap();
+            let first = limiter.acquire(&function, 0).await.unwrap();
             assert_eq!(first.queued, Duration::ZERO);
             assert_eq!(
                 limiter.load(),
@@ -946,13 +960,13 @@ mod tests {
             // One waits (and times out); meanwhile a third is refused.
             let waiter = tokio::spawn({
                 let (limiter, function) = (limiter.clone(), function.clone());
-                async move { limiter.acquire(&function).await.map(|_| ()) }
+                async move { limiter.acquire(&function, 0).await.map(|_| ()) }
             });
             while limiter.load().queued == 0 {
                 tokio::task::yield_now().await;
             }
             assert!(matches!(
-                limiter.acquire(&function).await,
+                limiter.acquire(&function, 0).await,
                 Err(Refusal::FunctionBusy { .. } | Refusal::Busy { .. })
             ));
             assert_eq!(
@@ -962,11 +976,11 @@ mod tests {
             assert_eq!(limiter.load().queued, 0);
             assert_eq!(function.queued.load(Ordering::SeqCst), 0);
             drop(first);
-            let second = limiter.acquire(&function).await.unwrap();
+            let second = limiter.acquire(&function, 0).await.unwrap();
             drop(second);
-            limiter.permits.close();
+            limiter.close();
             assert_eq!(
-                limiter.acquire(&function).await.unwrap_err(),
+                limiter.acquire(&function, 0).await.unwrap_err(),
                 Refusal::ShuttingDown
             );
         });
@@ -1033,27 +1047,27 @@ mod tests {
             let slow = Arc::new(FunctionLimit::new(&config, &PoolLimits::default()));
             let hot = FunctionLimit::new(&config, &PoolLimits::default());
             let running = [
-                limiter.acquire(&slow).await.unwrap(),
-                limiter.acquire(&slow).await.unwrap(),
+                limiter.acquire(&slow, 1).await.unwrap(),
+                limiter.acquire(&slow, 1).await.unwrap(),
             ];
             // The slow function's third call waits for its own slot...
             let waiter = tokio::spawn({
                 let (limiter, slow) = (limiter.clone(), slow.clone());
-                async move { limiter.acquire(&slow).await.map(|s| s.queued) }
+                async move { limiter.acquire(&slow, 1).await.map(|s| s.queued) }
             });
             while slow.queued.load(Ordering::SeqCst) == 0 {
                 tokio::task::yield_now().await;
             }
             // ...its fourth finds its queue full...
             assert_eq!(
-                limiter.acquire(&slow).await.unwrap_err(),
+                limiter.acquire(&slow, 1).await.unwrap_err(),
                 Refusal::FunctionBusy {
                     max_live: 2,
                     max_queue: 1
                 }
             );
             // ...and the hot function runs at once on the third slot.
-            let hot_slot = limiter.acquire(&hot).await.unwrap();
+            let hot_slot = limiter.acquire(&hot, 2).await.unwrap();
             assert_eq!(hot_slot.queued, Duration::ZERO);
             assert_eq!(limiter.load().live, 3);
             // The waiter gets a slot once one of its own ends.

@@ -61,6 +61,7 @@ pub mod cancel;
 pub mod client;
 mod conn_cap;
 pub mod deploy;
+mod fair_slots;
 mod function_api;
 pub mod functions;
 pub mod guard;
