@@ -59,6 +59,7 @@ mod recycled;
 mod spec;
 mod template;
 mod vm_steps;
+mod zip_directory;
 
 use std::path::PathBuf;
 
