@@ -55,6 +55,7 @@ pub mod guest_rng;
 mod invoke;
 mod manifest;
 pub mod pip;
+pub mod pip_jail;
 mod recycled;
 mod spec;
 mod template;
