@@ -281,3 +281,36 @@ fn a_build_over_its_time_is_killed_with_all_it_started() {
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
+
+/// The "wheels only" install builds a direct reference anyway (pip
+/// ignores `--only-binary` for it): that install is jailed too. The
+/// reference names the sdist by its path in the jail, where the bundle's
+/// directory is `/req`.
+#[test]
+fn a_direct_reference_is_built_jailed_by_the_wheels_only_install() {
+    let scratch = common::temp_path("pip-jail-direct");
+    let outside = scratch.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let tag = tag();
+    let requirements = bundle_with_sdist(&scratch, "direct", &tag, &outside, false);
+    std::fs::write(
+        &requirements,
+        "--no-index\ndirect @ file:///req/sdists/direct-1.0.tar.gz\n",
+    )
+    .unwrap();
+    let into = scratch.join("entry");
+    pip::install_site(&requirements, &into, &jail())
+        .unwrap_or_else(|e| panic!("the jailed install failed: {e}"));
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(into.join(pip::SITE).join("direct_report.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(report["uid"].as_u64().unwrap() >= u64::from(ember::jail::DEFAULT_JAIL_ID));
+    assert_eq!(report["CapEff"], "0000000000000000");
+    assert!(report["read_shadow"]
+        .as_str()
+        .unwrap()
+        .starts_with("refused"));
+    assert!(processes_with(&tag).is_empty());
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -400,15 +400,18 @@ impl Session {
                 }
             }
         }
+        let mut system: Vec<(PathBuf, bool)> = system
+            .into_iter()
+            .filter_map(|(path, exec)| Some((std::fs::canonicalize(path).ok()?, exec)))
+            .collect();
+        // Outer directories first: one mounted later over a mount below
+        // it would hide that mount.
+        system.sort_by_key(|(path, _)| path.components().count());
         let mut mounted: BTreeSet<PathBuf> = BTreeSet::new();
         for (path, exec) in system {
-            let Ok(path) = std::fs::canonicalize(&path) else {
-                continue;
-            };
             if path == Path::new("/") || path.ancestors().any(|a| mounted.contains(a)) {
                 continue;
             }
-            // A directory mounted before below this one stays visible.
             mounted.insert(path.clone());
             let target = path.to_string_lossy().into_owned();
             binds.push((path, target, false, exec, false));
