@@ -30,6 +30,10 @@ pub struct Isolation {
     pub violate_seccomp: bool,
 }
 
+/// The hidden subcommand of the `ember` binary that runs a worker (a
+/// jailed pip run is one too, in its own mode).
+pub const WORKER_SUBCOMMAND: &str = "__worker";
+
 /// The environment variable naming the `ember` binary that jailed workers
 /// run, for programs that use the library without being `ember` themselves.
 pub const WORKER_EXE_ENV: &str = "EMBER_WORKER_EXE";

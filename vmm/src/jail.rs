@@ -36,6 +36,9 @@ pub struct JailConfig {
     /// `/proc/self` files (a template worker's calibration reads its
     /// page map); only its own uid could then ptrace it.
     pub dumpable: bool,
+    /// RLIMIT_AS, per process (`None`: no limit). A worker's memory is
+    /// bounded by its cgroup instead; a jailed pip run has none.
+    pub max_address_space: Option<u64>,
 }
 
 impl Default for JailConfig {
@@ -47,6 +50,7 @@ impl Default for JailConfig {
             max_processes: 4096,
             max_file_bytes: Some(0),
             dumpable: false,
+            max_address_space: None,
         }
     }
 }
@@ -332,9 +336,33 @@ pub struct Bind {
     pub fd: std::os::fd::RawFd,
     /// Where, inside the jail (absolute).
     pub target: std::ffi::CString,
-    /// Mounted writable (else read-only); never executable, setuid or
-    /// with devices.
+    /// Mounted writable (else read-only); never setuid.
     pub writable: bool,
+    /// Programs may run from it (else `noexec`).
+    pub exec: bool,
+    /// Device files in it may be opened (else `nodev`): for `/dev/null`.
+    pub devices: bool,
+}
+
+/// A symbolic link made in the jail's root, e.g. `/lib64 -> usr/lib64` on
+/// a merged-/usr host.
+#[derive(Debug)]
+pub struct Link {
+    /// Where, inside the jail (absolute, below `/`).
+    pub path: std::ffi::CString,
+    /// What it points to.
+    pub target: std::ffi::CString,
+}
+
+/// What a jail's otherwise empty, read-only root holds.
+#[derive(Debug, Default)]
+pub struct RootLayout<'a> {
+    /// Host files and directories mounted into it.
+    pub binds: &'a [Bind],
+    /// Symbolic links made in it.
+    pub links: &'a [Link],
+    /// A procfs of the jail's own PID namespace at `/proc`.
+    pub proc: bool,
 }
 
 /// Step 2: replaces the root with an empty, read-only tmpfs. Needs the
@@ -347,6 +375,17 @@ pub fn enter_empty_root() -> Result<(), JailError> {
 /// [`enter_empty_root`] with `binds` mounted into it and, with `proc`, a
 /// procfs of the worker's own PID namespace at `/proc`.
 pub fn enter_root_with(binds: &[Bind], proc: bool) -> Result<(), JailError> {
+    enter_root(&RootLayout {
+        binds,
+        links: &[],
+        proc,
+    })
+}
+
+/// Step 2, general: the empty, read-only root of [`enter_empty_root`]
+/// with `layout`'s mounts and links.
+pub fn enter_root(layout: &RootLayout) -> Result<(), JailError> {
+    let RootLayout { binds, links, proc } = *layout;
     // Nothing below propagates back to the host's mount table.
     mount(
         c"none",
@@ -376,6 +415,9 @@ pub fn enter_root_with(binds: &[Bind], proc: bool) -> Result<(), JailError> {
         bind_into(new_root, bind, source, *is_dir)?;
     }
     drop(sources);
+    for link in links {
+        make_link(new_root, link)?;
+    }
     if proc {
         let target = c"/tmp/proc";
         make_mount_point(target, true)?;
@@ -415,6 +457,36 @@ pub fn enter_root_with(binds: &[Bind], proc: bool) -> Result<(), JailError> {
         None,
         "make the jail read-only",
     )
+}
+
+/// Makes `link` beneath `root` (the jail's root before the pivot).
+fn make_link(root: &CStr, link: &Link) -> Result<(), JailError> {
+    let path = link.path.to_bytes();
+    if !path.starts_with(b"/") || path.len() < 2 || path.windows(2).any(|w| w == b"..") {
+        return Err(JailError::Syscall {
+            what: "link path",
+            source: io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    let mut full = root.to_bytes().to_vec();
+    full.extend_from_slice(path);
+    let full = std::ffi::CString::new(full).map_err(|_| JailError::Syscall {
+        what: "link path",
+        source: io::ErrorKind::InvalidInput.into(),
+    })?;
+    if let Some(at) = path.iter().rposition(|b| *b == b'/').filter(|at| *at > 0) {
+        let parent = std::ffi::CString::new(&full.to_bytes()[..root.to_bytes().len() + at])
+            .map_err(|_| JailError::Syscall {
+                what: "link path",
+                source: io::ErrorKind::InvalidInput.into(),
+            })?;
+        make_mount_point(&parent, true)?;
+    }
+    // SAFETY: two NUL-terminated paths.
+    check_int("symlink", unsafe {
+        libc::symlink(link.target.as_ptr(), full.as_ptr())
+    })
+    .map(|_| ())
 }
 
 /// Creates `path` (and its parents) as a directory, or as an empty file.
@@ -499,12 +571,63 @@ fn bind_into(
         None,
         "bind-mount an input",
     )?;
-    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
-    flags |= libc::MS_NOEXEC;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID;
+    if !bind.exec {
+        flags |= libc::MS_NOEXEC;
+    }
+    if !bind.devices {
+        flags |= libc::MS_NODEV;
+    }
     if !bind.writable {
         flags |= libc::MS_RDONLY;
     }
     mount(c"none", &full, None, flags, None, "restrict a bind mount")
+}
+
+/// Most descriptors [`detach_into_namespaces`] moves.
+pub const MAX_MOVED_FDS: usize = 16;
+
+/// For a child between fork and exec (async-signal-safe: no allocation):
+/// a session of its own (no controlling terminal, no signals from the
+/// caller's terminal or process group), `fds` moved to 3, 4, ... (all
+/// else stays close-on-exec), and new mount, IPC, UTS and PID namespaces
+/// (the PID namespace is its children's: see [`become_namespace_init`]),
+/// with `network` a new, empty network namespace too.
+pub fn detach_into_namespaces(fds: &[std::os::fd::RawFd], network: bool) -> io::Result<()> {
+    if fds.len() > MAX_MOVED_FDS {
+        return Err(io::ErrorKind::InvalidInput.into());
+    }
+    // SAFETY: setsid, fcntl, dup2 and unshare take integers; `high` is a
+    // local array indexed within its bounds.
+    unsafe {
+        if libc::setsid() < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Sources are dup'ed above the target range first, so no dup2
+        // clobbers a later source.
+        let mut high = [0; MAX_MOVED_FDS];
+        for (i, fd) in fds.iter().enumerate() {
+            let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 32);
+            if dup < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            high[i] = dup;
+        }
+        for (i, fd) in high.iter().take(fds.len()).enumerate() {
+            if libc::dup2(*fd, 3 + i as std::os::fd::RawFd) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        let mut flags =
+            libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWPID;
+        if network {
+            flags |= libc::CLONE_NEWNET;
+        }
+        if libc::unshare(flags) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Step 3: closes every descriptor from `first` up.
@@ -544,6 +667,9 @@ pub fn drop_privileges(config: &JailConfig) -> Result<(), JailError> {
     )?;
     set_rlimit(libc::RLIMIT_NPROC, config.max_processes, "setrlimit(NPROC)")?;
     set_rlimit(libc::RLIMIT_CORE, 0, "setrlimit(CORE)")?;
+    if let Some(bytes) = config.max_address_space {
+        set_rlimit(libc::RLIMIT_AS, bytes, "setrlimit(AS)")?;
+    }
     // SAFETY: setgroups with an empty list.
     check_int("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
     // SAFETY: integer arguments.

@@ -11,16 +11,22 @@
 //! [`MAX_BUNDLE_ENTRIES`] in all (counted as written, not as a zip
 //! declares). Nothing is ever written outside the staging tree.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::zip_directory;
+
 /// Most bytes of file data a bundle may hold (its dependencies aside).
 pub const MAX_BUNDLE_BYTES: u64 = 1 << 30;
 /// Most files, directories and links a bundle may hold.
 pub const MAX_BUNDLE_ENTRIES: u64 = 100_000;
+/// Most bytes a zip bundle's central directory may declare: room for
+/// [`MAX_BUNDLE_ENTRIES`] entries with names and extra fields of a few
+/// hundred bytes each.
+pub const MAX_CENTRAL_DIRECTORY_BYTES: u64 = 64 << 20;
 /// The bundle's dependencies, in the code drive: a name of ours, refused
 /// in a bundle.
 pub const SITE_DIR: &str = ".ember-site";
@@ -54,6 +60,19 @@ pub enum BundleError {
         "{0}: over the bundle limit of {MAX_BUNDLE_BYTES} bytes and {MAX_BUNDLE_ENTRIES} entries"
     )]
     TooLarge(PathBuf),
+    /// A zip's end record claims more entries than [`MAX_BUNDLE_ENTRIES`]
+    /// or a central directory over [`MAX_CENTRAL_DIRECTORY_BYTES`]
+    /// (refused before the directory is read).
+    #[error(
+        "{bundle}: the zip declares {what}: over the bundle limit of {MAX_BUNDLE_ENTRIES} entries \
+         ({MAX_CENTRAL_DIRECTORY_BYTES} bytes of central directory)"
+    )]
+    DeclaredTooLarge {
+        /// The bundle.
+        bundle: PathBuf,
+        /// What it declares.
+        what: String,
+    },
     /// The handler's module is not in the bundle.
     #[error("the bundle {code} has no module {module:?} (looked for {looked_for})")]
     NoModule {
@@ -130,8 +149,7 @@ pub fn check_source_module(code: &Path, module: &str) -> Result<(), BundleError>
         return check_module(code, code, module);
     }
     let zip_error = |e: zip::result::ZipError| BundleError::Zip(code.to_path_buf(), e.to_string());
-    let file = std::fs::File::open(code).map_err(|e| BundleError::Io(code.to_path_buf(), e))?;
-    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_error)?;
+    let mut archive = open_zip(code)?;
     let candidates = module_files(module);
     for index in 0..archive.len() {
         let entry = archive.by_index(index).map_err(zip_error)?;
@@ -333,13 +351,33 @@ fn zip_entry_path(name: &str) -> Result<PathBuf, String> {
     Ok(rel)
 }
 
+/// Opens the zip `code` once its end records declare no more than the
+/// limits allow: the `zip` crate reads the whole central directory as it
+/// opens an archive, so a small file claiming millions of entries is
+/// refused before that.
+fn open_zip(code: &Path) -> Result<zip::ZipArchive<io::BufReader<std::fs::File>>, BundleError> {
+    let io_error = |e| BundleError::Io(code.to_path_buf(), e);
+    let mut file = io::BufReader::new(std::fs::File::open(code).map_err(io_error)?);
+    let declared = zip_directory::declared(&mut file).map_err(io_error)?;
+    if declared.entries > MAX_BUNDLE_ENTRIES {
+        return Err(BundleError::DeclaredTooLarge {
+            bundle: code.to_path_buf(),
+            what: format!("{} entries", declared.entries),
+        });
+    }
+    if declared.directory_bytes > MAX_CENTRAL_DIRECTORY_BYTES {
+        return Err(BundleError::DeclaredTooLarge {
+            bundle: code.to_path_buf(),
+            what: format!("a central directory of {} bytes", declared.directory_bytes),
+        });
+    }
+    file.seek(io::SeekFrom::Start(0)).map_err(io_error)?;
+    zip::ZipArchive::new(file).map_err(|e| BundleError::Zip(code.to_path_buf(), e.to_string()))
+}
+
 fn stage_zip(code: &Path, into: &Path) -> Result<Staged, BundleError> {
     let zip_error = |e: zip::result::ZipError| BundleError::Zip(code.to_path_buf(), e.to_string());
-    let file = std::fs::File::open(code).map_err(|e| BundleError::Io(code.to_path_buf(), e))?;
-    let mut archive = zip::ZipArchive::new(io::BufReader::new(file)).map_err(zip_error)?;
-    if archive.len() as u64 > MAX_BUNDLE_ENTRIES {
-        return Err(BundleError::TooLarge(code.to_path_buf()));
-    }
+    let mut archive = open_zip(code)?;
     let mut staged = Staged::default();
     // Links last: no entry is ever written through one.
     let mut links = Vec::new();
@@ -594,6 +632,71 @@ mod tests {
             stage(&corrupt, &s.0.join("tree-corrupt")),
             Err(BundleError::Zip(..))
         ));
+    }
+
+    /// A small zip whose end records claim millions of entries (zip64) or
+    /// a huge central directory is refused from those records, before the
+    /// `zip` crate reads (and allocates for) the directory they describe.
+    #[test]
+    fn a_zip_declaring_too_much_is_refused_before_it_is_read() {
+        let s = Scratch::new("declared");
+        let real = s.0.join("real.zip");
+        write_zip(
+            &real,
+            &[("app/main.py", b"def handler(e): return e\n")],
+            &[],
+        );
+        let bytes = std::fs::read(&real).unwrap();
+        // The real archive without its 22-byte end record (no comment).
+        let body = &bytes[..bytes.len() - 22];
+        let dir_offset =
+            u32::from_le_bytes(bytes[bytes.len() - 6..bytes.len() - 2].try_into().unwrap());
+
+        let mut zip64 = body.to_vec();
+        let record_at = zip64.len() as u64;
+        zip64.extend_from_slice(b"PK\x06\x06");
+        zip64.extend_from_slice(&44u64.to_le_bytes());
+        zip64.extend_from_slice(&[45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        zip64.extend_from_slice(&5_000_000u64.to_le_bytes());
+        zip64.extend_from_slice(&5_000_000u64.to_le_bytes());
+        zip64.extend_from_slice(&(5_000_000u64 * 46).to_le_bytes());
+        zip64.extend_from_slice(&u64::from(dir_offset).to_le_bytes());
+        zip64.extend_from_slice(b"PK\x06\x07\0\0\0\0");
+        zip64.extend_from_slice(&record_at.to_le_bytes());
+        zip64.extend_from_slice(&1u32.to_le_bytes());
+        zip64.extend_from_slice(b"PK\x05\x06\0\0\0\0");
+        zip64.extend_from_slice(&[0xFF; 12]);
+        zip64.extend_from_slice(&[0, 0]);
+        let path = s.0.join("zip64.zip");
+        std::fs::write(&path, &zip64).unwrap();
+        let err = stage(&path, &s.0.join("tree")).unwrap_err();
+        assert!(matches!(err, BundleError::DeclaredTooLarge { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("5000000 entries"), "{message}");
+        assert!(
+            message.contains(&MAX_BUNDLE_ENTRIES.to_string()),
+            "{message}"
+        );
+        let err = check_source_module(&path, "app.main").unwrap_err();
+        assert!(err.to_string().contains("5000000 entries"), "{err}");
+
+        // A 32-bit record claiming a 4 GiB central directory.
+        let mut big_dir = body.to_vec();
+        big_dir.extend_from_slice(b"PK\x05\x06\0\0\0\0\x01\0\x01\0");
+        big_dir.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        big_dir.extend_from_slice(&dir_offset.to_le_bytes());
+        big_dir.extend_from_slice(&[0, 0]);
+        let path = s.0.join("big-dir.zip");
+        std::fs::write(&path, &big_dir).unwrap();
+        let err = stage(&path, &s.0.join("tree2")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("central directory of 4294967280 bytes"),
+            "{err}"
+        );
+
+        // The archive itself, with its own end record, still opens.
+        stage(&real, &s.0.join("tree3")).unwrap();
     }
 
     /// The directories a zip's names imply count against the entry

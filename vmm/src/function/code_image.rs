@@ -22,6 +22,7 @@ use std::process::Command;
 
 use super::bundle::{self, BundleError, REQUIREMENTS, SITE_DIR};
 use super::pip::{self, PipError};
+use super::pip_jail::PipJail;
 use crate::cache_key::KeyBuilder;
 use crate::paths;
 
@@ -73,10 +74,11 @@ pub fn code_key(code: &Path) -> Result<String, CodeImageError> {
 
 /// The code drive of the bundle `code` (a directory or a `.zip`) whose
 /// handler module is `module`, made first if it is not cached (`on_build`
-/// is told: installing dependencies can take minutes).
+/// is told: installing dependencies can take minutes); pip runs in `jail`.
 pub fn ensure_code_drive(
     code: &Path,
     module: &str,
+    jail: &PipJail,
     on_build: impl FnOnce(),
 ) -> Result<CodeDrive, CodeImageError> {
     bundle::check_module_name(module)?;
@@ -88,7 +90,7 @@ pub fn ensure_code_drive(
         paths::build_cache_entry(
             &dir,
             IMAGE_FILE,
-            |building| build(code, module, building),
+            |building| build(code, module, building, jail),
             CodeImageError::Io,
         )?;
     }
@@ -98,14 +100,14 @@ pub fn ensure_code_drive(
     })
 }
 
-fn build(code: &Path, module: &str, building: &Path) -> Result<(), CodeImageError> {
+fn build(code: &Path, module: &str, building: &Path, jail: &PipJail) -> Result<(), CodeImageError> {
     std::fs::create_dir_all(building).map_err(|e| CodeImageError::Io(building.into(), e))?;
     let tree = building.join("tree");
     bundle::stage(code, &tree)?;
     bundle::check_module(code, &tree, module)?;
     let requirements = tree.join(REQUIREMENTS);
     if requirements.is_file() {
-        let site = pip::ensure_site(&requirements, || {
+        let site = pip::ensure_site(&requirements, jail, || {
             log::info!("installing {} with pip", requirements.display());
         })?;
         copy_tree(&site, &tree.join(SITE_DIR))?;
@@ -267,7 +269,8 @@ mod tests {
         std::fs::create_dir_all(code.join("app")).unwrap();
         std::fs::write(code.join("app/main.py"), "def handler(e):\n    return e\n").unwrap();
         let building = dir.join("entry");
-        build(&code, "app.main", &building).unwrap();
+        let jail = PipJail::new(None);
+        build(&code, "app.main", &building, &jail).unwrap();
         let image = building.join(IMAGE_FILE);
         let len = std::fs::metadata(&image).unwrap().len();
         assert!(len > 0 && len.is_multiple_of(512), "{len}");
@@ -280,7 +283,7 @@ mod tests {
         let listing = String::from_utf8_lossy(&listing.stdout);
         assert!(listing.contains("main.cpython-311.pyc"), "{listing}");
         assert!(matches!(
-            build(&code, "app.nothere", &dir.join("entry2")),
+            build(&code, "app.nothere", &dir.join("entry2"), &jail),
             Err(CodeImageError::Bundle(BundleError::NoModule { .. }))
         ));
         std::fs::remove_dir_all(&dir).unwrap();

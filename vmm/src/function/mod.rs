@@ -57,10 +57,12 @@ mod invoke;
 mod manifest;
 mod output;
 pub mod pip;
+pub mod pip_jail;
 mod recycled;
 mod spec;
 mod template;
 mod vm_steps;
+mod zip_directory;
 
 use std::path::PathBuf;
 

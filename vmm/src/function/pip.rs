@@ -10,10 +10,14 @@
 //! kept, and the install is tried once more with them on hand. Anything
 //! else pip cannot install for the guest is an error naming it, with the
 //! tail of pip's output.
+//!
+//! Every pip run is jailed ([`super::pip_jail`]): a requirements file can
+//! make pip run the tenant's code (a build backend), even for the
+//! wheels-only install.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use super::pip_jail::{PipJail, PipJailError, Session, BUILD_DIR, REQ_DIR};
 use crate::cache_key::KeyBuilder;
 use crate::paths;
 
@@ -45,9 +49,9 @@ pub enum PipError {
     /// A file could not be read or written.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
-    /// pip could not be run.
-    #[error("cannot run `python3 -m pip` on the host (is pip installed?): {0}")]
-    NoPip(std::io::Error),
+    /// pip could not be run in its jail.
+    #[error(transparent)]
+    Jail(#[from] PipJailError),
     /// pip refused or failed.
     #[error("cannot install {what} for the guest (CPython 3.11, manylinux x86_64 wheels or pure-python packages): pip says:\n{tail}")]
     Install {
@@ -59,8 +63,12 @@ pub enum PipError {
 }
 
 /// The site directory with `requirements`'s packages installed, made first
-/// if it is not cached (`on_install` is told).
-pub fn ensure_site(requirements: &Path, on_install: impl FnOnce()) -> Result<PathBuf, PipError> {
+/// if it is not cached (`on_install` is told); pip runs in `jail`.
+pub fn ensure_site(
+    requirements: &Path,
+    jail: &PipJail,
+    on_install: impl FnOnce(),
+) -> Result<PathBuf, PipError> {
     let text = std::fs::read(requirements).map_err(|e| PipError::Io(requirements.into(), e))?;
     let mut key = KeyBuilder::new("python-site");
     for arg in GUEST_PLATFORM {
@@ -73,98 +81,119 @@ pub fn ensure_site(requirements: &Path, on_install: impl FnOnce()) -> Result<Pat
         paths::build_cache_entry(
             &dir,
             COMPLETE,
-            |building| install(requirements, building),
+            |building| install(requirements, building, jail),
             PipError::Io,
         )?;
     }
     Ok(dir.join(SITE))
 }
 
-fn install(requirements: &Path, building: &Path) -> Result<(), PipError> {
+/// Installs `requirements` into `into`/[`SITE`] (`into` is made; it must
+/// not hold a previous attempt), uncached: what [`ensure_site`] caches.
+pub fn install_site(requirements: &Path, into: &Path, jail: &PipJail) -> Result<(), PipError> {
+    install(requirements, into, jail)
+}
+
+fn install(requirements: &Path, building: &Path, jail: &PipJail) -> Result<(), PipError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |e| PipError::Io(path, e)
     };
     std::fs::create_dir_all(building).map_err(io(building))?;
-    let site = building.join(SITE);
-    let first = pip_install(requirements, &site, None)?;
-    if let Err(output) = first {
+    let (Some(dir), Some(name)) = (requirements.parent(), requirements.file_name()) else {
+        return Err(PipError::Io(
+            requirements.into(),
+            std::io::ErrorKind::InvalidInput.into(),
+        ));
+    };
+    // Relative paths in the file (`--find-links wheelhouse`) are the
+    // bundle's: its directory is all of it the jail sees.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let session = Session::open(jail, &building.join("jail"), dir)?;
+    let requirements = format!("{REQ_DIR}/{}", name.to_string_lossy());
+    let site = format!("{BUILD_DIR}/site");
+    if let Err(output) = session.pip(&install_args(&requirements, &site, None))? {
         if !no_wheel(&output) {
             return Err(install_error(&output));
         }
-        // Some requirement has no wheel for the guest: build what the
-        // host can, keep the pure-python ones, and try again with those.
-        let wheels = building.join("wheels");
-        let built = run_pip(&[
-            "wheel",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--wheel-dir",
-            &wheels.to_string_lossy(),
-            "-r",
-            &requirements.to_string_lossy(),
+        // Some requirement has no wheel for the guest: build what can be
+        // built, keep the pure-python wheels, and try again with those.
+        let wheels = format!("{BUILD_DIR}/wheels");
+        let built = session.pip(&[
+            "wheel".into(),
+            "--quiet".into(),
+            "--wheel-dir".into(),
+            wheels.clone(),
+            "-r".into(),
+            requirements.clone(),
         ])?;
         if let Err(output) = built {
             return Err(install_error(&output));
         }
-        for entry in std::fs::read_dir(&wheels).map_err(io(&wheels))? {
-            let path = entry.map_err(io(&wheels))?.path();
-            if !path.to_string_lossy().ends_with("-none-any.whl") {
-                std::fs::remove_file(&path).map_err(io(&path))?;
-            }
+        keep_pure_wheels(&session.host_path("wheels"))?;
+        let host_site = session.host_path("site");
+        if std::fs::symlink_metadata(&host_site).is_ok() {
+            std::fs::remove_dir_all(&host_site).map_err(io(&host_site))?;
         }
-        let _ = std::fs::remove_dir_all(&site);
-        if let Err(output) = pip_install(requirements, &site, Some(&wheels))? {
+        if let Err(output) = session.pip(&install_args(&requirements, &site, Some(&wheels)))? {
             return Err(install_error(&output));
         }
-        let _ = std::fs::remove_dir_all(&wheels);
     }
-    std::fs::create_dir_all(&site).map_err(io(&site))?;
+    let out = building.join(SITE);
+    if session.host_path("site").is_dir() {
+        session.take_dir("site", &out)?;
+    } else {
+        // Nothing to install (comments only): pip made no directory.
+        std::fs::create_dir_all(&out).map_err(io(&out))?;
+    }
+    drop(session);
     std::fs::write(building.join(COMPLETE), b"").map_err(io(building))
 }
 
-/// `pip install` for the guest; `Ok(Err(output))` when pip failed.
-fn pip_install(
-    requirements: &Path,
-    site: &Path,
-    find_links: Option<&Path>,
-) -> Result<Result<(), String>, PipError> {
+/// Removes from the jail's wheel directory (no jailed process runs) all
+/// but pure-python wheels, the ones the guest can use.
+fn keep_pure_wheels(wheels: &Path) -> Result<(), PipError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| PipError::Io(path, e)
+    };
+    let Ok(entries) = std::fs::read_dir(wheels) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry.map_err(io(wheels))?.path();
+        let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
+        let pure = path.to_string_lossy().ends_with("-none-any.whl");
+        if meta.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        } else if !(pure && meta.file_type().is_file()) {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// `pip install` for the guest into `site` (paths in the jail).
+fn install_args(requirements: &str, site: &str, find_links: Option<&str>) -> Vec<String> {
     let mut args = vec![
         "install".to_owned(),
         "--quiet".into(),
-        "--disable-pip-version-check".into(),
         "--no-input".into(),
         "--target".into(),
-        site.to_string_lossy().into_owned(),
+        site.to_owned(),
     ];
     args.extend(GUEST_PLATFORM.map(String::from));
     if let Some(dir) = find_links {
         args.push("--find-links".into());
-        args.push(dir.to_string_lossy().into_owned());
+        args.push(dir.to_owned());
     }
     args.push("-r".into());
-    args.push(requirements.to_string_lossy().into_owned());
-    run_pip(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-fn run_pip(args: &[&str]) -> Result<Result<(), String>, PipError> {
-    let output = Command::new("python3")
-        .args(["-m", "pip"])
-        .args(args)
-        .env("PIP_ROOT_USER_ACTION", "ignore")
-        .output()
-        .map_err(PipError::NoPip)?;
-    if output.status.success() {
-        return Ok(Ok(()));
-    }
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&output.stderr));
-    if text.contains("No module named pip") {
-        return Err(PipError::NoPip(std::io::Error::other(
-            text.trim().to_owned(),
-        )));
-    }
-    Ok(Err(text))
+    args.push(requirements.to_owned());
+    args
 }
 
 /// Whether pip failed for want of a wheel (an sdist-only package).

@@ -65,7 +65,9 @@ pub fn create_in_process(
     let (start, runtime_name, handler) = start_request(spec, options)?;
     let code_drive = match (&spec.runtime, &options.code_drive) {
         (Runtime::Python3Bundle { .. }, Some(made)) => Some(made.clone()),
-        (Runtime::Python3Bundle { code, module, .. }, None) => Some(make_code_drive(code, module)?),
+        (Runtime::Python3Bundle { code, module, .. }, None) => {
+            Some(make_code_drive(code, module, options.isolation.as_ref())?)
+        }
         _ => None,
     };
     std::fs::create_dir_all(out).map_err(|e| FunctionError::Io(out.to_path_buf(), e))?;
@@ -235,9 +237,16 @@ fn from_base(
     Ok((machine, agent, ready, connected))
 }
 
-/// The code drive of the bundle `code` (cached by its content).
-pub(crate) fn make_code_drive(code: &Path, module: &str) -> Result<PathBuf, FunctionError> {
-    let drive = super::code_image::ensure_code_drive(code, module, || {
+/// The code drive of the bundle `code` (cached by its content); its
+/// dependencies are installed by pip jailed with `isolation`'s worker
+/// binary and IDs (the default's if `None`).
+pub(crate) fn make_code_drive(
+    code: &Path,
+    module: &str,
+    isolation: Option<&crate::isolation::Isolation>,
+) -> Result<PathBuf, FunctionError> {
+    let jail = super::pip_jail::PipJail::new(isolation);
+    let drive = super::code_image::ensure_code_drive(code, module, &jail, || {
         log::info!(
             "making the code drive of {} (dependencies are installed with pip)",
             code.display()

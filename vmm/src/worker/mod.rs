@@ -37,14 +37,11 @@ use ember_protocol::protocol::Hello;
 use self::cgroup::{Limits, WorkerCgroup};
 use crate::agent::AgentClient;
 use crate::deadline::DeadlineStream;
-pub use crate::isolation::{default_worker_exe, Isolation, WORKER_EXE_ENV};
+pub use crate::isolation::{default_worker_exe, Isolation, WORKER_EXE_ENV, WORKER_SUBCOMMAND};
 use crate::jail::{self, IdLease, JailConfig};
 use crate::ready::{ReadyTimings, RESTORE_CONNECT_TIMEOUT};
 use crate::refresh::fresh_refresh;
 use crate::snapshot::{RestoreOptions, Snapshot};
-
-/// The hidden subcommand of the `ember` binary that runs a worker.
-pub const WORKER_SUBCOMMAND: &str = "__worker";
 
 /// Descriptor numbers the worker is started with.
 const CONTROL_FD: RawFd = 3;
@@ -298,7 +295,7 @@ fn start(
 }
 
 /// Most descriptors a worker is handed besides its control socket.
-const MAX_HANDED_FDS: usize = 15;
+const MAX_HANDED_FDS: usize = jail::MAX_MOVED_FDS - 1;
 
 /// Spawns `ember __worker <id> <id> <args>` as `ids`, in new namespaces
 /// and (if asked) its own cgroups with `limits`, with its control socket
@@ -379,34 +376,9 @@ fn launch(
                     libc::_exit(1);
                 }
             }
-            // A session of its own: no controlling terminal, no signals
-            // from the caller's terminal or process group.
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Move the descriptors to 3, 4, ... Sources are dup'ed above
-            // the target range first, so no dup2 clobbers a later source.
-            let mut high = [0; MAX_HANDED_FDS + 1];
-            for (i, fd) in all_fds.iter().enumerate() {
-                let dup = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 32);
-                if dup < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                high[i] = dup;
-            }
-            for (i, fd) in high.iter().take(all_fds.len()).enumerate() {
-                if libc::dup2(*fd, CONTROL_FD + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            let flags = libc::CLONE_NEWNS
-                | libc::CLONE_NEWNET
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWPID;
-            if libc::unshare(flags) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // Control socket and descriptors to 3, 4, ...; new
+            // namespaces, the network's included.
+            jail::detach_into_namespaces(&all_fds, true)?;
             Ok(())
         });
     }
@@ -472,6 +444,10 @@ fn read_line(stream: &mut impl Read) -> std::io::Result<String> {
 /// The worker side: `ember __worker <uid> <gid>`, started by [`spawn`].
 /// Returns the process exit code.
 pub fn worker_main(args: &[String]) -> i32 {
+    // A jailed pip run has no control socket: it becomes pip.
+    if args.get(2).map(String::as_str) == Some(crate::function::pip_jail::PIP_MODE) {
+        return crate::function::pip_jail::serve(args);
+    }
     // SAFETY: fd 3 was set up by the parent for us alone.
     let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     match run_worker(args, &mut control) {

@@ -140,7 +140,7 @@ pub fn create(
     if let crate::function::Runtime::Python3Bundle { code, module, .. } = &spec.runtime {
         let image = match options.code_drive.take() {
             Some(made) => made,
-            None => crate::function::make_code_drive(code, module)?,
+            None => crate::function::make_code_drive(code, module, Some(isolation))?,
         };
         stage.link_drive(&image, crate::snapshot::CODE_DRIVE_FILE)?;
         options.code_drive = Some(Path::new(OUT_DIR).join(crate::snapshot::CODE_DRIVE_FILE));
@@ -354,6 +354,8 @@ fn build(request: Request, config: JailConfig) -> Result<TemplateInfo, WireError
         fd: OUT_FD,
         target: CString::new(OUT_DIR).map_err(|_| bad_mount())?,
         writable: true,
+        exec: false,
+        devices: false,
     }];
     for (i, (source, target)) in request.inputs.into_iter().enumerate() {
         if !target.starts_with(IN_DIR) {
@@ -364,6 +366,8 @@ fn build(request: Request, config: JailConfig) -> Result<TemplateInfo, WireError
             fd: FIRST_INPUT_FD + i as RawFd,
             target: CString::new(target).map_err(|_| bad_mount())?,
             writable: false,
+            exec: false,
+            devices: false,
         });
     }
     // Read while /sys is still visible; cached for the boot.
