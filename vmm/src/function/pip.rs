@@ -69,13 +69,7 @@ pub fn ensure_site(
     jail: &PipJail,
     on_install: impl FnOnce(),
 ) -> Result<PathBuf, PipError> {
-    let text = std::fs::read(requirements).map_err(|e| PipError::Io(requirements.into(), e))?;
-    let mut key = KeyBuilder::new("python-site");
-    for arg in GUEST_PLATFORM {
-        key.field("pip arg", arg);
-    }
-    key.field("requirements", &text);
-    let dir = paths::cache_dir().join(format!("site-{}", key.finish()));
+    let dir = paths::cache_dir().join(format!("site-{}", site_key(requirements)?));
     if !dir.join(COMPLETE).exists() {
         on_install();
         paths::build_cache_entry(
@@ -86,6 +80,78 @@ pub fn ensure_site(
         )?;
     }
     Ok(dir.join(SITE))
+}
+
+/// The cache key of the site `requirements` makes.
+fn site_key(requirements: &Path) -> Result<String, PipError> {
+    let text = std::fs::read(requirements).map_err(|e| PipError::Io(requirements.into(), e))?;
+    let mut key = KeyBuilder::new("python-site");
+    for arg in GUEST_PLATFORM {
+        key.field("pip arg", arg);
+    }
+    key.field("requirements", &text);
+    // Requirements that name anything but index packages (a path, a URL,
+    // another file, a --find-links directory) read the bundle's files:
+    // two bundles with the same text may then mean different packages, so
+    // the files are part of the key.
+    if !index_only(&String::from_utf8_lossy(&text)) {
+        let bundle = requirements.parent().unwrap_or(Path::new("."));
+        tree_digest(bundle, &mut key).map_err(|e| PipError::Io(bundle.into(), e))?;
+    }
+    Ok(key.finish())
+}
+
+/// Whether every requirement line names a package of the index only (a
+/// PEP 508 name, extras, version specifiers, markers, `--hash` options):
+/// nothing pip would read from the bundle or fetch from a URL it names.
+fn index_only(text: &str) -> bool {
+    text.lines().all(|line| {
+        // Comments (and a URL's #fragment, which is refused anyway).
+        let line = line.split('#').next().unwrap_or_default();
+        line.split_whitespace()
+            .all(|word| match word.strip_prefix("--hash=") {
+                Some(hash) => hash.chars().all(|c| c.is_ascii_alphanumeric() || c == ':'),
+                None => {
+                    !word.starts_with('-')
+                        && word
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "._-[],<>=!~*;'\"()".contains(c))
+                }
+            })
+    })
+}
+
+/// Feeds every regular file under `dir` (its path relative to `dir`, and
+/// its content) into `key`, in path order. Links and other file types
+/// count by their names only.
+fn tree_digest(dir: &Path, key: &mut KeyBuilder) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(at) = stack.pop() {
+        for entry in std::fs::read_dir(&at)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else {
+                files.push((entry.path(), kind.is_file()));
+            }
+        }
+    }
+    files.sort();
+    for (path, regular) in files {
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .to_string_lossy()
+            .into_owned();
+        if regular {
+            key.file(&name, &path)?;
+        } else {
+            key.field("not a regular file", name);
+        }
+    }
+    Ok(())
 }
 
 /// Installs `requirements` into `into`/[`SITE`] (`into` is made; it must
@@ -242,6 +308,58 @@ fn tail(output: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_index_requirements_are_keyed_by_their_text_alone() {
+        for plain in [
+            "",
+            "# deps\nrequests==2.31.0\n",
+            "numpy>=1.26,<2 ; python_version >= \"3.11\"  # pinned\n",
+            "jinja2[i18n]~=3.1\nMarkupSafe\n",
+            "six==1.16.0 --hash=sha256:8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254\n",
+        ] {
+            assert!(index_only(plain), "{plain:?}");
+        }
+        for local in [
+            "./vendor/pkg\n",
+            "pkg @ file:///req/pkg.tar.gz\n",
+            "pkg @ https://example.com/pkg.whl\n",
+            "--find-links vendor\npkg\n",
+            "-f vendor\n",
+            "-r other.txt\n",
+            "-e .\n",
+            "vendor/pkg-1.0.tar.gz\n",
+            "pkg==1.0 \\\n    --index-url http://x\n",
+            "git+https://example.com/r.git\n",
+        ] {
+            assert!(!index_only(local), "{local:?}");
+        }
+    }
+
+    #[test]
+    fn a_site_that_reads_the_bundle_is_keyed_by_it() {
+        let root = std::env::temp_dir().join(format!("ember-site-key-{}", std::process::id()));
+        let key_of = |bundle: &str, requirements: &str, vendored: &str| {
+            let dir = root.join(bundle);
+            std::fs::create_dir_all(dir.join("vendor")).unwrap();
+            std::fs::write(dir.join("requirements.txt"), requirements).unwrap();
+            std::fs::write(dir.join("vendor/pkg.py"), vendored).unwrap();
+            site_key(&dir.join("requirements.txt")).unwrap()
+        };
+        // Index packages: the same text is the same site, whatever else.
+        assert_eq!(
+            key_of("a", "six==1.16.0\n", "x"),
+            key_of("b", "six==1.16.0\n", "y")
+        );
+        // Vendored ones: the same text with other files is another site.
+        let local = "--find-links vendor\npkg\n";
+        assert_ne!(
+            key_of("c", local, "tenant one"),
+            key_of("d", local, "tenant two")
+        );
+        assert_eq!(key_of("e", local, "same"), key_of("f", local, "same"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn the_failed_requirement_is_named() {
