@@ -740,3 +740,55 @@ fn invocations_are_cancelled_from_another_thread() {
         "the cancelled worker is gone"
     );
 }
+
+/// `ember invoke --stream` writes the handler's output to stderr as it
+/// prints it: the first line appears while the handler still works.
+#[test]
+fn the_cli_streams_output_with_stream() {
+    use std::io::Read;
+    let function = common::probe_template().to_str().unwrap().to_string();
+    let started = Instant::now();
+    let mut child = common::ember()
+        .args([
+            "invoke",
+            "--function",
+            &function,
+            "--stream",
+            "--event",
+            r#"{"op": "drip", "lines": 3, "gap_ms": 700}"#,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ember invoke");
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let mut first_line = None;
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stderr.read(&mut buf).expect("stderr");
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if first_line.is_none() && String::from_utf8_lossy(&seen).contains("line 0") {
+            first_line = Some(started.elapsed());
+        }
+    }
+    let output = child.wait_with_output().expect("ember invoke ends");
+    let ended = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "\"dripped\"\n");
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains("line 0\nerr\nline 1\nline 2\n"), "{seen}");
+    let first = first_line.expect("the first line");
+    assert!(
+        ended.saturating_sub(first) >= Duration::from_millis(700),
+        "the first line came at {first:?}, the end at {ended:?}"
+    );
+}

@@ -137,6 +137,10 @@ pub struct InvokeArgs {
     /// Print one JSON object with the outcome
     #[arg(long)]
     json: bool,
+    /// Write the handler's output to stderr as it prints it (line by line
+    /// on the hot path), not when it returns
+    #[arg(long, conflicts_with = "json")]
+    stream: bool,
     /// Say which path the event took and where the time went
     #[arg(long, short)]
     pub verbose: bool,
@@ -340,6 +344,12 @@ pub fn invoke(args: InvokeArgs) -> Result<ExitCode> {
             .map_or(ember::ConsoleOutput::Sink, ember::ConsoleOutput::File),
         isolation: (!args.in_process).then(isolation).transpose()?,
         io_limits: args.limits.to_limits(),
+        output: args.stream.then(|| {
+            function::OutputSink::new(|_, bytes| {
+                let mut stderr = std::io::stderr().lock();
+                let _ = stderr.write_all(bytes).and_then(|()| stderr.flush());
+            })
+        }),
         ..FunctionInvokeOptions::default()
     };
     let outcome = function.invoke(&event, &options)?;
@@ -468,8 +478,10 @@ fn report(outcome: &FunctionOutcome, args: &InvokeArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(outcome)?);
     } else {
-        std::io::stderr().write_all(&outcome.stdout)?;
-        std::io::stderr().write_all(&outcome.stderr)?;
+        if !args.stream {
+            std::io::stderr().write_all(&outcome.stdout)?;
+            std::io::stderr().write_all(&outcome.stderr)?;
+        }
         let mut stdout = std::io::stdout();
         match &outcome.result {
             HandlerResult::Json { value } => writeln!(stdout, "{value}")?,
