@@ -188,7 +188,7 @@ pub(super) fn output_to(control: &UnixStream) -> Result<OutputSink, WorkerError>
     Ok(OutputSink::new(move |stream, bytes| {
         let mut control = control.lock().unwrap_or_else(|e| e.into_inner());
         // A parent that went away also misses the answer; nothing to do.
-        let _ = write_message(&mut control, &Reply::<()>::Output(stream, bytes.to_vec()));
+        let _ = write_message(&mut *control, &Reply::<()>::Output(stream, bytes.to_vec()));
     }))
 }
 
@@ -202,15 +202,7 @@ pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
     deadline: Instant,
     options: &FunctionInvokeOptions,
 ) -> Result<Result<T, String>, WorkerError> {
-    let _interrupt = match &options.cancel {
-        Some(cancel) => {
-            let socket = control.try_clone().map_err(WorkerError::Io)?;
-            interrupt_on(Some(cancel), move || {
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-            })
-        }
-        None => None,
-    };
+    let _interrupt = interrupt_socket(control, options)?;
     // A second descriptor of the same socket: the caller keeps its own.
     let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
     stream
@@ -329,7 +321,7 @@ pub(super) fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOut
 }
 
 pub(super) fn write_message<T: Serialize>(
-    stream: &mut UnixStream,
+    stream: &mut impl Write,
     message: &T,
 ) -> Result<(), WorkerError> {
     let payload =
@@ -357,6 +349,39 @@ pub(super) fn read_message<T: for<'de> Deserialize<'de>>(
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload).map_err(WorkerError::Io)?;
     postcard::from_bytes(&payload).map_err(|e| WorkerError::Failed(format!("decode: {e}")))
+}
+
+/// Parent side: sends `request` to a worker by `deadline`. A worker that
+/// reads no more (one an earlier guest compromised) holds this thread no
+/// longer than one that never answers; cancelling the invocation shuts
+/// the socket down, which ends the write at once.
+pub(super) fn write_request(
+    control: &UnixStream,
+    request: &Request,
+    deadline: Instant,
+    options: &FunctionInvokeOptions,
+) -> Result<(), WorkerError> {
+    let _interrupt = interrupt_socket(control, options)?;
+    let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
+    stream
+        .set_deadline(Some(deadline))
+        .map_err(WorkerError::Io)?;
+    write_message(&mut stream, request)
+}
+
+/// While the returned guard lives, cancelling the invocation shuts
+/// `control` down, which ends any read or write on it.
+fn interrupt_socket(
+    control: &UnixStream,
+    options: &FunctionInvokeOptions,
+) -> Result<Option<crate::function::Registered>, WorkerError> {
+    let Some(cancel) = &options.cancel else {
+        return Ok(None);
+    };
+    let socket = control.try_clone().map_err(WorkerError::Io)?;
+    Ok(interrupt_on(Some(cancel), move || {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }))
 }
 
 /// Reads one message from a worker's `control` socket by `deadline`: one
@@ -439,6 +464,80 @@ mod tests {
         assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
         drop(control);
         trickler.join().unwrap();
+    }
+
+    fn big_request() -> Request {
+        Request {
+            manifest: Vec::new(),
+            event: vec![0; 8 << 20],
+            timeout_ms: 1000,
+            max_output_bytes: 0,
+            force_vsock: false,
+            io_limits: Default::default(),
+            stream: false,
+        }
+    }
+
+    /// Runs `write_request` on a thread; what it returned, if it did
+    /// within `wait`.
+    fn write_to_a_worker_that_reads_nothing(
+        deadline: Duration,
+        options: FunctionInvokeOptions,
+        wait: Duration,
+    ) -> Option<Result<(), WorkerError>> {
+        let (worker, control) = UnixStream::pair().unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let written = write_request(
+                &control,
+                &big_request(),
+                Instant::now() + deadline,
+                &options,
+            );
+            let _ = done.send(written);
+        });
+        let result = result.recv_timeout(wait).ok();
+        // Unblocks a writer that is still stuck.
+        drop(worker);
+        result
+    }
+
+    #[test]
+    fn a_worker_that_reads_no_request_holds_the_parent_until_the_deadline_only() {
+        let started = Instant::now();
+        let written = write_to_a_worker_that_reads_nothing(
+            Duration::from_millis(200),
+            FunctionInvokeOptions::in_process(),
+            Duration::from_secs(3),
+        )
+        .expect("the write must end by its deadline");
+        let err = written.expect_err("nobody read it");
+        assert!(
+            matches!(&err, WorkerError::Io(e) if crate::deadline::is_timeout(e)),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn cancelling_ends_a_request_write_at_once() {
+        let cancel = InvocationCancel::new();
+        let options = FunctionInvokeOptions {
+            cancel: Some(cancel.clone()),
+            ..FunctionInvokeOptions::in_process()
+        };
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            cancel.cancel();
+        });
+        let written = write_to_a_worker_that_reads_nothing(
+            Duration::from_secs(60),
+            options,
+            Duration::from_secs(3),
+        )
+        .expect("a cancel must end the write");
+        assert!(written.is_err());
+        canceller.join().unwrap();
     }
 
     #[test]
