@@ -401,6 +401,40 @@ mod tests {
     }
 
     #[test]
+    fn grants_racing_callers_that_leave_lose_no_slot() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let slots = FairSlots::new(3);
+        runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..400u64 {
+                let slots = slots.clone();
+                tasks.push(tokio::spawn(async move {
+                    // Callers give up after 0 to 2 ms: some while a grant
+                    // is on its way to them.
+                    let patience = Duration::from_micros(i * 37 % 2000);
+                    if let Ok(Ok(slot)) =
+                        tokio::time::timeout(patience, slots.acquire((i % 5) as usize)).await
+                    {
+                        tokio::time::sleep(Duration::from_micros(i * 13 % 500)).await;
+                        drop(slot);
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        assert_eq!(slots.live(), 0);
+        let state = slots.lock();
+        assert!(state.running.is_empty(), "{:?}", state.running);
+        assert!(state.waiters.is_empty(), "{}", state.waiters.len());
+    }
+
+    #[test]
     fn equal_functions_are_served_in_arrival_order() {
         block_on(async {
             let slots = FairSlots::new(1);
