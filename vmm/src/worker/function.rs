@@ -194,7 +194,9 @@ pub(super) fn output_to(control: &UnixStream) -> Result<OutputSink, WorkerError>
 
 /// Parent side: reads a worker's replies to one request until its answer,
 /// all by `deadline`. Output chunks go to `options.output`, at most
-/// `options.max_output_bytes` of them in all whatever the worker sends.
+/// `options.max_output_bytes` of them in all: output the request did not
+/// ask for, an empty chunk or one past that limit ends the wait with an
+/// error (the caller then ends the worker).
 /// Cancelling the invocation (`options.cancel`) shuts the socket down,
 /// which ends the wait with an error (the caller then ends the worker).
 pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
@@ -213,11 +215,17 @@ pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
         match read_message(&mut stream, MAX_ANSWER)? {
             Reply::Done(answer) => return Ok(answer),
             Reply::Output(which, bytes) => {
-                let keep = usize::try_from(room).unwrap_or(usize::MAX).min(bytes.len());
-                room -= keep as u64;
-                if let Some(sink) = &options.output {
-                    sink.send(which, &bytes[..keep]);
+                // An honest worker streams only when asked, never an empty
+                // chunk, never past the cap: a worker that does is not read
+                // on (and spun on) until the deadline, but ended now.
+                let Some(sink) = options.output.as_ref().filter(|_| !bytes.is_empty()) else {
+                    return Err(WorkerError::Failed("output it was not asked for".into()));
+                };
+                if bytes.len() as u64 > room {
+                    return Err(WorkerError::Failed("output past its limit".into()));
                 }
+                room -= bytes.len() as u64;
+                sink.send(which, &bytes);
             }
         }
     }
@@ -538,6 +546,57 @@ mod tests {
         .expect("a cancel must end the write");
         assert!(written.is_err());
         canceller.join().unwrap();
+    }
+
+    /// A worker that sends `chunks` as output, then nothing.
+    fn flooding_worker(chunks: Vec<Vec<u8>>) -> (std::thread::JoinHandle<()>, UnixStream) {
+        let (mut worker, control) = UnixStream::pair().unwrap();
+        let flood = std::thread::spawn(move || {
+            for chunk in chunks {
+                let reply = Reply::<()>::Output(OutputStream::Stdout, chunk);
+                if write_message(&mut worker, &reply).is_err() {
+                    return;
+                }
+            }
+            // Holds the socket open, answering nothing, until the parent
+            // closes it.
+            let _ = worker.read(&mut [0u8; 1]);
+        });
+        (flood, control)
+    }
+
+    #[test]
+    fn output_a_worker_was_not_asked_for_ends_the_wait() {
+        let cases: [(&str, Vec<Vec<u8>>, bool); 3] = [
+            ("not streaming", vec![b"x".to_vec()], false),
+            ("empty chunks", vec![Vec::new(); 10_000], true),
+            ("past the cap", vec![vec![b'x'; 600], vec![b'y'; 600]], true),
+        ];
+        for (case, chunks, stream) in cases {
+            let (flood, control) = flooding_worker(chunks);
+            let sent = std::sync::Arc::new(Mutex::new(0usize));
+            let seen = sent.clone();
+            let options = FunctionInvokeOptions {
+                max_output_bytes: 1000,
+                output: stream
+                    .then(|| OutputSink::new(move |_, bytes| *seen.lock().unwrap() += bytes.len())),
+                ..FunctionInvokeOptions::in_process()
+            };
+            let started = Instant::now();
+            let answer =
+                read_reply::<WireOutcome>(&control, started + Duration::from_secs(5), &options);
+            let Err(err) = answer else {
+                panic!("{case}: an answer from a worker that gave none");
+            };
+            assert!(
+                !matches!(&err, WorkerError::Io(e) if crate::deadline::is_timeout(e)),
+                "{case}: waited for the deadline: {err}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2), "{case}");
+            assert!(*sent.lock().unwrap() <= 1000, "{case}");
+            drop(control);
+            flood.join().unwrap();
+        }
     }
 
     #[test]
