@@ -1,5 +1,5 @@
-//! Reads from an untrusted peer (a guest agent, a jailed worker) bounded by
-//! one absolute deadline for the whole operation.
+//! Reads from (and writes to) an untrusted peer (a guest agent, a jailed
+//! worker) bounded by one absolute deadline for the whole operation.
 //!
 //! A socket read timeout bounds each `read` call, not a frame: a peer that
 //! trickles one byte just before every timeout keeps a 32 MiB frame (and
@@ -7,11 +7,11 @@
 //! time left before every read, so however the peer splits its bytes, the
 //! operation ends by the deadline with [`io::ErrorKind::TimedOut`].
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-/// A Unix stream whose reads end at an absolute deadline.
+/// A Unix stream whose reads and writes end at an absolute deadline.
 #[derive(Debug)]
 pub struct DeadlineStream {
     stream: UnixStream,
@@ -32,6 +32,7 @@ impl DeadlineStream {
         self.deadline = deadline;
         if deadline.is_none() {
             self.stream.set_read_timeout(None)?;
+            self.stream.set_write_timeout(None)?;
         }
         Ok(())
     }
@@ -65,6 +66,24 @@ impl Read for DeadlineStream {
             self.stream.set_read_timeout(Some(left))?;
         }
         self.stream.read(buf)
+    }
+}
+
+/// A peer that reads slowly (or not at all) holds a write no longer.
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_write_timeout(Some(left))?;
+        }
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 

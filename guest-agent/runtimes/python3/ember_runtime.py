@@ -789,7 +789,8 @@ class HotPath:
             event, pipe_timeout_ms = request
             context = Context(seq, pipe_timeout_ms, unix_time_ns, True)
             response = self.runtime.run(event, context, PIPE_OUTPUT_CAP, function, seed, push)
-            self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
+            with self._push_lock:
+                self._write_header(seq, STATUS_VIA_PIPE, 0, 0, 0, response.flags, response.handler_ns)
             return response
         if event_len > len(self.request) - REQUEST_HEADER_LEN:
             message = f"event_len {event_len} exceeds the {len(self.request)}-byte request buffer"
@@ -798,7 +799,11 @@ class HotPath:
             event = self.request[REQUEST_HEADER_LEN : REQUEST_HEADER_LEN + event_len]
             context = Context(seq, timeout_ms, unix_time_ns, True)
             response = self.runtime.run(event, context, cap, function, seed, push)
-        return self._write_response(seq, response)
+        # A thread the handler left running may be pushing a chunk it took
+        # before the call ended: the response goes in after it, never under
+        # it (later pushes find nothing to send).
+        with self._push_lock:
+            return self._write_response(seq, response)
 
     def push_output(self):
         """Sends what the handler wrote so far to the host, now.

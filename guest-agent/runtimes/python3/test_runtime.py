@@ -1285,6 +1285,43 @@ class HotPathBufferTests(unittest.TestCase):
         self.assertEqual((r["result"], r["stdout"]), (b"1", b""))
         self.assertEqual(r["flags"], rt.RESPONSE_FLAG_STDOUT_TRUNCATED)
 
+    def test_a_thread_pushing_as_the_handler_returns_never_overwrites_the_response(self):
+        hot, _, response = self.hot_path(
+            """
+            import threading
+
+            pushing = threading.Event()
+
+            def late():
+                print("from a thread")
+
+            def handler(event, context):
+                threading.Thread(target=late).start()
+                pushing.wait(5)
+                return "done"
+            """
+        )
+        handler_globals = hot.runtime.function.handler.__globals__
+        write_header = hot._write_header
+
+        def slow_output_header(seq, status, *rest):
+            # The thread has taken its chunk and written its bytes: the
+            # handler returns now, and the thread writes its header late.
+            if status == rt.STATUS_OUTPUT and threading.current_thread() is not threading.main_thread():
+                handler_globals["pushing"].set()
+                time.sleep(0.3)
+            write_header(seq, status, *rest)
+
+        hot._write_header = slow_output_header
+        self.host.push(5, b"{}", flags=rt.REQUEST_FLAG_STREAM)
+        hot.serve_one()
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread():
+                thread.join(5)
+        r = decode_response(response)
+        self.assertEqual((r["seq"], r["status"], r["result"]), (5, rt.STATUS_JSON, b'"done"'))
+        self.assertEqual([c["stdout"] for c in self.host.chunks], [b"from a thread\n"])
+
     def test_ping_does_not_call_the_handler(self):
         hot, _, response = self.hot_path(
             "calls = []\ndef handler(e, c):\n    calls.append(e)\n    print('called')\n    return len(calls)\n"

@@ -68,8 +68,8 @@ use std::path::PathBuf;
 
 pub(crate) use cache::ensure_cached_with;
 pub use cache::{cached_function_dir, function_key};
-pub(crate) use cancel::interrupt_on;
 pub use cancel::InvocationCancel;
+pub(crate) use cancel::{interrupt_on, Registered};
 pub(crate) use invoke::{cap_output, timeout_ms as check_timeout};
 pub use invoke::{
     Function, FunctionInvokeOptions, FunctionOutcome, FunctionTimings, HandlerResult,

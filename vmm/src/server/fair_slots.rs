@@ -91,6 +91,13 @@ impl State {
         self.free > owed
     }
 
+    /// Drops the waiters whose caller left the queue (a timeout, a client
+    /// that went away): while no slot frees, nothing else would, and each
+    /// would count its function active and keep the fast path shut.
+    fn forget_gone_waiters(&mut self) {
+        self.waiters.retain(|w| !w.grant.is_closed());
+    }
+
     fn forget_idle(&mut self, now: Instant) {
         let running = &self.running;
         self.seen.retain(|f, at| {
@@ -144,6 +151,7 @@ impl FairSlots {
             }
             let now = Instant::now();
             state.seen.insert(function, now);
+            state.forget_gone_waiters();
             if state.waiters.is_empty() && state.may_take(function, self.max_live, now) {
                 return Ok(self.take(&mut state, function));
             }
@@ -174,6 +182,7 @@ impl FairSlots {
         }
         let now = Instant::now();
         state.seen.insert(function, now);
+        state.forget_gone_waiters();
         if state.waiters.is_empty() && state.may_take(function, self.max_live, now) {
             return Ok(Some(self.take(&mut state, function)));
         }
@@ -195,6 +204,7 @@ impl FairSlots {
     fn dispatch(self: &Arc<Self>, state: &mut State) {
         let now = Instant::now();
         state.forget_idle(now);
+        state.forget_gone_waiters();
         while state.free > 0 {
             let next = state
                 .waiters
@@ -366,6 +376,62 @@ mod tests {
             drop(held);
             assert_eq!(slots.live(), 0);
         });
+    }
+
+    #[test]
+    fn waiters_that_leave_while_no_slot_frees_are_forgotten() {
+        block_on(async {
+            let slots = FairSlots::new(1);
+            let held = slots.acquire(0).await.unwrap();
+            // Clients that queue and go away at once, while the only slot
+            // stays held: none of them may stay in the queue.
+            for i in 0..500 {
+                let gone = tokio::time::timeout(Duration::ZERO, slots.acquire(1 + i % 3)).await;
+                assert!(gone.is_err());
+            }
+            assert!(
+                slots.lock().waiters.len() <= 1,
+                "{} waiters kept for callers that left",
+                slots.lock().waiters.len()
+            );
+            // Nor does one left behind keep the fast path from a free slot.
+            drop(held);
+            assert!(slots.try_acquire(9).unwrap().is_some());
+        });
+    }
+
+    #[test]
+    fn grants_racing_callers_that_leave_lose_no_slot() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let slots = FairSlots::new(3);
+        runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..400u64 {
+                let slots = slots.clone();
+                tasks.push(tokio::spawn(async move {
+                    // Callers give up after 0 to 2 ms: some while a grant
+                    // is on its way to them.
+                    let patience = Duration::from_micros(i * 37 % 2000);
+                    if let Ok(Ok(slot)) =
+                        tokio::time::timeout(patience, slots.acquire((i % 5) as usize)).await
+                    {
+                        tokio::time::sleep(Duration::from_micros(i * 13 % 500)).await;
+                        drop(slot);
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        assert_eq!(slots.live(), 0);
+        let state = slots.lock();
+        assert!(state.running.is_empty(), "{:?}", state.running);
+        assert!(state.waiters.is_empty(), "{}", state.waiters.len());
     }
 
     #[test]

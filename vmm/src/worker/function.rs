@@ -188,13 +188,15 @@ pub(super) fn output_to(control: &UnixStream) -> Result<OutputSink, WorkerError>
     Ok(OutputSink::new(move |stream, bytes| {
         let mut control = control.lock().unwrap_or_else(|e| e.into_inner());
         // A parent that went away also misses the answer; nothing to do.
-        let _ = write_message(&mut control, &Reply::<()>::Output(stream, bytes.to_vec()));
+        let _ = write_message(&mut *control, &Reply::<()>::Output(stream, bytes.to_vec()));
     }))
 }
 
 /// Parent side: reads a worker's replies to one request until its answer,
 /// all by `deadline`. Output chunks go to `options.output`, at most
-/// `options.max_output_bytes` of them in all whatever the worker sends.
+/// `options.max_output_bytes` of them in all: output the request did not
+/// ask for, an empty chunk or one past that limit ends the wait with an
+/// error (the caller then ends the worker).
 /// Cancelling the invocation (`options.cancel`) shuts the socket down,
 /// which ends the wait with an error (the caller then ends the worker).
 pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
@@ -202,15 +204,7 @@ pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
     deadline: Instant,
     options: &FunctionInvokeOptions,
 ) -> Result<Result<T, String>, WorkerError> {
-    let _interrupt = match &options.cancel {
-        Some(cancel) => {
-            let socket = control.try_clone().map_err(WorkerError::Io)?;
-            interrupt_on(Some(cancel), move || {
-                let _ = socket.shutdown(std::net::Shutdown::Both);
-            })
-        }
-        None => None,
-    };
+    let _interrupt = interrupt_socket(control, options)?;
     // A second descriptor of the same socket: the caller keeps its own.
     let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
     stream
@@ -221,11 +215,17 @@ pub(super) fn read_reply<T: for<'de> Deserialize<'de>>(
         match read_message(&mut stream, MAX_ANSWER)? {
             Reply::Done(answer) => return Ok(answer),
             Reply::Output(which, bytes) => {
-                let keep = usize::try_from(room).unwrap_or(usize::MAX).min(bytes.len());
-                room -= keep as u64;
-                if let Some(sink) = &options.output {
-                    sink.send(which, &bytes[..keep]);
+                // An honest worker streams only when asked, never an empty
+                // chunk, never past the cap: a worker that does is not read
+                // on (and spun on) until the deadline, but ended now.
+                let Some(sink) = options.output.as_ref().filter(|_| !bytes.is_empty()) else {
+                    return Err(WorkerError::Failed("output it was not asked for".into()));
+                };
+                if bytes.len() as u64 > room {
+                    return Err(WorkerError::Failed("output past its limit".into()));
                 }
+                room -= bytes.len() as u64;
+                sink.send(which, &bytes);
             }
         }
     }
@@ -329,7 +329,7 @@ pub(super) fn from_wire(wire: WireOutcome, max_output_bytes: u64) -> FunctionOut
 }
 
 pub(super) fn write_message<T: Serialize>(
-    stream: &mut UnixStream,
+    stream: &mut impl Write,
     message: &T,
 ) -> Result<(), WorkerError> {
     let payload =
@@ -357,6 +357,39 @@ pub(super) fn read_message<T: for<'de> Deserialize<'de>>(
     let mut payload = vec![0u8; len as usize];
     stream.read_exact(&mut payload).map_err(WorkerError::Io)?;
     postcard::from_bytes(&payload).map_err(|e| WorkerError::Failed(format!("decode: {e}")))
+}
+
+/// Parent side: sends `request` to a worker by `deadline`. A worker that
+/// reads no more (one an earlier guest compromised) holds this thread no
+/// longer than one that never answers; cancelling the invocation shuts
+/// the socket down, which ends the write at once.
+pub(super) fn write_request(
+    control: &UnixStream,
+    request: &Request,
+    deadline: Instant,
+    options: &FunctionInvokeOptions,
+) -> Result<(), WorkerError> {
+    let _interrupt = interrupt_socket(control, options)?;
+    let mut stream = DeadlineStream::new(control.try_clone().map_err(WorkerError::Io)?);
+    stream
+        .set_deadline(Some(deadline))
+        .map_err(WorkerError::Io)?;
+    write_message(&mut stream, request)
+}
+
+/// While the returned guard lives, cancelling the invocation shuts
+/// `control` down, which ends any read or write on it.
+fn interrupt_socket(
+    control: &UnixStream,
+    options: &FunctionInvokeOptions,
+) -> Result<Option<crate::function::Registered>, WorkerError> {
+    let Some(cancel) = &options.cancel else {
+        return Ok(None);
+    };
+    let socket = control.try_clone().map_err(WorkerError::Io)?;
+    Ok(interrupt_on(Some(cancel), move || {
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }))
 }
 
 /// Reads one message from a worker's `control` socket by `deadline`: one
@@ -439,6 +472,131 @@ mod tests {
         assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
         drop(control);
         trickler.join().unwrap();
+    }
+
+    fn big_request() -> Request {
+        Request {
+            manifest: Vec::new(),
+            event: vec![0; 8 << 20],
+            timeout_ms: 1000,
+            max_output_bytes: 0,
+            force_vsock: false,
+            io_limits: Default::default(),
+            stream: false,
+        }
+    }
+
+    /// Runs `write_request` on a thread; what it returned, if it did
+    /// within `wait`.
+    fn write_to_a_worker_that_reads_nothing(
+        deadline: Duration,
+        options: FunctionInvokeOptions,
+        wait: Duration,
+    ) -> Option<Result<(), WorkerError>> {
+        let (worker, control) = UnixStream::pair().unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let written = write_request(
+                &control,
+                &big_request(),
+                Instant::now() + deadline,
+                &options,
+            );
+            let _ = done.send(written);
+        });
+        let result = result.recv_timeout(wait).ok();
+        // Unblocks a writer that is still stuck.
+        drop(worker);
+        result
+    }
+
+    #[test]
+    fn a_worker_that_reads_no_request_holds_the_parent_until_the_deadline_only() {
+        let started = Instant::now();
+        let written = write_to_a_worker_that_reads_nothing(
+            Duration::from_millis(200),
+            FunctionInvokeOptions::in_process(),
+            Duration::from_secs(3),
+        )
+        .expect("the write must end by its deadline");
+        let err = written.expect_err("nobody read it");
+        assert!(
+            matches!(&err, WorkerError::Io(e) if crate::deadline::is_timeout(e)),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn cancelling_ends_a_request_write_at_once() {
+        let cancel = InvocationCancel::new();
+        let options = FunctionInvokeOptions {
+            cancel: Some(cancel.clone()),
+            ..FunctionInvokeOptions::in_process()
+        };
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            cancel.cancel();
+        });
+        let written = write_to_a_worker_that_reads_nothing(
+            Duration::from_secs(60),
+            options,
+            Duration::from_secs(3),
+        )
+        .expect("a cancel must end the write");
+        assert!(written.is_err());
+        canceller.join().unwrap();
+    }
+
+    /// A worker that sends `chunks` as output, then nothing.
+    fn flooding_worker(chunks: Vec<Vec<u8>>) -> (std::thread::JoinHandle<()>, UnixStream) {
+        let (mut worker, control) = UnixStream::pair().unwrap();
+        let flood = std::thread::spawn(move || {
+            for chunk in chunks {
+                let reply = Reply::<()>::Output(OutputStream::Stdout, chunk);
+                if write_message(&mut worker, &reply).is_err() {
+                    return;
+                }
+            }
+            // Holds the socket open, answering nothing, until the parent
+            // closes it.
+            let _ = worker.read(&mut [0u8; 1]);
+        });
+        (flood, control)
+    }
+
+    #[test]
+    fn output_a_worker_was_not_asked_for_ends_the_wait() {
+        let cases: [(&str, Vec<Vec<u8>>, bool); 3] = [
+            ("not streaming", vec![b"x".to_vec()], false),
+            ("empty chunks", vec![Vec::new(); 10_000], true),
+            ("past the cap", vec![vec![b'x'; 600], vec![b'y'; 600]], true),
+        ];
+        for (case, chunks, stream) in cases {
+            let (flood, control) = flooding_worker(chunks);
+            let sent = std::sync::Arc::new(Mutex::new(0usize));
+            let seen = sent.clone();
+            let options = FunctionInvokeOptions {
+                max_output_bytes: 1000,
+                output: stream
+                    .then(|| OutputSink::new(move |_, bytes| *seen.lock().unwrap() += bytes.len())),
+                ..FunctionInvokeOptions::in_process()
+            };
+            let started = Instant::now();
+            let answer =
+                read_reply::<WireOutcome>(&control, started + Duration::from_secs(5), &options);
+            let Err(err) = answer else {
+                panic!("{case}: an answer from a worker that gave none");
+            };
+            assert!(
+                !matches!(&err, WorkerError::Io(e) if crate::deadline::is_timeout(e)),
+                "{case}: waited for the deadline: {err}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2), "{case}");
+            assert!(*sent.lock().unwrap() <= 1000, "{case}");
+            drop(control);
+            flood.join().unwrap();
+        }
     }
 
     #[test]

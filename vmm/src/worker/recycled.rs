@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::function::{
-    from_wire, output_to, read_message, read_message_by, read_reply, to_wire, write_message, Reply,
-    Request, WireOutcome, MAX_ANSWER, MAX_REQUEST,
+    from_wire, output_to, read_message, read_message_by, read_reply, to_wire, write_message,
+    write_request, Reply, Request, WireOutcome, MAX_ANSWER, MAX_REQUEST,
 };
 use super::{describe_exit, start, Isolation, WorkerError, WorkerProcess};
 use crate::agent::invoke_grace;
@@ -170,7 +170,7 @@ impl JailedRecycledFunction {
         options: &FunctionInvokeOptions,
     ) -> Result<FunctionOutcome, FunctionError> {
         let requested = Instant::now();
-        let Some((mut worker, mut control)) = self.worker.take() else {
+        let Some((mut worker, control)) = self.worker.take() else {
             return Err(FunctionError::BadRequest(
                 "this recycled clone ended; make a new one".into(),
             ));
@@ -186,12 +186,14 @@ impl JailedRecycledFunction {
             io_limits: options.io_limits,
             stream: options.output.is_some(),
         };
-        write_message(&mut control, &request).map_err(worker_error)?;
         // The worker enforces the timeout itself; this bounds one that
-        // does not, trickling or silent.
+        // does not, trickling or silent, or that reads no request (this
+        // worker served guests before: it may be compromised).
         let limit = options.timeout + invoke_grace(HostKind::detect()) + RESTORE_CONNECT_TIMEOUT;
+        let deadline = Instant::now() + limit;
         let answer: Result<Result<Answer, String>, WorkerError> =
-            read_reply(&control, Instant::now() + limit, options);
+            write_request(&control, &request, deadline, options)
+                .and_then(|()| read_reply(&control, deadline, options));
         if options
             .cancel
             .as_ref()
