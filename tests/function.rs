@@ -676,21 +676,21 @@ fn check_cancel(
         cancel: Some(cancel.clone()),
         ..options.clone()
     };
-    let started = Instant::now();
-    let result = std::thread::scope(|scope| {
+    let (result, cancelled) = std::thread::scope(|scope| {
         let running = scope.spawn(|| invoke(br#"{"op": "loop"}"#, &options));
         std::thread::sleep(Duration::from_secs(2));
         cancel.cancel();
-        running.join().unwrap()
+        let cancelled = Instant::now();
+        (running.join().unwrap(), cancelled)
     });
     assert!(
         matches!(result, Err(ember::function::FunctionError::Cancelled)),
         "{what}: {result:?}"
     );
     assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "{what}: cancelled only after {:?}",
-        started.elapsed()
+        cancelled.elapsed() < Duration::from_secs(30),
+        "{what}: it ended only {:?} after the cancel",
+        cancelled.elapsed()
     );
 }
 
@@ -704,6 +704,8 @@ fn invocations_are_cancelled_from_another_thread() {
     use ember::worker::recycled::JailedRecycledFunction;
     let in_process = FunctionInvokeOptions::in_process();
     let jailed = FunctionInvokeOptions::default();
+    // Made (or found) first: the cancels below land while clones run.
+    let _ = function();
     check_cancel("in-process fresh clone", &in_process, |e, o| {
         function().invoke(e, o)
     });
