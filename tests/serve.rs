@@ -2551,23 +2551,18 @@ fn sigterm_during_a_build_leaves_no_worker_behind() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
-/// `--no-recycle`: a client that goes away while its fresh clone runs
-/// cancels it too: the clone's worker is killed and the only slot frees.
-#[test]
-fn a_fresh_clones_client_going_away_kills_its_worker() {
-    let dir = functions_dir("serve-fresh-cancel");
-    let socket = common::temp_path("serve-fresh-cancel.sock");
-    let listen = format!("unix:{}", socket.display());
-    let server = functions_server(&dir, &listen, &["--no-recycle", "--max-live", "1"]);
-    let pid = server.child.id();
-    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
-    let live = |client: &mut Client| -> u64 {
-        let r = client.request("GET", "/v1/health", None).unwrap();
-        r.json().unwrap()["functions"]["live"].as_u64().unwrap()
-    };
-    let looping = br#"{"op": "loop"}"#;
-    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+/// Invocations running now, as `/v1/health` counts them.
+fn live(client: &mut Client) -> u64 {
+    let r = client.request("GET", "/v1/health", None).unwrap();
+    r.json().unwrap()["functions"]["live"].as_u64().unwrap()
+}
+
+/// Sends an invocation of the probe that loops (for two minutes) on a
+/// connection of its own; dropping the stream is the client going away.
+fn start_looping_invocation(socket: &Path) -> std::os::unix::net::UnixStream {
     use std::io::Write;
+    let looping = br#"{"op": "loop"}"#;
+    let mut raw = std::os::unix::net::UnixStream::connect(socket).unwrap();
     raw.write_all(
         format!(
             "POST /v1/functions/probe/invocations?timeout_ms=120000 HTTP/1.1\r\nHost: localhost\r\n\
@@ -2578,6 +2573,20 @@ fn a_fresh_clones_client_going_away_kills_its_worker() {
     )
     .unwrap();
     raw.write_all(looping).unwrap();
+    raw
+}
+
+/// `--no-recycle`: a client that goes away while its fresh clone runs
+/// cancels it too: the clone's worker is killed and the only slot frees.
+#[test]
+fn a_fresh_clones_client_going_away_kills_its_worker() {
+    let dir = functions_dir("serve-fresh-cancel");
+    let socket = common::temp_path("serve-fresh-cancel.sock");
+    let listen = format!("unix:{}", socket.display());
+    let server = functions_server(&dir, &listen, &["--no-recycle", "--max-live", "1"]);
+    let pid = server.child.id();
+    let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
+    let raw = start_looping_invocation(&socket);
     assert!(
         eventually(Duration::from_secs(60), || live(&mut client) == 1
             && workers_of(pid).len() == 1),
@@ -2816,23 +2825,7 @@ fn in_process_invocations_are_cancelled_when_the_client_goes_away() {
         args.extend_from_slice(extra);
         let server = functions_server(&dir, &listen, &args);
         let mut client = Client::new(Target::Unix(socket.clone()), REQUEST_TIMEOUT);
-        let live = |client: &mut Client| -> u64 {
-            let r = client.request("GET", "/v1/health", None).unwrap();
-            r.json().unwrap()["functions"]["live"].as_u64().unwrap()
-        };
-        let looping = br#"{"op": "loop"}"#;
-        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        use std::io::Write;
-        raw.write_all(
-            format!(
-                "POST /v1/functions/probe/invocations?timeout_ms=120000 HTTP/1.1\r\nHost: localhost\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                looping.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        raw.write_all(looping).unwrap();
+        let raw = start_looping_invocation(&socket);
         assert!(
             eventually(Duration::from_secs(60), || live(&mut client) == 1),
             "{extra:?}: the looping invocation runs"
