@@ -47,6 +47,7 @@ def hostile():
         key, _, value = line.partition(":")
         if key in ("CapEff", "CapPrm", "CapInh", "CapAmb", "NoNewPrivs"):
             r[key] = value.strip()
+    r["cgroup"] = open("/proc/self/cgroup").read()
     r["read_shadow"] = attempt(lambda: len(open("/etc/shadow").read()))
     r["list_root_ssh"] = attempt(lambda: os.listdir("/root/.ssh"))
     r["write_root"] = attempt(lambda: write("/root/ember-hostile-" + TAG))
@@ -206,6 +207,18 @@ fn a_hostile_sdist_builds_jailed_and_nothing_it_tries_works() {
         assert_eq!(report[caps], "0000000000000000", "{caps}: {report}");
     }
     assert_eq!(report["NoNewPrivs"], "1");
+    // In cgroups of its own (all its processes within one memory, CPU and
+    // task limit), as a worker is.
+    let cgroup = report["cgroup"].as_str().unwrap_or_default();
+    assert!(
+        cgroup
+            .lines()
+            .any(|l| l.contains("memory") && l.contains("/worker-"))
+            || cgroup
+                .lines()
+                .any(|l| l.starts_with("0::") && l.contains("/worker-")),
+        "the build ran outside its own cgroups: {cgroup}"
+    );
     // PID 1 is pip, in a PID namespace of its own: the backend is a
     // low-numbered process there.
     assert!(report["pid"].as_u64().unwrap() < 100, "{report}");

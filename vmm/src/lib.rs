@@ -24,6 +24,7 @@ pub mod arch;
 pub mod bench;
 pub mod builder;
 pub mod cache_key;
+pub mod cgroup;
 pub mod config;
 pub mod deadline;
 pub mod device_manager;

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup;
 use crate::isolation::{Isolation, WORKER_SUBCOMMAND};
 use crate::jail::{self, Bind, IdLease, IdRange, JailConfig, JailError, Link, RootLayout};
 
@@ -114,6 +115,12 @@ pub struct PipJail {
     pub max_address_space: u64,
     /// RLIMIT_NPROC: its processes and threads.
     pub max_processes: u64,
+    /// Run it in cgroups of its own (as workers are, where the host has
+    /// the controllers): all its processes together within
+    /// `max_memory_bytes`, one CPU and the cgroup's task limit.
+    pub cgroups: bool,
+    /// Memory of all its processes together (with `cgroups`).
+    pub max_memory_bytes: u64,
 }
 
 impl PipJail {
@@ -137,6 +144,8 @@ impl PipJail {
             max_file_bytes: 1 << 30,
             max_address_space: 8 << 30,
             max_processes: 512,
+            cgroups: isolation.cgroups,
+            max_memory_bytes: 2 << 30,
         }
     }
 }
@@ -283,6 +292,23 @@ impl Session {
         }
         let (mut output, output_theirs) = std::io::pipe().map_err(|e| self.start_error(e))?;
         let stderr = output_theirs.try_clone().map_err(|e| self.start_error(e))?;
+        // Its own cgroups, joined before anything runs (rlimits bound each
+        // process; these bound them all together).
+        let group = if self.jail.cgroups {
+            let limits = cgroup::Limits {
+                memory_bytes: self.jail.max_memory_bytes,
+                cpus: 1,
+            };
+            cgroup::WorkerCgroup::create(&cgroup::unique_name(), limits)
+                .map_err(|e| self.start_error(e))?
+        } else {
+            None
+        };
+        let procs = match &group {
+            Some(group) => group.procs_files().map_err(|e| self.start_error(e))?,
+            None => Vec::new(),
+        };
+        let procs_fds: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
         let id = self.lease.id().to_string();
         let mut command = Command::new(&self.jail.worker_exe);
         command
@@ -293,9 +319,15 @@ impl Session {
             .stderr(stderr);
         let caller = std::process::id();
         // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls on integers (`fds` is only read).
+        // async-signal-safe system calls on integers (`fds` and `procs_fds`
+        // are only read).
         unsafe {
             command.pre_exec(move || {
+                for fd in &procs_fds {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 // This thread waits for the jail until it is gone, so the
                 // jail dies with the process, however that ends.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
@@ -310,7 +342,7 @@ impl Session {
             });
         }
         let mut child = command.spawn().map_err(|e| self.start_error(e))?;
-        drop((command, files));
+        drop((command, files, procs));
         let deadline = Instant::now() + self.jail.timeout;
         let read = read_bounded(&mut output, deadline, self.jail.max_output);
         if read.over.is_some() {
@@ -320,6 +352,8 @@ impl Session {
             let _ = read_bounded(&mut output, Instant::now() + Duration::from_secs(5), 0);
         }
         let status = child.wait().map_err(|e| self.start_error(e))?;
+        // Whatever of it is left is killed, and the groups removed.
+        drop(group);
         let tail = String::from_utf8_lossy(&read.tail).into_owned();
         match read.over {
             Some(Over::Time) => {

@@ -17,7 +17,7 @@
 //! invocations) and [`template`] (building a function template: the boot,
 //! the tenant's import and warm-up).
 
-pub mod cgroup;
+pub use crate::cgroup;
 pub mod function;
 pub mod recycled;
 mod stderr;

@@ -1,4 +1,5 @@
-//! Host cgroup limits for worker processes: memory, CPU and process count.
+//! Host cgroup limits for worker processes (and the jail pip runs in):
+//! memory, CPU and process count.
 //!
 //! cgroup v2 is used when its controllers are available at
 //! `/sys/fs/cgroup`; otherwise the v1 `memory`, `cpu` and `pids`
