@@ -2557,6 +2557,30 @@ fn live(client: &mut Client) -> u64 {
     r.json().unwrap()["functions"]["live"].as_u64().unwrap()
 }
 
+/// After one cancelled invocation: the next one is served, and the
+/// cancellation was counted once.
+fn served_after_one_cancel(client: &mut Client, what: &str) {
+    let r = client
+        .request(
+            "POST",
+            "/v1/functions/probe/invocations",
+            Some(br#"{"op": "echo"}"#),
+        )
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{what}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let m = metrics(client);
+    assert_eq!(
+        m["ember_function_invocations_total{function=\"probe\",outcome=\"cancelled\",path=\"none\"}"],
+        1.0,
+        "{what}"
+    );
+}
+
 /// Sends an invocation of the probe that loops (for two minutes) on a
 /// connection of its own; dropping the stream is the client going away.
 fn start_looping_invocation(socket: &Path) -> std::os::unix::net::UnixStream {
@@ -2602,19 +2626,7 @@ fn a_fresh_clones_client_going_away_kills_its_worker() {
         eventually(Duration::from_secs(5), || !alive(running[0])),
         "its worker is killed"
     );
-    let r = client
-        .request(
-            "POST",
-            "/v1/functions/probe/invocations",
-            Some(br#"{"op": "echo"}"#),
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let m = metrics(&mut client);
-    assert_eq!(
-        m["ember_function_invocations_total{function=\"probe\",outcome=\"cancelled\",path=\"none\"}"],
-        1.0
-    );
+    served_after_one_cancel(&mut client, "fresh clone");
     server.stop();
 }
 
@@ -2837,25 +2849,7 @@ fn in_process_invocations_are_cancelled_when_the_client_goes_away() {
             eventually(Duration::from_secs(10), || live(&mut client) == 0),
             "{extra:?}: the slot is freed when the client goes away"
         );
-        let r = client
-            .request(
-                "POST",
-                "/v1/functions/probe/invocations",
-                Some(br#"{"op": "echo"}"#),
-            )
-            .unwrap();
-        assert_eq!(
-            r.status,
-            200,
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        let m = metrics(&mut client);
-        assert_eq!(
-            m["ember_function_invocations_total{function=\"probe\",outcome=\"cancelled\",path=\"none\"}"],
-            1.0,
-            "{extra:?}"
-        );
+        served_after_one_cancel(&mut client, &format!("{extra:?}"));
         server.stop();
     }
 }

@@ -221,6 +221,19 @@ pub(crate) fn vm_config(options: &TemplateOptions) -> VmConfig {
     config
 }
 
+/// The python runtime's command line with `args` after the script:
+/// -I: isolated (no script or working directory on sys.path, no PYTHON*
+/// variables, no user site directory), so nothing of the function's runs
+/// before the runtime closed /dev/mem; -u: unbuffered, so startup errors
+/// reach the agent; -B: the root is read-only (its stdlib is precompiled).
+fn python_runtime_argv(args: &[&str]) -> Vec<String> {
+    ["python3", "-I", "-u", "-B", PYTHON_RUNTIME_PATH]
+        .iter()
+        .chain(args)
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// The agent request that starts `spec`'s runtime, the runtime's name and
 /// the handler's description.
 pub(crate) fn start_request(
@@ -245,22 +258,7 @@ pub(crate) fn start_request(
                 data: read_limited(file)?,
                 mode: 0o644,
             });
-            let argv = [
-                // -I: isolated (no script or working directory on sys.path,
-                // no PYTHON* variables, no user site directory), so nothing
-                // of the function's runs before the runtime closed /dev/mem;
-                // -u: unbuffered, so startup errors reach the agent; -B: the
-                // root is read-only (its stdlib is precompiled).
-                "python3",
-                "-I",
-                "-u",
-                "-B",
-                PYTHON_RUNTIME_PATH,
-                &base,
-                name,
-            ]
-            .map(String::from)
-            .to_vec();
+            let argv = python_runtime_argv(&[&base, name]);
             (argv, "python3", format!("{base}:{name}"))
         }
         Runtime::Python3Bundle { code, module, name } => {
@@ -278,21 +276,9 @@ pub(crate) fn start_request(
                 crate::device_manager::code_drive_guest_device(options.root_drive.is_some())
                     .to_owned(),
             );
-            // As for a single file (above); the runtime imports the module
-            // from the code drive the agent mounts at CODE_DIR.
-            let argv = [
-                "python3",
-                "-I",
-                "-u",
-                "-B",
-                PYTHON_RUNTIME_PATH,
-                "--bundle",
-                CODE_DIR,
-                module,
-                name,
-            ]
-            .map(String::from)
-            .to_vec();
+            // The runtime imports the module from the code drive the agent
+            // mounts at CODE_DIR.
+            let argv = python_runtime_argv(&["--bundle", CODE_DIR, module, name]);
             (argv, "python3", format!("{module}:{name}"))
         }
         Runtime::Exec { program, args } => {
